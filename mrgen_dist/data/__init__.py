@@ -1,0 +1,1 @@
+"""NIfTI volumes -> sharded HDF5 slice store -> tensors (see `convert`, `store`, `demo`)."""
