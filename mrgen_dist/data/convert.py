@@ -44,6 +44,7 @@ from mrgen_dist.data.store import (
     SliceStore,
     StoreError,
     compute_store_sha256,
+    write_preview,
 )
 from mrgen_dist.data.volume import SliceParams, VolumeRejected, central_slices, load_volume
 from mrgen_dist.scanners import Vocabulary
@@ -352,6 +353,7 @@ def run_convert(argv: list[str]) -> int:
         return EXIT_ERROR
     store = SliceStore(result.store)
     print(store.summary())
+    print(f"preview: {write_preview(store)}")
     _print_rejections(result.rejected)
     print(
         f"{result.shards_written} shards written, {result.shards_kept} kept from an earlier run, "

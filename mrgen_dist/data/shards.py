@@ -76,11 +76,16 @@ def read_labels(f: h5py.File) -> ShardArrays:
     )
 
 
-def read_shard_checked(path: Path) -> tuple[ShardArrays, str]:
-    """Read a whole shard into memory in one pass and return it with the sha256 of its bytes.
+class ShardChecksumError(OSError):
+    """A shard whose bytes do not hash to the expected sha256."""
+
+
+def read_shard_checked(path: Path, expected_sha256: str) -> ShardArrays:
+    """Read a whole shard into memory in one pass, refusing it unless its bytes hash to `expected_sha256`.
 
     The file is read once into a buffer; hashing runs in a thread (hashlib releases the GIL) while the
-    images are taken straight out of the same buffer, so verification costs no second read.
+    images are taken straight out of the same buffer, so verification costs no second read. The checksum
+    is judged before any parse error, so corruption is reported as such.
     """
     size = path.stat().st_size
     buf = bytearray(size)
@@ -101,6 +106,12 @@ def read_shard_checked(path: Path) -> tuple[ShardArrays, str]:
                 arrays.images = images.reshape(ds.shape)
             else:  # a shard written by other tools may be chunked; still correct, just slower
                 arrays.images = ds[...]
-    finally:
+    except Exception:
         hasher.join()
-    return arrays, digest[0]
+        if digest[0] != expected_sha256:
+            raise ShardChecksumError(f"{path}: sha256 mismatch") from None
+        raise
+    hasher.join()
+    if digest[0] != expected_sha256:
+        raise ShardChecksumError(f"{path}: sha256 mismatch")
+    return arrays

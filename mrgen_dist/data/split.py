@@ -37,14 +37,15 @@ def slice_split(n_slices: int, test_fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n_slices)[:n_test].tolist())
 
 
-def holdout_mask(split: dict, subjects: np.ndarray) -> np.ndarray:
-    """Boolean per slice (store order): True where the slice is on the test side of `split`."""
+def holdout_mask(split: dict, subjects: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Boolean per slice: True where the slice is on the test side of `split`.
+
+    `subjects` are the subjects of consecutive slices in store order starting at global index `offset`.
+    """
     if split["unit"] == "subject":
         return np.isin(subjects, np.asarray(split["test"], dtype=object))
     if split["unit"] == "slice":
-        mask = np.zeros(len(subjects), dtype=bool)
-        mask[np.asarray(split["test"], dtype=np.int64)] = True
-        return mask
+        return np.isin(np.arange(offset, offset + len(subjects)), np.asarray(split["test"], dtype=np.int64))
     raise ValueError(f"unknown split unit {split['unit']!r}; expected one of {SPLIT_UNITS}")
 
 

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-from mrgen_dist.data.shards import read_labels, read_shard_checked, sha256_file
+from mrgen_dist.data.shards import ShardChecksumError, read_labels, read_shard_checked, sha256_file
 from mrgen_dist.data.split import holdout_mask
 from mrgen_dist.data.volume import SLICE_SHAPE
 from mrgen_dist.scanners import Vocabulary
@@ -119,8 +119,11 @@ class SliceStore:
     def index(self) -> SliceIndex:
         parts = []
         for i in range(len(self.shards)):
-            with h5py.File(self.shard_path(i), "r") as f:
-                parts.append(read_labels(f))
+            try:
+                with h5py.File(self.shard_path(i), "r") as f:
+                    parts.append(read_labels(f))
+            except (OSError, KeyError) as e:
+                raise StoreError(f"{self.shard_path(i)}: unreadable shard ({e}); run `mrgen-convert verify {self.root}`") from None
         n = [len(p) for p in parts]
         subject = np.concatenate([p.subject for p in parts]) if parts else np.array([], dtype=object)
         return SliceIndex(
@@ -145,33 +148,42 @@ class SliceStore:
         manifest, so a corrupt store is refused rather than trained on.
         """
         scanner_id = self.vocabulary.index(scanner) if scanner is not None else None
-        keep_all = self.index.select(side, scanner_id)
         n_expected = self.expected_count(side, scanner)
-        if int(keep_all.sum()) != n_expected:
-            raise StoreError(f"{self.root}: manifest counts {n_expected} {side} slices, shards hold {int(keep_all.sum())}")
         images = np.empty((n_expected, *SLICE_SHAPE), dtype=np.float16)
+        labels = []
         filled = offset = 0
         for i, shard in enumerate(self.shards):
-            arrays, digest = read_shard_checked(self.shard_path(i))
-            if digest != shard["sha256"]:
+            try:
+                arrays = read_shard_checked(self.shard_path(i), shard["sha256"])
+            except ShardChecksumError:
                 raise StoreError(
                     f"{self.shard_path(i)}: sha256 mismatch (store modified or corrupt since conversion); "
                     f"run `mrgen-convert verify {self.root}`"
-                )
-            keep = keep_all[offset : offset + len(arrays)]
+                ) from None
+            if side == "all":
+                keep = np.ones(len(arrays), dtype=bool)
+            else:
+                keep = holdout_mask(self.manifest["split"], arrays.subject, offset) == (side == "test")
+            if scanner_id is not None:
+                keep &= arrays.scanner == scanner_id
             m = int(keep.sum())
+            if filled + m > n_expected:
+                raise StoreError(f"{self.root}: shards hold more {side} slices than the manifest's {n_expected}")
             if m == len(arrays):
                 images[filled : filled + m] = arrays.images
             elif m:
                 np.compress(keep, arrays.images, axis=0, out=images[filled : filled + m])
+            labels.append((arrays.scanner[keep], arrays.subject[keep], arrays.slice_index[keep]))
             filled += m
             offset += len(arrays)
-        idx = self.index
+        if filled != n_expected:
+            raise StoreError(f"{self.root}: manifest counts {n_expected} {side} slices, shards hold {filled}")
+        scanners, subjects, slice_index = (np.concatenate(parts) for parts in zip(*labels))
         return SplitData(
             images=torch.from_numpy(images),
-            scanner=torch.from_numpy(idx.scanner[keep_all].astype(np.int64)),
-            subject=idx.subject[keep_all],
-            slice_index=idx.slice_index[keep_all],
+            scanner=torch.from_numpy(scanners.astype(np.int64)),
+            subject=subjects,
+            slice_index=slice_index,
             vocabulary=self.vocabulary,
         )
 
@@ -250,6 +262,27 @@ class SliceStore:
         )
         lines.append(f"rejected inputs: {c['rejected']}" + (f" (see {REJECTED_NAME})" if c["rejected"] else ""))
         return "\n".join(lines)
+
+
+def write_preview(store: SliceStore, path: Path | None = None, per_scanner: int = 6) -> Path:
+    """A PNG grid of real slices, one row per scanner (the middle slice of the first training subjects)."""
+    from mrgen_dist.plots import scanner_grid
+
+    idx = store.index
+    mid = int(np.median(idx.slice_index)) if len(idx.slice_index) else 0
+    rows, captions = [], []
+    for sid, name in enumerate(store.vocabulary.names):
+        pick = np.flatnonzero((idx.scanner == sid) & (idx.slice_index == mid))[:per_scanner]
+        images = []
+        for i in pick:
+            with h5py.File(store.shard_path(int(idx.shard[i])), "r") as f:
+                images.append(f["images"][int(idx.row[i])])
+        rows.append((name, np.asarray(images)))
+        captions.append([str(idx.subject[i]) for i in pick])
+    synthetic = " (SYNTHETIC demo data)" if store.manifest.get("inputs", {}).get("synthetic") else ""
+    return scanner_grid(
+        rows, path or store.root / "preview.png", f"slice store {store.sha256[:12]}: axial slice k={mid}{synthetic}", captions
+    )
 
 
 def epoch_indices(n: int, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:

@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Each bootstraps .venv on a fresh machine.
+# CPU torch is installed first and pinned, so that no dependency can pull a multi-GB CUDA build in CI.
+# On a GPU cluster, override TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" with your CUDA index configured).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.mrgen-installed
+TORCH_SPEC ?= torch==2.13.0
+PIP        := $(BIN)/python -m pip --disable-pip-version-check
+DEMO_DIR   ?= demo-output
+WORKERS    ?= 2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/ci-constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -c requirements/ci-constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png).
+demo: $(STAMP)
+	$(BIN)/mrgen-demo-data $(DEMO_DIR)/cohort --subjects-per-scanner 6 --workers $(WORKERS)
+	$(BIN)/mrgen-convert $(DEMO_DIR)/cohort --out $(DEMO_DIR)/store --workers $(WORKERS) --shard-volumes 8
+	$(BIN)/mrgen-convert verify $(DEMO_DIR)/store
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/store.py
+
+clean:
+	rm -rf $(DEMO_DIR) bench-output .pytest_cache

@@ -1,0 +1,30 @@
+"""Shared fixtures: a small real cohort of NIfTI files and the store converted from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mrgen_dist.data.convert import ConvertOptions, convert
+from mrgen_dist.data.demo import write_cohort
+from mrgen_dist.data.inputs import discover_directory
+from mrgen_dist.scanners import Vocabulary
+
+SUBJECTS_PER_SCANNER = 3
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 synthetic volumes (3 per scanner) on the FSL grid, IXI/SALD file names."""
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, subjects_per_scanner=SUBJECTS_PER_SCANNER, seed=7, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def store_dir(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cohort as a store of 3 shards (5 + 5 + 2 volumes), split by subject."""
+    out = tmp_path_factory.mktemp("store") / "store"
+    convert(discover_directory(cohort_dir), Vocabulary.method(), out, ConvertOptions(shard_volumes=5, test_fraction=0.34))
+    return out

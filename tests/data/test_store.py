@@ -1,0 +1,109 @@
+"""The store reader: one-pass split loading, refusal of bad stores, DataLoader workers, per-rank views."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mrgen_dist.data.store import SliceDataset, SliceStore, StoreError, epoch_indices
+from mrgen_dist.scanners import UnknownScannerError
+
+
+def test_load_split_by_scanner(store_dir: Path) -> None:
+    store = SliceStore(store_dir)
+    train = store.load_split("train")
+    assert train.images.dtype == torch.float16 and train.images.shape == (80, 218, 182)
+    for name in store.vocabulary.names:
+        one = store.load_split("train", scanner=name)
+        sid = store.vocabulary.index(name)
+        assert len(one) == 20 and set(one.scanner.tolist()) == {sid}
+        assert torch.equal(one.images, train.images[train.scanner == sid])
+    with pytest.raises(UnknownScannerError, match="valid scanners: Gyroscan Intera, Intera, Unspecified, Magnetom TrioTim"):
+        store.load_split("train", scanner="Achieva")
+
+
+def test_refuses_unfinished_edited_or_corrupt_store(store_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(store_dir, copy)
+    shard = copy / "shards" / "shard-00000.h5"
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0x10
+    shard.write_bytes(raw)
+    with pytest.raises(StoreError, match="shard-00000.h5: sha256 mismatch.*mrgen-convert verify"):
+        SliceStore(copy).load_split("train")
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["vocabulary"] = manifest["vocabulary"][::-1]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="does not match its store_sha256"):
+        SliceStore(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="no manifest.json .*conversion unfinished"):
+        SliceStore(copy)
+
+
+def test_dataloader_with_two_workers_matches_resident_split(store_dir: Path) -> None:
+    store = SliceStore(store_dir)
+    resident = store.load_split("test")
+    dataset = SliceDataset(store, "test")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=2, shuffle=False)
+    images, scanners = zip(*loader)
+    images, scanners = torch.cat(images), torch.cat(scanners)
+    assert images.shape == (len(resident), 1, 218, 182)
+    assert torch.equal(images[:, 0], resident.images.float())
+    assert torch.equal(scanners, resident.scanner)
+
+
+def test_epoch_indices_partition() -> None:
+    n, world = 103, 4
+    views = [epoch_indices(n, rank=r, world_size=world, epoch=3, seed=1) for r in range(world)]
+    flat = np.concatenate(views)
+    assert all(len(v) == n // world for v in views)
+    assert len(set(flat.tolist())) == len(flat) == 100
+    assert np.array_equal(views[1], epoch_indices(n, rank=1, world_size=world, epoch=3, seed=1))
+    assert not np.array_equal(views[1], epoch_indices(n, rank=1, world_size=world, epoch=4, seed=1))
+    with pytest.raises(ValueError, match="rank 4 is not in a world of size 4"):
+        epoch_indices(n, rank=4, world_size=world, epoch=0, seed=0)
+
+
+def _rank_main(rank: int, world: int, store_dir: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = SliceStore(store_dir).load_split("train")
+    mine = epoch_indices(len(data), rank=rank, world_size=world, epoch=0, seed=0)
+    batch = data.images[torch.from_numpy(mine)].float()
+    # every rank sees the same resident split; the views are combined across real processes
+    checksum = torch.tensor([batch.sum().item(), float(len(mine))], dtype=torch.float64)
+    gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, checksum)
+    ids = torch.from_numpy(mine)
+    all_ids = [torch.zeros_like(ids) for _ in range(world)]
+    dist.all_gather(all_ids, ids)
+    if rank == 0:
+        torch.save({"sums": torch.stack(gathered), "ids": torch.stack(all_ids)}, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_get_disjoint_views_of_the_split(store_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks.pt"
+    mp.spawn(_rank_main, args=(2, str(store_dir), port, str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    ids = result["ids"]
+    assert ids.shape == (2, 40)
+    assert len(set(ids.flatten().tolist())) == 80  # disjoint and complete (80 train slices, even split)
+    train = SliceStore(store_dir).load_split("train")
+    for r in range(2):
+        assert result["sums"][r, 0].item() == pytest.approx(train.images[ids[r]].float().sum().item())
