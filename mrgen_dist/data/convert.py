@@ -34,7 +34,7 @@ from tqdm import tqdm
 from mrgen_dist import __version__
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.inputs import InputError, InputVolume, Rejection, discover_directory, read_manifest, screen
-from mrgen_dist.data.shards import ShardArrays, sha256_file, write_shard
+from mrgen_dist.data.shards import ShardArrays, file_digests, write_shard
 from mrgen_dist.data.split import SPLIT_UNITS, slice_split, subject_split
 from mrgen_dist.data.store import (
     FORMAT,
@@ -126,7 +126,7 @@ def _resume(shard_dir: Path, volumes: list[InputVolume], params_key: str) -> tup
         consumed = rec.get("inputs", [])
         if rec.get("params_key") != params_key or consumed != keys[cursor : cursor + len(consumed)]:
             break
-        if sha256_file(path) != rec.get("sha256"):
+        if file_digests(path)["sha256"] != rec.get("sha256"):
             break
         records.append(rec)
         cursor += len(consumed)
@@ -186,10 +186,10 @@ def convert(
             slice_index=np.tile(np.asarray(options.params.slice_indices()), len(pending)),
             source=np.repeat([v.source for v, _ in pending], k),
         )
-        digest = write_shard(path, arrays, {"format": FORMAT, "params_key": params_key})
+        digests = write_shard(path, arrays, {"format": FORMAT, "params_key": params_key})
         rec = {
             "file": f"{SHARD_DIR}/{path.name}",
-            "sha256": digest,
+            **digests,
             "bytes": path.stat().st_size,
             "slices": len(arrays),
             "params_key": params_key,
@@ -274,7 +274,7 @@ def _manifest(
         "inputs": {"description": description, "synthetic": synthetic},
         "vocabulary": list(vocabulary.names),
         "params": {**options.params.to_dict(), "shard_volumes": options.shard_volumes, "image_dtype": "float16"},
-        "shards": [{key: rec[key] for key in ("file", "sha256", "bytes", "slices")} for rec in records],
+        "shards": [{key: rec[key] for key in ("file", "sha256", "xxh3_128", "bytes", "slices")} for rec in records],
         "split": {"unit": options.split_unit, "test_fraction": options.test_fraction, "seed": options.seed, "test": test},
         "counts": {"volumes": len(volumes), "slices": len(volumes) * k, "per_scanner": per_scanner, "rejected": len(rejected)},
         "split_counts": split_counts,

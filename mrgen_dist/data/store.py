@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-from mrgen_dist.data.shards import ShardChecksumError, read_labels, read_shard_checked, sha256_file
+from mrgen_dist.data.shards import ShardArrays, ShardChecksumError, file_digests, read_labels, read_selected_rows
 from mrgen_dist.data.split import holdout_mask
 from mrgen_dist.data.volume import SLICE_SHAPE
 from mrgen_dist.scanners import Vocabulary
@@ -152,38 +152,36 @@ class SliceStore:
         images = np.empty((n_expected, *SLICE_SHAPE), dtype=np.float16)
         labels = []
         filled = offset = 0
+
+        def select(shard_labels: ShardArrays) -> np.ndarray:
+            keep = np.ones(len(shard_labels), dtype=bool)
+            if side != "all":
+                keep = holdout_mask(self.manifest["split"], shard_labels.subject, offset) == (side == "test")
+            if scanner_id is not None:
+                keep &= shard_labels.scanner == scanner_id
+            return keep
+
         for i, shard in enumerate(self.shards):
+            path = self.shard_path(i)
             try:
-                arrays = read_shard_checked(self.shard_path(i), shard["sha256"])
+                kept, m = read_selected_rows(path, shard["xxh3_128"], select, images[filled:])
             except ShardChecksumError:
                 raise StoreError(
-                    f"{self.shard_path(i)}: sha256 mismatch (store modified or corrupt since conversion); "
+                    f"{path}: checksum mismatch (store modified or corrupt since conversion); "
                     f"run `mrgen-convert verify {self.root}`"
                 ) from None
-            if side == "all":
-                keep = np.ones(len(arrays), dtype=bool)
-            else:
-                keep = holdout_mask(self.manifest["split"], arrays.subject, offset) == (side == "test")
-            if scanner_id is not None:
-                keep &= arrays.scanner == scanner_id
-            m = int(keep.sum())
-            if filled + m > n_expected:
-                raise StoreError(f"{self.root}: shards hold more {side} slices than the manifest's {n_expected}")
-            if m == len(arrays):
-                images[filled : filled + m] = arrays.images
-            elif m:
-                np.compress(keep, arrays.images, axis=0, out=images[filled : filled + m])
-            labels.append((arrays.scanner[keep], arrays.subject[keep], arrays.slice_index[keep]))
+            except ValueError as e:  # more rows than the manifest counts
+                raise StoreError(f"{self.root}: {e}; the manifest's {side} count is {n_expected}") from None
+            labels.append(kept)
             filled += m
-            offset += len(arrays)
+            offset += shard["slices"]
         if filled != n_expected:
             raise StoreError(f"{self.root}: manifest counts {n_expected} {side} slices, shards hold {filled}")
-        scanners, subjects, slice_index = (np.concatenate(parts) for parts in zip(*labels))
         return SplitData(
             images=torch.from_numpy(images),
-            scanner=torch.from_numpy(scanners.astype(np.int64)),
-            subject=subjects,
-            slice_index=slice_index,
+            scanner=torch.from_numpy(np.concatenate([k.scanner for k in labels]).astype(np.int64)),
+            subject=np.concatenate([k.subject for k in labels]),
+            slice_index=np.concatenate([k.slice_index for k in labels]),
             vocabulary=self.vocabulary,
         )
 
@@ -199,9 +197,12 @@ class SliceStore:
                 continue
             if path.stat().st_size != shard["bytes"]:
                 problems.append(f"{shard['file']}: size {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-            digest = sha256_file(path)
-            if digest != shard["sha256"]:
-                problems.append(f"{shard['file']}: sha256 {digest[:12]}… does not match manifest {shard['sha256'][:12]}…")
+            digests = file_digests(path)
+            bad = [k for k in ("sha256", "xxh3_128") if digests[k] != shard[k]]
+            if bad:
+                problems.extend(
+                    f"{shard['file']}: {k} {digests[k][:12]}… does not match manifest {shard[k][:12]}…" for k in bad
+                )
                 continue
             try:
                 with h5py.File(path, "r") as f:

@@ -42,7 +42,7 @@ class SliceParams:
     slices_per_volume: int = 10
     low_percentile: float = 0.5
     high_percentile: float = 99.5
-    percentile_stride: int = 8
+    percentile_stride: int = 16
     resample: bool = False
 
     def __post_init__(self) -> None:
@@ -104,7 +104,7 @@ def central_slices(volume: np.ndarray, params: SliceParams) -> np.ndarray:
     finite = np.isfinite(volume)
     if not finite.all():
         raise VolumeRejected(f"{int(finite.size - np.count_nonzero(finite))} non-finite voxels (NaN or inf)")
-    flat = volume.reshape(-1)
+    flat = volume.ravel(order="K")  # memory order: NIfTI data are Fortran-ordered, reshape would copy
     sample = flat[:: params.percentile_stride]
     lo = float(np.percentile(sample, params.low_percentile))
     above = sample[sample > lo]

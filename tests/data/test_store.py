@@ -37,7 +37,7 @@ def test_refuses_unfinished_edited_or_corrupt_store(store_dir: Path, tmp_path: P
     raw = bytearray(shard.read_bytes())
     raw[-100] ^= 0x10
     shard.write_bytes(raw)
-    with pytest.raises(StoreError, match="shard-00000.h5: sha256 mismatch.*mrgen-convert verify"):
+    with pytest.raises(StoreError, match="shard-00000.h5: checksum mismatch.*mrgen-convert verify"):
         SliceStore(copy).load_split("train")
 
     manifest = json.loads((copy / "manifest.json").read_text())
