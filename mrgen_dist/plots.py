@@ -48,3 +48,28 @@ def scanner_grid(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def loss_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Train and test loss per epoch (left), and the reconstruction / KL terms (right)."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+    ax.plot(epochs, [h["test_loss"] for h in history], "s-", ms=3, label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image (reconstruction + KL)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for key, style in (("reconstruction", "-"), ("kl", "--")):
+        ax2.plot(epochs, [h[f"train_{key}"] for h in history], style, label=f"train {key}")
+        ax2.plot(epochs, [h[f"test_{key}"] for h in history], style, label=f"test {key}", alpha=0.7)
+    ax2.set_xlabel("epoch")
+    ax2.set_yscale("log")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -100,6 +100,9 @@ class SliceStore:
         missing = [k for k in (*_IDENTITY_KEYS, "store_sha256", "counts") if k not in self.manifest]
         if missing:
             raise StoreError(f"{path}: manifest lacks {', '.join(missing)}")
+        shard_keys = {"file", "sha256", "xxh3_128", "bytes", "slices"}
+        if any(not shard_keys <= set(shard) for shard in self.manifest["shards"]):
+            raise StoreError(f"{path}: shard entries need {', '.join(sorted(shard_keys))} (convert again with this version)")
         if compute_store_sha256(self.manifest) != self.manifest["store_sha256"]:
             raise StoreError(f"{path}: manifest does not match its store_sha256 (edited or corrupt)")
         self.vocabulary = Vocabulary.from_names(self.manifest["vocabulary"])

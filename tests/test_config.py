@@ -1,0 +1,48 @@
+"""Config dataclasses from YAML with key=value overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mrgen_dist.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "hpc" / "configs"
+
+
+def test_thesis_config_is_the_thesis_protocol() -> None:
+    cfg = load_config(CONFIGS / "thesis.yaml", ["data.store=/x"])
+    assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs, cfg.model.latent, cfg.model.loss) == (
+        3e-4, 8, 100, 256, "logcosh"
+    )
+
+
+def test_overrides_and_saved_copy(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.store=/s", "model.hidden=[16, 8]", "optim.lr=1", "train.mixed_precision=bf16"])
+    assert cfg.model.hidden == [16, 8] and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    cfg.save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+    assert load_config(tmp_path / "c.yaml", ["train.epochs=9"]).fingerprint() == cfg.fingerprint()
+    assert load_config(tmp_path / "c.yaml", ["optim.lr=2"]).fingerprint() != cfg.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; valid keys: train.out, train.epochs"),
+        ("trian.epochs=3", "unknown config section 'trian'"),
+        ("train.epochs=three", "train.epochs: expected int"),
+        ("model.hidden=64", "model.hidden: expected a list"),
+        ("train.mixed_precision=fp8", "mixed_precision must be no, bf16 or fp16"),
+        ("epochs", "is not of the form section.key=value"),
+    ],
+)
+def test_bad_keys_and_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(CONFIGS / "tiny.yaml", ["data.store=/s", override])
+
+
+def test_store_is_required() -> None:
+    with pytest.raises(ConfigError, match="data.store is required"):
+        load_config(CONFIGS / "tiny.yaml")
