@@ -92,8 +92,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (inner,) = typ.__args__
         return [_coerce(v, inner, key) for v in value]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if typ in (int, float, str) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):

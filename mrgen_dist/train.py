@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrgen-train: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     acc = make_accelerator(cfg)
+    if acc.num_processes > 1 and str(acc.distributed_type).endswith("NO"):
+        acc.print("mrgen-train: error: the launcher started several processes but Accelerate did not connect them; "
+                  "on CPUs launch with ACCELERATE_USE_CPU=1 (see README)")
+        return EXIT_ERROR
     if cfg.train.world_size and acc.num_processes != cfg.train.world_size:
         acc.print(f"mrgen-train: error: expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
         return EXIT_ERROR

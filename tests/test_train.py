@@ -1,0 +1,161 @@
+"""Training in real processes on the CPU: single, 2-process DDP, 2-process DeepSpeed ZeRO-2; resume; signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrgen_dist.preemption import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "hpc" / "configs" / "tiny.yaml"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch-extensions"))
+    return env
+
+
+def train_cmd(store: Path, out: Path, *overrides: str, resume: str = "none") -> list[str]:
+    return [sys.executable, "-m", "mrgen_dist.train", "--config", str(TINY), "--resume", resume,
+            f"data.store={store}", f"train.out={out}", *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=REPO)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss from metrics.jsonl; a step logged again after a resume takes the later value."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(train_cmd(store_dir, out, "train.epochs=3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.yaml", "config.json", "model.safetensors", "loss_curves.png", "metrics.jsonl",
+                 "samples_001.png", "samples_003.png"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "config.json").read_text())
+    store_manifest = json.loads((store_dir / "manifest.json").read_text())
+    assert meta["vocabulary"] == store_manifest["vocabulary"]
+    assert meta["store_sha256"] == store_manifest["store_sha256"]
+    weights = load_file(out / "model.safetensors")
+    assert weights["to_pixels.weight"].shape == (218 * 182, 32) and weights["to_pixels.weight"].dtype == torch.float32
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    history = json.loads((latest / "meta.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_loss"] < history[0]["test_loss"]
+    assert "images_per_s" in history[0]
+
+
+def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(store_dir: Path, tmp_path: Path) -> None:
+    steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
+    common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10")
+    straight = tmp_path / "straight"
+    done = run(train_cmd(store_dir, straight, *common))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(train_cmd(store_dir, interrupted, *common), env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert "SIGUSR1 at step" in output and "not under Slurm" in output
+    checkpoints = sorted((interrupted / "checkpoints").glob("step-*"))
+    stopped_at = json.loads((checkpoints[-1] / "meta.json").read_text())["step"]
+    assert 5 <= stopped_at < steps
+    assert not (interrupted / "model.safetensors").exists()
+
+    resumed = run(train_cmd(store_dir, interrupted, *common, resume="auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints[-1]}" in resumed.stdout + resumed.stderr
+    a, b = step_losses(straight), step_losses(interrupted)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert a == b  # bit-identical losses at every step
+    wa, wb = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_input_fails_before_work(store_dir: Path, tmp_path: Path) -> None:
+    missing = run(train_cmd(tmp_path / "nostore", tmp_path / "r1"))
+    assert missing.returncode == 1 and "no manifest.json" in missing.stderr
+    typo = run(train_cmd(store_dir, tmp_path / "r2", "train.epoch=3"))
+    assert typo.returncode == 1 and "unknown config key 'train.epoch'" in typo.stderr
+    first = run(train_cmd(store_dir, tmp_path / "r3", "train.max_steps=3"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = run(train_cmd(store_dir, tmp_path / "r3", "model.latent=4", "train.max_steps=6", resume="auto"))
+    assert other.returncode == 1
+    assert "was written with another configuration" in other.stdout + other.stderr
+    assert not (tmp_path / "r1").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(train_cmd(store_dir, out, "optim.lr=1e12", "train.checkpoint_every=1", "model.loss=mse"))
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    text = done.stdout + done.stderr
+    assert "non-finite loss at step" in text and "Last good checkpoint:" in text
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert meta["epoch_sums"] == meta["epoch_sums"]  # no NaN was saved
+        assert all(map(lambda v: abs(v) < float("inf"), meta["epoch_sums"]))
+
+
+def _launch(store: Path, out: Path, launcher: list[str], *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    cmd = [ACCELERATE, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(TINY),
+           f"data.store={store}", f"train.out={out}", "train.world_size=2", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(**env), cwd=REPO)
+
+
+def test_two_process_ddp(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    done = _launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                    "--mixed_precision", "bf16", "--dynamo_backend", "no"],
+                   "train.mixed_precision=bf16", "train.epochs=1", ACCELERATE_USE_CPU="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    assert (out / "model.safetensors").is_file()
+
+
+def test_world_size_is_asserted(store_dir: Path, tmp_path: Path) -> None:
+    done = run(train_cmd(store_dir, tmp_path / "r", "train.world_size=2"))
+    assert done.returncode == 1 and "expected 2 processes, the launcher started 1" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "zero2"
+    done = _launch(store_dir, out, ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"),
+                                    "--num_processes", "2", "--mixed_precision", "bf16"],
+                   "train.mixed_precision=bf16", "train.max_steps=10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) [DEEPSPEED, bf16]" in done.stdout + done.stderr
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == 10
+    zero_files = list(ckpt.rglob("*optim_states.pt"))
+    assert len(zero_files) == 2  # one ZeRO-2 optimizer partition per rank
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
