@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 PIP        := $(BIN)/python -m pip --disable-pip-version-check
 DEMO_DIR   ?= demo-output
 WORKERS    ?= 2
+# DeepSpeed JIT-compiles its ops on first use; keep them with the venv so that later runs reuse them
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch-extensions
 
 .PHONY: setup demo test bench clean
 
@@ -21,17 +23,22 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 	$(PIP) install --quiet -c requirements/ci-constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png).
+# Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png)
+# -> a short cVAE training run (loss_curves.png, samples_*.png; ClearML offline session in demo-output/clearml).
 demo: $(STAMP)
 	$(BIN)/mrgen-demo-data $(DEMO_DIR)/cohort --subjects-per-scanner 6 --workers $(WORKERS)
 	$(BIN)/mrgen-convert $(DEMO_DIR)/cohort --out $(DEMO_DIR)/store --workers $(WORKERS) --shard-volumes 8
 	$(BIN)/mrgen-convert verify $(DEMO_DIR)/store
+	rm -rf $(DEMO_DIR)/run
+	CLEARML_CACHE_DIR=$(CURDIR)/$(DEMO_DIR)/clearml $(BIN)/mrgen-train --config hpc/configs/demo.yaml \
+		data.store=$(DEMO_DIR)/store train.out=$(DEMO_DIR)/run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(DEMO_DIR) bench-output .pytest_cache

@@ -2,20 +2,20 @@
 
 Offline by default: without a configured server (no clearml.conf, no CLEARML_API_HOST) the task is written to
 an offline session folder under `CLEARML_CACHE_DIR` (default ~/.clearml/cache) that
-`clearml-task`/`Task.import_offline_session` can upload later. With a configured server the task is online,
-after a short TCP probe of the API host so that an unreachable server is reported in seconds instead of a hang.
+`Task.import_offline_session` can upload to a server later. With a configured server the task is online,
+after a short HTTP ping of the API host: an unreachable server is reported within seconds (Task.init would
+hang for minutes) and the run records offline instead of failing.
 Only the main process reports; `train.tracker=none` (or `--tracker none`) turns tracking off.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import urllib.request
 import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -38,45 +38,46 @@ class Tracker:
 
 
 def configured_server() -> str | None:
-    """The API host of a configured ClearML server, or None when none is configured."""
-    host = os.environ.get("CLEARML_API_HOST")
-    if host:
-        return host
-    conf = os.environ.get("CLEARML_CONFIG_FILE") or str(Path.home() / "clearml.conf")
-    if not Path(conf).is_file():
-        return None
-    from clearml.backend_api.session import Session
+    """The API host of a configured ClearML server, or None when none is configured (no network access).
 
-    return Session.get_api_server_host()
+    clearml's own lookup falls back to its public SaaS host, so it cannot tell "configured" from "not".
+    """
+    for var in ("CLEARML_API_HOST", "CLEARML_WEB_HOST"):
+        if os.environ.get(var):
+            return os.environ[var]
+    conf = Path(os.environ.get("CLEARML_CONFIG_FILE") or Path.home() / "clearml.conf")
+    if not conf.is_file():
+        return None
+    from clearml.config import config_obj
+
+    return config_obj.get("api.api_server", None) or config_obj.get("api.host", None) or None
 
 
 def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None when a TCP connection to the URL's host and port opens within `timeout`, else the reason."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    """None when the server answers its ping within `timeout`, else the reason (an HTTP check: some networks
+    accept TCP connections for any address)."""
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{parsed.hostname}:{port} unreachable ({e})"
+        with urllib.request.urlopen(url.rstrip("/") + "/debug.ping", timeout=timeout) as reply:
+            return None if reply.status == 200 else f"answered HTTP {reply.status}"
+    except (OSError, ValueError) as e:
+        return f"unreachable ({e})"
 
 
 class ClearMLTracker(Tracker):
     def __init__(self, project: str, name: str, tags: list[str] | None = None, parent: str | None = None) -> None:
-        # report from this process: the default background reporter process costs ~11 s at close()
-        os.environ.setdefault("CLEARML_REPORT_USE_SUBPROCESS", "false")
         from clearml import Task
+        from clearml.config import config_obj
 
+        # report from this process: the default background reporter makes close() take ~11 s
+        config_obj.set_overrides({"sdk": {"development": {"report_use_subprocess": False}}})
+        Task.set_random_seed(None)  # Task.init would otherwise reseed torch/numpy/random to 1337
         server = None if os.environ.get("CLEARML_OFFLINE_MODE") else configured_server()
+        if server is not None and (problem := probe(server)):
+            print(f"ClearML server {server} is configured but {problem}: recording OFFLINE instead "
+                  "(upload later with Task.import_offline_session)", file=sys.stderr)
+            server = None
         if server is None:
             Task.set_offline(True)
-        else:
-            problem = probe(server)
-            if problem:
-                raise RuntimeError(
-                    f"ClearML server {server} is configured but {problem}; fix clearml.conf, "
-                    "set CLEARML_OFFLINE_MODE=1 to record offline, or use --tracker none"
-                )
         self._task = Task.init(
             project_name=project,
             task_name=name,
@@ -98,15 +99,21 @@ class ClearMLTracker(Tracker):
         self._task.connect(_flatten(params), name="config")
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Keys are `title/series`, e.g. `loss/train`, so train and test share one plot."""
         for key, value in scalars.items():
-            title, _, series = key.partition("_")
+            title, _, series = key.partition("/")
             self._logger.report_scalar(title=title, series=series or title, value=float(value), iteration=step)
 
     def log_image(self, title: str, path: Path, step: int) -> None:
         self._logger.report_image(title=title, series=Path(path).stem, iteration=step, local_path=str(path))
 
     def log_artifact(self, name: str, path: Path) -> None:
-        self._task.upload_artifact(name, artifact_object=str(path), wait_on_upload=True)
+        """Online: the file is uploaded. Offline: the artifact is a file:// link to it, so the offline session
+        does not copy (and zip at close, seconds for a 330 MB model) what already lies in the run folder."""
+        if self.offline_dir is None:
+            self._task.upload_artifact(name, artifact_object=str(path), wait_on_upload=True)
+        else:
+            self._task.upload_artifact(name, artifact_object=Path(path).resolve().as_uri())
 
     def close(self) -> None:
         t0 = time.perf_counter()

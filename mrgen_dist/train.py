@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     model = CVAE(tuple(train_set.images.shape[1:]), len(store.vocabulary), cfg.model.hidden, cfg.model.latent)
     flops_per_image = model.flops_per_image()
     n_params = sum(p.numel() for p in model.parameters())
-    fused = cfg.optim.fused and acc.state.deepspeed_plugin is None
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        fused=fused or None,
-    )
+    optimizer = make_optimizer(model, cfg, deepspeed=acc.state.deepspeed_plugin is not None)
     model, optimizer = acc.prepare(model, optimizer)
     # DeepSpeed half precision keeps the weights themselves in bf16/fp16: inputs must match by hand
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
@@ -209,16 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             idx = order[micro * bs : (micro + 1) * bs]
             x = train_images[idx].to(input_dtype)
             s = train_scanner[idx]
-            with acc.accumulate(model):
-                with acc.autocast():
-                    recon, mean, logvar = model(x, s, noise_for(epoch * micro_per_epoch + micro, len(idx)))
-                losses = vae_loss(recon, x, mean, logvar, cfg.model.loss, cfg.model.kl_weight)
-                acc.backward(losses["loss"])
-                if acc.sync_gradients and cfg.optim.grad_clip > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_losses = torch.stack([losses[k].detach().double() for k in ("loss", "reconstruction", "kl")])
+            step_losses = train_step(acc, model, optimizer, x, s, noise_for(epoch * micro_per_epoch + micro, len(idx)), cfg)
             sums += step_losses
             images_seen += len(idx) * acc.num_processes
             if not acc.sync_gradients:
@@ -279,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             f"kl {record['train_kl']:.3f})  test {record['test_loss']:.3f}  {images_per_s:.0f} img/s"
             + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "")
         )
-        tracker.log_scalars({k: v for k, v in record.items() if k not in ("epoch", "step")}, step=epoch + 1)
+        tracker.log_scalars({f"{term}/{side}": record[f"{side}_{term}"] for term in ("loss", "reconstruction", "kl")
+                             for side in ("train", "test")} | {"throughput/images_per_s": images_per_s}
+                            | ({"throughput/mfu": record["mfu"]} if "mfu" in record else {}), step=epoch + 1)
         if acc.is_main_process:
             from mrgen_dist.plots import loss_curves
 
@@ -301,6 +290,28 @@ def main(argv: list[str] | None = None) -> int:
     tracker.close()
     acc.end_training()
     return status
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, deepspeed: bool) -> torch.optim.Optimizer:
+    """Adam as in the method; the fused kernel (one pass over all parameters) where DeepSpeed does not wrap it."""
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        fused=(cfg.optim.fused and not deepspeed) or None,
+    )
+
+
+def train_step(acc, model, optimizer, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """One micro-step (an optimizer step when gradients sync); returns (loss, reconstruction, kl) as float64."""
+    with acc.accumulate(model):
+        with acc.autocast():
+            recon, mean, logvar = model(x, s, noise)
+        losses = vae_loss(recon, x, mean, logvar, cfg.model.loss, cfg.model.kl_weight)
+        acc.backward(losses["loss"])
+        if acc.sync_gradients and cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.stack([losses[k].detach().double() for k in ("loss", "reconstruction", "kl")])
 
 
 @torch.no_grad()
