@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 PROBE_TIMEOUT_S = 3.0
+_FRAMEWORKS = ("matplotlib", "tensorflow", "tensorboard", "pytorch", "xgboost", "scikit", "fastai", "lightgbm",
+               "hydra", "tfdefines", "joblib", "megengine", "catboost", "gradio")
 
 
 class Tracker:
@@ -83,7 +85,9 @@ class ClearMLTracker(Tracker):
             task_name=name,
             tags=tags,
             reuse_last_task_id=False,
-            auto_connect_frameworks=False,
+            # no framework hooks, and no repository / package analysis: close() waits for it, seconds when a
+            # virtual environment lies inside the working tree
+            auto_connect_frameworks={name: False for name in _FRAMEWORKS} | {"detect_repository": False},
             auto_resource_monitoring=False,
             auto_connect_arg_parser=False,
             auto_connect_streams=False,

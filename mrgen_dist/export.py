@@ -1,0 +1,192 @@
+"""`mrgen-export onnx`: the trained decoder as a self-describing ONNX file, checked before it is written.
+
+    mrgen-export onnx --model RUN_DIR [--precision fp32|fp16|int8] [--out export/decoder.onnx]
+
+The graph: inputs `z` float32 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the
+graph); output `image` float32 [batch, 1, 218, 182] in [0, 1]. fp16 keeps float32 inputs and outputs and
+computes in half precision; int8 is onnxruntime's dynamic quantization of the fp32 graph (int8 weights,
+activations quantized per batch). The contract, including the metadata keys, is in export/README.md.
+
+Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch decoder
+in onnxruntime at batch 1, 7 and 64 within the precision's tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrgen_dist import __version__
+from mrgen_dist.model import CVAE
+
+FORMAT = "mrgen-decoder/1"
+PRECISIONS = ("fp32", "fp16", "int8")
+TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 1 / 255}  # max |onnxruntime - torch fp32| on [0, 1] pixels
+CHECK_BATCHES = (1, 7, 64)
+
+
+class ExportError(RuntimeError):
+    """The export failed a check; nothing was written."""
+
+
+class DecoderGraph(nn.Module):
+    """The decoder with the graph's contract: (z float32, scanner int64) -> image float32 in [0, 1]."""
+
+    def __init__(self, model: CVAE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.dtype)
+        onehot = F.one_hot(scanner, self.model.n_scanners).to(self.dtype)
+        h = self.model.decoder_body(torch.cat([z, onehot], dim=1))
+        return torch.sigmoid(self.model.to_pixels(h)).view(-1, 1, *self.model.image_shape).float()
+
+
+def load_trained(run_dir: str | Path) -> tuple[CVAE, dict]:
+    """The trained model of a run folder (model.safetensors + config.json), in eval mode."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    meta_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise ExportError(f"{run_dir} has no config.json and model.safetensors (a finished mrgen-train run)")
+    meta = json.loads(meta_path.read_text())
+    model = CVAE(tuple(meta["image_shape"]), len(meta["vocabulary"]), meta["hidden"], meta["latent"])
+    model.load_state_dict(load_file(weights))
+    return model.eval(), meta
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    precision: str
+    bytes: int
+    max_error: float
+    tolerance: float
+    seconds: float
+
+    def line(self) -> str:
+        return (f"{self.path}: {self.precision}, {self.bytes / 2**20:.1f} MiB, max |onnxruntime - torch fp32| "
+                f"{self.max_error:.2e} (limit {self.tolerance:.1e}) at batch {'/'.join(map(str, CHECK_BATCHES))}, "
+                f"{self.seconds:.1f} s")
+
+
+def metadata(meta: dict, precision: str) -> dict[str, str]:
+    """The `metadata_props` of the exported file; export/README.md documents each key."""
+    return {
+        "mrgen.format": FORMAT,
+        "mrgen.scanners": json.dumps(meta["vocabulary"]),
+        "mrgen.latent": str(meta["latent"]),
+        "mrgen.image_shape": json.dumps(meta["image_shape"]),
+        "mrgen.intensity": meta["intensity"],
+        "mrgen.precision": precision,
+        "mrgen.store_sha256": meta["store_sha256"],
+        "mrgen.config": json.dumps(meta["config"]),
+        "mrgen.package_version": __version__,
+    }
+
+
+def _torch_export(graph: DecoderGraph, latent: int, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        graph,
+        (torch.zeros(2, latent), torch.zeros(2, dtype=torch.long)),
+        input_names=["z", "scanner"],
+        output_names=["image"],
+        dynamic_shapes={"z": {0: batch}, "scanner": {0: batch}},
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def _check(path: Path, reference: DecoderGraph, latent: int, n_scanners: int, tolerance: float) -> float:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    rng = np.random.default_rng(0)
+    for batch in CHECK_BATCHES:
+        z = rng.standard_normal((batch, latent), dtype=np.float32)
+        scanner = np.arange(batch, dtype=np.int64) % n_scanners
+        (got,) = session.run(["image"], {"z": z, "scanner": scanner})
+        with torch.no_grad():
+            want = reference(torch.from_numpy(z), torch.from_numpy(scanner)).numpy()
+        if got.shape != want.shape or got.dtype != np.float32:
+            raise ExportError(f"batch {batch}: output {got.shape} {got.dtype}, expected {want.shape} float32")
+        worst = max(worst, float(np.abs(got - want).max()))
+    if not worst <= tolerance:
+        raise ExportError(f"parity check failed: max |onnxruntime - torch fp32| = {worst:.3e} > {tolerance:.1e}")
+    return worst
+
+
+def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
+    """Export, check, then move into place; raises ExportError leaving `out` untouched."""
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    t0 = time.perf_counter()
+    model, meta = load_trained(run_dir)
+    reference = DecoderGraph(copy.deepcopy(model)).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        fp_path = Path(tmp) / "decoder.onnx"
+        _torch_export(DecoderGraph(model, torch.float16 if precision == "fp16" else torch.float32).eval(),
+                      meta["latent"], fp_path)
+        path = fp_path
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            # the exporter records the (out, in) shapes of Gemm weights as value_info; the quantizer transposes
+            # those weights for MatMulInteger and keeps the stale shapes, which fails shape inference
+            plain = onnx.load(str(fp_path))
+            del plain.graph.value_info[:]
+            onnx.save(plain, str(fp_path))
+            path = Path(tmp) / "decoder.int8.onnx"
+            quantize_dynamic(str(fp_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, metadata(meta, precision))
+        onnx.save(proto, str(path))
+        worst = _check(path, reference, meta["latent"], len(meta["vocabulary"]), TOLERANCE[precision])
+        os.replace(path, out)
+    return ExportReport(out, precision, out.stat().st_size, worst, TOLERANCE[precision], time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mrgen-export", description="Export a trained model.")
+    sub = ap.add_subparsers(dest="format", required=True)
+    p = sub.add_parser("onnx", help="the decoder as ONNX, for onnxruntime sampling (see export/README.md)")
+    p.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train (model.safetensors, config.json)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--out", type=Path, default=Path("export/decoder.onnx"))
+    args = ap.parse_args(argv)
+    try:
+        report = export_decoder(args.model, args.precision, args.out)
+    except ExportError as e:
+        print(f"mrgen-export: error: {e}", file=sys.stderr)
+        return 1
+    print(report.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
