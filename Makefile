@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 	touch $(STAMP)
 
 # Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png)
-# -> a short cVAE training run (loss_curves.png, samples_*.png; ClearML offline session in demo-output/clearml).
+# -> a short cVAE training run (loss_curves.png, samples_*.png; ClearML offline session in demo-output/clearml)
+# -> the decoder exported to export/decoder.onnx -> samples drawn from it with onnxruntime (onnx-samples/grid.png).
 demo: $(STAMP)
 	$(BIN)/mrgen-demo-data $(DEMO_DIR)/cohort --subjects-per-scanner 6 --workers $(WORKERS)
 	$(BIN)/mrgen-convert $(DEMO_DIR)/cohort --out $(DEMO_DIR)/store --workers $(WORKERS) --shard-volumes 8
@@ -32,6 +33,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)/run
 	CLEARML_CACHE_DIR=$(CURDIR)/$(DEMO_DIR)/clearml $(BIN)/mrgen-train --config hpc/configs/demo.yaml \
 		data.store=$(DEMO_DIR)/store train.out=$(DEMO_DIR)/run
+	$(BIN)/mrgen-export onnx --model $(DEMO_DIR)/run --precision fp32 --out export/decoder.onnx
+	$(BIN)/mrgen-sample export/decoder.onnx --scanner all --n 8 --seed 0 --out $(DEMO_DIR)/onnx-samples --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -39,6 +42,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/sample.py
 
 clean:
-	rm -rf $(DEMO_DIR) bench-output .pytest_cache
+	rm -rf $(DEMO_DIR) bench-output .pytest_cache export/*.onnx

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             mean_losses = (flags[:3] / acc.num_processes).tolist()
             bar.update()
             if acc.is_main_process:
-                bar.set_postfix(loss=f"{mean_losses[0]:.2f}")
+                bar.set_postfix(loss=f"{mean_losses[0]:.2f}", refresh=False)
                 metrics_log.write(json.dumps({"step": global_step, "epoch": epoch, "loss": mean_losses[0],
                                               "reconstruction": mean_losses[1], "kl": mean_losses[2]}) + "\n")
             if flags[3] > 0:

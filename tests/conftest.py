@@ -28,3 +28,21 @@ def store_dir(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("store") / "store"
     convert(discover_directory(cohort_dir), Vocabulary.method(), out, ConvertOptions(shard_volumes=5, test_fraction=0.34))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cVAE trained for 30 steps on the store: model.safetensors + config.json."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "mrgen_dist.train", "--config", str(repo / "hpc/configs/tiny.yaml"),
+         f"data.store={store_dir}", f"train.out={out}", "train.max_steps=30", "train.sample_every=100"],
+        capture_output=True, text=True, timeout=300, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
