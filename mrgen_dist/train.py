@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mrgen_dist import __version__
-from mrgen_dist.checkpoint import CheckpointManager, CheckpointMismatch, read_meta
+from mrgen_dist.checkpoint import CheckpointManager, CheckpointMismatch, check_compatible, read_meta
 from mrgen_dist.config import ConfigError, RunConfig, load_config
 from mrgen_dist.data.store import SliceStore, StoreError, epoch_indices
 from mrgen_dist.model import CVAE, vae_loss
@@ -90,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrgen-train: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     acc = make_accelerator(cfg)
+
+    def fail(message: str) -> int:
+        if acc.is_main_process:
+            print(f"mrgen-train: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
     if acc.num_processes > 1 and str(acc.distributed_type).endswith("NO"):
-        acc.print("mrgen-train: error: the launcher started several processes but Accelerate did not connect them; "
-                  "on CPUs launch with ACCELERATE_USE_CPU=1 (see README)")
-        return EXIT_ERROR
+        return fail("the launcher started several processes but Accelerate did not connect them; "
+                    "on CPUs launch with ACCELERATE_USE_CPU=1 (see README)")
     if cfg.train.world_size and acc.num_processes != cfg.train.world_size:
-        acc.print(f"mrgen-train: error: expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
-        return EXIT_ERROR
+        return fail(f"expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
     out = Path(cfg.train.out)
     ckpt = CheckpointManager(out, acc, cfg.train.keep_checkpoints)
     distributed_type = str(acc.distributed_type).split(".")[-1]
@@ -114,25 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         resume_from = Path(args.resume)
     try:
         if resume_from is not None:
-            from mrgen_dist.checkpoint import check_compatible
-
             check_compatible(read_meta(resume_from), identity, resume_from)
-    except CheckpointMismatch as e:
-        acc.print(f"mrgen-train: error: {e}")
-        return EXIT_ERROR
-
-    # ---- data: the whole split, resident on the device ----------------------------------------------------
+        # ---- data: the whole split, checksum-checked, resident on the device --------------------------------
+        train_set, test_set = store.load_split("train"), store.load_split("test")
+    except (CheckpointMismatch, StoreError) as e:
+        return fail(str(e))
     device = acc.device
-    train_set, test_set = store.load_split("train"), store.load_split("test")
     train_images, train_scanner = train_set.images.to(device), train_set.scanner.to(device)
     test_images, test_scanner = test_set.images.to(device), test_set.scanner.to(device)
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
     per_rank = len(train_set) // acc.num_processes
     micro_per_epoch = (per_rank // bs) // ga * ga  # whole optimizer steps only
     if micro_per_epoch == 0:
-        acc.print(f"mrgen-train: error: {len(train_set)} training slices over {acc.num_processes} processes "
-                  f"make no full step of batch {bs} x accumulation {ga}")
-        return EXIT_ERROR
+        return fail(f"{len(train_set)} training slices over {acc.num_processes} processes "
+                    f"make no full step of batch {bs} x accumulation {ga}")
     steps_per_epoch = micro_per_epoch // ga
 
     # ---- model and optimizer --------------------------------------------------------------------------------

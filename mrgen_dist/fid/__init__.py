@@ -1,0 +1,1 @@
+"""FID and KID per scanner (see `metrics`)."""
