@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
