@@ -159,3 +159,13 @@ def test_two_process_deepspeed_zero2(store_dir: Path, tmp_path: Path) -> None:
     assert len(zero_files) == 2  # one ZeRO-2 optimizer partition per rank
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "accum"
+    done = run(train_cmd(store_dir, out, "train.grad_accum=2", "train.batch_size=2", "train.epochs=1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 80 train slices / batch 2 = 40 micro-batches = 20 optimizer steps
+    assert sorted(step_losses(out)) == list(range(1, 21))
+    meta = json.loads(sorted((out / "checkpoints").glob("step-*"))[-1].joinpath("meta.json").read_text())
+    assert meta["step"] == 20 and meta["history"][0]["epoch"] == 1
