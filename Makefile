@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/sample.py
+	$(BIN)/python benchmarks/fid.py
 
 clean:
 	rm -rf $(DEMO_DIR) bench-output .pytest_cache export/*.onnx
