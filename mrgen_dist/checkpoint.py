@@ -67,10 +67,9 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
-    def load(self, path: Path, expect: dict[str, Any]) -> dict[str, Any]:
-        """Check `expect` against the checkpoint's meta before touching any state, then restore it."""
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore the full state; callers check `check_compatible` first, before any work starts."""
         meta = read_meta(path)
-        check_compatible(meta, expect, path)
         self.accelerator.load_state(str(path))
         return meta
 

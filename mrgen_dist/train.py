@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- state: fresh or resumed ----------------------------------------------------------------------------
     start_epoch, start_micro, global_step, history, resumed_sums = 0, 0, 0, [], [0.0, 0.0, 0.0]
     if resume_from is not None:
-        meta = ckpt.load(resume_from, identity)
+        meta = ckpt.load(resume_from)
         start_epoch, start_micro, global_step = meta["epoch"], meta["micro_in_epoch"], meta["step"]
         history, resumed_sums = meta["history"], meta["epoch_sums"]
         acc.print(f"resumed from {resume_from} (epoch {start_epoch}, step {global_step})")
