@@ -1,8 +1,8 @@
 """FID matrix-square-root benchmark: the symmetric-eigendecomposition route vs scipy.linalg.sqrtm on 2048-d
 statistics (the size of Inception pool features), one run; target >= 2.5x faster with FID equal to 1e-4.
 
-The statistics come from correlated synthetic 2048-d features (n = 4096 per set, full rank). Inception
-images/s is not measured yet: the Inception feature extractor is not implemented.
+The statistics come from correlated synthetic 2048-d features (n = 4096 per set, full rank). Also measured:
+FID Inception images/s (218 x 182 slices -> 299 x 299, batch 50) on this machine's device.
 
     python benchmarks/fid.py [--dim 2048] [--n 4096]
 """
@@ -16,6 +16,7 @@ import time
 import numpy as np
 from scipy import linalg
 
+from mrgen_dist.fid.inception import WeightsNotFound, load_inception
 from mrgen_dist.fid.metrics import FeatureStats, frechet_distance
 
 
@@ -48,6 +49,17 @@ def main() -> int:
     print(f"  scipy.linalg.sqrtm  {t_ref:7.2f} s   FID {ref:.6f}")
     print(f"  speed-up {speed:.2f}x (target >= 2.5x: {'met' if speed >= 2.5 else 'MISSED'}), "
           f"relative difference {rel:.1e} (target <= 1e-4: {'met' if rel <= 1e-4 else 'MISSED'})")
+    try:
+        extractor = load_inception()
+    except WeightsNotFound as e:
+        print(f"  Inception images/s skipped: {e}")
+        return 0
+    images = rng.uniform(0, 1, (200, 218, 182)).astype(np.float32)
+    extractor(images[:50])  # warm-up
+    t0 = time.perf_counter()
+    extractor(images, batch_size=50)
+    rate = len(images) / (time.perf_counter() - t0)
+    print(f"  FID Inception ({extractor.kind}) on {extractor.device}: {rate:.1f} images/s")
     return 0
 
 

@@ -73,3 +73,40 @@ def loss_curves(history: Sequence[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def fid_boxplot(results: Sequence[dict], path: str | Path) -> Path:
+    """FID over repeats, one box per scanner (the thesis's figure), with each repeat drawn as a point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.8 * len(results) + 2, 4))
+    values = [[r["fid"] for r in res["repeats"]] for res in results]
+    ax.boxplot(values)
+    for i, v in enumerate(values, start=1):
+        ax.plot(np.full(len(v), i) + np.linspace(-0.08, 0.08, len(v)), v, ".", alpha=0.5, color="tab:blue")
+    ax.set_xticks(range(1, len(results) + 1), [f"{res['scanner']}\n(n={res['n_real']})" for res in results], fontsize=8)
+    ax.set_ylabel(f"FID over {len(values[0])} repeats")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix(counts: np.ndarray, names: Sequence[str], path: str | Path) -> Path:
+    """Generated slices: scanner asked for (rows) vs scanner recognised by the classifier (columns)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    ax.imshow(counts, cmap="Blues")
+    for (r, c), v in np.ndenumerate(counts):
+        ax.text(c, r, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("recognised as")
+    ax.set_ylabel("asked for")
+    ax.set_title("conditioning of generated slices")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
