@@ -12,7 +12,7 @@ from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.export import export_decoder
-from mrgen_dist.fid.evaluate import conditioning, evaluate_scanner, main
+from mrgen_dist.fid.evaluate import evaluate_scanner, main
 from mrgen_dist.fid.inception import FID_HELPER_FILE, load_inception, package_file
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
