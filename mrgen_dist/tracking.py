@@ -34,7 +34,7 @@ class Tracker:
 
     def log_image(self, title: str, path: Path, step: int) -> None: ...
 
-    def log_artifact(self, name: str, path: Path) -> None: ...
+    def log_artifact(self, name: str, path: Path, copy: bool = False) -> None: ...
 
     def close(self) -> None: ...
 
@@ -111,10 +111,10 @@ class ClearMLTracker(Tracker):
     def log_image(self, title: str, path: Path, step: int) -> None:
         self._logger.report_image(title=title, series=Path(path).stem, iteration=step, local_path=str(path))
 
-    def log_artifact(self, name: str, path: Path) -> None:
-        """Online: the file is uploaded. Offline: the artifact is a file:// link to it, so the offline session
-        does not copy (and zip at close, seconds for a 330 MB model) what already lies in the run folder."""
-        if self.offline_dir is None:
+    def log_artifact(self, name: str, path: Path, copy: bool = False) -> None:
+        """Online (or `copy`): the file is uploaded. Offline: the artifact is a file:// link to it, so the offline
+        session does not copy (and zip at close, seconds for a 330 MB model) what already lies in the run folder."""
+        if self.offline_dir is None or copy:
             self._task.upload_artifact(name, artifact_object=str(path), wait_on_upload=True)
         else:
             self._task.upload_artifact(name, artifact_object=Path(path).resolve().as_uri())
@@ -136,9 +136,54 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def create_parent(project: str, name: str) -> str:
+    """A pipeline's parent task (created and closed at once); its id goes to the jobs that link to it."""
+    tracker = ClearMLTracker(project, name, tags=["pipeline"])
+    tracker.close()
+    return tracker.task_id
+
+
+def attach_to_parent(parent: str, project: str, files: list[Path]) -> str:
+    """Attach files to the parent task. Online the parent itself gets them; an offline session cannot be
+    reopened by another process, so offline they go to a 'report' task linked to the parent. Returns the id
+    of the task that holds them."""
+    from clearml import Task
+
+    if not os.environ.get("CLEARML_OFFLINE_MODE") and configured_server() is not None:
+        task = Task.get_task(task_id=parent)
+        for f in files:
+            task.upload_artifact(Path(f).name, artifact_object=str(f), wait_on_upload=True)
+        return parent
+    tracker = ClearMLTracker(project, "report", tags=["report"], parent=parent)
+    for f in files:
+        if Path(f).suffix == ".png":
+            tracker.log_image("report", Path(f), 0)
+        tracker.log_artifact(Path(f).name, Path(f), copy=True)
+    tracker.close()
+    return tracker.task_id
+
+
 def make_tracker(cfg, out: Path, enabled: bool) -> Tracker:
     """The run's tracker: ClearML on the main process when `train.tracker=clearml`, else a no-op."""
     if not enabled or cfg.train.tracker == "none":
         return Tracker()
     name = cfg.train.run_name or Path(cfg.train.out).name
     return ClearMLTracker(cfg.train.project, name, tags=["train"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mrgen_dist.tracking parent --project P --name N`: create a parent task, print its id."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mrgen_dist.tracking")
+    sub = ap.add_subparsers(dest="command", required=True)
+    parent = sub.add_parser("parent", help="create a pipeline's parent task and print its id")
+    parent.add_argument("--project", default="mrgen-dist")
+    parent.add_argument("--name", required=True)
+    args = ap.parse_args(argv)
+    print(create_parent(args.project, args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -33,6 +34,7 @@ from mrgen_dist.data.store import SliceStore, StoreError
 from mrgen_dist.fid.inception import InceptionFeatures, WeightsNotFound, load_inception
 from mrgen_dist.fid.metrics import FeatureStats, frechet_distance, kernel_inception_distance
 from mrgen_dist.sample import Sampler, SampleError
+from mrgen_dist.tracking import Tracker
 
 
 def _slug(name: str) -> str:
@@ -53,7 +55,8 @@ def real_features(store: SliceStore, scanner: str, side: str, extractor: Incepti
 
 
 def evaluate_scanner(
-    store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, scanner: str, repeats: int, seed: int, out: Path
+    store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, scanner: str, repeats: int, seed: int, out: Path,
+    tracker: Tracker | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -71,6 +74,8 @@ def evaluate_scanner(
             fid = frechet_distance(FeatureStats.of(generated), real_stats)
         kid = kernel_inception_distance(generated, real, subsets=50, subset_size=min(1000, n), seed=seed + r)
         rows.append({"seed": seed + r, "fid": fid, "kid": kid.mean, "kid_std": kid.std})
+        if tracker:
+            tracker.log_scalars({f"FID/{scanner}": fid, f"KID/{scanner}": kid.mean}, step=r)
     fids = np.array([row["fid"] for row in rows])
     kids = np.array([row["kid"] for row in rows])
     result = {
@@ -90,7 +95,12 @@ def evaluate_scanner(
         "package_version": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fid_{_slug(scanner)}.json").write_text(json.dumps(result, indent=1))
+    path = out / f"fid_{_slug(scanner)}.json"
+    path.write_text(json.dumps(result, indent=1))
+    if tracker:
+        tracker.log_params({"scanner": scanner, "repeats": repeats, "seed": seed, "n": n, "store_sha256": store.sha256})
+        tracker.log_scalars({"FID mean/" + scanner: result["fid_mean"], "KID mean/" + scanner: result["kid_mean"]}, step=0)
+        tracker.log_artifact(path.name, path, copy=True)
     return result
 
 
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         ap = argparse.ArgumentParser(prog="mrgen-fid report", description="FID table and boxplot from mrgen-fid results")
         ap.add_argument("results", type=Path)
+        ap.add_argument("--tracker", choices=("none", "clearml"), default="none",
+                        help="clearml: attach the table and plots to the pipeline's parent task ($MRGEN_CLEARML_PARENT)")
         args = ap.parse_args(argv[1:])
         try:
             written = write_report(args.results)
@@ -203,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print((args.results / "fid_table.md").read_text())
         print("wrote " + ", ".join(str(p) for p in written))
+        parent = os.environ.get("MRGEN_CLEARML_PARENT")
+        if args.tracker == "clearml" and parent:
+            from mrgen_dist.tracking import attach_to_parent
+
+            holder = attach_to_parent(parent, os.environ.get("MRGEN_CLEARML_PROJECT", "mrgen-dist"), written)
+            print(f"attached to ClearML task {holder} (parent {parent})")
         return 0
     command = "conditioning" if argv[:1] == ["conditioning"] else "fid"
     ap = argparse.ArgumentParser(prog=f"mrgen-fid{' conditioning' if command == 'conditioning' else ''}", description=__doc__,
@@ -213,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--scanner", default="all", help="scanner name or 'all'")
         ap.add_argument("--repeats", type=int, default=20)
         ap.add_argument("--no-conditioning", action="store_true", help="with --scanner all: skip the conditioning check")
+        ap.add_argument("--tracker", choices=("none", "clearml"), default="none",
+                        help="clearml: one task per scanner, linked to $MRGEN_CLEARML_PARENT when set")
     ap.add_argument("--out", type=Path, default=Path("results/fid"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inception-weights", type=Path, help="FID Inception weights (see mrgen_dist/fid/inception.py)")
@@ -234,7 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FID features: {extractor.kind} ({extractor.weights}) on {extractor.device}; sampler on {sampler.device}",
               file=sys.stderr)
         for name in names:
-            r = evaluate_scanner(store, sampler, extractor, name, args.repeats, args.seed, args.out)
+            tracker = None
+            if args.tracker == "clearml":
+                from mrgen_dist.tracking import ClearMLTracker
+
+                tracker = ClearMLTracker(os.environ.get("MRGEN_CLEARML_PROJECT", "mrgen-dist"), f"FID {name}",
+                                         tags=["fid", name], parent=os.environ.get("MRGEN_CLEARML_PARENT"))
+            r = evaluate_scanner(store, sampler, extractor, name, args.repeats, args.seed, args.out, tracker)
+            if tracker:
+                tracker.close()
             print(f"{name}: FID {r['fid_mean']:.2f} ± {r['fid_std']:.2f}, KID {r['kid_mean']:.4f} ± {r['kid_std']:.4f} "
                   f"(n = {r['n_real']}, {args.repeats} repeats)")
         if args.scanner == "all" and not args.no_conditioning:

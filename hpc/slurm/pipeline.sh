@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Submit the whole chain with afterok dependencies and print the job ids:
+#   convert -> train -> export -> fid (array, one task per scanner) -> report
+# Settings come from hpc/slurm/site.env and the environment. Run from the repository root.
+#   hpc/slurm/pipeline.sh               (MRGEN_INPUT=/data/nifti MRGEN_WORK=/scratch/run1 ... in front)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source hpc/slurm/site.env
+if [ -n "$MRGEN_VENV" ]; then source "$MRGEN_VENV/bin/activate"; fi
+mkdir -p logs
+export MRGEN_HOME=$PWD MRGEN_INPUT MRGEN_WORK MRGEN_STORE MRGEN_RUN MRGEN_ONNX MRGEN_FID_OUT MRGEN_CONFIG \
+  MRGEN_TRAIN_OVERRIDES MRGEN_PRECISION MRGEN_FID_REPEATS MRGEN_CLEARML_PROJECT MRGEN_VENV MRGEN_IMAGE \
+  MRGEN_GPUS_PER_NODE MRGEN_CPU_PROCS MRGEN_MODULES MRGEN_ACCELERATE_CONFIG
+
+# the ClearML parent task of this run; array tasks and the report link to it
+MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.tracking parent --project "$MRGEN_CLEARML_PROJECT" \
+  --name "pipeline $(basename "$MRGEN_WORK")" | tail -n 1)
+export MRGEN_CLEARML_PARENT
+
+# scanners: from the vocabulary of the input's labels (the method's four unless the CSV brings its own)
+n_scanners=${MRGEN_N_SCANNERS:-4}
+gpu_opts=()
+if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus-per-node="$MRGEN_GPUS_PER_NODE"); fi
+train_opts=(--ntasks-per-node=1 --cpus-per-task="${MRGEN_TRAIN_CPUS:-2}")
+
+convert=$(sbatch --parsable hpc/slurm/convert.sh)
+train=$(sbatch --parsable --dependency=afterok:"$convert" "${gpu_opts[@]}" "${train_opts[@]}" hpc/slurm/train.sh)
+export_job=$(sbatch --parsable --dependency=afterok:"$train" hpc/slurm/export.sh)
+fid=$(sbatch --parsable --dependency=afterok:"$export_job" --array=0-$((n_scanners - 1)) hpc/slurm/fid.sh)
+report=$(sbatch --parsable --dependency=afterok:"$fid" hpc/slurm/report.sh)
+echo "clearml parent $MRGEN_CLEARML_PARENT"
+echo "convert $convert"
+echo "train $train"
+echo "export $export_job"
+echo "fid $fid"
+echo "report $report"

@@ -1,0 +1,118 @@
+"""The job scripts on a real one-node Slurm (hpc/slurm/local-cluster.sh): the whole chain, and preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "hpc" / "slurm" / "local-cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("starting a local Slurm needs root (packages, munge, slurmd)")
+    done = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and not shutil.which("slurmctld"):
+        pytest.skip(f"Slurm could not be installed here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML", "SLURM_", "MRGEN_"))}
+    env.update(MRGEN_VENV=str(Path(sys.executable).parent.parent), MRGEN_WORK=str(tmp), CLEARML_CACHE_DIR=str(tmp / "clearml"),
+               MRGEN_CONFIG="hpc/configs/tiny.yaml", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _wait(job_ids: list[str], timeout: float = 900) -> dict[str, list[dict[str, str]]]:
+    """Poll squeue until the jobs are gone; then their records (one per array task) from scontrol."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True).stdout
+        if not queued.strip():
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"jobs {job_ids} still queued after {timeout} s")
+    records = {}
+    for job in job_ids:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        records[job] = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in out.splitlines() if line.strip()]
+    return records
+
+
+def _sessions(cache: Path) -> list[dict]:
+    return [json.loads((d / "task.json").read_text()) for d in sorted((cache / "offline").iterdir()) if d.is_dir()]
+
+
+def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: Path) -> None:
+    env = _env(tmp_path, MRGEN_INPUT=str(cohort_dir), MRGEN_TRAIN_OVERRIDES="train.epochs=1", MRGEN_CPU_PROCS="2",
+               MRGEN_FID_REPEATS="2")
+    t0 = time.time()
+    submitted = subprocess.run([str(REPO / "hpc/slurm/pipeline.sh")], capture_output=True, text=True, env=env,
+                               cwd=REPO, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    ids = dict(line.split()[-2:] for line in submitted.stdout.splitlines() if line.split()[0] in
+               ("convert", "train", "export", "fid", "report", "parent"))
+    records = _wait([ids[k] for k in ("convert", "train", "export", "fid", "report")])
+    print(f"chain wall time {time.time() - t0:.0f} s")
+    for name in ("convert", "train", "export", "fid", "report"):
+        for rec in records[ids[name]]:
+            assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (name, rec)
+    assert len(records[ids["fid"]]) == 4  # one array task per scanner
+
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["counts"]["volumes"] == 12
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*/meta.json"))
+    assert json.loads(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1].joinpath("meta.json").read_text())["world_size"] == 2
+    assert (tmp_path / "decoder.onnx").stat().st_size > 0
+    results = sorted((tmp_path / "fid").glob("fid_*.json"))
+    assert [p.name for p in results] == ["fid_Gyroscan_Intera.json", "fid_Intera.json", "fid_Magnetom_TrioTim.json",
+                                         "fid_Unspecified.json"]
+    assert all(len(json.loads(p.read_text())["repeats"]) == 2 for p in results)
+    table = (tmp_path / "fid" / "fid_table.md").read_text()
+    assert "Gyroscan Intera" in table and "Conditioning:" in table
+    assert (tmp_path / "fid" / "fid_boxplot.png").is_file()
+
+    sessions = _sessions(tmp_path / "clearml")
+    parent = next(s for s in sessions if "pipeline" in s["tags"])
+    children = [s for s in sessions if "fid" in s["tags"]]
+    assert sorted(s["name"] for s in children) == ["FID Gyroscan Intera", "FID Intera", "FID Magnetom TrioTim", "FID Unspecified"]
+    assert all(s["parent"] == parent["id"] for s in children)
+    assert all(s["name"].removeprefix("FID ") in s["tags"] for s in children)
+    report = next(s for s in sessions if "report" in s["tags"])
+    assert report["parent"] == parent["id"]
+    assert {"fid_table.md", "fid_boxplot.png"} <= {a["key"] for a in report["execution"]["artifacts"]}
+    print(table)
+
+
+def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = _env(tmp_path, MRGEN_STORE=str(store_dir), MRGEN_RUN=str(run), MRGEN_CPU_PROCS="1",
+               MRGEN_TRAIN_OVERRIDES="train.epochs=30 train.tracker=none")
+    job = subprocess.run(["sbatch", "--parsable", "hpc/slurm/train.sh"], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=60).stdout.strip()
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    # what Slurm does with `#SBATCH --signal=B:USR1@120` shortly before the time limit
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    (rec,) = _wait([job])[job]
+    assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("COMPLETED", "0:0", "1")
+    log = (REPO / "logs" / f"mrgen-train-{job}.out").read_text()
+    stopped = re.search(r"SIGTERM at step (\d+): checkpoint (\S+)", log)
+    assert stopped and f"job {job} requeued" in log
+    assert f"resumed from {stopped.group(2)}" in log and "restart 1" in log
+    assert (run / "model.safetensors").is_file()
+    losses = {json.loads(line)["step"] for line in metrics.read_text().splitlines()}
+    assert losses == set(range(1, 30 * 20 + 1))  # every step of 30 epochs x 20 steps, across the requeue
