@@ -8,12 +8,8 @@ if [ -n "$MRGEN_VENV" ]; then source "$MRGEN_VENV/bin/activate"; fi
 mkdir -p logs "$MRGEN_WORK"
 
 # run CMD...: inside the Apptainer image when MRGEN_IMAGE is set (GPUs passed with --nv), else directly
-run() {
-  if [ -n "$MRGEN_IMAGE" ]; then
-    apptainer exec --nv --bind "$PWD" --pwd "$PWD" "$MRGEN_IMAGE" "$@"
-  else
-    "$@"
-  fi
-}
+IMAGE_PREFIX=()
+if [ -n "$MRGEN_IMAGE" ]; then IMAGE_PREFIX=(apptainer exec --nv --bind "$PWD" --pwd "$PWD" "$MRGEN_IMAGE"); fi
+run() { "${IMAGE_PREFIX[@]}" "$@"; }
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-local}${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} on $(hostname -s)" \
   "restart ${SLURM_RESTART_COUNT:-0}"

@@ -113,8 +113,10 @@ stop() {
 wait_job() {
   local job=$1
   while squeue -h -j "$job" 2>/dev/null | grep -q .; do sleep 1; done
-  scontrol -o show job "$job" 2>/dev/null | grep -o 'JobId=[0-9]* \|ArrayTaskId=[0-9]*\|JobState=[A-Z_]*\|ExitCode=[0-9:]*\|Restarts=[0-9]*' \
-    | paste -sd' ' | sed 's/JobId=/\nJobId=/g' | sed '/^$/d'
+  # one line per job or array task: JobId [ArrayTaskId] JobState ExitCode Restarts
+  scontrol -o show job "$job" 2>/dev/null | while read -r line; do
+    grep -oE '(JobId|ArrayTaskId|JobState|ExitCode|Restarts)=[^ ]+' <<<"$line" | paste -sd' '
+  done
 }
 
 case "${1:-}" in

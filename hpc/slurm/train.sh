@@ -37,6 +37,7 @@ else
   cmd=(accelerate launch "${launch[@]}" --num_machines "$nodes" --num_processes "$world"
        --main_process_ip "$master" --main_process_port "$port" --machine_rank @NODEID@ "${train[@]}")
 fi
+cmd=("${IMAGE_PREFIX[@]}" "${cmd[@]}")
 echo "training: $nodes node(s) x $per_node process(es), main $master:$port"
 # one task per node; @NODEID@ becomes that node's rank. exec: the task is the launcher (or python) itself, so
 # a SIGTERM to the step's tasks reaches it (and the launcher passes it on to the training processes)
