@@ -115,7 +115,7 @@ wait_job() {
   while squeue -h -j "$job" 2>/dev/null | grep -q .; do sleep 1; done
   # one line per job or array task: JobId [ArrayTaskId] JobState ExitCode Restarts
   scontrol -o show job "$job" 2>/dev/null | while read -r line; do
-    grep -oE '(JobId|ArrayTaskId|JobState|ExitCode|Restarts)=[^ ]+' <<<"$line" | paste -sd' '
+    grep -oE '(^| )(JobId|ArrayTaskId|JobState|ExitCode|Restarts)=[^ ]+' <<<"$line" | sed 's/^ //' | paste -sd' '
   done
 }
 
