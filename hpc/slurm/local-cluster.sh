@@ -88,7 +88,7 @@ start() {
   install_packages
   write_config
   start_munge
-  pgrep -x slurmctld >/dev/null || slurmctld
+  pgrep -x slurmctld >/dev/null || slurmctld -c  # -c: a fresh start forgets jobs of an earlier run
   pgrep -x slurmd >/dev/null || slurmd -N "$HOST"
   for _ in $(seq 1 60); do
     state=$(sinfo -h -N -n "$HOST" -o %t 2>/dev/null || true)
@@ -106,6 +106,7 @@ stop() {
   need_root
   pkill -x slurmd || true
   pkill -x slurmctld || true
+  for _ in $(seq 1 40); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.25; done
   rm -rf "$STATE"
   echo "local Slurm stopped"
 }

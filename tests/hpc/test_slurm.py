@@ -99,8 +99,9 @@ def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path:
     run = tmp_path / "run"
     env = _env(tmp_path, MRGEN_STORE=str(store_dir), MRGEN_RUN=str(run), MRGEN_CPU_PROCS="1",
                MRGEN_TRAIN_OVERRIDES="train.epochs=30 train.tracker=none")
-    job = subprocess.run(["sbatch", "--parsable", "hpc/slurm/train.sh"], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=60).stdout.strip()
+    log_path = tmp_path / "train.out"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log_path}", "hpc/slurm/train.sh"], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=60).stdout.strip()
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
@@ -109,7 +110,7 @@ def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path:
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     (rec,) = _wait([job])[job]
     assert (rec["JobState"], rec["ExitCode"], rec["Restarts"]) == ("COMPLETED", "0:0", "1")
-    log = (REPO / "logs" / f"mrgen-train-{job}.out").read_text()
+    log = log_path.read_text()
     stopped = re.search(r"SIGTERM at step (\d+): checkpoint (\S+)", log)
     assert stopped and f"job {job} requeued" in log
     assert f"resumed from {stopped.group(2)}" in log and "restart 1" in log
