@@ -18,7 +18,7 @@ MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.tracking parent --project "$MRGEN_CL
 export MRGEN_CLEARML_PARENT
 
 # scanners: from the vocabulary of the input's labels (the method's four unless the CSV brings its own)
-n_scanners=${MRGEN_N_SCANNERS:-4}
+n_scanners=$MRGEN_N_SCANNERS
 gpu_opts=()
 if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus-per-node="$MRGEN_GPUS_PER_NODE"); fi
 train_opts=(--ntasks-per-node=1 --cpus-per-task="${MRGEN_TRAIN_CPUS:-2}")
