@@ -17,7 +17,7 @@ MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.tracking parent --project "$MRGEN_CL
   --name "pipeline $(basename "$MRGEN_WORK")" | tail -n 1)
 export MRGEN_CLEARML_PARENT
 
-# scanners: from the vocabulary of the input's labels (the method's four unless the CSV brings its own)
+# the store does not exist yet at submission: the array size is MRGEN_N_SCANNERS (the method's four by default)
 n_scanners=$MRGEN_N_SCANNERS
 gpu_opts=()
 if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus-per-node="$MRGEN_GPUS_PER_NODE"); fi
