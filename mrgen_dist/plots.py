@@ -17,6 +17,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def scanner_grid(
     rows: Sequence[tuple[str, np.ndarray]],
     path: str | Path,
@@ -43,11 +51,7 @@ def scanner_grid(
                     ax.set_title(captions[r][c], fontsize=7)
         axes[r, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=80)
 
 
 def loss_curves(history: Sequence[dict], path: str | Path) -> Path:
@@ -68,11 +72,7 @@ def loss_curves(history: Sequence[dict], path: str | Path) -> Path:
     ax2.set_yscale("log")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
 
 
 def fid_boxplot(results: Sequence[dict], path: str | Path) -> Path:
@@ -86,11 +86,7 @@ def fid_boxplot(results: Sequence[dict], path: str | Path) -> Path:
     ax.set_xticks(range(1, len(results) + 1), [f"{res['scanner']}\n(n={res['n_real']})" for res in results], fontsize=8)
     ax.set_ylabel(f"FID over {len(values[0])} repeats")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
 
 
 def confusion_matrix(counts: np.ndarray, names: Sequence[str], path: str | Path) -> Path:
@@ -105,8 +101,4 @@ def confusion_matrix(counts: np.ndarray, names: Sequence[str], path: str | Path)
     ax.set_xlabel("recognised as")
     ax.set_ylabel("asked for")
     ax.set_title("conditioning of generated slices")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)
