@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mrgen_dist import __version__
@@ -50,10 +49,7 @@ class DecoderGraph(nn.Module):
         self.dtype = dtype
 
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        z = z.to(self.dtype)
-        onehot = F.one_hot(scanner, self.model.n_scanners).to(self.dtype)
-        h = self.model.decoder_body(torch.cat([z, onehot], dim=1))
-        return torch.sigmoid(self.model.to_pixels(h)).view(-1, 1, *self.model.image_shape).float()
+        return self.model.decode(z.to(self.dtype), scanner).float()
 
 
 def load_trained(run_dir: str | Path) -> tuple[CVAE, dict]:

@@ -73,10 +73,15 @@ class SliceIndex:
     is_test: np.ndarray  # bool
 
     def select(self, side: Side, scanner_id: int | None) -> np.ndarray:
-        keep = np.ones(len(self.row), dtype=bool) if side == "all" else self.is_test == (side == "test")
-        if scanner_id is not None:
-            keep &= self.scanner == scanner_id
-        return keep
+        return _keep(self.is_test, self.scanner, side, scanner_id)
+
+
+def _keep(is_test: np.ndarray, scanner: np.ndarray, side: Side, scanner_id: int | None) -> np.ndarray:
+    """Slices on `side` of the split (all for "all"), of one scanner when `scanner_id` is given."""
+    keep = np.ones(len(is_test), dtype=bool) if side == "all" else is_test == (side == "test")
+    if scanner_id is not None:
+        keep &= scanner == scanner_id
+    return keep
 
 
 class SliceStore:
@@ -157,12 +162,8 @@ class SliceStore:
         filled = offset = 0
 
         def select(shard_labels: ShardArrays) -> np.ndarray:
-            keep = np.ones(len(shard_labels), dtype=bool)
-            if side != "all":
-                keep = holdout_mask(self.manifest["split"], shard_labels.subject, offset) == (side == "test")
-            if scanner_id is not None:
-                keep &= shard_labels.scanner == scanner_id
-            return keep
+            is_test = holdout_mask(self.manifest["split"], shard_labels.subject, offset)
+            return _keep(is_test, shard_labels.scanner, side, scanner_id)
 
         for i, shard in enumerate(self.shards):
             path = self.shard_path(i)

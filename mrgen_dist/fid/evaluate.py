@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = SliceStore(args.store)
         sampler = Sampler(args.model, args.device)
-        if json.loads(sampler.metadata["mrgen.scanners"]) != list(store.vocabulary.names):
+        if sampler.scanners != list(store.vocabulary.names):
             raise SampleError(f"the model's scanners {sampler.scanners} are not the store's {list(store.vocabulary.names)}")
         extractor = load_inception(args.inception_weights, None if args.device == "auto" else args.device)
         if command == "conditioning":
