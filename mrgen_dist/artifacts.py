@@ -1,0 +1,220 @@
+"""Typed hand-offs between stages: the store manifest, a run's config.json and an exported model's metadata.
+
+Each artefact is a dataclass with one reader and one writer. Each carries its format name and version;
+a reader refuses a file of another kind or of a newer version, and names the file and the field when one
+is missing or of the wrong type. Stdlib only, so the torch-free sampler reads ONNX metadata with it.
+
+    manifest = StoreManifest.read(store / "manifest.json")
+    record = RunRecord.read(run / "config.json")
+    meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, source="decoder.onnx")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mrgen_dist.atomic import atomic_write
+from mrgen_dist.cli import UserError
+
+
+class ArtifactError(UserError):
+    """An artefact that cannot be read: not found, not the expected kind, too new, or a field missing."""
+
+
+def _check_fields(cls: type, values: dict[str, Any], source: str, shown_prefix: str = "") -> dict[str, Any]:
+    """The values of `cls`'s fields found in `values` (keyed by field name), each present unless it has a
+    default and of its declared type; errors name the field as `shown_prefix + name`."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = shown_prefix + f.name
+        if f.name not in values:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ArtifactError(f"{source}: missing field {key!r}")
+        value, want = values[f.name], typing.get_origin(hints[f.name]) or hints[f.name]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ArtifactError(f"{source}: field {key!r} should be {want.__name__}, found {type(value).__name__}")
+        out[f.name] = value
+    return out
+
+
+def _check_version(source: str, kind: str, expected_kind: str, version: Any, supported: int, key: str) -> None:
+    if kind != expected_kind:
+        raise ArtifactError(f"{source}: field {key!r} is {kind!r}, expected {expected_kind!r} (not this kind of file)")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{source}: field {key!r} has no integer version ({version!r})")
+    if version > supported:
+        raise ArtifactError(
+            f"{source}: written as {expected_kind} version {version} by a newer mrgen-dist; this version reads up "
+            f"to {supported}: upgrade mrgen-dist"
+        )
+
+
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+@dataclass
+class StoreManifest:
+    """`STORE/manifest.json`: what a slice store holds and how it was made (see mrgen_dist.data.store)."""
+
+    NAME: ClassVar[str] = "manifest.json"
+    FORMAT: ClassVar[str] = "mrgen-slice-store"
+    VERSION: ClassVar[int] = 1
+    #: The fields `store_sha256` covers: the store's identity, recorded by checkpoints, models and FID caches.
+    IDENTITY: ClassVar[tuple[str, ...]] = ("format_version", "vocabulary", "params", "shards", "split")
+    SHARD_FIELDS: ClassVar[tuple[str, ...]] = ("file", "sha256", "xxh3_128", "bytes", "slices")
+
+    vocabulary: list
+    params: dict
+    shards: list
+    split: dict
+    counts: dict
+    split_counts: dict
+    created_by: dict = field(default_factory=dict)
+    created_utc: str = ""
+    inputs: dict = field(default_factory=dict)
+    format_version: int = VERSION
+    store_sha256: str = ""
+
+    def identity_sha256(self) -> str:
+        identity = {k: getattr(self, k) for k in self.IDENTITY}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def sealed(self) -> StoreManifest:
+        """This manifest with `store_sha256` set from its identity fields."""
+        return dataclasses.replace(self, store_sha256=self.identity_sha256())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> StoreManifest:
+        """Read and check: kind, version, fields, shard entries, and that `store_sha256` matches."""
+        d = _read_json(path)
+        _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
+        manifest = cls(**_check_fields(cls, d, str(path)))
+        for i, shard in enumerate(manifest.shards):
+            missing = [k for k in cls.SHARD_FIELDS if k not in shard]
+            if missing:
+                raise ArtifactError(f"{path}: shards[{i}] lacks {', '.join(missing)} (convert again with this version)")
+        if not manifest.store_sha256:
+            raise ArtifactError(f"{path}: missing field 'store_sha256'")
+        if manifest.identity_sha256() != manifest.store_sha256:
+            raise ArtifactError(f"{path}: manifest does not match its store_sha256 (edited or corrupt)")
+        return manifest
+
+
+@dataclass
+class RunRecord:
+    """`RUN/config.json`, written by mrgen-train beside model.safetensors: everything needed to rebuild the
+    model (family, its config, image shape, vocabulary) and what made it."""
+
+    NAME: ClassVar[str] = "config.json"
+    FORMAT: ClassVar[str] = "mrgen-run"
+    VERSION: ClassVar[int] = 1
+
+    family: str
+    model: dict  # the family's config section, as in the run's config.yaml
+    image_shape: list
+    vocabulary: list
+    intensity: str
+    store_sha256: str
+    config: dict  # the whole run config
+    steps: int
+    package_version: str
+    format_version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunRecord:
+        d = _read_json(path)
+        _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
+        return cls(**_check_fields(cls, d, str(path)))
+
+
+@dataclass
+class ModelMetadata:
+    """The `metadata_props` of an exported ONNX model, keys `mrgen.<field>` (documented in export/README.md).
+
+    `format` is `<contract>/<version>`; the contract `mrgen-decoder` is (z float32 [B, latent], scanner
+    int64 [B]) -> image float32 [B, 1, H, W] in [0, 1].
+    """
+
+    PREFIX: ClassVar[str] = "mrgen."
+    DECODER: ClassVar[str] = "mrgen-decoder"
+    VERSION: ClassVar[int] = 1
+    #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
+    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config")
+
+    format: str
+    scanners: list
+    latent: int
+    image_shape: list
+    intensity: str
+    precision: str
+    store_sha256: str
+    config: dict
+    package_version: str
+    family: str = "cvae"
+
+    @property
+    def contract(self) -> str:
+        return self.format.rsplit("/", 1)[0]
+
+    def to_props(self) -> dict[str, str]:
+        props = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            props[self.PREFIX + f.name] = json.dumps(value) if f.name in self._JSON else str(value)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str, contract: str = DECODER) -> ModelMetadata:
+        """Parse and check the metadata of `source`; refuses another contract or a newer version."""
+        key = cls.PREFIX + "format"
+        if key not in props:
+            raise ArtifactError(f"{source} is not an mrgen-dist model (no {key} metadata); export one with "
+                                "`mrgen-export onnx`")
+        kind, _, version = props[key].rpartition("/")
+        _check_version(source, kind, contract, int(version) if version.isdigit() else version, cls.VERSION, key)
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            text = props.get(cls.PREFIX + f.name)
+            if text is None:
+                continue
+            try:
+                values[f.name] = (json.loads(text) if f.name in cls._JSON
+                                  else int(text) if hints[f.name] is int else text)
+            except ValueError:
+                raise ArtifactError(f"{source}: metadata {cls.PREFIX + f.name} is not a valid "
+                                    f"{hints[f.name].__name__}: {text[:60]!r}") from None
+        return cls(**_check_fields(cls, values, source, shown_prefix=cls.PREFIX))

@@ -1,0 +1,46 @@
+"""Every file the package writes appears whole or not at all.
+
+    atomic_write(path, text_or_bytes)          # small files: JSON, CSV, Markdown
+    with atomic_path(path) as tmp:             # anything written by a library: h5py, np.save, savefig, onnx
+        h5py.File(tmp, "w") ...
+
+The data goes to a temporary sibling whose name is unique to this process (two writers never share one),
+is flushed to disk, and is renamed over `path` only when the block finished without an exception; on an
+exception the temporary file is removed and `path` is left as it was. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it when the block ends without an exception.
+
+    `suffix` (default: `path`'s own suffixes) keeps libraries that pick a format by extension
+    (nibabel's `.nii.gz`, numpy's `.npy`) writing the right format.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) if suffix is None else suffix
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `path` atomically; returns `path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)

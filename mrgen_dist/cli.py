@@ -1,0 +1,100 @@
+"""One convention for every `mrgen-*` command: argparse, sub-commands, one error path, extras named.
+
+* `UserError` is the base of every error a user can fix (bad input, bad config, a missing file or extra).
+  `run()` prints it as one line `PROG: error: MESSAGE` on stderr (once, from rank 0 under a multi-process
+  launch) and returns its exit status; anything else is a bug and keeps its traceback.
+* `with_default_command()` lets a command with sub-commands keep a default one, so that
+  `mrgen-convert INPUT --out S` and `mrgen-convert verify S` are both plain argparse.
+* `require()` imports a module of an optional extra, or says which extra to install.
+
+Stdlib only: the torch-free sampler uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+EXIT_ERROR = 1
+
+
+class UserError(Exception):
+    """An error the user can fix; the message names the problem (file, field, option)."""
+
+    exit_code = EXIT_ERROR
+
+
+class MissingExtra(UserError):
+    """A command needs a package of an optional extra that is not installed."""
+
+
+#: Which extra of `pip install 'mrgen-dist[EXTRA]'` brings each optional top-level package.
+EXTRA_OF = {
+    "torch": "train", "accelerate": "train", "deepspeed": "train", "transformers": "train",
+    "safetensors": "train", "clearml": "train", "matplotlib": "train", "nilearn": "train", "tqdm": "train",
+    "yaml": "train", "onnx": "train", "onnxscript": "train", "scipy": "fid", "sklearn": "fid",
+}
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """`import module`, or a MissingExtra naming the extra that brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        extra = EXTRA_OF.get(top, "all")
+        raise MissingExtra(
+            f"{purpose} needs {top!r}, which the base install does not include: pip install 'mrgen-dist[{extra}]' ({e})"
+        ) from None
+
+
+def require_extra(extra: str, purpose: str) -> None:
+    """Check that every package of `extra` imports; a MissingExtra naming the first that does not."""
+    for module, its_extra in EXTRA_OF.items():
+        if its_extra == extra:
+            require(module, purpose)
+
+
+def report(prog: str, error: UserError) -> int:
+    """Print `error` the one way every command prints errors; returns its exit status."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun/accelerate every rank raises the same error
+        print(f"{prog}: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+def run(prog: str, command: Callable[[], int | None]) -> int:
+    """Run a command body; a UserError becomes its one-line message and exit status."""
+    try:
+        return command() or 0
+    except UserError as e:
+        return report(prog, e)
+
+
+def with_default_command(argv: Sequence[str] | None, parser: argparse.ArgumentParser, default: str) -> list[str]:
+    """`argv` with `default` put in front when its first word is not one of `parser`'s sub-commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(
+        (set(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), set()
+    )
+    if not argv or argv[0] not in commands | {"-h", "--help"}:
+        argv.insert(0, default)
+    return argv
+
+
+def positive(kind: type = int) -> Callable[[str], int | float]:
+    """argparse `type=` for a number that must be > 0."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
