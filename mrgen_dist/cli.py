@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,12 +33,16 @@ class MissingExtra(UserError):
     """A command needs a package of an optional extra that is not installed."""
 
 
-#: Which extra of `pip install 'mrgen-dist[EXTRA]'` brings each optional top-level package.
-EXTRA_OF = {
-    "torch": "train", "accelerate": "train", "deepspeed": "train", "transformers": "train",
-    "safetensors": "train", "clearml": "train", "matplotlib": "train", "nilearn": "train", "tqdm": "train",
-    "yaml": "train", "onnx": "train", "onnxscript": "train", "scipy": "fid", "sklearn": "fid",
+#: The import names of what each optional extra of `pip install 'mrgen-dist[EXTRA]'` brings (pyproject.toml).
+EXTRAS = {
+    "train": ("torch", "accelerate", "deepspeed", "transformers", "safetensors", "clearml", "matplotlib", "nilearn",
+              "tqdm", "yaml", "xxhash", "scipy", "onnx", "onnxscript"),
+    "fid": ("torch", "xxhash", "tqdm", "matplotlib", "scipy", "sklearn"),
 }
+
+
+def _extra_of(module: str) -> str:
+    return next((extra for extra, modules in EXTRAS.items() if module in modules), "all")
 
 
 def require(module: str, purpose: str) -> ModuleType:
@@ -46,17 +51,16 @@ def require(module: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
-        extra = EXTRA_OF.get(top, "all")
-        raise MissingExtra(
-            f"{purpose} needs {top!r}, which the base install does not include: pip install 'mrgen-dist[{extra}]' ({e})"
-        ) from None
+        raise MissingExtra(f"{purpose} needs {top!r}, which this installation lacks: "
+                           f"pip install 'mrgen-dist[{_extra_of(top)}]' ({e})") from None
 
 
 def require_extra(extra: str, purpose: str) -> None:
-    """Check that every package of `extra` imports; a MissingExtra naming the first that does not."""
-    for module, its_extra in EXTRA_OF.items():
-        if its_extra == extra:
-            require(module, purpose)
+    """A MissingExtra naming `extra` when any of its packages is not installed (looked up, not imported)."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"{purpose} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+                           f"pip install 'mrgen-dist[{extra}]'")
 
 
 def report(prog: str, error: UserError) -> int:

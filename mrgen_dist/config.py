@@ -4,6 +4,8 @@
 
 Unknown keys are errors (a typo must not silently fall back to a default). Values are parsed as YAML
 scalars, so `model.hidden=[512,256]`, `train.mixed_precision=bf16` and `data.scanner=null` all work.
+The `model:` section belongs to the family that `model.family` names (default `cvae`); its keys are that
+family's config dataclass (mrgen_dist/models/).
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mrgen_dist.atomic import atomic_write
+from mrgen_dist.cli import UserError
+from mrgen_dist.models import get_family
+from mrgen_dist.models.base import ModelConfig
+from mrgen_dist.models.cvae import CVAEConfig
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key."""
 
 
@@ -26,14 +34,6 @@ class ConfigError(ValueError):
 class DataConfig:
     store: str = ""  # path of the slice store (required)
     seed: int = 0  # seeds the per-epoch shuffle and the per-rank partition
-
-
-@dataclass
-class ModelConfig:
-    hidden: list[int] = field(default_factory=lambda: [1024, 512])  # encoder widths; the decoder mirrors them
-    latent: int = 256
-    loss: str = "logcosh"  # logcosh | mse
-    kl_weight: float = 1.0
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=CVAEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -82,7 +82,7 @@ class RunConfig:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -113,6 +113,17 @@ def _apply(section_obj: Any, values: dict[str, Any], prefix: str) -> None:
         setattr(section_obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
 
 
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """The `model:` section as its family's config dataclass."""
+    name = values.get("family", ModelConfig.family)
+    try:
+        config = get_family(str(name)).Config()
+    except ValueError as e:
+        raise ConfigError(f"model.family: {e}") from None
+    _apply(config, values, "model.")
+    return config
+
+
 def from_dict(d: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
     for section, values in (d or {}).items():
@@ -120,7 +131,10 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"unknown config section {section!r}; valid sections: data, model, optim, train")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
-        _apply(getattr(cfg, section), values, f"{section}.")
+        if section == "model":
+            cfg.model = model_config(values)
+        else:
+            _apply(getattr(cfg, section), values, f"{section}.")
     return cfg
 
 
@@ -152,8 +166,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def validate(cfg: RunConfig) -> None:
     if not cfg.data.store:
         raise ConfigError("data.store is required (path of a slice store made by mrgen-convert)")
-    if cfg.model.loss not in ("logcosh", "mse"):
-        raise ConfigError(f"model.loss must be logcosh or mse, got {cfg.model.loss!r}")
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
     if cfg.train.tracker not in ("clearml", "none"):
@@ -161,5 +177,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("batch_size", "grad_accum", "keep_checkpoints", "sample_every", "epochs"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
-    if cfg.model.latent < 1 or any(h < 1 for h in cfg.model.hidden):
-        raise ConfigError("model.latent and model.hidden widths must be >= 1")
+    for key in ("max_steps", "checkpoint_every", "world_size"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(cfg.train, key)}")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0:
+        raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")

@@ -1,8 +1,9 @@
-"""`mrgen-export onnx`: the trained decoder as a self-describing ONNX file, checked before it is written.
+"""`mrgen-export onnx`: a trained generator as a self-describing ONNX file, checked before it is written.
 
     mrgen-export onnx --model RUN_DIR [--precision fp32|fp16|int8] [--out export/decoder.onnx]
 
-The graph: inputs `z` float32 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the
+Any model family works: the run's config.json names the family, which rebuilds the model and gives its
+sampling graph (mrgen_dist/models/). The graph of the `mrgen-decoder` contract: inputs `z` float32 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the
 graph); output `image` float32 [batch, 1, 218, 182] in [0, 1]. fp16 keeps float32 inputs and outputs and
 computes in half precision; int8 is onnxruntime's dynamic quantization of the fp32 graph (int8 weights,
 activations quantized per batch). The contract, including the metadata keys, is in export/README.md.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -28,42 +28,35 @@ import torch
 from torch import nn
 
 from mrgen_dist import __version__
-from mrgen_dist.model import CVAE
+from mrgen_dist.artifacts import ModelMetadata, RunRecord
+from mrgen_dist.cli import UserError, run
+from mrgen_dist.config import model_config
+from mrgen_dist.models import get_family
+from mrgen_dist.models.base import Family, SamplingGraph
+from mrgen_dist.scanners import Vocabulary
 
-FORMAT = "mrgen-decoder/1"
 PRECISIONS = ("fp32", "fp16", "int8")
 TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 1 / 255}  # max |onnxruntime - torch fp32| on [0, 1] pixels
 CHECK_BATCHES = (1, 7, 64)
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """The export failed a check; nothing was written."""
 
 
-class DecoderGraph(nn.Module):
-    """The decoder with the graph's contract: (z float32, scanner int64) -> image float32 in [0, 1]."""
-
-    def __init__(self, model: CVAE, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.model = model.to(dtype)
-        self.dtype = dtype
-
-    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(z.to(self.dtype), scanner).float()
-
-
-def load_trained(run_dir: str | Path) -> tuple[CVAE, dict]:
-    """The trained model of a run folder (model.safetensors + config.json), in eval mode."""
+def load_trained(run_dir: str | Path) -> tuple[Family, nn.Module, RunRecord]:
+    """The family, trained model (eval mode) and record of a run folder (model.safetensors + config.json)."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    meta_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
+    record_path, weights = run_dir / RunRecord.NAME, run_dir / "model.safetensors"
+    if not record_path.is_file() or not weights.is_file():
         raise ExportError(f"{run_dir} has no config.json and model.safetensors (a finished mrgen-train run)")
-    meta = json.loads(meta_path.read_text())
-    model = CVAE(tuple(meta["image_shape"]), len(meta["vocabulary"]), meta["hidden"], meta["latent"])
+    record = RunRecord.read(record_path)
+    family = get_family(record.family)
+    model = family.build(model_config(record.model), Vocabulary.from_names(record.vocabulary), tuple(record.image_shape))
     model.load_state_dict(load_file(weights))
-    return model.eval(), meta
+    return family, model.eval(), record
 
 
 @dataclass
@@ -81,22 +74,23 @@ class ExportReport:
                 f"{self.seconds:.1f} s")
 
 
-def metadata(meta: dict, precision: str) -> dict[str, str]:
-    """The `metadata_props` of the exported file; export/README.md documents each key."""
-    return {
-        "mrgen.format": FORMAT,
-        "mrgen.scanners": json.dumps(meta["vocabulary"]),
-        "mrgen.latent": str(meta["latent"]),
-        "mrgen.image_shape": json.dumps(meta["image_shape"]),
-        "mrgen.intensity": meta["intensity"],
-        "mrgen.precision": precision,
-        "mrgen.store_sha256": meta["store_sha256"],
-        "mrgen.config": json.dumps(meta["config"]),
-        "mrgen.package_version": __version__,
-    }
+def metadata(record: RunRecord, latent: int, precision: str) -> ModelMetadata:
+    """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
+    return ModelMetadata(
+        format=f"{ModelMetadata.DECODER}/{ModelMetadata.VERSION}",
+        scanners=record.vocabulary,
+        latent=latent,
+        image_shape=record.image_shape,
+        intensity=record.intensity,
+        precision=precision,
+        store_sha256=record.store_sha256,
+        config=record.config,
+        package_version=__version__,
+        family=record.family,
+    )
 
 
-def _torch_export(graph: DecoderGraph, latent: int, path: Path) -> None:
+def _torch_export(graph: SamplingGraph, latent: int, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         graph,
@@ -111,7 +105,7 @@ def _torch_export(graph: DecoderGraph, latent: int, path: Path) -> None:
     program.save(str(path))
 
 
-def _check(path: Path, reference: DecoderGraph, latent: int, n_scanners: int, tolerance: float) -> float:
+def _check(path: Path, reference: SamplingGraph, latent: int, n_scanners: int, tolerance: float) -> float:
     import onnx
     import onnxruntime as ort
 
@@ -140,14 +134,18 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
-    model, meta = load_trained(run_dir)
-    reference = DecoderGraph(copy.deepcopy(model)).eval()
+    family, model, record = load_trained(run_dir)
+    if family.contract != ModelMetadata.DECODER:
+        raise ExportError(f"model family {family.name!r} has the {family.contract} contract; this exporter writes "
+                          f"the {ModelMetadata.DECODER} contract")
+    reference = family.sampling_graph(copy.deepcopy(model)).eval()
+    latent = reference.latent
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         fp_path = Path(tmp) / "decoder.onnx"
-        _torch_export(DecoderGraph(model, torch.float16 if precision == "fp16" else torch.float32).eval(),
-                      meta["latent"], fp_path)
+        graph = family.sampling_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
+        _torch_export(graph, latent, fp_path)
         path = fp_path
         if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -160,9 +158,9 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
             path = Path(tmp) / "decoder.int8.onnx"
             quantize_dynamic(str(fp_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
         proto = onnx.load(str(path))
-        onnx.helper.set_model_props(proto, metadata(meta, precision))
+        onnx.helper.set_model_props(proto, metadata(record, latent, precision).to_props())
         onnx.save(proto, str(path))
-        worst = _check(path, reference, meta["latent"], len(meta["vocabulary"]), TOLERANCE[precision])
+        worst = _check(path, reference, latent, len(record.vocabulary), TOLERANCE[precision])
         os.replace(path, out)
     return ExportReport(out, precision, out.stat().st_size, worst, TOLERANCE[precision], time.perf_counter() - t0)
 
@@ -175,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--out", type=Path, default=Path("export/decoder.onnx"))
     args = ap.parse_args(argv)
-    try:
-        report = export_decoder(args.model, args.precision, args.out)
-    except ExportError as e:
-        print(f"mrgen-export: error: {e}", file=sys.stderr)
-        return 1
-    print(report.line())
-    return 0
+    return run("mrgen-export", lambda: print(export_decoder(args.model, args.precision, args.out).line()))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Train the conditional VAE: one loop, top to bottom.
+"""Train a generator of any model family: one loop, top to bottom, that knows no family.
 
     accelerate launch -m mrgen_dist.train --config hpc/configs/thesis.yaml data.store=/scratch/store
     mrgen-train --config hpc/configs/demo.yaml train.epochs=5 --resume auto
 
+The family (`model.family`, mrgen_dist/models/) builds the networks and their optimizers and makes one
+micro-step, returning named losses; this loop feeds it batches, keeps the books and checkpoints.
 The split is read from the store once and kept on the device; every rank draws its batches from it with
-seeded per-epoch indices, and the reparameterisation noise is drawn from a generator seeded by (seed, rank,
+seeded per-epoch indices, and the family's noise is drawn from a generator seeded by (seed, rank,
 micro-step), so an interrupted and resumed run makes exactly the steps an uninterrupted one makes.
 
 Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeued under Slurm);
@@ -14,28 +16,55 @@ Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mrgen_dist import __version__
-from mrgen_dist.checkpoint import CheckpointManager, CheckpointMismatch, check_compatible, read_meta
-from mrgen_dist.config import ConfigError, RunConfig, load_config
-from mrgen_dist.data.store import SliceStore, StoreError, epoch_indices
-from mrgen_dist.model import CVAE, vae_loss
+from mrgen_dist.artifacts import RunRecord
+from mrgen_dist.atomic import atomic_path
+from mrgen_dist.checkpoint import CheckpointManager
+from mrgen_dist.cli import UserError, run
+from mrgen_dist.config import ConfigError, OptimConfig, RunConfig, load_config
+from mrgen_dist.data.epochs import epoch_indices
+from mrgen_dist.data.store import SliceStore
+from mrgen_dist.models import get_family
+from mrgen_dist.models.base import Family, SamplingGraph, Step
 from mrgen_dist.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue
+from mrgen_dist.scanners import Vocabulary
 from mrgen_dist.tracking import make_tracker
 
-EXIT_OK, EXIT_ERROR, EXIT_NONFINITE = 0, 1, 3
+EXIT_OK, EXIT_NONFINITE = 0, 3
 SAMPLES_PER_SCANNER = 6
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; fp32 runs are compared with the same peak.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+
+@dataclass
+class TrainState:
+    """Where the run is, saved with every checkpoint (in its meta.json) and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    micro_in_epoch: int = 0  # micro-batches of that epoch done
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per finished epoch
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # loss sums of the epoch so far, over all ranks
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", default="none", help="auto (newest complete checkpoint, if any), none, or a checkpoint folder")
     ap.add_argument("--tracker", choices=("clearml", "none"), help="overrides train.tracker")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 train.epochs=5")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # options and overrides in any order
 
 
 def make_accelerator(cfg: RunConfig):
@@ -75,51 +104,55 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
+def make_optimizer(params, optim: OptimConfig, deepspeed: bool) -> torch.optim.Optimizer:
+    """Adam as in the method; the fused kernel (one pass over all parameters) where DeepSpeed does not wrap it."""
+    return torch.optim.Adam(
+        params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+        fused=(optim.fused and not deepspeed) or None,
+    )
+
+
+def reduce_sum(acc, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named float64 scalars summed over ranks in one all-reduce."""
+    packed = torch.stack([v.double() for v in values.values()])
+    if acc.num_processes > 1:
+        packed = acc.reduce(packed, reduction="sum")
+    return dict(zip(values, packed, strict=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run("mrgen-train", lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
     # ---- configuration, store and checks: all before any work starts ------------------------------------
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.tracker:
-            cfg.train.tracker = args.tracker
-        store = SliceStore(cfg.data.store)
-    except (ConfigError, StoreError) as e:
-        print(f"mrgen-train: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    cfg = load_config(args.config, args.overrides)
+    if args.tracker:
+        cfg.train.tracker = args.tracker
+    store = SliceStore(cfg.data.store)
+    family = get_family(cfg.model.family)
     acc = make_accelerator(cfg)
-
-    def fail(message: str) -> int:
-        if acc.is_main_process:
-            print(f"mrgen-train: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
-
     if acc.num_processes > 1 and str(acc.distributed_type).endswith("NO"):
-        return fail("the launcher started several processes but Accelerate did not connect them; "
-                    "on CPUs launch with ACCELERATE_USE_CPU=1 (see README)")
+        raise UserError("the launcher started several processes but Accelerate did not connect them; "
+                        "on CPUs launch with ACCELERATE_USE_CPU=1 (see README)")
     if cfg.train.world_size and acc.num_processes != cfg.train.world_size:
-        return fail(f"expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
+        raise UserError(f"expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
     out = Path(cfg.train.out)
-    ckpt = CheckpointManager(out, acc, cfg.train.keep_checkpoints)
     distributed_type = str(acc.distributed_type).split(".")[-1]
-    identity = {
+    state = TrainState()
+    ckpt = CheckpointManager(out, acc, cfg.train.keep_checkpoints, state=state, identity={
         "fingerprint": cfg.fingerprint(),
         "vocabulary": list(store.vocabulary.names),
         "store_sha256": store.sha256,
         "world_size": acc.num_processes,
         "distributed_type": distributed_type,
-    }
-    resume_from = None
-    if args.resume == "auto":
-        resume_from = ckpt.latest()
-    elif args.resume != "none":
-        resume_from = Path(args.resume)
-    try:
-        if resume_from is not None:
-            check_compatible(read_meta(resume_from), identity, resume_from)
-        # ---- data: the whole split, checksum-checked, resident on the device --------------------------------
-        train_set, test_set = store.load_split("train"), store.load_split("test")
-    except (CheckpointMismatch, StoreError) as e:
-        return fail(str(e))
+    })
+    resume_from = {"auto": ckpt.latest(), "none": None}.get(args.resume, Path(args.resume))
+    if resume_from is not None:
+        ckpt.check(resume_from)
+    # ---- data: the whole split, checksum-checked, resident on the device ------------------------------------
+    train_set, test_set = store.load_split("train"), store.load_split("test")
     device = acc.device
     train_images, train_scanner = train_set.images.to(device), train_set.scanner.to(device)
     test_images, test_scanner = test_set.images.to(device), test_set.scanner.to(device)
@@ -127,28 +160,37 @@ def main(argv: list[str] | None = None) -> int:
     per_rank = len(train_set) // acc.num_processes
     micro_per_epoch = (per_rank // bs) // ga * ga  # whole optimizer steps only
     if micro_per_epoch == 0:
-        return fail(f"{len(train_set)} training slices over {acc.num_processes} processes "
-                    f"make no full step of batch {bs} x accumulation {ga}")
+        raise UserError(f"{len(train_set)} training slices over {acc.num_processes} processes "
+                        f"make no full step of batch {bs} x accumulation {ga}")
     steps_per_epoch = micro_per_epoch // ga
 
-    # ---- model and optimizer --------------------------------------------------------------------------------
+    # ---- model and optimizers -------------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
-    model = CVAE(tuple(train_set.images.shape[1:]), len(store.vocabulary), cfg.model.hidden, cfg.model.latent)
-    flops_per_image = model.flops_per_image()
+    image_shape = tuple(train_set.images.shape[1:])
+    model = family.build(cfg.model, store.vocabulary, image_shape)
+    flops_per_image = family.flops_per_image(model)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, cfg, deepspeed=acc.state.deepspeed_plugin is not None)
-    model, optimizer = acc.prepare(model, optimizer)
+    deepspeed = acc.state.deepspeed_plugin is not None
+    optimizers = family.optimizers(model, lambda params: make_optimizer(params, cfg.optim, deepspeed))
+    if deepspeed and len(optimizers) > 1:
+        raise UserError(f"model family {family.name!r} trains {len(optimizers)} optimizers "
+                        f"({', '.join(optimizers)}); DeepSpeed wraps one: launch it with hpc/accelerate/ddp.yaml")
+    model, *prepared = acc.prepare(model, *optimizers.values())
+    optimizers = dict(zip(optimizers, prepared, strict=True))
     # DeepSpeed half precision keeps the weights themselves in bf16/fp16: inputs must match by hand
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
-        if acc.state.deepspeed_plugin is not None else torch.float32
+        if deepspeed else torch.float32
+    noise_dim = family.noise_dim(cfg.model)
+    names = family.loss_names
+
+    def batch_step(images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor,
+                   optimizers: dict[str, torch.optim.Optimizer]) -> Step:
+        return Step(acc, cfg.model, model, optimizers, images, scanner, noise, cfg.optim.grad_clip)
 
     # ---- state: fresh or resumed ----------------------------------------------------------------------------
-    start_epoch, start_micro, global_step, history, resumed_sums = 0, 0, 0, [], [0.0, 0.0, 0.0]
     if resume_from is not None:
-        meta = ckpt.load(resume_from)
-        start_epoch, start_micro, global_step = meta["epoch"], meta["micro_in_epoch"], meta["step"]
-        history, resumed_sums = meta["history"], meta["epoch_sums"]
-        acc.print(f"resumed from {resume_from} (epoch {start_epoch}, step {global_step})")
+        ckpt.load(resume_from)
+        acc.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -158,40 +200,39 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     acc.print(
-        f"cVAE {n_params / 1e6:.1f} M parameters, {flops_per_image / 1e9:.3f} GFLOP per training image; "
+        f"{family.title} {n_params / 1e6:.1f} M parameters, {flops_per_image / 1e9:.3f} GFLOP per training image; "
         f"{len(train_set)} train / {len(test_set)} test slices; {acc.num_processes} process(es) "
         f"[{distributed_type}, {cfg.train.mixed_precision}], {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
     stop = PreemptionFlag()
-    metrics_log = open(out / "metrics.jsonl", "a", buffering=1) if acc.is_main_process else None
+    metrics_log = open(out / "metrics.jsonl", "a", buffering=1) if acc.is_main_process else None  # noqa: SIM115
 
-    def save_checkpoint(epoch: int, micro: int, epoch_sums: torch.Tensor) -> Path:
-        """Collective. `epoch_sums` (this rank's loss sums so far in the epoch) are summed over ranks and kept,
-        so that a resumed epoch reports the same mean as an uninterrupted one."""
-        total = acc.reduce(epoch_sums.clone(), reduction="sum") if acc.num_processes > 1 else epoch_sums
-        meta = {**identity, "step": global_step, "epoch": epoch, "micro_in_epoch": micro, "history": history,
-                "epoch_sums": total.tolist(), "package_version": __version__}
-        return ckpt.save(meta)
+    def checkpoint(sums: torch.Tensor) -> Path:
+        """Collective. This rank's loss sums of the epoch so far are summed over ranks and kept, so that a
+        resumed epoch reports the same mean as an uninterrupted one."""
+        state.epoch_sums = {k: v.item() for k, v in reduce_sum(acc, dict(zip(names, sums, strict=True))).items()}
+        return ckpt.save(state.step)
 
     def noise_for(micro_step: int, n: int) -> torch.Tensor:
         seed = np.random.SeedSequence([cfg.train.seed, acc.process_index, micro_step]).generate_state(1)[0]
-        return torch.randn(n, cfg.model.latent, generator=torch.Generator().manual_seed(int(seed))).to(device)
+        return torch.randn(n, noise_dim, generator=torch.Generator().manual_seed(int(seed))).to(device)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     from tqdm import tqdm
 
     status = EXIT_OK
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if global_step >= total_steps:
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if state.step >= total_steps:
             break
         model.train()
         order = torch.from_numpy(epoch_indices(
             len(train_set), rank=acc.process_index, world_size=acc.num_processes, epoch=epoch, seed=cfg.data.seed
         )).to(device)
-        first = start_micro if epoch == start_epoch else 0
-        sums = torch.tensor(resumed_sums if epoch == start_epoch else [0.0] * 3, dtype=torch.float64, device=device)
-        sums /= acc.num_processes  # the kept sums are over all ranks; each rank carries its share
+        state.epoch, first = epoch, state.micro_in_epoch
+        # the kept sums are over all ranks; each rank carries its share
+        sums = torch.tensor([state.epoch_sums.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
+        sums /= acc.num_processes
         epoch_done = True
         bar = tqdm(total=steps_per_epoch, initial=first // ga, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    mininterval=0.5 if sys.stderr.isatty() else 30,
@@ -199,85 +240,87 @@ def main(argv: list[str] | None = None) -> int:
         t_epoch, images_seen = time.perf_counter(), 0
         for micro in range(first, micro_per_epoch):
             idx = order[micro * bs : (micro + 1) * bs]
-            x = train_images[idx].to(input_dtype)
-            s = train_scanner[idx]
-            step_losses = train_step(acc, model, optimizer, x, s, noise_for(epoch * micro_per_epoch + micro, len(idx)), cfg)
+            noise = noise_for(epoch * micro_per_epoch + micro, len(idx))
+            losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx], noise, optimizers))
+            step_losses = torch.stack([losses[k].double() for k in names])
             sums += step_losses
+            state.micro_in_epoch = micro + 1
             images_seen += len(idx) * acc.num_processes
             if not acc.sync_gradients:
                 continue
-            global_step += 1
-            # one small all-reduce per step: mean losses, and whether any rank saw a non-finite loss or a signal
-            flags = torch.cat([step_losses, torch.tensor([float(not torch.isfinite(step_losses).all()), float(stop.requested)],
-                                                         dtype=torch.float64, device=device)])
-            flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
-            mean_losses = (flags[:3] / acc.num_processes).tolist()
+            state.step += 1
+            # one small all-reduce per step: the losses, and whether any rank saw a non-finite loss or a signal
+            totals = reduce_sum(acc, {**dict(zip(names, step_losses, strict=True)),
+                                      "nonfinite": (~torch.isfinite(step_losses).all()).double(),
+                                      "stop": torch.tensor(float(stop.requested), device=device)})
+            mean_losses = {k: (totals[k] / acc.num_processes).item() for k in names}
             bar.update()
             if acc.is_main_process:
-                bar.set_postfix(loss=f"{mean_losses[0]:.2f}", refresh=False)
-                metrics_log.write(json.dumps({"step": global_step, "epoch": epoch, "loss": mean_losses[0],
-                                              "reconstruction": mean_losses[1], "kl": mean_losses[2]}) + "\n")
-            if flags[3] > 0:
+                bar.set_postfix(loss=f"{mean_losses[names[0]]:.2f}", refresh=False)
+                metrics_log.write(json.dumps({"step": state.step, "epoch": epoch, **mean_losses}) + "\n")
+            if totals["nonfinite"] > 0:
                 bar.close()
                 last = ckpt.latest()
-                acc.print(f"mrgen-train: non-finite loss at step {global_step} (epoch {epoch + 1}); stopping. "
+                acc.print(f"mrgen-train: non-finite loss at step {state.step} (epoch {epoch + 1}); stopping. "
                           f"Last good checkpoint: {last or 'none'}. Lower optim.lr or set optim.grad_clip.")
                 status = EXIT_NONFINITE
                 break
-            if flags[4] > 0:
+            if totals["stop"] > 0:
                 bar.close()
-                path = save_checkpoint(epoch, micro + 1, sums)
-                acc.print(f"mrgen-train: {stop.received or 'stop signal on another rank'} at step {global_step}: "
+                path = checkpoint(sums)
+                acc.print(f"mrgen-train: {stop.received or 'stop signal on another rank'} at step {state.step}: "
                           f"checkpoint {path}")
                 if acc.is_main_process:
                     acc.print(f"mrgen-train: {requeue()}")
                 status = EXIT_PREEMPTED
                 break
-            if global_step >= total_steps and micro + 1 < micro_per_epoch:  # max_steps inside the epoch
-                save_checkpoint(epoch, micro + 1, sums)
+            if state.step >= total_steps and micro + 1 < micro_per_epoch:  # max_steps inside the epoch
+                checkpoint(sums)
                 epoch_done = False
                 break
-            if cfg.train.checkpoint_every and global_step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(epoch, micro + 1, sums)
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                checkpoint(sums)
         bar.close()
         if status != EXIT_OK or not epoch_done:
             break
 
         # ---- end of epoch: test loss, throughput, curves, samples, checkpoint ------------------------------
         seconds = time.perf_counter() - t_epoch
-        train_mean = (acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums) \
-            / (micro_per_epoch * acc.num_processes)
-        test_mean = evaluate(model, test_images, test_scanner, cfg, acc, input_dtype, epoch)
+        train_sums = reduce_sum(acc, dict(zip(names, sums, strict=True)))
+        train_mean = {k: (v / (micro_per_epoch * acc.num_processes)).item() for k, v in train_sums.items()}
+        test_mean = evaluate(family, model, batch_step, test_images, test_scanner, noise_dim, cfg.train.seed, acc,
+                             input_dtype, epoch)
         images_per_s = images_seen / seconds
-        record = {"epoch": epoch + 1, "step": global_step, "train_loss": train_mean[0].item(),
-                  "train_reconstruction": train_mean[1].item(), "train_kl": train_mean[2].item(),
-                  "test_loss": test_mean[0], "test_reconstruction": test_mean[1], "test_kl": test_mean[2],
-                  "images_per_s": images_per_s, "seconds": seconds}
+        record = {"epoch": epoch + 1, "step": state.step, **{f"train_{k}": v for k, v in train_mean.items()},
+                  **{f"test_{k}": v for k, v in test_mean.items()}, "images_per_s": images_per_s, "seconds": seconds}
         peak = peak_flops(device)
         if peak:
             record["mfu"] = flops_per_image * images_per_s / (peak * acc.num_processes)
-        history.append(record)
+        state.history.append(record)
         acc.print(
-            f"epoch {epoch + 1}: train {record['train_loss']:.3f} (rec {record['train_reconstruction']:.3f}, "
-            f"kl {record['train_kl']:.3f})  test {record['test_loss']:.3f}  {images_per_s:.0f} img/s"
-            + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "")
+            f"epoch {epoch + 1}: train {train_mean[names[0]]:.3f} ("
+            + ", ".join(f"{k} {train_mean[k]:.3f}" for k in names[1:]) + f")  test {test_mean[names[0]]:.3f}  "
+            f"{images_per_s:.0f} img/s" + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "")
         )
-        tracker.log_scalars({f"{term}/{side}": record[f"{side}_{term}"] for term in ("loss", "reconstruction", "kl")
-                             for side in ("train", "test")} | {"throughput/images_per_s": images_per_s}
+        tracker.log_scalars({f"{term}/{side}": record[f"{side}_{term}"] for term in names for side in ("train", "test")}
+                            | {"throughput/images_per_s": images_per_s}
                             | ({"throughput/mfu": record["mfu"]} if "mfu" in record else {}), step=epoch + 1)
         if acc.is_main_process:
             from mrgen_dist.plots import loss_curves
 
-            tracker.log_image("loss curves", loss_curves(history, out / "loss_curves.png"), epoch + 1)
+            tracker.log_image("loss curves", loss_curves(state.history, names, out / "loss_curves.png"), epoch + 1)
             if (epoch + 1) % cfg.train.sample_every == 0 or epoch + 1 == cfg.train.epochs:
-                path = write_samples(acc.unwrap_model(model), store, out / f"samples_{epoch + 1:03d}.png", epoch + 1, device)
+                graph = family.sampling_graph(acc.unwrap_model(model))
+                path = write_samples(graph, store.vocabulary, out / f"samples_{epoch + 1:03d}.png",
+                                     f"{family.title} samples after epoch {epoch + 1} (same z in every row)", device)
                 tracker.log_image("samples", path, epoch + 1)
-        save_checkpoint(epoch + 1, 0, torch.zeros(3, dtype=torch.float64, device=device))
+        state.epoch, state.micro_in_epoch = epoch + 1, 0
+        checkpoint(torch.zeros(len(names), dtype=torch.float64, device=device))
 
     if metrics_log:
         metrics_log.close()
     if status == EXIT_OK and acc.is_main_process:
-        model_path = export_model(acc, model, cfg, store, out, global_step)
+        model_path = export_model(acc, model, family, cfg, store, out, state.step)
         tracker.log_artifact("model", model_path)
         acc.print(f"done: {model_path}")
     elif status == EXIT_OK:
@@ -288,83 +331,59 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, deepspeed: bool) -> torch.optim.Optimizer:
-    """Adam as in the method; the fused kernel (one pass over all parameters) where DeepSpeed does not wrap it."""
-    return torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        fused=(cfg.optim.fused and not deepspeed) or None,
-    )
-
-
-def train_step(acc, model, optimizer, x: torch.Tensor, s: torch.Tensor, noise: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """One micro-step (an optimizer step when gradients sync); returns (loss, reconstruction, kl) as float64."""
-    with acc.accumulate(model):
-        with acc.autocast():
-            recon, mean, logvar = model(x, s, noise)
-        losses = vae_loss(recon, x, mean, logvar, cfg.model.loss, cfg.model.kl_weight)
-        acc.backward(losses["loss"])
-        if acc.sync_gradients and cfg.optim.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return torch.stack([losses[k].detach().double() for k in ("loss", "reconstruction", "kl")])
-
-
 @torch.no_grad()
-def evaluate(model, images, scanner, cfg: RunConfig, acc, input_dtype, epoch: int) -> list[float]:
-    """Mean test loss terms over the whole test split (each rank a contiguous share), fixed noise per epoch."""
+def evaluate(family: Family, model: torch.nn.Module, batch_step, images: torch.Tensor, scanner: torch.Tensor,
+             noise_dim: int, seed: int, acc, input_dtype: torch.dtype, epoch: int) -> dict[str, float]:
+    """Mean test losses over the whole test split (each rank a contiguous share), fixed noise per epoch;
+    `batch_step(images, scanner, noise, optimizers)` makes the Step of a batch of `model`."""
     model.eval()
     share = np.array_split(np.arange(len(images)), acc.num_processes)[acc.process_index]
-    sums = torch.zeros(4, dtype=torch.float64, device=images.device)
-    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
-    noise = torch.randn(len(images), cfg.model.latent, generator=g).to(images.device)
+    names = family.loss_names
+    sums = torch.zeros(len(names), dtype=torch.float64, device=images.device)
+    count = torch.zeros((), dtype=torch.float64, device=images.device)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    noise = torch.randn(len(images), noise_dim, generator=g).to(images.device)
     for start in range(0, len(share), 64):
         idx = torch.from_numpy(share[start : start + 64]).to(images.device)
-        x = images[idx].to(input_dtype)
-        with acc.autocast():
-            recon, mean, logvar = model(x, scanner[idx], noise[idx].to(input_dtype))
-        losses = vae_loss(recon, x, mean, logvar, cfg.model.loss, cfg.model.kl_weight)
-        sums += torch.stack([losses[k].double() * len(idx) for k in ("loss", "reconstruction", "kl")] +
-                            [torch.tensor(float(len(idx)), dtype=torch.float64, device=images.device)])
-    if acc.num_processes > 1:
-        sums = acc.reduce(sums, reduction="sum")
+        losses = family.losses(batch_step(images[idx].to(input_dtype), scanner[idx], noise[idx].to(input_dtype), {}))
+        sums += torch.stack([losses[k].double() * len(idx) for k in names])
+        count += len(idx)
+    totals = reduce_sum(acc, {**dict(zip(names, sums, strict=True)), "count": count})
     model.train()
-    return (sums[:3] / sums[3].clamp(min=1)).tolist()
+    return {k: (totals[k] / totals["count"].clamp(min=1)).item() for k in names}
 
 
 @torch.no_grad()
-def write_samples(model: CVAE, store: SliceStore, path: Path, epoch: int, device: torch.device) -> Path:
-    """A grid of decoded samples, one row per scanner, from the same latent draws in every row."""
+def write_samples(graph: SamplingGraph, vocabulary: Vocabulary, path: Path, title: str, device: torch.device) -> Path:
+    """A grid of samples, one row per scanner, from the same latent draws in every row."""
     from mrgen_dist.plots import scanner_grid
 
-    dtype = next(model.parameters()).dtype
-    z = torch.randn(SAMPLES_PER_SCANNER, model.latent, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
+    z = torch.randn(SAMPLES_PER_SCANNER, graph.latent, generator=torch.Generator().manual_seed(1234)).to(device)
     rows = []
-    for sid, name in enumerate(store.vocabulary.names):
+    for sid, name in enumerate(vocabulary.names):
         s = torch.full((SAMPLES_PER_SCANNER,), sid, dtype=torch.long, device=device)
-        rows.append((name, model.decode(z, s)[:, 0].float().cpu().numpy()))
-    return scanner_grid(rows, path, f"cVAE samples after epoch {epoch} (same z in every row)")
+        rows.append((name, graph(z, s)[:, 0].cpu().numpy()))
+    return scanner_grid(rows, path, title)
 
 
-def export_model(acc, model, cfg: RunConfig, store: SliceStore, out: Path, step: int) -> Path:
-    """model.safetensors (float32) and config.json with what the model needs and what made it."""
+def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, out: Path, step: int) -> Path:
+    """model.safetensors (float32) and config.json (a RunRecord: what rebuilds the model and what made it)."""
     from safetensors.torch import save_file
 
     state = {k: v.float().contiguous() for k, v in acc.get_state_dict(model).items()}
-    save_file(state, out / "model.safetensors")
-    meta = {
-        "architecture": "CVAE",
-        "image_shape": store.manifest["params"]["slice_shape"],
-        "vocabulary": list(store.vocabulary.names),
-        "hidden": cfg.model.hidden,
-        "latent": cfg.model.latent,
-        "intensity": "[0, 1], " + store.manifest["params"]["intensity_rule"],
-        "store_sha256": store.sha256,
-        "config": cfg.to_dict(),
-        "steps": step,
-        "package_version": __version__,
-    }
-    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, tmp)
+    RunRecord(
+        family=family.name,
+        model=dataclasses.asdict(cfg.model),
+        image_shape=list(store.manifest.params["slice_shape"]),
+        vocabulary=list(store.vocabulary.names),
+        intensity="[0, 1], " + store.manifest.params["intensity_rule"],
+        store_sha256=store.sha256,
+        config=cfg.to_dict(),
+        steps=step,
+        package_version=__version__,
+    ).write(out / RunRecord.NAME)
     return out / "model.safetensors"
 
 

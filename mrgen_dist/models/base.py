@@ -1,0 +1,108 @@
+"""The model-family interface: what the training loop, the exporter and the sampler need of a family.
+
+A family supplies
+  * `Config`: its dataclass of the `model:` section of a run config (a subclass of `ModelConfig`);
+  * `build(config, vocabulary, image_shape)`: the trainable module (all of its networks);
+  * `optimizers(model, optim, fused)`: named optimizers (one for a VAE; generator and discriminator for a GAN);
+  * `train_step(step)`: one micro-step, returning the named losses of `loss_names` (the first is the one
+    reported as the run's loss); the default does one objective with one optimizer;
+  * `losses(step)`: the named losses of the step's batch (train and test);
+  * `noise_dim(config)`: how many N(0, 1) numbers per image the loop draws for a step (seeded by seed, rank
+    and micro-step so that a resumed run draws what an uninterrupted one draws);
+  * `sampling_graph(model)`: the exportable module of its contract, `(z, scanner) -> image` for the
+    `mrgen-decoder` contract of export/README.md (any learned prior lives inside it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mrgen_dist.artifacts import ModelMetadata
+from mrgen_dist.scanners import Vocabulary
+
+
+@dataclass
+class ModelConfig:
+    """The `model:` section's common part; each family subclasses it with its own fields."""
+
+    family: str = "cvae"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field (as `model.<field>`) when a value cannot be used."""
+
+
+@dataclass
+class Step:
+    """What a family's training step works with: the prepared model and optimizers, one micro-batch and its
+    noise, and the Accelerator (for `accumulate`, `autocast`, `backward`, gradient clipping)."""
+
+    accelerator: Any
+    config: ModelConfig
+    model: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]  # empty when evaluating
+    images: torch.Tensor  # (B, H, W) in [0, 1]
+    scanner: torch.Tensor  # int64 (B,)
+    noise: torch.Tensor  # float32 (B, noise_dim)
+    grad_clip: float = 0.0
+
+    def autocast(self) -> AbstractContextManager:
+        return self.accelerator.autocast()
+
+
+class SamplingGraph(nn.Module):
+    """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W]."""
+
+    latent: int
+
+
+class Family(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[ModelConfig]]
+    loss_names: ClassVar[tuple[str, ...]]
+    contract: ClassVar[str] = ModelMetadata.DECODER
+    title: ClassVar[str] = ""  # how logs and plots name the family, e.g. "cVAE"
+
+    @abstractmethod
+    def build(self, config: ModelConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> nn.Module: ...
+
+    @abstractmethod
+    def noise_dim(self, config: ModelConfig) -> int: ...
+
+    @abstractmethod
+    def losses(self, step: Step) -> dict[str, torch.Tensor]:
+        """The named losses of `step`'s batch (in training and, under no_grad in eval mode, on the test split)."""
+
+    @abstractmethod
+    def sampling_graph(self, model: nn.Module) -> SamplingGraph: ...
+
+    def optimizers(self, model: nn.Module, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+                   ) -> dict[str, torch.optim.Optimizer]:
+        """Named optimizers; `make(params)` builds the run's configured optimizer. Default: one for everything."""
+        return {"model": make(model.parameters())}
+
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        """One micro-step of one objective, `loss_names[0]`, with the one optimizer (an optimizer step when
+        gradients sync). Families with several players override this."""
+        acc, model = step.accelerator, step.model
+        (optimizer,) = step.optimizers.values()
+        with acc.accumulate(model):
+            losses = self.losses(step)
+            acc.backward(losses[self.loss_names[0]])
+            if acc.sync_gradients and step.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), step.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach() for k, v in losses.items()}
+
+    def flops_per_image(self, model: nn.Module) -> int:
+        """Training FLOPs per image for MFU: 2 per multiply-accumulate forward, x3 for forward + backward,
+        counted over Linear layers (families with convolutions override it)."""
+        macs = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+        return 6 * macs
