@@ -36,6 +36,10 @@ def test_overrides_and_saved_copy(tmp_path: Path) -> None:
         ("model.hidden=64", "model.hidden: expected a list"),
         ("train.mixed_precision=fp8", "mixed_precision must be no, bf16 or fp16"),
         ("epochs", "is not of the form section.key=value"),
+        ("model.family=gan9", "model.family: unknown model family 'gan9'; known families: cvae,"),
+        ("model.loss=l1", "model.loss must be logcosh or mse"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("train.max_steps=-3", "train.max_steps must be >= 0"),
     ],
 )
 def test_bad_keys_and_values(override: str, message: str) -> None:
@@ -46,3 +50,11 @@ def test_bad_keys_and_values(override: str, message: str) -> None:
 def test_store_is_required() -> None:
     with pytest.raises(ConfigError, match="data.store is required"):
         load_config(CONFIGS / "tiny.yaml")
+
+
+def test_the_family_picks_the_model_section() -> None:
+    cfg = load_config(CONFIGS / "tiny.yaml", ["data.store=/s"])
+    assert cfg.model.family == "cvae" and type(cfg.model).__name__ == "CVAEConfig"
+    vae = load_config(CONFIGS / "tiny.yaml", ["data.store=/s", "model.family=vae"])
+    assert type(vae.model).__name__ == "VAEConfig" and vae.model.hidden == [32]  # the YAML's keys apply to it
+    assert vae.fingerprint() != cfg.fingerprint()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mrgen_dist import export
-from mrgen_dist.export import DecoderGraph, ExportError, export_decoder, load_trained, main
+from mrgen_dist.export import ExportError, export_decoder, load_trained, main
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,12 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_parity_with_torch_decoder(exported: dict[str, Path], trained_run: Path, precision: str) -> None:
-    model, meta = load_trained(trained_run)
-    reference = DecoderGraph(model).eval()
+    family, model, record = load_trained(trained_run)
+    reference = family.sampling_graph(model).eval()
     session = ort.InferenceSession(str(exported[precision]), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(42)
     for batch in (1, 7, 64):  # dynamic batch axis
-        z = rng.standard_normal((batch, meta["latent"]), dtype=np.float32)
+        z = rng.standard_normal((batch, record.model["latent"]), dtype=np.float32)
         s = rng.integers(0, 4, batch).astype(np.int64)
         (got,) = session.run(["image"], {"z": z, "scanner": s})
         with torch.no_grad():
@@ -52,6 +52,7 @@ def test_contract_and_metadata(exported: dict[str, Path], trained_run: Path, sto
     assert meta["mrgen.latent"] == "8" and json.loads(meta["mrgen.image_shape"]) == [218, 182]
     assert json.loads(meta["mrgen.config"])["model"]["hidden"] == [32]
     assert {onnx.load(str(p)).metadata_props[5].value for p in exported.values()} == {"fp32", "fp16", "int8"}
+    assert meta["mrgen.family"] == "cvae"
     sizes = {p: path.stat().st_size for p, path in exported.items()}
     assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.35 * sizes["fp32"]
 

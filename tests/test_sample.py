@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from mrgen_dist.artifacts import ArtifactError
 from mrgen_dist.export import export_decoder
 from mrgen_dist.sample import Sampler, SampleError, main
 
@@ -40,7 +41,7 @@ def test_cli_outputs(decoder: Path, tmp_path: Path) -> None:
     assert main([str(decoder), "--scanner", "all", "--n", "5", "--seed", "1", "--out", str(tmp_path / "s.h5")]) == 0
     sampler = Sampler(decoder)
     with h5py.File(tmp_path / "s.h5") as f:
-        assert sorted(f) == sorted(sampler.scanners)
+        assert sorted(f) == sorted(sampler.vocabulary.names)
         np.testing.assert_array_equal(f["Intera"][...], sampler.sample("Intera", 5, seed=1))
     assert main([str(decoder), "--scanner", "Intera", "--n", "4", "--out", str(tmp_path / "s.nii.gz")]) == 0
     assert nib.load(tmp_path / "s.nii.gz").shape == (182, 218, 4)
@@ -49,7 +50,8 @@ def test_cli_outputs(decoder: Path, tmp_path: Path) -> None:
 def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "x.h5"
     assert main([str(decoder), "--scanner", "Achieva", "--n", "2", "--out", str(out)]) == 1
-    assert "unknown scanner 'Achieva'; this model knows: Gyroscan Intera, Intera, Unspecified, Magnetom TrioTim" in capsys.readouterr().err
+    assert ("this model: unknown scanner 'Achieva'; valid scanners: Gyroscan Intera, Intera, Unspecified, Magnetom TrioTim"
+            in capsys.readouterr().err)
     assert main([str(decoder), "--scanner", "Intera", "--n", "0", "--out", str(out)]) == 1
     assert "--n must be positive" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -61,8 +63,14 @@ def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsy
     bare = onnx.load(str(decoder))
     del bare.metadata_props[:]
     onnx.save(bare, str(tmp_path / "bare.onnx"))
-    with pytest.raises(SampleError, match="not an mrgen-dist decoder"):
+    with pytest.raises(ArtifactError, match="is not an mrgen-dist model"):
         Sampler(tmp_path / "bare.onnx")
+    capsys.readouterr()
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(tmp_path / "y.h5"), "--batch-size", bad])
+        assert exit_info.value.code == 2 and f"--batch-size: must be > 0, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "y.h5").exists()
 
 
 def test_cuda_requested_on_a_machine_without_it(decoder: Path) -> None:

@@ -1,4 +1,4 @@
-"""The cVAE and its losses."""
+"""The cVAE family: the network, its losses, its sampling graph."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrgen_dist.model import CVAE, log_cosh, vae_loss
+from mrgen_dist.models.cvae import CVAE, FAMILY, log_cosh, vae_loss
 
 
 def test_log_cosh_matches_float64_reference_and_is_stable() -> None:
@@ -41,7 +41,7 @@ def test_cvae_shapes_and_conditioning() -> None:
     assert model.to_pixels.out_features == 218 * 182
     # 6 FLOPs per multiply-accumulate of every Linear
     macs = (218 * 182 + 3) * 64 + 64 * 32 + 2 * 32 * 8 + (8 + 3) * 32 + 32 * 64 + 64 * 218 * 182
-    assert model.flops_per_image() == 6 * macs
+    assert FAMILY.flops_per_image(model) == 6 * macs
 
 
 def test_thesis_size_and_loss_reduction() -> None:
@@ -57,3 +57,14 @@ def test_thesis_size_and_loss_reduction() -> None:
     assert mse["reconstruction"].item() == pytest.approx(30 * 0.25)
     assert mse["kl"].item() == pytest.approx(3 * 0.5)
     assert mse["loss"].item() == pytest.approx(7.5 + 0.75)
+
+
+def test_sampling_graph_is_the_decoder_in_its_own_dtype() -> None:
+    torch.manual_seed(0)
+    model = CVAE((218, 182), n_scanners=4, hidden=[16], latent=8).eval()
+    graph = FAMILY.sampling_graph(model)
+    z, s = torch.randn(3, 8), torch.tensor([0, 3, 1])
+    assert graph.latent == 8
+    torch.testing.assert_close(graph(z, s), model.decode(z, s), rtol=0, atol=0)
+    half = FAMILY.sampling_graph(model.to(torch.bfloat16))(z, s)
+    assert half.dtype == torch.float32 and (half - graph(z, s)).abs().max() < 0.05
