@@ -6,16 +6,29 @@
 
 The data goes to a temporary sibling whose name is unique to this process (two writers never share one),
 is flushed to disk, and is renamed over `path` only when the block finished without an exception; on an
-exception the temporary file is removed and `path` is left as it was. Stdlib only.
+exception the temporary file is removed and `path` is left as it was. The file gets the permissions of any
+newly created file (0o666 less the umask), not the owner-only 0o600 of `tempfile.mkstemp`. Stdlib only.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _new_temp_file(path: Path, suffix: str) -> Path:
+    """An empty file beside `path` whose name no other writer holds, created 0o666 less the umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 @contextmanager
@@ -27,9 +40,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     suffix = "".join(path.suffixes) if suffix is None else suffix
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temp_file(path, suffix)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

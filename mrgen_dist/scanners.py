@@ -7,9 +7,9 @@ nothing downstream hard-codes the four names of the method or their order.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,12 @@ METHOD_SCANNERS: tuple[Scanner, ...] = (
 )
 
 _IXI_SITE_TO_NAME = {s.site: s.name for s in METHOD_SCANNERS if s.dataset == "IXI"}
-_SALD_NAME = next(s.name for s in METHOD_SCANNERS if s.dataset == "SALD")
+#: The IXI site codes that file names carry, in the method's order (Guys, HH, IOP).
+IXI_SITES: tuple[str, ...] = tuple(_IXI_SITE_TO_NAME)
+_SALD = next(s for s in METHOD_SCANNERS if s.dataset == "SALD")
 
-# IXI: IXI002-Guys-0828-T1.nii.gz -> subject IXI002, site Guys
-_IXI_RE = re.compile(r"^(IXI\d+)-(Guys|HH|IOP)-\d+", re.IGNORECASE)
+# IXI: IXI002-Guys-0828-T1.nii.gz -> subject IXI002, site Guys (the sites of METHOD_SCANNERS, any case)
+_IXI_RE = re.compile(rf"^(IXI\d+)-({'|'.join(map(re.escape, IXI_SITES))})-\d+", re.IGNORECASE)
 # SALD: a `sub-<digits>` subject inside a path that names SALD (file name or a parent folder)
 _SALD_SUBJECT_RE = re.compile(r"sub-?(\d+)", re.IGNORECASE)
 
@@ -58,16 +60,16 @@ class Vocabulary:
             raise ValueError("scanner names must be non-empty")
 
     @classmethod
-    def method(cls) -> "Vocabulary":
+    def method(cls) -> Vocabulary:
         """The four labels of the method, in the method's order."""
         return cls(tuple(s.name for s in METHOD_SCANNERS))
 
     @classmethod
-    def from_names(cls, names: Iterable[str]) -> "Vocabulary":
+    def from_names(cls, names: Iterable[str]) -> Vocabulary:
         return cls(tuple(names))
 
     @classmethod
-    def from_labels(cls, labels: Iterable[str]) -> "Vocabulary":
+    def from_labels(cls, labels: Iterable[str]) -> Vocabulary:
         """A user's own label set, from the `scanner` column of a manifest.
 
         Labels that are all among the method's four keep the method's order (so ids stay comparable
@@ -112,10 +114,10 @@ def infer_from_path(path: str | PurePath) -> tuple[str, str] | None:
     p = PurePath(path)
     m = _IXI_RE.match(p.name)
     if m:
-        site = next(s for s in _IXI_SITE_TO_NAME if s.lower() == m.group(2).lower())
+        site = next(s for s in IXI_SITES if s.lower() == m.group(2).lower())
         return _IXI_SITE_TO_NAME[site], m.group(1).upper()
-    if any("sald" in part.lower() for part in p.parts):
+    if any(_SALD.site.lower() in part.lower() for part in p.parts):
         m = _SALD_SUBJECT_RE.search(p.name)
         if m:
-            return _SALD_NAME, f"sub-{m.group(1)}"
+            return _SALD.name, f"sub-{m.group(1)}"
     return None

@@ -7,12 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrgen_dist.scanners import Vocabulary, infer_from_path
+from mrgen_dist.cli import UserError
+from mrgen_dist.scanners import IXI_SITES, Vocabulary, infer_from_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_NO_SCANNER = f"unknown scanner: name matches no IXI site ({', '.join(IXI_SITES)}) or SALD"
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The input as a whole is unusable (missing, empty, unreadable, malformed manifest)."""
 
 
@@ -83,7 +85,8 @@ def read_manifest(csv_path: Path) -> list[InputVolume]:
                 continue
             p = Path(row["path"])
             full = p if p.is_absolute() else csv_path.parent / p
-            volumes.append(InputVolume(full, row["path"], row["scanner"] or None, row.get("subject") or _subject_from_name(p)))
+            subject = row.get("subject") or _subject_from_name(p)
+            volumes.append(InputVolume(full, row["path"], row["scanner"] or None, subject))
     if not volumes:
         raise InputError(f"manifest {csv_path} lists no volumes")
     return volumes
@@ -100,9 +103,10 @@ def screen(volumes: list[InputVolume], vocabulary: Vocabulary) -> tuple[list[Inp
     first_of: dict[str, str] = {}
     for v in sorted(volumes, key=lambda v: v.source):
         if v.scanner is None:
-            rejected.append(Rejection(v.source, "unknown scanner: name matches no IXI site (Guys, HH, IOP) or SALD"))
+            rejected.append(Rejection(v.source, _NO_SCANNER))
         elif v.scanner not in vocabulary:
-            rejected.append(Rejection(v.source, f"unknown scanner {v.scanner!r} (vocabulary: {', '.join(vocabulary.names)})"))
+            names = ", ".join(vocabulary.names)
+            rejected.append(Rejection(v.source, f"unknown scanner {v.scanner!r} (vocabulary: {names})"))
         elif v.subject in first_of:
             rejected.append(Rejection(v.source, f"duplicate subject {v.subject} (already in {first_of[v.subject]})"))
         else:

@@ -15,14 +15,15 @@ A shard holds, for n slices:
 from __future__ import annotations
 
 import hashlib
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 import xxhash
+
+from mrgen_dist.atomic import atomic_path
 
 IMAGE_DTYPE = np.float16
 _STR = h5py.string_dtype("utf-8")
@@ -41,9 +42,8 @@ class ShardArrays:
 
 
 def write_shard(path: Path, arrays: ShardArrays, attrs: dict[str, str]) -> dict[str, str]:
-    """Write atomically (temporary name, fsync, rename); returns the file's digests."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write atomically (temporary name, fsync, rename); returns the digests of the bytes renamed into place."""
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver="latest") as f:
             f.create_dataset("images", data=arrays.images.astype(IMAGE_DTYPE, copy=False))
             f.create_dataset("scanner", data=arrays.scanner.astype(np.int16))
@@ -51,12 +51,7 @@ def write_shard(path: Path, arrays: ShardArrays, attrs: dict[str, str]) -> dict[
             f.create_dataset("slice_index", data=arrays.slice_index.astype(np.int16))
             f.create_dataset("source", data=arrays.source.astype(object), dtype=_STR)
             f.attrs.update(attrs)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        digests = file_digests(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        digests = file_digests(tmp)  # the closed temporary file; atomic_path fsyncs it, then renames
     return digests
 
 
@@ -137,7 +132,7 @@ def read_selected_rows(
         filled = 0
         edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
         row = 0
-        for start, stop in zip(edges[::2], edges[1::2]):  # runs of kept rows
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):  # runs of kept rows
             skip((start - row) * row_bytes)
             read(memoryview(dest[filled * row_bytes : (filled + stop - start) * row_bytes]))
             filled += stop - start

@@ -1,4 +1,4 @@
-"""Reading a slice store: manifest, checks, one-pass split loading, per-rank views, DataLoader access.
+"""Reading a slice store: manifest checks, one-pass split loading, the per-slice index, verification.
 
 A store is a folder:
   manifest.json          vocabulary, conversion params, shards with sha256, split, counts, store_sha256
@@ -6,13 +6,14 @@ A store is a folder:
   shards/shard-NNNNN.h5  the slices (format in `mrgen_dist.data.shards`)
 
 `store_sha256` is the store's identity: a hash over the vocabulary, conversion params, the shards' own
-sha256 and the split. Checkpoints, exported models and FID caches record it.
+sha256 and the split. Checkpoints, exported models and FID caches record it. The manifest's format, its
+fields and that hash are defined once, in `mrgen_dist.artifacts.StoreManifest`.
+
+Elsewhere: `mrgen_dist.data.summary` (table and preview), `mrgen_dist.data.epochs` (per-rank views).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -24,27 +25,20 @@ import h5py
 import numpy as np
 import torch
 
+from mrgen_dist.artifacts import ArtifactError, StoreManifest
+from mrgen_dist.cli import UserError
 from mrgen_dist.data.shards import ShardArrays, ShardChecksumError, file_digests, read_labels, read_selected_rows
 from mrgen_dist.data.split import holdout_mask
 from mrgen_dist.data.volume import SLICE_SHAPE
 from mrgen_dist.scanners import Vocabulary
 
-MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
-FORMAT = "mrgen-slice-store"
-FORMAT_VERSION = 1
-_IDENTITY_KEYS = ("format_version", "vocabulary", "params", "shards", "split")
 
 Side = Literal["train", "test", "all"]
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A store that cannot be used as it is; the message says what is wrong."""
-
-
-def compute_store_sha256(manifest: dict) -> str:
-    identity = {k: manifest[k] for k in _IDENTITY_KEYS}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -65,7 +59,7 @@ class SplitData:
 class SliceIndex:
     """Per-slice labels of the whole store (no pixels), in store order."""
 
-    shard: np.ndarray  # int, position in manifest["shards"]
+    shard: np.ndarray  # int, position in manifest.shards
     row: np.ndarray  # int, row inside the shard
     scanner: np.ndarray
     subject: np.ndarray
@@ -89,36 +83,26 @@ class SliceStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        path = self.root / MANIFEST_NAME
+        path = self.root / StoreManifest.NAME
         if not path.is_file():
             hint = " (conversion unfinished or not a store; run mrgen-convert)" if self.root.is_dir() else ""
-            raise StoreError(f"{self.root}: no {MANIFEST_NAME}{hint}")
+            raise StoreError(f"{self.root}: no {StoreManifest.NAME}{hint}")
         try:
-            self.manifest: dict = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: unreadable manifest ({e})") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest (format={self.manifest.get('format')!r}, "
-                f"version={self.manifest.get('format_version')!r})"
-            )
-        missing = [k for k in (*_IDENTITY_KEYS, "store_sha256", "counts") if k not in self.manifest]
-        if missing:
-            raise StoreError(f"{path}: manifest lacks {', '.join(missing)}")
-        shard_keys = {"file", "sha256", "xxh3_128", "bytes", "slices"}
-        if any(not shard_keys <= set(shard) for shard in self.manifest["shards"]):
-            raise StoreError(f"{path}: shard entries need {', '.join(sorted(shard_keys))} (convert again with this version)")
-        if compute_store_sha256(self.manifest) != self.manifest["store_sha256"]:
-            raise StoreError(f"{path}: manifest does not match its store_sha256 (edited or corrupt)")
-        self.vocabulary = Vocabulary.from_names(self.manifest["vocabulary"])
+            self.manifest = StoreManifest.read(path)
+        except ArtifactError as e:
+            raise StoreError(str(e)) from None
+        try:
+            self.vocabulary = Vocabulary.from_names(self.manifest.vocabulary)
+        except ValueError as e:
+            raise StoreError(f"{path}: field 'vocabulary': {e}") from None
 
     @property
     def sha256(self) -> str:
-        return self.manifest["store_sha256"]
+        return self.manifest.store_sha256
 
     @property
     def shards(self) -> list[dict]:
-        return self.manifest["shards"]
+        return self.manifest.shards
 
     def shard_path(self, i: int) -> Path:
         return self.root / self.shards[i]["file"]
@@ -131,7 +115,9 @@ class SliceStore:
                 with h5py.File(self.shard_path(i), "r") as f:
                     parts.append(read_labels(f))
             except (OSError, KeyError) as e:
-                raise StoreError(f"{self.shard_path(i)}: unreadable shard ({e}); run `mrgen-convert verify {self.root}`") from None
+                raise StoreError(
+                    f"{self.shard_path(i)}: unreadable shard ({e}); run `mrgen-convert verify {self.root}`"
+                ) from None
         n = [len(p) for p in parts]
         subject = np.concatenate([p.subject for p in parts]) if parts else np.array([], dtype=object)
         return SliceIndex(
@@ -140,11 +126,11 @@ class SliceStore:
             scanner=np.concatenate([p.scanner for p in parts]),
             subject=subject,
             slice_index=np.concatenate([p.slice_index for p in parts]),
-            is_test=holdout_mask(self.manifest["split"], subject),
+            is_test=holdout_mask(self.manifest.split, subject),
         )
 
     def expected_count(self, side: Side, scanner: str | None) -> int:
-        counts = self.manifest["split_counts"]
+        counts = self.manifest.split_counts
         sides = ("train", "test") if side == "all" else (side,)
         names = [scanner] if scanner else self.vocabulary.names
         return sum(counts[s].get(name, 0) for s in sides for name in names)
@@ -162,7 +148,7 @@ class SliceStore:
         filled = offset = 0
 
         def select(shard_labels: ShardArrays) -> np.ndarray:
-            is_test = holdout_mask(self.manifest["split"], shard_labels.subject, offset)
+            is_test = holdout_mask(self.manifest.split, shard_labels.subject, offset)
             return _keep(is_test, shard_labels.scanner, side, scanner_id)
 
         for i, shard in enumerate(self.shards):
@@ -227,7 +213,7 @@ class SliceStore:
             total += len(arrays)
         if problems:
             return problems
-        counts = self.manifest["counts"]
+        counts = self.manifest.counts
         if total != counts["slices"]:
             problems.append(f"store holds {total} slices, manifest says {counts['slices']}")
         for name in self.vocabulary.names:
@@ -238,105 +224,7 @@ class SliceStore:
         for side in ("train", "test"):
             for sid, name in enumerate(self.vocabulary.names):
                 got = int(idx.select(side, sid).sum())
-                want = self.manifest["split_counts"][side].get(name, 0)
+                want = self.manifest.split_counts[side].get(name, 0)
                 if got != want:
                     problems.append(f"{side} split, scanner {name!r}: {got} slices, manifest says {want}")
         return problems
-
-    def summary(self) -> str:
-        """Per-scanner volumes and slices, split sizes and rejected inputs, as a small table."""
-        c = self.manifest["counts"]
-        sc = self.manifest["split_counts"]
-        split = self.manifest["split"]
-        width = max(len(n) for n in (*self.vocabulary.names, "scanner", "total"))
-        lines = [
-            f"store {self.root}  sha256 {self.sha256[:16]}  ({len(self.shards)} shards)"
-            + ("  [SYNTHETIC demo data]" if self.manifest.get("inputs", {}).get("synthetic") else ""),
-            f"split by {split['unit']}, test fraction {split['test_fraction']}, seed {split['seed']}",
-            f"{'scanner':<{width}}  {'volumes':>7}  {'slices':>7}  {'train':>7}  {'test':>6}",
-        ]
-        for name in self.vocabulary.names:
-            per = c["per_scanner"].get(name, {"volumes": 0, "slices": 0})
-            lines.append(
-                f"{name:<{width}}  {per['volumes']:>7}  {per['slices']:>7}  "
-                f"{sc['train'].get(name, 0):>7}  {sc['test'].get(name, 0):>6}"
-            )
-        lines.append(
-            f"{'total':<{width}}  {c['volumes']:>7}  {c['slices']:>7}  "
-            f"{sum(sc['train'].values()):>7}  {sum(sc['test'].values()):>6}"
-        )
-        lines.append(f"rejected inputs: {c['rejected']}" + (f" (see {REJECTED_NAME})" if c["rejected"] else ""))
-        return "\n".join(lines)
-
-
-def write_preview(store: SliceStore, path: Path | None = None, per_scanner: int = 6) -> Path:
-    """A PNG grid of real slices, one row per scanner (the middle slice of the first training subjects)."""
-    from mrgen_dist.plots import scanner_grid
-
-    idx = store.index
-    mid = int(np.median(idx.slice_index)) if len(idx.slice_index) else 0
-    rows, captions = [], []
-    for sid, name in enumerate(store.vocabulary.names):
-        pick = np.flatnonzero((idx.scanner == sid) & (idx.slice_index == mid))[:per_scanner]
-        images = []
-        for i in pick:
-            with h5py.File(store.shard_path(int(idx.shard[i])), "r") as f:
-                images.append(f["images"][int(idx.row[i])])
-        rows.append((name, np.asarray(images)))
-        captions.append([str(idx.subject[i]) for i in pick])
-    synthetic = " (SYNTHETIC demo data)" if store.manifest.get("inputs", {}).get("synthetic") else ""
-    return scanner_grid(
-        rows, path or store.root / "preview.png", f"slice store {store.sha256[:12]}: axial slice k={mid}{synthetic}", captions
-    )
-
-
-def epoch_indices(n: int, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
-    """This rank's indices into a resident split for one epoch.
-
-    All ranks draw the same seeded permutation of range(n) for (seed, epoch) and take every world_size-th
-    element from position `rank`, after dropping the tail so that every rank gets n // world_size indices
-    (equal step counts keep collective ops in lockstep). Ranks are disjoint; together they cover all but
-    n % world_size slices, which differ from epoch to epoch.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    if n < world_size:
-        raise ValueError(f"{n} slices cannot be split over {world_size} ranks")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    per_rank = n // world_size
-    return order[: per_rank * world_size][rank::world_size]
-
-
-class SliceDataset(torch.utils.data.Dataset):
-    """Slice-by-slice access for DataLoader workers (for data that does not fit in memory).
-
-    HDF5 handles are opened lazily inside whichever process reads, never inherited across fork, so any
-    number of workers is safe. Items are (image float32 (1, 218, 182), scanner id).
-    """
-
-    def __init__(self, store: SliceStore, side: Side = "train", scanner: str | None = None) -> None:
-        scanner_id = store.vocabulary.index(scanner) if scanner is not None else None
-        keep = store.index.select(side, scanner_id)
-        self._paths = [str(store.shard_path(i)) for i in range(len(store.shards))]
-        self._shard = store.index.shard[keep]
-        self._row = store.index.row[keep]
-        self._scanner = store.index.scanner[keep]
-        self._files: dict[int, h5py.File] = {}
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self._row)
-
-    def _file(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():  # first access in this process: drop handles copied from the parent
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = h5py.File(self._paths[shard], "r")
-        return self._files[shard]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self._file(int(self._shard[i]))["images"][int(self._row[i])]
-        return torch.from_numpy(image.astype(np.float32))[None], int(self._scanner[i])
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}, "_pid": None}

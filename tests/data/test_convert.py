@@ -1,9 +1,12 @@
-"""mrgen-convert on real NIfTI files: content, split, resume, bad inputs, verify."""
+"""mrgen-convert on real NIfTI files: content, split, resume, bad inputs, verify, the command line."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrgen_dist.data.convert import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, ConvertOptions, convert, main
+from mrgen_dist.cli import with_default_command
+from mrgen_dist.data.convert import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConvertOptions, convert, main
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import MNI_AFFINE, MNI_SHAPE, SliceParams, central_slices
@@ -43,7 +47,7 @@ def test_subject_split_has_no_leakage_and_is_stratified(store_dir: Path) -> None
     for sid in range(4):  # one of three subjects per scanner is test
         assert len(set(test.subject[test.scanner.numpy() == sid])) == 1
         assert len(set(train.subject[train.scanner.numpy() == sid])) == 2
-    assert store.manifest["split"]["unit"] == "subject"
+    assert store.manifest.split["unit"] == "subject"
 
 
 def test_slice_split_reproduces_thesis_protocol(cohort_dir: Path, tmp_path: Path) -> None:
@@ -56,7 +60,7 @@ def test_slice_split_reproduces_thesis_protocol(cohort_dir: Path, tmp_path: Path
     # seeded: the same test slices again
     again = tmp_path / "again"
     convert(discover_directory(cohort_dir), Vocabulary.method(), again, ConvertOptions(split_unit="slice", shard_volumes=12))
-    assert SliceStore(again).manifest["split"]["test"] == store.manifest["split"]["test"]
+    assert SliceStore(again).manifest.split["test"] == store.manifest.split["test"]
 
 
 def _shard_stats(store: Path) -> dict[str, tuple[int, int]]:
@@ -117,7 +121,8 @@ def _bad_inputs(cohort_dir: Path, folder: Path) -> dict[str, str]:
     save("IXI955-Guys-0955-T1.nii.gz", nan)
     save("IXI956-Guys-0956-T1.nii.gz", np.zeros(MNI_SHAPE, np.float32))
     save("mystery_T1.nii.gz", base)  # unknown scanner
-    shutil.copy(folder / good[0].name, folder / good[0].name.replace("-T1", "-T1-repeat").replace(good[0].name.split("-")[2], "9999"))
+    repeat = good[0].name.replace("-T1", "-T1-repeat").replace(good[0].name.split("-")[2], "9999")
+    shutil.copy(folder / good[0].name, folder / repeat)
     return {
         "IXI950-Guys-0950-T1.nii.gz": "unreadable NIfTI header",
         "IXI951-HH-0951-T1.nii.gz": "truncated or corrupt",
@@ -127,7 +132,7 @@ def _bad_inputs(cohort_dir: Path, folder: Path) -> dict[str, str]:
         "IXI955-Guys-0955-T1.nii.gz": "non-finite",
         "IXI956-Guys-0956-T1.nii.gz": "all-zero",
         "mystery_T1.nii.gz": "unknown scanner",
-        good[0].name.replace("-T1", "-T1-repeat").replace(good[0].name.split("-")[2], "9999"): "duplicate subject",
+        repeat: "duplicate subject",
     }
 
 
@@ -145,7 +150,7 @@ def test_bad_inputs_are_rejected_with_reasons(cohort_dir: Path, tmp_path: Path, 
         assert "\n" not in rejected[name]
     assert "rejected inputs: 9" in printed
     store = SliceStore(out)
-    assert store.manifest["counts"]["volumes"] == 2 and store.manifest["counts"]["rejected"] == 9
+    assert store.manifest.counts["volumes"] == 2 and store.manifest.counts["rejected"] == 9
     # nothing partial: only the good subjects' slices, no temporary files, every shard full
     assert sorted(set(store.index.subject)) == sorted(["IXI901", "sub-900910"])
     assert not list(out.rglob(".*"))
@@ -179,7 +184,9 @@ def test_manifest_csv_with_own_vocabulary(cohort_dir: Path, tmp_path: Path) -> N
     assert main([str(manifest), "--out", str(out), "--vocabulary", "Prisma,Skyra"]) == EXIT_REJECTED
     store = SliceStore(out)
     assert store.vocabulary.names == ("Prisma", "Skyra")
-    assert store.manifest["counts"]["per_scanner"] == {"Prisma": {"volumes": 2, "slices": 20}, "Skyra": {"volumes": 2, "slices": 20}}
+    assert store.manifest.counts["per_scanner"] == {
+        "Prisma": {"volumes": 2, "slices": 20}, "Skyra": {"volumes": 2, "slices": 20}
+    }
     assert "unknown scanner 'Achieva'" in (out / "rejected.csv").read_text()
     # --vocabulary manifest takes the labels found in the CSV, sorted
     out2 = tmp_path / "store2"
@@ -221,3 +228,62 @@ def test_verify_reports_count_and_manifest_problems(store_dir: Path, tmp_path: P
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(copy)]) == EXIT_ERROR
     assert "shards/shard-00002.h5: missing" in capsys.readouterr().err
+
+
+def test_cli_default_and_verify_sub_commands(cohort_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mrgen_dist.data.convert import build_parser
+
+    ap = build_parser()
+    implicit = ap.parse_args(with_default_command([str(cohort_dir), "--out", "s"], ap, "convert"))
+    explicit = ap.parse_args(["convert", str(cohort_dir), "--out", "s"])
+    assert vars(implicit) == vars(explicit) and explicit.command == "convert"
+    assert ap.parse_args(with_default_command(["verify", "s"], ap, "convert")).command == "verify"
+
+    out = tmp_path / "store"
+    assert main(["convert", str(cohort_dir), "--out", str(out), "--shard-volumes", "12"]) == EXIT_OK
+    assert SliceStore(out).verify() == []
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "nowhere")]) == EXIT_ERROR
+    assert capsys.readouterr().err.strip() == f"mrgen-convert verify: error: {tmp_path / 'nowhere'}: no manifest.json"
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "s2")]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mrgen-convert: error: input folder") and "does not exist" in err
+    assert main([str(cohort_dir), "--out", str(tmp_path / "s3"), "--vocabulary", "Intera,Intera"]) == EXIT_ERROR
+    assert "--vocabulary 'Intera,Intera': duplicate names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--workers", "0", "must be > 0"),
+        ("--shard-volumes", "-1", "must be > 0"),
+        ("--slices", "0", "must be > 0"),
+        ("--slices", "183", "must be at most 182"),
+        ("--workers", "two", "expected a int"),
+        ("--test-fraction", "1", r"must be in \[0, 1\)"),
+        ("--test-fraction", "-0.1", r"must be in \[0, 1\)"),
+    ],
+)
+def test_cli_rejects_bad_numbers_at_parse_time(
+    option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--out", str(tmp_path / "s"), option, value])
+    assert exit_.value.code == EXIT_USAGE
+    assert re.search(f"argument {option}: .*{message}", capsys.readouterr().err)
+    assert not (tmp_path / "s").exists()
+
+
+def test_store_hash_and_file_modes(store_dir: Path) -> None:
+    """store_sha256 is the sha256 of the canonical JSON of the five identity fields (so it never changes for
+    the same store), and every file is created like any other file (0o666 less the umask), not owner-only."""
+    raw = json.loads((store_dir / "manifest.json").read_text())
+    assert raw["format"] == "mrgen-slice-store" and raw["format_version"] == 1
+    identity = {k: raw[k] for k in ("format_version", "vocabulary", "params", "shards", "split")}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    assert raw["store_sha256"] == hashlib.sha256(canonical).hexdigest() == SliceStore(store_dir).sha256
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in store_dir.rglob("*") if p.is_file()]
+    assert len(files) == 2 + 2 * 3  # manifest, rejected.csv, three shards and their records
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}

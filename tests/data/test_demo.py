@@ -1,4 +1,4 @@
-"""The synthetic demo cohort: deterministic, labelled synthetic, inferable names, distinct scanners."""
+"""The synthetic demo cohort: deterministic, labelled synthetic, inferable names, distinct scanners, its command."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from scipy import ndimage
 
-from mrgen_dist.data.demo import DESCRIP, MARKER_FILE, cohort_plan, make_volume, template_on_fsl_grid
+from mrgen_dist.cli import with_default_command
+from mrgen_dist.data.demo import (
+    DESCRIP,
+    MARKER_FILE,
+    build_parser,
+    cohort_plan,
+    main,
+    make_volume,
+    template_on_fsl_grid,
+)
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import MNI_AFFINE, MNI_SHAPE
 from mrgen_dist.scanners import infer_from_path
@@ -51,4 +61,19 @@ def test_scanner_traits_survive_conversion(store_dir: Path) -> None:
     assert max(stats, key=lambda n: stats[n][0]) == "Intera"
     assert max(stats, key=lambda n: stats[n][1]) == "Gyroscan Intera"
     assert min(stats, key=lambda n: stats[n][2]) == "Unspecified"
-    assert store.manifest["inputs"]["synthetic"] is False  # fixture converts via the API, no marker lookup
+    assert store.manifest.inputs["synthetic"] is False  # fixture converts via the API, no marker lookup
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ap = build_parser()
+    assert vars(ap.parse_args(with_default_command(["out", "--seed", "3"], ap, "write"))) == vars(
+        ap.parse_args(["write", "out", "--seed", "3"])
+    )
+    for option, value in (("--subjects-per-scanner", "0"), ("--workers", "-2")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "c"), option, value])
+        assert exit_.value.code == 2 and f"argument {option}: must be > 0" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    assert main([str(tmp_path / "file" / "cohort")]) == 1
+    assert capsys.readouterr().err.startswith(f"mrgen-demo-data: error: cannot create the output folder {tmp_path}")
+    assert not (tmp_path / "c").exists()

@@ -1,4 +1,4 @@
-"""The store reader: one-pass split loading, refusal of bad stores, DataLoader workers, per-rank views."""
+"""The store reader: one-pass split loading, refusal of bad stores, per-rank views, the summary."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mrgen_dist.data.store import SliceDataset, SliceStore, StoreError, epoch_indices
+from mrgen_dist.cli import UserError
+from mrgen_dist.data.epochs import epoch_indices
+from mrgen_dist.data.store import SliceStore, StoreError
+from mrgen_dist.data.summary import store_summary, write_preview
 from mrgen_dist.scanners import UnknownScannerError
 
 
@@ -50,16 +53,34 @@ def test_refuses_unfinished_edited_or_corrupt_store(store_dir: Path, tmp_path: P
         SliceStore(copy)
 
 
-def test_dataloader_with_two_workers_matches_resident_split(store_dir: Path) -> None:
+def test_refuses_a_manifest_of_another_kind_or_a_newer_version(store_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(store_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(StoreError, match="version 2 by a newer mrgen-dist"):
+        SliceStore(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "something-else"}))
+    with pytest.raises(StoreError, match="expected 'mrgen-slice-store'"):
+        SliceStore(copy)
+    (copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "counts"}))
+    with pytest.raises(StoreError, match="missing field 'counts'"):
+        SliceStore(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="unreadable"):
+        SliceStore(copy)
+    assert issubclass(StoreError, UserError)  # commands print it as one line, no traceback
+
+
+def test_summary_and_preview(store_dir: Path, tmp_path: Path) -> None:
     store = SliceStore(store_dir)
-    resident = store.load_split("test")
-    dataset = SliceDataset(store, "test")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=2, shuffle=False)
-    images, scanners = zip(*loader)
-    images, scanners = torch.cat(images), torch.cat(scanners)
-    assert images.shape == (len(resident), 1, 218, 182)
-    assert torch.equal(images[:, 0], resident.images.float())
-    assert torch.equal(scanners, resident.scanner)
+    table = store_summary(store).splitlines()
+    assert table[0].startswith(f"store {store_dir}  sha256 {store.sha256[:16]}  (3 shards)")
+    assert "split by subject, test fraction 0.34, seed 0" == table[1]
+    assert table[-2].split() == ["total", "12", "120", "80", "40"]
+    assert table[-1] == "rejected inputs: 0"
+    png = write_preview(store, tmp_path / "preview.png", per_scanner=2)
+    assert png == tmp_path / "preview.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_epoch_indices_partition() -> None:
