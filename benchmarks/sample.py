@@ -11,7 +11,7 @@ onnxruntime-gpu and a GPU it adds ORT CUDA fp16 vs torch CUDA fp16.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from mrgen_dist.export import DecoderGraph, export_decoder
-from mrgen_dist.model import CVAE
+from mrgen_dist.artifacts import RunRecord
+from mrgen_dist.export import export_decoder
+from mrgen_dist.models.cvae import CVAE, FAMILY, CVAEConfig
 from mrgen_dist.sample import Sampler
 
 VOCAB = ["Gyroscan Intera", "Intera", "Unspecified", "Magnetom TrioTim"]
@@ -57,9 +58,9 @@ def main() -> int:
 
 def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "model.safetensors")
-    (work / "config.json").write_text(json.dumps({
-        "image_shape": [218, 182], "vocabulary": VOCAB, "hidden": [1024, 512], "latent": 256,
-        "intensity": "benchmark", "store_sha256": "benchmark", "config": {}}))
+    RunRecord(family=FAMILY.name, model=dataclasses.asdict(CVAEConfig(hidden=[1024, 512], latent=256)),
+              image_shape=[218, 182], vocabulary=VOCAB, intensity="benchmark", store_sha256="benchmark", config={},
+              steps=0, package_version="benchmark").write(work / RunRecord.NAME)
     paths = {p: export_decoder(work, p, work / f"decoder-{p}.onnx").path for p in ("fp32", "fp16", "int8")}
 
     rng = np.random.default_rng(0)
@@ -67,14 +68,15 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
     s = (np.arange(args.n) % 4).astype(np.int64)
     zt, st = torch.from_numpy(z), torch.from_numpy(s)
 
-    def torch_run(graph: DecoderGraph, autocast: bool, device: str = "cpu") -> np.ndarray:
+    def torch_run(graph: torch.nn.Module, autocast: bool, device: str = "cpu") -> np.ndarray:
         outs = []
-        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16, enabled=autocast):
+        half = torch.bfloat16 if device == "cpu" else torch.float16
+        with torch.inference_mode(), torch.autocast(device, dtype=half, enabled=autocast):
             for i in range(0, args.n, args.batch):
                 outs.append(graph(zt[i : i + args.batch].to(device), st[i : i + args.batch].to(device)).float().cpu())
         return torch.cat(outs)[:, 0].numpy()
 
-    graph = DecoderGraph(model).eval()
+    graph = FAMILY.sampling_graph(model).eval()
     results: dict[str, tuple[float, float]] = {}
     rate, ref = _rate(lambda: torch_run(graph, False), args.n)
     results["torch eager fp32"] = (rate, 0.0)
@@ -83,7 +85,7 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
     for p, path in paths.items():
         sampler = Sampler(path, device="cpu", threads=args.threads)
 
-        def ort_run() -> np.ndarray:
+        def ort_run(sampler: Sampler = sampler) -> np.ndarray:
             outs = []
             for i in range(0, args.n, args.batch):
                 (img,) = sampler.session.run(["image"], {"z": z[i : i + args.batch], "scanner": s[i : i + args.batch]})
@@ -110,8 +112,9 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
     if torch.cuda.is_available():
         try:
             gpu = Sampler(paths["fp16"], device="cuda")
-            rate_ort, _ = _rate(lambda: [gpu.sample_on_device("Intera", args.batch) for _ in range(args.n // args.batch)], args.n)
-            cuda_graph = DecoderGraph(CVAE((218, 182), 4, [1024, 512], 256).eval()).cuda()
+            rate_ort, _ = _rate(lambda: [gpu.sample_on_device("Intera", args.batch) for _ in range(args.n // args.batch)],
+                                args.n)
+            cuda_graph = FAMILY.sampling_graph(CVAE((218, 182), 4, [1024, 512], 256).eval()).cuda()
             rate_torch, _ = _rate(lambda: torch_run(cuda_graph, True, "cuda"), args.n)
             print(f"  GPU: ORT CUDA fp16 {rate_ort:,.0f}/s vs torch CUDA fp16 autocast {rate_torch:,.0f}/s "
                   f"= {rate_ort / rate_torch:.2f}x")

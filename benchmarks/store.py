@@ -122,10 +122,12 @@ def main() -> int:
     ok = lambda good: "met" if good else "MISSED"  # noqa: E731
     print(f"store benchmark: {len(volumes)} volumes, train split {len(train)} slices ({mb:.0f} MiB fp16)")
     print(f"  bare nibabel load          {bare * 1e3:7.1f} ms/volume")
-    print(f"  conversion, 1 worker       {conv * 1e3:7.1f} ms/volume  -> {conv / bare:.2f}x bare load (target <= 1.30x: {ok(conv / bare <= 1.3)})")
+    print(f"  conversion, 1 worker       {conv * 1e3:7.1f} ms/volume  -> {conv / bare:.2f}x bare load "
+          f"(target <= 1.30x: {ok(conv / bare <= 1.3)})")
     print(f"  conversion, 2 workers      {conv2 * 1e3:7.1f} ms/volume  (wall time per volume)")
     print(f"  np.load of the split       {t_npy * 1e3:7.1f} ms ({mb / t_npy:.0f} MiB/s)")
-    print(f"  store.load_split (checked) {t_store * 1e3:7.1f} ms ({mb / t_store:.0f} MiB/s) -> {t_npy / t_store:.2f}x np.load speed (target >= 0.50x: {ok(t_npy / t_store >= 0.5)})")
+    print(f"  store.load_split (checked) {t_store * 1e3:7.1f} ms ({mb / t_store:.0f} MiB/s) -> "
+          f"{t_npy / t_store:.2f}x np.load speed (target >= 0.50x: {ok(t_npy / t_store >= 0.5)})")
     print(f"  resident batches/s         batch 8: {rates[8]:,.0f}/s   batch 64: {rates[64]:,.0f}/s")
     return 0
 

@@ -3,10 +3,11 @@
     mrgen-export onnx --model RUN_DIR [--precision fp32|fp16|int8] [--out export/decoder.onnx]
 
 Any model family works: the run's config.json names the family, which rebuilds the model and gives its
-sampling graph (mrgen_dist/models/). The graph of the `mrgen-decoder` contract: inputs `z` float32 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the
-graph); output `image` float32 [batch, 1, 218, 182] in [0, 1]. fp16 keeps float32 inputs and outputs and
-computes in half precision; int8 is onnxruntime's dynamic quantization of the fp32 graph (int8 weights,
-activations quantized per batch). The contract, including the metadata keys, is in export/README.md.
+sampling graph (mrgen_dist/models/). The graph of the `mrgen-decoder` contract: inputs `z` float32
+[batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the graph); output `image` float32
+[batch, 1, 218, 182] in [0, 1]. fp16 keeps float32 inputs and outputs and computes in half precision; int8 is
+onnxruntime's dynamic quantization of the fp32 graph (int8 weights, activations quantized per batch). The
+contract, including the metadata keys, is in export/README.md.
 
 Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch decoder
 in onnxruntime at batch 1, 7 and 64 within the precision's tolerance.

@@ -226,7 +226,8 @@ def write_output(out: Path, images: dict[str, np.ndarray], sampler: Sampler, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mrgen-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mrgen-sample", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="decoder exported by `mrgen-export onnx`")
     ap.add_argument("--scanner", required=True, help="scanner name (from the model's metadata) or 'all'")
     ap.add_argument("--n", type=int, required=True, help="images per scanner (> 0)")

@@ -68,9 +68,11 @@ class TrainState:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="mrgen-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="mrgen-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="YAML config (hpc/configs/*.yaml)")
-    ap.add_argument("--resume", default="none", help="auto (newest complete checkpoint, if any), none, or a checkpoint folder")
+    ap.add_argument("--resume", default="none",
+                    help="auto (newest complete checkpoint, if any), none, or a checkpoint folder")
     ap.add_argument("--tracker", choices=("clearml", "none"), help="overrides train.tracker")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 train.epochs=5")
     return ap.parse_intermixed_args(argv)  # options and overrides in any order
@@ -92,7 +94,8 @@ def make_accelerator(cfg: RunConfig):
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin
         if ds.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"ZeRO stage {ds.zero_stage} is not supported: the sampler needs whole weights on each rank (use 1 or 2)")
+            raise ConfigError(f"ZeRO stage {ds.zero_stage} is not supported: the sampler needs whole weights on each "
+                              "rank (use 1 or 2)")
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size  # no DataLoader to infer it from
     return acc
 
@@ -195,7 +198,8 @@ def train(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
     tracker = make_tracker(cfg, out, enabled=acc.is_main_process)
-    tracker.log_params({**cfg.to_dict(), "store_sha256": store.sha256, "world_size": acc.num_processes, "n_params": n_params})
+    tracker.log_params({**cfg.to_dict(), "store_sha256": store.sha256, "world_size": acc.num_processes,
+                        "n_params": n_params})
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

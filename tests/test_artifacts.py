@@ -27,7 +27,8 @@ def test_run_record_round_trip_and_errors(tmp_path: Path) -> None:
     for edit, message in (
         (lambda d: d.pop("vocabulary"), "config.json: missing field 'vocabulary'"),
         (lambda d: d.update(steps="3"), "config.json: field 'steps' should be int, found str"),
-        (lambda d: d.update(format_version=2), "written as mrgen-run version 2 by a newer mrgen-dist; this version reads up to 1"),
+        (lambda d: d.update(format_version=2),
+         "written as mrgen-run version 2 by a newer mrgen-dist; this version reads up to 1"),
         (lambda d: d.update(format="mrgen-slice-store"), "field 'format' is 'mrgen-slice-store', expected 'mrgen-run'"),
     ):
         bad = dict(raw)

@@ -19,7 +19,8 @@ def test_thesis_config_is_the_thesis_protocol() -> None:
 
 
 def test_overrides_and_saved_copy(tmp_path: Path) -> None:
-    cfg = load_config(CONFIGS / "tiny.yaml", ["data.store=/s", "model.hidden=[16, 8]", "optim.lr=1", "train.mixed_precision=bf16"])
+    cfg = load_config(CONFIGS / "tiny.yaml",
+                      ["data.store=/s", "model.hidden=[16, 8]", "optim.lr=1", "train.mixed_precision=bf16"])
     assert cfg.model.hidden == [16, 8] and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     cfg.save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml").to_dict() == cfg.to_dict()

@@ -14,7 +14,7 @@ import pytest
 
 from mrgen_dist.artifacts import ArtifactError
 from mrgen_dist.export import export_decoder
-from mrgen_dist.sample import Sampler, SampleError, main
+from mrgen_dist.sample import SampleError, Sampler, main
 
 
 @pytest.fixture(scope="module")

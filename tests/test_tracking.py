@@ -89,7 +89,8 @@ def test_training_reports_epoch_scalars_offline(store_dir: Path, tmp_path: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     (session,) = [p for p in (cache / "offline").iterdir() if p.is_dir()]
     scalars = _scalars(session)
-    history = json.loads(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1].joinpath("meta.json").read_text())["history"]
+    latest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    history = json.loads((latest / "meta.json").read_text())["history"]
     for record in history:
         assert scalars[("loss", "train", record["epoch"])] == pytest.approx(record["train_loss"])
         assert scalars[("loss", "test", record["epoch"])] == pytest.approx(record["test_loss"])
