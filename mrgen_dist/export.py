@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from torch import nn
 
 from mrgen_dist import __version__
 from mrgen_dist.artifacts import ModelMetadata, RunRecord
+from mrgen_dist.atomic import atomic_path
 from mrgen_dist.cli import UserError, run
 from mrgen_dist.config import model_config
 from mrgen_dist.models import get_family
@@ -143,8 +143,9 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
     latent = reference.latent
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
-        fp_path = Path(tmp) / "decoder.onnx"
+    # intermediate graphs in a scratch folder; the final file through atomic_path, renamed once it passed
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch, atomic_path(out) as final:
+        fp_path = Path(scratch) / "decoder.onnx"
         graph = family.sampling_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
         _torch_export(graph, latent, fp_path)
         path = fp_path
@@ -156,13 +157,12 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
             plain = onnx.load(str(fp_path))
             del plain.graph.value_info[:]
             onnx.save(plain, str(fp_path))
-            path = Path(tmp) / "decoder.int8.onnx"
+            path = Path(scratch) / "decoder.int8.onnx"
             quantize_dynamic(str(fp_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
         proto = onnx.load(str(path))
         onnx.helper.set_model_props(proto, metadata(record, latent, precision).to_props())
-        onnx.save(proto, str(path))
-        worst = _check(path, reference, latent, len(record.vocabulary), TOLERANCE[precision])
-        os.replace(path, out)
+        onnx.save(proto, str(final))
+        worst = _check(final, reference, latent, len(record.vocabulary), TOLERANCE[precision])
     return ExportReport(out, precision, out.stat().st_size, worst, TOLERANCE[precision], time.perf_counter() - t0)
 
 
