@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Submit the whole chain with afterok dependencies and print the job ids:
-#   convert -> train -> export -> fid (array, one task per scanner) -> report
+#   convert -> train -> export -> fanout -> fid (array, one task per scanner) -> report
+# The store does not exist yet at submission, so fanout.sh, once export is done, sizes the FID array from the
+# store's manifest and submits it and the report; their ids are in its log (logs/mrgen-fanout-ID.out).
 # Settings come from hpc/slurm/site.env and the environment. Run from the repository root.
 #   hpc/slurm/pipeline.sh               (MRGEN_INPUT=/data/nifti MRGEN_WORK=/scratch/run1 ... in front)
 set -euo pipefail
@@ -17,8 +19,6 @@ MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.tracking parent --project "$MRGEN_CL
   --name "pipeline $(basename "$MRGEN_WORK")" | tail -n 1)
 export MRGEN_CLEARML_PARENT
 
-# the store does not exist yet at submission: the array size is MRGEN_N_SCANNERS (the method's four by default)
-n_scanners=$MRGEN_N_SCANNERS
 gpu_opts=()
 if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus-per-node="$MRGEN_GPUS_PER_NODE"); fi
 train_opts=(--ntasks-per-node=1 --cpus-per-task="${MRGEN_TRAIN_CPUS:-2}")
@@ -26,11 +26,10 @@ train_opts=(--ntasks-per-node=1 --cpus-per-task="${MRGEN_TRAIN_CPUS:-2}")
 convert=$(sbatch --parsable hpc/slurm/convert.sh)
 train=$(sbatch --parsable --dependency=afterok:"$convert" "${gpu_opts[@]}" "${train_opts[@]}" hpc/slurm/train.sh)
 export_job=$(sbatch --parsable --dependency=afterok:"$train" hpc/slurm/export.sh)
-fid=$(sbatch --parsable --dependency=afterok:"$export_job" --array=0-$((n_scanners - 1)) hpc/slurm/fid.sh)
-report=$(sbatch --parsable --dependency=afterok:"$fid" hpc/slurm/report.sh)
+fanout=$(sbatch --parsable --dependency=afterok:"$export_job" hpc/slurm/fanout.sh)
 echo "clearml parent $MRGEN_CLEARML_PARENT"
 echo "convert $convert"
 echo "train $train"
 echo "export $export_job"
-echo "fid $fid"
-echo "report $report"
+echo "fanout $fanout"
+echo "then: fanout $fanout submits the FID array and the report (their ids in logs/mrgen-fanout-$fanout.out)"

@@ -29,8 +29,8 @@ def slurm() -> None:
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML", "SLURM_", "MRGEN_"))}
-    env.update(MRGEN_VENV=str(Path(sys.executable).parent.parent), MRGEN_WORK=str(tmp), CLEARML_CACHE_DIR=str(tmp / "clearml"),
-               MRGEN_CONFIG="hpc/configs/tiny.yaml", OMP_NUM_THREADS="1", **extra)
+    env.update(MRGEN_VENV=str(Path(sys.executable).parent.parent), MRGEN_WORK=str(tmp),
+               CLEARML_CACHE_DIR=str(tmp / "clearml"), MRGEN_CONFIG="hpc/configs/tiny.yaml", OMP_NUM_THREADS="1", **extra)
     return env
 
 
@@ -62,18 +62,37 @@ def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: 
     submitted = subprocess.run([str(REPO / "hpc/slurm/pipeline.sh")], capture_output=True, text=True, env=env,
                                cwd=REPO, timeout=120)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    ids = dict(line.split()[-2:] for line in submitted.stdout.splitlines() if line.split()[0] in
-               ("convert", "train", "export", "fid", "report", "parent"))
-    records = _wait([ids[k] for k in ("convert", "train", "export", "fid", "report")])
-    print(f"chain wall time {time.time() - t0:.0f} s")
-    for name in ("convert", "train", "export", "fid", "report"):
-        for rec in records[ids[name]]:
-            assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (name, rec)
-    assert len(records[ids["fid"]]) == 4  # one array task per scanner
+    ids = dict(re.findall(r"^(convert|train|export|fanout) (\d+)$", submitted.stdout, re.M))
+    assert set(ids) == {"convert", "train", "export", "fanout"}, submitted.stdout
+    records = _wait([ids[k] for k in ("convert", "train", "export", "fanout")])
 
-    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["counts"]["volumes"] == 12
+    def completed(*names: str) -> None:
+        for name in names:
+            for rec in records[ids[name]]:
+                assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (name, rec)
+
+    completed("convert", "train", "export", "fanout")
+    # the store exists only now: fanout sized the FID array from its manifest and submitted it and the report
+    (fanout,) = records[ids["fanout"]]
+    fanout_log = Path(fanout["StdOut"]).read_text()
+    ids.update(re.findall(r"^(fid|report) (\d+)$", fanout_log, re.M))
+    assert {"fid", "report"} <= set(ids), fanout_log
+    records.update(_wait([ids["fid"], ids["report"]]))
+    print(f"chain wall time {time.time() - t0:.0f} s")
+    completed("fid", "report")
+    # afterok order (ISO times, one-second resolution): export, fanout, every FID task, report
+    assert records[ids["export"]][0]["EndTime"] <= fanout["StartTime"]
+    assert all(fanout["EndTime"] <= task["StartTime"] for task in records[ids["fid"]])
+    assert max(task["EndTime"] for task in records[ids["fid"]]) <= records[ids["report"]][0]["StartTime"]
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    n_scanners = len(manifest["vocabulary"])
+    assert f"{n_scanners} scanner(s), FID array 0-{n_scanners - 1}" in fanout_log
+    assert len(records[ids["fid"]]) == n_scanners == 4  # one array task per scanner of the store
+
+    assert manifest["counts"]["volumes"] == 12
     assert list((tmp_path / "run" / "checkpoints").glob("step-*/meta.json"))
-    assert json.loads(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1].joinpath("meta.json").read_text())["world_size"] == 2
+    latest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
     assert (tmp_path / "decoder.onnx").stat().st_size > 0
     results = sorted((tmp_path / "fid").glob("fid_*.json"))
     assert [p.name for p in results] == ["fid_Gyroscan_Intera.json", "fid_Intera.json", "fid_Magnetom_TrioTim.json",
@@ -86,7 +105,8 @@ def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: 
     sessions = _sessions(tmp_path / "clearml")
     parent = next(s for s in sessions if "pipeline" in s["tags"])
     children = [s for s in sessions if "fid" in s["tags"]]
-    assert sorted(s["name"] for s in children) == ["FID Gyroscan Intera", "FID Intera", "FID Magnetom TrioTim", "FID Unspecified"]
+    assert sorted(s["name"] for s in children) == ["FID Gyroscan Intera", "FID Intera", "FID Magnetom TrioTim",
+                                                   "FID Unspecified"]
     assert all(s["parent"] == parent["id"] for s in children)
     assert all(s["name"].removeprefix("FID ") in s["tags"] for s in children)
     report = next(s for s in sessions if "report" in s["tags"])
