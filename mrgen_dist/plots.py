@@ -1,11 +1,17 @@
-"""Figures people look at rather than read: slice grids per scanner (and, later, curves and boxplots)."""
+"""Figures people look at rather than read: slice grids per scanner, loss curves, FID boxplots, confusion matrices.
+
+Every figure is written atomically (`mrgen_dist.atomic.atomic_path`), in the format its file name's suffix
+names (png, pdf, svg, ...).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
+from mrgen_dist.atomic import atomic_path
 
 
 def _pyplot():
@@ -18,10 +24,17 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
-    fig.tight_layout()
+    """Save `fig` to `path` atomically, in the format of its suffix (matplotlib's default without one), and
+    close it."""
+    plt = _pyplot()
     path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            # the format is named: the temporary file's own suffix ends in .tmp when `path` has none
+            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or plt.rcParams["savefig.format"])
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -54,18 +67,19 @@ def scanner_grid(
     return _save(fig, path, dpi=80)
 
 
-def loss_curves(history: Sequence[dict], path: str | Path) -> Path:
-    """Train and test loss per epoch (left), and the reconstruction / KL terms (right)."""
+def loss_curves(history: Sequence[dict], names: Sequence[str], path: str | Path) -> Path:
+    """Train and test value per epoch of the run's loss, `names[0]` (left), and of its other terms (right,
+    log scale); `history` records hold `train_<name>` and `test_<name>`."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
-    ax.plot(epochs, [h["test_loss"] for h in history], "s-", ms=3, label="test")
+    ax.plot(epochs, [h[f"train_{names[0]}"] for h in history], "o-", ms=3, label="train")
+    ax.plot(epochs, [h[f"test_{names[0]}"] for h in history], "s-", ms=3, label="test")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per image (reconstruction + KL)")
+    ax.set_ylabel(f"{names[0]} per image")
     ax.legend()
     ax.grid(alpha=0.3)
-    for key, style in (("reconstruction", "-"), ("kl", "--")):
+    for key, style in zip(names[1:], ("-", "--", "-.", ":") * len(names), strict=False):
         ax2.plot(epochs, [h[f"train_{key}"] for h in history], style, label=f"train {key}")
         ax2.plot(epochs, [h[f"test_{key}"] for h in history], style, label=f"test {key}", alpha=0.7)
     ax2.set_xlabel("epoch")

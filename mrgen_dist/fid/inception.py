@@ -19,13 +19,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mrgen_dist.cli import UserError
 
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_FILE = "default_1.pt"
@@ -33,8 +35,8 @@ ENV_VAR = "MRGEN_INCEPTION_WEIGHTS"
 FEATURE_DIM = 2048
 
 
-class WeightsNotFound(FileNotFoundError):
-    pass
+class WeightsNotFound(UserError, FileNotFoundError):
+    """No FID Inception weights where they are looked for; the message says where to put them."""
 
 
 def hub_checkpoint_dir() -> Path:

@@ -29,7 +29,7 @@ class FeatureStats:
     n: int
 
     @classmethod
-    def of(cls, features: np.ndarray) -> "FeatureStats":
+    def of(cls, features: np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or len(f) < 2:
             raise ValueError(f"need at least 2 feature vectors of shape (n, d), got {f.shape}")

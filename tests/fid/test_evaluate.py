@@ -48,10 +48,14 @@ def test_repeats_json_and_cache(store_dir: Path, decoder: Path, extractor, cohor
 
     # another store (another split seed: another store_sha256) must not reuse the cached features
     other = tmp_path / "other-store"
-    convert(discover_directory(cohort_dir), Vocabulary.method(), other, ConvertOptions(shard_volumes=12, test_fraction=0.34, seed=1))
+    options = ConvertOptions(shard_volumes=12, test_fraction=0.34, seed=1)
+    convert(discover_directory(cohort_dir), Vocabulary.method(), other, options)
     changed = evaluate_scanner(SliceStore(other), sampler, extractor, "Intera", repeats=1, seed=5, out=tmp_path)
     assert changed["real_features_cached"] is False
     assert len(list((tmp_path / "cache").glob("real-*.npy"))) == 2
+    assert saved["model"]["mrgen.scanners"] == json.dumps(list(sampler.vocabulary.names))
+    assert "mrgen.config" not in saved["model"] and saved["model"]["mrgen.format"] == "mrgen-decoder/1"
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []  # atomic writes leave nothing behind
 
 
 def test_conditioning_and_report(store_dir: Path, decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -61,6 +65,12 @@ def test_conditioning_and_report(store_dir: Path, decoder: Path, tmp_path: Path,
     assert np.array(cond["confusion"]).sum(axis=1).tolist() == [10, 10, 10, 10]
     assert cond["n_train"] == [20, 20, 20, 20] and 0.0 <= cond["generated_accuracy"] <= 1.0
     assert cond["real_test_accuracy"] >= 0.75  # the demo scanners differ clearly in Inception features
+    assert "logistic regression" in cond["classifier"]
+    # the sub-command on its own gives the same result (cached real features, seeded samples, deterministic fit)
+    (tmp_path / "conditioning.json").unlink()
+    assert main(["conditioning", "--store", str(store_dir), "--model", str(decoder), "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "conditioning.json").read_text()) == cond
     assert main(["report", str(tmp_path)]) == 0
     table = (tmp_path / "fid_table.md").read_text()
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:6]]

