@@ -28,8 +28,9 @@ import torch
 
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.demo import write_cohort
+from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.inputs import read_manifest
-from mrgen_dist.data.store import SliceStore, epoch_indices
+from mrgen_dist.data.store import SliceStore
 from mrgen_dist.scanners import Vocabulary
 
 

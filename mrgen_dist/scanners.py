@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 
+from mrgen_dist.cli import UserError
+
 
 @dataclass(frozen=True)
 class Scanner:
@@ -41,7 +43,7 @@ _IXI_RE = re.compile(rf"^(IXI\d+)-({'|'.join(map(re.escape, IXI_SITES))})-\d+", 
 _SALD_SUBJECT_RE = re.compile(r"sub-?(\d+)", re.IGNORECASE)
 
 
-class UnknownScannerError(ValueError):
+class UnknownScannerError(UserError, ValueError):
     """A scanner name that is not in the vocabulary in use."""
 
 

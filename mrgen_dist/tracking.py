@@ -11,9 +11,9 @@ Only the main process reports; `train.tracker=none` (or `--tracker none`) turns 
 from __future__ import annotations
 
 import os
-import urllib.request
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 

@@ -35,7 +35,6 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.inception import InceptionFeatures, load_inception
 from mrgen_dist.fid.metrics import FeatureStats, frechet_distance, kernel_inception_distance
 from mrgen_dist.sample import Sampler
-from mrgen_dist.scanners import UnknownScannerError
 from mrgen_dist.tracking import Tracker
 
 PROG = "mrgen-fid"
@@ -184,10 +183,7 @@ def _conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatu
 def _score(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     store = SliceStore(args.store)
-    try:
-        names = store.vocabulary.resolve(args.scanner)
-    except UnknownScannerError as e:
-        raise FidError(str(e)) from None
+    names = store.vocabulary.resolve(args.scanner)
     sampler, extractor = _open_model(args, store)
     print(f"FID features: {extractor.kind} ({extractor.weights}) on {extractor.device}; sampler on {sampler.device}",
           file=sys.stderr)
