@@ -259,7 +259,7 @@ def test_cli_default_and_verify_sub_commands(cohort_dir: Path, tmp_path: Path, c
         ("--shard-volumes", "-1", "must be > 0"),
         ("--slices", "0", "must be > 0"),
         ("--slices", "183", "must be at most 182"),
-        ("--workers", "two", "expected a int"),
+        ("--workers", "two", "expected an integer"),
         ("--test-fraction", "1", r"must be in \[0, 1\)"),
         ("--test-fraction", "-0.1", r"must be in \[0, 1\)"),
     ],

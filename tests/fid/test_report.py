@@ -98,7 +98,7 @@ def test_default_command_and_parse_time_checks(capsys: pytest.CaptureFixture) ->
             main(["--store", "S", "--model", "M", *bad])
         assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --repeats: must be > 0, got 0" in err and "expected a int, got 'two'" in err
+    assert "argument --repeats: must be > 0, got 0" in err and "expected an integer, got 'two'" in err
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     out = capsys.readouterr().out
