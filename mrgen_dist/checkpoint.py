@@ -2,14 +2,21 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding Accelerate's full state (model, optimizers,
 scaler, RNG states of every rank; DeepSpeed's ZeRO partitions under DeepSpeed) and `meta.json`: the run's
-identity (what it was trained on and how) and the registered training state (position in the data, loss
-history), as JSON. Every rank writes into `.tmp-step-NNNNNNNN/`; the main process writes `meta.json` last and
-renames the folder, so a folder named `step-*` with a `meta.json` is complete, and an interrupted save
-leaves only a `.tmp-*` folder that is ignored and later removed.
+identity (what it was trained on and how), the registered training state (position in the data, loss
+history) as JSON, and the sha256 of every file of the checkpoint. Every rank writes into
+`.tmp-step-NNNNNNNN/`; the main process writes `meta.json` last and renames the folder, so a folder named
+`step-*` with a `meta.json` is complete, and an interrupted save leaves only a `.tmp-*` folder that is ignored
+and later removed. `--resume auto` takes the newest complete checkpoint whose files are intact.
+
+Trust boundary: Accelerate and DeepSpeed load parts of a checkpoint with pickle (DeepSpeed's engine with
+`torch.load(weights_only=False)`), which can run code. Every file's sha256 is therefore checked against
+meta.json before anything is loaded, and a part that cannot be loaded fails the resume. Resume only your own
+checkpoints: the checksums catch damage and edits of single files, not a forger who rewrites meta.json too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,6 +41,24 @@ IDENTITY = {
 
 class CheckpointMismatch(UserError):
     """A checkpoint from another configuration, vocabulary, store or world size, or not a checkpoint."""
+
+
+class CheckpointDamaged(CheckpointMismatch):
+    """A checkpoint whose files do not match the sha256 recorded when it was written, or cannot be loaded."""
+
+
+def _sha256(path: Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but meta.json, by relative path."""
+    return {p.relative_to(folder).as_posix(): _sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
 class Stateful(Protocol):
@@ -79,7 +104,8 @@ class CheckpointManager:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = {**self.identity, **self.state.state_dict(), "package_version": __version__}
+            meta = {**self.identity, **self.state.state_dict(), "package_version": __version__,
+                    "files": file_digests(tmp)}
             atomic_write(tmp / META, json.dumps(meta, indent=1))
             if final.exists():  # the same step saved again (e.g. a signal right after an epoch-end save)
                 shutil.rmtree(final)
@@ -91,6 +117,31 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
+    def resume_point(self, request: str) -> Path | None:
+        """The checkpoint to resume from, checked before any work: None for "none"; for "auto" the newest
+        complete checkpoint whose files are intact (a damaged newer one is skipped, and said so); else the
+        folder named. Refuses one written by another configuration, store or world size."""
+        if request == "none":
+            return None
+        if request != "auto":
+            path = Path(request)
+            self.verify(path)
+            self.check(path)
+            return path
+        complete = self.complete()
+        for path in reversed(complete):
+            try:
+                self.verify(path)
+            except CheckpointDamaged as e:
+                self.accelerator.print(f"mrgen-train: skipping a damaged checkpoint: {e}")
+                continue
+            self.check(path)
+            return path
+        if complete:
+            raise CheckpointDamaged(f"none of the {len(complete)} checkpoints in {self.dir} is intact; "
+                                    "resume from none of them, or start again with --overwrite")
+        return None
+
     def check(self, path: Path) -> None:
         """Refuse, before any work starts, a checkpoint that this run cannot continue."""
         meta = read_meta(path)
@@ -99,8 +150,32 @@ class CheckpointManager:
                 raise CheckpointMismatch(f"checkpoint {path} was written with another {what}: {meta.get(key)!r}, "
                                          f"this run has {self.identity[key]!r}")
 
+    def verify(self, path: Path) -> None:
+        """Every file of the checkpoint matches the sha256 recorded in its meta.json, and none was added,
+        and this rank's RNG states load (Accelerate would skip them silently, breaking exact resume)."""
+        recorded = read_meta(path).get("files")
+        if not isinstance(recorded, dict) or not recorded:
+            raise CheckpointDamaged(f"{path}: meta.json records no file checksums (written by an older mrgen-dist); "
+                                    "it cannot be checked before loading")
+        found = file_digests(path)
+        for name in sorted(set(recorded) | set(found)):
+            if name not in found:
+                raise CheckpointDamaged(f"{path / name}: missing (recorded in meta.json)")
+            if name not in recorded:
+                raise CheckpointDamaged(f"{path / name}: not recorded in meta.json (added after the checkpoint)")
+            if found[name] != recorded[name]:
+                raise CheckpointDamaged(f"{path / name}: sha256 {found[name][:12]}... does not match meta.json's "
+                                        f"{recorded[name][:12]}... (modified or truncated)")
+        from accelerate.utils import load as accelerate_load
+
+        rng = path / f"random_states_{self.accelerator.process_index}.pkl"
+        try:
+            accelerate_load(rng)
+        except Exception as e:  # noqa: BLE001 - any failure to load a part fails the resume
+            raise CheckpointDamaged(f"{rng}: cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
+
     def load(self, path: Path) -> None:
-        """Restore Accelerate's state and the registered state; `check` it first, before any work starts."""
+        """Restore Accelerate's state and the registered state; `resume_point` checked it first."""
         meta = read_meta(path)
         self.accelerator.load_state(str(path))
         self.state.load_state_dict(meta)

@@ -184,3 +184,5 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers b with 0 <= b < 1, got {cfg.optim.betas}")

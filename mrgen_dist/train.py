@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", type=Path, help="YAML config (hpc/configs/*.yaml)")
     ap.add_argument("--resume", default="none",
                     help="auto (newest complete checkpoint, if any), none, or a checkpoint folder")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in a train.out that holds another run, moving that run aside to "
+                         "TRAIN.OUT.replaced-<time> (without it, such a folder is refused unless resumed)")
     ap.add_argument("--tracker", choices=("clearml", "none"), help="overrides train.tracker")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 train.epochs=5")
     return ap.parse_intermixed_args(argv)  # options and overrides in any order
@@ -142,6 +145,9 @@ def train(args: argparse.Namespace) -> int:
     if cfg.train.world_size and acc.num_processes != cfg.train.world_size:
         raise UserError(f"expected {cfg.train.world_size} processes, the launcher started {acc.num_processes}")
     out = Path(cfg.train.out)
+    if args.resume == "none" and not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"train.out {out} already holds a run; continue it with --resume auto, or start afresh "
+                        "with --overwrite (the old run is moved aside)")
     distributed_type = str(acc.distributed_type).split(".")[-1]
     state = TrainState()
     ckpt = CheckpointManager(out, acc, cfg.train.keep_checkpoints, state=state, identity={
@@ -151,9 +157,7 @@ def train(args: argparse.Namespace) -> int:
         "world_size": acc.num_processes,
         "distributed_type": distributed_type,
     })
-    resume_from = {"auto": ckpt.latest(), "none": None}.get(args.resume, Path(args.resume))
-    if resume_from is not None:
-        ckpt.check(resume_from)
+    resume_from = None if args.overwrite else ckpt.resume_point(args.resume)
     # ---- data: the whole split, checksum-checked, resident on the device ------------------------------------
     train_set, test_set = store.load_split("train"), store.load_split("test")
     device = acc.device
@@ -195,8 +199,13 @@ def train(args: argparse.Namespace) -> int:
         ckpt.load(resume_from)
         acc.print(f"resumed from {resume_from} (epoch {state.epoch}, step {state.step})")
     if acc.is_main_process:
+        if args.overwrite and out.is_dir() and any(out.iterdir()):
+            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            acc.print(f"mrgen-train: --overwrite: the run that was in {out} is now in {aside}")
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
+    acc.wait_for_everyone()
     tracker = make_tracker(cfg, out, enabled=acc.is_main_process)
     tracker.log_params({**cfg.to_dict(), "store_sha256": store.sha256, "world_size": acc.num_processes,
                         "n_params": n_params})
@@ -210,7 +219,9 @@ def train(args: argparse.Namespace) -> int:
     )
 
     stop = PreemptionFlag()
-    metrics_log = open(out / "metrics.jsonl", "a", buffering=1) if acc.is_main_process else None  # noqa: SIM115
+    # one line per optimizer step; a resumed run appends (and re-logs the steps after its checkpoint)
+    metrics_log = open(out / "metrics.jsonl", "a" if resume_from else "w", buffering=1) \
+        if acc.is_main_process else None  # noqa: SIM115
 
     def checkpoint(sums: torch.Tensor) -> Path:
         """Collective. This rank's loss sums of the epoch so far are summed over ranks and kept, so that a

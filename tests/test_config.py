@@ -41,6 +41,9 @@ def test_overrides_and_saved_copy(tmp_path: Path) -> None:
         ("model.loss=l1", "model.loss must be logcosh or mse"),
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("train.max_steps=-3", "train.max_steps must be >= 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers b with 0 <= b < 1"),
+        ("model.latent=0", "model.latent and model.hidden widths must be >= 1"),
     ],
 )
 def test_bad_keys_and_values(override: str, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -204,3 +205,57 @@ def test_options_and_overrides_in_any_order(store_dir: Path, tmp_path: Path) -> 
     assert (out / "model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["steps"] == 2
 
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run(train_cmd(store_dir, out, "train.max_steps=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.relative_to(out): _sha(p) for p in out.rglob("*") if p.is_file()}
+    again = run(train_cmd(store_dir, out, "train.max_steps=6"))
+    assert again.returncode == 1
+    assert f"mrgen-train: error: train.out {out} already holds a run; continue it with --resume auto" in again.stderr
+    assert {p.relative_to(out): _sha(p) for p in out.rglob("*") if p.is_file()} == before
+    fresh = run(train_cmd(store_dir, out, "train.max_steps=6") + ["--overwrite"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert {p.relative_to(aside): _sha(p) for p in aside.rglob("*") if p.is_file()} == before
+    assert sorted(step_losses(out)) == list(range(1, 7))  # a metrics.jsonl of the new run only
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))][-1] == "step-00000006"
+
+
+def test_damaged_checkpoints_are_refused_or_skipped(store_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(train_cmd(store_dir, out, "train.max_steps=4", "train.checkpoint_every=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    older, newest = sorted((out / "checkpoints").glob("step-*"))
+    meta = json.loads((newest / "meta.json").read_text())
+    assert set(meta["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    explicit = run(train_cmd(store_dir, out, "train.max_steps=6", resume=str(newest)))
+    assert explicit.returncode == 1
+    assert f"{weights}: sha256" in explicit.stderr and "(modified or truncated)" in explicit.stderr
+    auto = run(train_cmd(store_dir, out, "train.max_steps=6", resume="auto"))
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    text = auto.stdout + auto.stderr
+    assert "skipping a damaged checkpoint" in text and f"resumed from {older}" in text
+
+    # a pickle payload in the RNG states, with the checksums rewritten to match: loading must fail the resume
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    rng = latest / "random_states_0.pkl"
+    torch.save({"payload": Payload()}, rng)
+    meta = json.loads((latest / "meta.json").read_text())
+    meta["files"]["random_states_0.pkl"] = _sha(rng)
+    (latest / "meta.json").write_text(json.dumps(meta))
+    forged = run(train_cmd(store_dir, out, "train.max_steps=8", resume=str(latest)))
+    assert forged.returncode == 1 and f"{rng}: cannot be loaded" in forged.stderr
+    assert not (tmp_path / "pwned").exists()
