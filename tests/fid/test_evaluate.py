@@ -81,3 +81,19 @@ def test_conditioning_and_report(store_dir: Path, decoder: Path, tmp_path: Path,
     capsys.readouterr()
     assert main(["--store", str(store_dir), "--model", str(decoder), "--scanner", "Achieva", "--out", str(tmp_path)]) == 1
     assert "unknown scanner 'Achieva'" in capsys.readouterr().err
+
+
+def test_a_scanner_without_test_slices_is_named(cohort_dir: Path, decoder: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """One Intera subject only: a subject split puts it in train, so Intera has no test slices."""
+    volumes = [v for v in discover_directory(cohort_dir) if v.scanner != "Intera"]
+    volumes += [v for v in discover_directory(cohort_dir) if v.scanner == "Intera"][:1]
+    store = tmp_path / "store"
+    convert(volumes, Vocabulary.method(), store, ConvertOptions(shard_volumes=12, test_fraction=0.34))
+    assert SliceStore(store).manifest.split_counts["test"]["Intera"] == 0
+    capsys.readouterr()
+    code = main(["--store", str(store), "--model", str(decoder), "--scanner", "Intera", "--repeats", "1",
+                 "--out", str(tmp_path / "fid")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("mrgen-fid: error: scanner 'Intera' has 0 real test slice(s)")
+    assert "Traceback" not in err and not list((tmp_path / "fid").glob("fid_*.json"))
