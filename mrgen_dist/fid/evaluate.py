@@ -72,6 +72,13 @@ def check_model_fits_store(store: SliceStore, sampler: Sampler) -> None:
         raise FidError(f"the model's scanners {model} are not the store's {data}")
 
 
+def require_test_slices(store: SliceStore, scanner: str) -> None:
+    """FID and KID need at least 2 real test slices of the scanner (the manifest's count, before any work)."""
+    n = store.expected_count("test", scanner)
+    if n < 2:
+        raise FidError(f"scanner {scanner!r} has {n} real test slice(s) in {store.root}; FID and KID need at least 2")
+
+
 def evaluate_scanner(
     store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, scanner: str, repeats: int, seed: int, out: Path,
     tracker: Tracker | None = None,
@@ -80,10 +87,9 @@ def evaluate_scanner(
     OUT/fid_<scanner>.json."""
     from tqdm import tqdm
 
+    require_test_slices(store, scanner)
     real, cached = real_features(store, scanner, "test", extractor, out / "cache")
     n = len(real)
-    if n < 2:
-        raise FidError(f"scanner {scanner!r} has {n} real test slice(s) in {store.root}; FID and KID need at least 2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         real_stats = FeatureStats.of(real)
@@ -184,6 +190,8 @@ def _score(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     store = SliceStore(args.store)
     names = store.vocabulary.resolve(args.scanner)
+    for name in names:
+        require_test_slices(store, name)
     sampler, extractor = _open_model(args, store)
     print(f"FID features: {extractor.kind} ({extractor.weights}) on {extractor.device}; sampler on {sampler.device}",
           file=sys.stderr)
