@@ -79,9 +79,15 @@ class StoreManifest:
 
     NAME: ClassVar[str] = "manifest.json"
     FORMAT: ClassVar[str] = "mrgen-slice-store"
-    VERSION: ClassVar[int] = 1
-    #: The fields `store_sha256` covers: the store's identity, recorded by checkpoints, models and FID caches.
-    IDENTITY: ClassVar[tuple[str, ...]] = ("format_version", "vocabulary", "params", "shards", "split")
+    VERSION: ClassVar[int] = 2
+    #: What `store_sha256` covers: every field of the manifest but itself, so that no part of it (counts
+    #: included) can be edited unnoticed. It is the store's identity, recorded by checkpoints, models and FID
+    #: caches. Version 1 covered only IDENTITY_V1; manifests written as version 1 are read with that rule.
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "format", "format_version", "vocabulary", "params", "shards", "split", "counts", "split_counts",
+        "created_by", "created_utc", "inputs",
+    )
+    IDENTITY_V1: ClassVar[tuple[str, ...]] = ("format_version", "vocabulary", "params", "shards", "split")
     SHARD_FIELDS: ClassVar[tuple[str, ...]] = ("file", "sha256", "xxh3_128", "bytes", "slices")
 
     vocabulary: list
@@ -97,11 +103,14 @@ class StoreManifest:
     store_sha256: str = ""
 
     def identity_sha256(self) -> str:
-        identity = {k: getattr(self, k) for k in self.IDENTITY}
+        """The hash `store_sha256` must equal, by the rule of this manifest's format_version."""
+        d = self.to_dict()
+        identity = {k: d[k] for k in (self.IDENTITY_V1 if self.format_version == 1 else self.IDENTITY)}
         return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def sealed(self) -> StoreManifest:
-        """This manifest with `store_sha256` set from its identity fields."""
+        """This manifest with `store_sha256` set from its identity fields (all of them but store_sha256 from
+        version 2 on)."""
         return dataclasses.replace(self, store_sha256=self.identity_sha256())
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,8 +124,12 @@ class StoreManifest:
         """Read and check: kind, version, fields, shard entries, and that `store_sha256` matches."""
         d = _read_json(path)
         _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
+        if d["format_version"] < 1:
+            raise ArtifactError(f"{path}: field 'format_version' is {d['format_version']}; versions start at 1")
         manifest = cls(**_check_fields(cls, d, str(path)))
         for i, shard in enumerate(manifest.shards):
+            if not isinstance(shard, dict):
+                raise ArtifactError(f"{path}: shards[{i}] should be an object, found {type(shard).__name__}")
             missing = [k for k in cls.SHARD_FIELDS if k not in shard]
             if missing:
                 raise ArtifactError(f"{path}: shards[{i}] lacks {', '.join(missing)} (convert again with this version)")

@@ -53,6 +53,30 @@ def test_store_manifest_is_sealed_by_its_identity(store_dir: Path, tmp_path: Pat
     with pytest.raises(ArtifactError, match="does not match its store_sha256"):
         StoreManifest.read(copy)
     assert StoreManifest.read(edited.sealed().write(copy)).vocabulary == manifest.vocabulary[::-1]
+    # format 2: store_sha256 covers every other field, counts included
+    assert set(StoreManifest.IDENTITY) == set(manifest.to_dict()) - {"store_sha256"}
+    for name in StoreManifest.IDENTITY:
+        if name in ("format", "format_version"):
+            continue
+        value = getattr(manifest, name)
+        changed = value + "x" if isinstance(value, str) else {**value, "x": 1} if isinstance(value, dict) else value * 2
+        dataclasses.replace(manifest, **{name: changed}).write(copy)
+        with pytest.raises(ArtifactError, match="does not match its store_sha256"):
+            StoreManifest.read(copy)
+
+
+def test_store_manifest_version_1_keeps_its_identity_rule(store_dir: Path, tmp_path: Path) -> None:
+    manifest = StoreManifest.read(store_dir / StoreManifest.NAME)
+    v1 = dataclasses.replace(manifest, format_version=1).sealed()
+    assert v1.store_sha256 != manifest.store_sha256
+    path = v1.write(tmp_path / "manifest.json")
+    assert StoreManifest.read(path) == v1  # read back as written: version 1, its own hash
+    loose = dataclasses.replace(v1, counts={**v1.counts, "volumes": 99})  # not covered by format 1
+    assert StoreManifest.read(loose.write(path)).counts["volumes"] == 99
+    with pytest.raises(ArtifactError, match=r"shards\[0\] should be an object, found int"):
+        StoreManifest.read(dataclasses.replace(manifest, shards=[1]).sealed().write(path))
+    with pytest.raises(ArtifactError, match="versions start at 1"):
+        StoreManifest.read(dataclasses.replace(manifest, format_version=0).sealed().write(path))
 
 
 def test_model_metadata_round_trip_and_errors() -> None:

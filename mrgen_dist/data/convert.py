@@ -1,17 +1,32 @@
-"""`mrgen-convert`: NIfTI volumes -> sharded HDF5 slice store (atomic, resumable, parallel).
+"""`mrgen-convert`: NIfTI volumes -> sharded HDF5 slice store (atomic, resumable, parallel, one writer).
 
-    mrgen-convert [convert] INPUT_DIR_OR_CSV --out STORE [--workers N] [--resample] [--split subject|slice] ...
+    mrgen-convert [convert] INPUT_DIR_OR_CSV --out STORE [--workers N] [--resample] [--split subject|slice]
+                  [--overwrite] ...
     mrgen-convert verify STORE
 
-Exit status of a conversion: 0 every input converted; 3 the store was written but some inputs were
-rejected (listed in STORE/rejected.csv and in the summary); 1 an error, no usable store (unusable input,
-nothing accepted); 2 a usage error. `verify`: 0 sound, 1 problems found (each printed on its own line).
+Exit status of a conversion: 0 every input converted; 3 the store was written (or was already there) but
+some inputs were rejected (listed in STORE/rejected.csv and in the summary); 1 an error, no new store
+(unusable input, nothing accepted, a write failure, the folder in use, a different store there without
+--overwrite); 2 a usage error. `verify`: 0 sound, 1 problems found (each printed on its own line).
 
-Shards hold a fixed number of accepted volumes (`--shard-volumes`, the last one fewer). Each shard is
-written under a temporary name and renamed, then a small record `shard-NNNNN.json` (its sha256 and the
-inputs it consumed) is written the same way. A re-run keeps every shard, from the first on, whose record
-matches the inputs and parameters and whose file matches its sha256, and converts from the first one that
-does not. The manifest is written last, so a store without one is an unfinished conversion.
+One writer: a conversion holds an exclusive lock on STORE (`mrgen_dist.data.lock`) from start to end; a
+second one refuses at once naming the holder (pid@host). The lock dies with its process.
+
+Staged: the new store is built in `STORE/.staging/` (shards, their records, rejected.csv, manifest) and
+replaces the store in STORE only once it is complete and every shard matches the sha256 of its record; a
+conversion that fails leaves the store in STORE as it was. The replacement removes the old manifest first,
+moves the new shards, rejected.csv and, last, the new manifest in, so that an interruption during it leaves
+a folder without a manifest (an unfinished conversion that the reader refuses and a re-run finishes), never
+a manifest over shards it does not describe.
+
+Resumable: shards hold a fixed number of accepted volumes (`--shard-volumes`, the last one fewer). Each shard
+is written under a temporary name and renamed, then a small record `shard-NNNNN.json` (its sha256 and the
+inputs it consumed) is written the same way. A run keeps every shard, from the first on, whose record matches
+the inputs and parameters and whose file matches its sha256, taken from the staging folder of an interrupted
+run or from the store in STORE (hard-linked, so the files are the same), and converts from the first one that
+does not. A re-run of the conversion that made the finished store in STORE (same inputs, same parameters,
+every shard intact) leaves it untouched; replacing a finished store made from other inputs or parameters
+needs `--overwrite`.
 """
 
 from __future__ import annotations
@@ -21,10 +36,13 @@ import csv
 import hashlib
 import io
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,20 +51,43 @@ import numpy as np
 from tqdm import tqdm
 
 from mrgen_dist import __version__
-from mrgen_dist.artifacts import StoreManifest
+from mrgen_dist.artifacts import ArtifactError, StoreManifest
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import EXIT_ERROR, UserError, positive, run, with_default_command
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.inputs import InputError, InputVolume, Rejection, discover_directory, read_manifest, screen
+from mrgen_dist.data.lock import LOCK_NAME, FolderLock
 from mrgen_dist.data.shards import ShardArrays, file_digests, write_shard
 from mrgen_dist.data.split import SPLIT_UNITS, slice_split, subject_split
 from mrgen_dist.data.store import REJECTED_NAME, SliceStore
-from mrgen_dist.data.summary import store_summary, write_preview
+from mrgen_dist.data.summary import PREVIEW_NAME, store_summary, write_preview
 from mrgen_dist.data.volume import MNI_SHAPE, SliceParams, VolumeRejected, central_slices, load_volume
 from mrgen_dist.scanners import Vocabulary
 
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 2, 3
 SHARD_DIR = "shards"
+STAGING = ".staging"
+_REPLACED = "replaced-shards"  # inside the staging folder, the old store's shards while they are replaced
+
+
+class ConvertError(UserError):
+    """The conversion could not write or replace the store; the message names the file."""
+
+
+class _ReplaceError(ConvertError):
+    """The new store was complete but could not be moved into place; the old one is no longer whole."""
+
+
+class StoreExists(UserError):
+    """STORE holds a finished store from other inputs or parameters and --overwrite was not given."""
+
+
+class NothingAccepted(InputError):
+    """Every input was rejected; `rejected` holds the reasons."""
+
+    def __init__(self, message: str, rejected: list[Rejection]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
 
 
 @dataclass(frozen=True)
@@ -66,6 +107,14 @@ class ConvertOptions:
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
 
+    def store_params(self) -> dict:
+        """The manifest's `params`, as they read back from JSON."""
+        params = {**self.params.to_dict(), "shard_volumes": self.shard_volumes, "image_dtype": "float16"}
+        return json.loads(json.dumps(params))
+
+    def split_settings(self) -> dict:
+        return {"unit": self.split_unit, "test_fraction": self.test_fraction, "seed": self.seed}
+
 
 @dataclass
 class ConversionResult:
@@ -74,6 +123,10 @@ class ConversionResult:
     shards_written: int
     shards_kept: int
     seconds: float
+    unchanged: bool = False  # STORE already held this conversion and was left as it was
+    replaced: bool = False  # a finished store in STORE was replaced by the new one
+    preview: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # problems that do not make the store unusable
 
 
 # -- per volume (runs in worker processes) ---------------------------------------------------------------
@@ -95,34 +148,72 @@ def _convert_volume(job: tuple[str, SliceParams]) -> np.ndarray | str:
 # -- the store -----------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, file too large, read-only) into one line naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConvertError(f"cannot write {path}: {reason}") from None
+
+
 def _record_path(shard_path: Path) -> Path:
     return shard_path.with_suffix(".json")
 
 
-def _resume(shard_dir: Path, volumes: list[InputVolume], params_key: str) -> tuple[list[dict], int]:
-    """Records of the leading shards that are complete and current, and how many inputs they consumed."""
+def _valid_record(path: Path, keys: list[str], cursor: int, params_key: str) -> dict | None:
+    """The record of the shard at `path` if it continues the inputs at `cursor` with these parameters and the
+    file matches its sha256; None otherwise."""
+    rec_path = _record_path(path)
+    if not rec_path.is_file() or not path.is_file():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    consumed = rec.get("inputs")
+    if rec.get("params_key") != params_key or not consumed or consumed != keys[cursor : cursor + len(consumed)]:
+        return None
+    if file_digests(path)["sha256"] != rec.get("sha256"):
+        return None
+    return rec
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (a hard link; a copy where the file system has none)."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _resume(staged: Path, earlier: Path, volumes: list[InputVolume], params_key: str) -> tuple[list[dict], int]:
+    """Records of the leading shards that are complete and current, and how many inputs they consumed.
+
+    Shard i is taken from `staged` (an interrupted run) or else from `earlier` (the store's own shards, linked
+    into `staged`); `earlier` is only read. Anything in `staged` after the kept prefix is removed.
+    """
     keys = [v.key() for v in volumes]
     records: list[dict] = []
     cursor = 0
     while True:
-        path = shard_dir / f"shard-{len(records):05d}.h5"
-        rec_path = _record_path(path)
-        if not rec_path.is_file() or not path.is_file():
-            break
-        try:
-            rec = json.loads(rec_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            break
-        consumed = rec.get("inputs", [])
-        if rec.get("params_key") != params_key or consumed != keys[cursor : cursor + len(consumed)]:
-            break
-        if file_digests(path)["sha256"] != rec.get("sha256"):
-            break
+        name = f"shard-{len(records):05d}.h5"
+        rec = _valid_record(staged / name, keys, cursor, params_key)
+        if rec is None:
+            rec = _valid_record(earlier / name, keys, cursor, params_key)
+            if rec is None:
+                break
+            _link(earlier / name, staged / name)
+            _link(_record_path(earlier / name), _record_path(staged / name))
         records.append(rec)
-        cursor += len(consumed)
+        cursor += len(rec["inputs"])
     # anything after the kept prefix is stale: a later shard cannot be valid if an earlier one was redone;
     # dot files are temporaries of an interrupted run
-    for stale in [*shard_dir.glob("shard-*.h5"), *shard_dir.glob("shard-*.json"), *shard_dir.glob(".shard-*")]:
+    for stale in [*staged.glob("shard-*.h5"), *staged.glob("shard-*.json"), *staged.glob(".shard-*")]:
         if stale.name.startswith(".") or int(stale.stem.split("-")[1]) >= len(records):
             stale.unlink()
     return records, cursor
@@ -137,6 +228,122 @@ def _results(volumes: list[InputVolume], params: SliceParams, workers: int) -> I
         yield from pool.map(_convert_volume, jobs, chunksize=1)
 
 
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        if names and not names & {StoreManifest.NAME, SHARD_DIR, STAGING, LOCK_NAME}:
+            raise InputError(f"{out} exists and is not a slice store; choose an empty or new folder")
+
+
+def _finished_store(out: Path) -> tuple[StoreManifest | None, str]:
+    """The manifest of the finished store in `out` (None when there is none), or why it cannot be read."""
+    path = out / StoreManifest.NAME
+    if not path.exists():
+        return None, ""
+    try:
+        return StoreManifest.read(path), ""
+    except ArtifactError as e:
+        return None, str(e)
+
+
+def _store_inputs(out: Path, manifest: StoreManifest) -> list[str] | None:
+    """The input keys the store's shards consumed, from their records; None when a record is unreadable."""
+    keys: list[str] = []
+    for shard in manifest.shards:
+        try:
+            rec = json.loads(_record_path(out / shard["file"]).read_text())
+            keys.extend(rec["inputs"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+    return keys
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _differences(
+    out: Path, old: StoreManifest, vocabulary: Vocabulary, options: ConvertOptions, volumes: list[InputVolume]
+) -> list[str]:
+    """How the conversion asked for differs from the one that made the finished store in `out` (empty: none)."""
+    diffs = []
+    if list(old.vocabulary) != list(vocabulary.names):
+        diffs.append(f"vocabulary {','.join(old.vocabulary)} -> {','.join(vocabulary.names)}")
+    new_params = options.store_params()
+    for key in sorted(set(old.params) | set(new_params)):
+        if old.params.get(key) != new_params.get(key):
+            diffs.append(f"{key} {_short(old.params.get(key))} -> {_short(new_params.get(key))}")
+    for key, value in options.split_settings().items():
+        if old.split.get(key) != value:
+            diffs.append(f"split {key} {_short(old.split.get(key))} -> {_short(value)}")
+    old_keys = _store_inputs(out, old)
+    new_keys = [v.key() for v in volumes]
+    if old_keys is None:
+        diffs.append("inputs unknown (shard records missing or unreadable)")
+    elif old_keys != new_keys:
+        before = {k.rsplit("|", 3)[0]: k for k in old_keys}
+        after = {k.rsplit("|", 3)[0]: k for k in new_keys}
+        counts = {
+            "new": len(after.keys() - before.keys()),
+            "gone": len(before.keys() - after.keys()),
+            "changed": sum(before[s] != after[s] for s in after.keys() & before.keys()),
+        }
+        diffs.append("inputs: " + (", ".join(f"{n} {what}" for what, n in counts.items() if n) or "differ"))
+    return diffs
+
+
+def _content(manifest: StoreManifest) -> dict:
+    """What a manifest says about the store, without when, by which version and from which path it was made."""
+    d = manifest.to_dict()
+    for key in ("created_utc", "created_by", "format_version", "store_sha256"):
+        d.pop(key)
+    d["inputs"] = {k: v for k, v in d["inputs"].items() if k != "description"}
+    return d
+
+
+def _check_staged(staging: Path, records: list[dict]) -> None:
+    """Every staged shard is the file its record describes (size and sha256), read back from the disk."""
+    for rec in records:
+        path = staging / rec["file"]
+        if not path.is_file() or path.stat().st_size != rec["bytes"] or file_digests(path)["sha256"] != rec["sha256"]:
+            raise ConvertError(f"{path}: does not match its record after writing (disk or file system fault?)")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(out: Path, staging: Path) -> None:
+    """Replace the store in `out` by the complete one in `staging` (see the module doc for the order)."""
+    try:
+        (out / StoreManifest.NAME).unlink(missing_ok=True)
+        _fsync_dir(out)
+        (out / PREVIEW_NAME).unlink(missing_ok=True)  # it shows the old store
+        if (out / SHARD_DIR).exists():
+            os.replace(out / SHARD_DIR, staging / _REPLACED)
+        os.replace(staging / SHARD_DIR, out / SHARD_DIR)
+        os.replace(staging / REJECTED_NAME, out / REJECTED_NAME)
+        os.replace(staging / StoreManifest.NAME, out / StoreManifest.NAME)
+        _fsync_dir(out)
+    except OSError as e:
+        raise _ReplaceError(
+            f"cannot move the new store from {staging} into {out}: {e.strerror or e}; {out} is now an unfinished "
+            "conversion: re-run to finish it"
+        ) from None
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _has_shards(staging: Path) -> int:
+    return len(list((staging / SHARD_DIR).glob("shard-*.h5"))) if staging.is_dir() else 0
+
+
 def convert(
     volumes: list[InputVolume],
     vocabulary: Vocabulary,
@@ -144,32 +351,138 @@ def convert(
     options: ConvertOptions = ConvertOptions(),
     synthetic: bool = False,
     description: str = "",
+    overwrite: bool = False,
+    preview: bool = False,
 ) -> ConversionResult:
-    """Convert `volumes` into the store at `out`; see the module doc for resume and atomicity."""
-    t0 = time.perf_counter()
-    manifest_path = out / StoreManifest.NAME
-    if out.exists() and any(out.iterdir()) and not (out / SHARD_DIR).is_dir() and not manifest_path.exists():
-        raise InputError(f"{out} exists and is not a slice store; choose an empty or new folder")
-    shard_dir = out / SHARD_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)  # the store is unfinished until the manifest is rewritten
+    """Convert `volumes` into the store at `out`; see the module doc for locking, staging and resume.
 
+    `overwrite` allows replacing a finished store made from other inputs or parameters; `preview` writes
+    STORE/preview.png once the store is in place (a failure there is a warning in the result, not an error).
+    """
+    out = Path(out)
+    _check_out(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the store folder {out}: {e.strerror or e}") from None
+    try:
+        with FolderLock(out, "mrgen-convert"):
+            return _convert_locked(volumes, vocabulary, out, options, synthetic, description, overwrite, preview)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed conversion into a new folder leaves no folder behind
+
+
+def _convert_locked(
+    volumes: list[InputVolume],
+    vocabulary: Vocabulary,
+    out: Path,
+    options: ConvertOptions,
+    synthetic: bool,
+    description: str,
+    overwrite: bool,
+    preview: bool,
+) -> ConversionResult:
+    t0 = time.perf_counter()
+    staging = out / STAGING
+    old, unreadable = _finished_store(out)
+    if unreadable and not overwrite:
+        raise StoreExists(f"{out} holds a store whose manifest cannot be read ({unreadable}); add --overwrite "
+                          "to replace it")
     kept, rejected = screen(volumes, vocabulary)
+    same = False
+    if old is not None:
+        diffs = _differences(out, old, vocabulary, options, kept)
+        same = not diffs
+        if diffs and not overwrite:
+            raise StoreExists(
+                f"{out} holds a finished store made from other inputs or parameters ({'; '.join(diffs)}); add "
+                "--overwrite to replace it (it stays until the new store is complete)"
+            )
     params_key = hashlib.sha256(
         json.dumps([options.params.to_dict(), vocabulary.names, options.shard_volumes], sort_keys=True).encode()
     ).hexdigest()
-    records, cursor = _resume(shard_dir, kept, params_key)
-    shards_kept = len(records)
-    for rec in records:
-        rejected.extend(Rejection(**r) for r in rec["rejected"])
 
-    todo = kept[cursor:]
+    staged = staging / SHARD_DIR
+    try:
+        shutil.rmtree(staging / _REPLACED, ignore_errors=True)  # left by an interrupted replacement
+        with _writing(staged):
+            staged.mkdir(parents=True, exist_ok=True)
+            records, cursor = _resume(staged, out / SHARD_DIR, kept, params_key)
+        shards_kept = len(records)
+        for rec in records:
+            rejected.extend(Rejection(**r) for r in rec["rejected"])
+        _build(kept[cursor:], cursor, len(kept), vocabulary, options, params_key, staged, records, rejected)
+        shards_written = len(records) - shards_kept
+        if not records:
+            first = min(rejected, key=lambda r: r.source, default=Rejection("-", "no input given"))
+            raise NothingAccepted(
+                f"no volume was accepted ({len(rejected)} rejected; first: {first.source}: {first.reason})"
+                + (f"; the store in {out} is unchanged" if old is not None or unreadable else ""),
+                rejected,
+            )
+        manifest = _manifest(records, vocabulary, options, rejected, synthetic, description).sealed()
+        if same and shards_written == 0 and _content(manifest) == _content(old):
+            shutil.rmtree(staging)
+            result = ConversionResult(out, rejected, 0, shards_kept, 0.0, unchanged=True)
+        else:
+            _check_staged(staging, records)
+            with _writing(staging / REJECTED_NAME):
+                _write_rejected(staging / REJECTED_NAME, rejected)
+            with _writing(staging / StoreManifest.NAME):
+                manifest.write(staging / StoreManifest.NAME)
+            if StoreManifest.read(staging / StoreManifest.NAME) != manifest:
+                raise ConvertError(f"{staging / StoreManifest.NAME}: reads back differently from what was written")
+            _commit(out, staging)
+            replaced = old is not None or bool(unreadable)
+            result = ConversionResult(out, rejected, shards_written, shards_kept, 0.0, replaced=replaced)
+    except NothingAccepted:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except _ReplaceError:
+        raise
+    except ConvertError as e:
+        n = _has_shards(staging)
+        kept_note = (f"; {n} finished shard(s) of this conversion kept in {staging} for a re-run to resume "
+                     "(or delete it)") if n else ""
+        state = f"the store in {out} is unchanged" if old is not None or unreadable else "no store was written"
+        raise ConvertError(f"{e}; {state}{kept_note}") from None
+    finally:
+        if staging.is_dir() and not _has_shards(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+    if preview and not (result.unchanged and (out / PREVIEW_NAME).is_file()):
+        try:
+            result.preview = write_preview(SliceStore(out))
+        except Exception as e:  # noqa: BLE001 - the store is complete and valid: a missing picture is a warning
+            reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else (str(e).splitlines() or [""])[0]
+            result.warnings.append(f"{out / PREVIEW_NAME} not written ({type(e).__name__}: {reason}); the store "
+                                   "is complete")
+    elif preview:
+        result.preview = out / PREVIEW_NAME
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _build(
+    todo: list[InputVolume],
+    done: int,
+    total: int,
+    vocabulary: Vocabulary,
+    options: ConvertOptions,
+    params_key: str,
+    staged: Path,
+    records: list[dict],
+    rejected: list[Rejection],
+) -> None:
+    """Convert `todo` into new shards in `staged`, appending their records to `records`."""
     pending: list[tuple[InputVolume, np.ndarray]] = []
     consumed: list[InputVolume] = []
     pending_rejected: list[Rejection] = []
 
     def flush() -> None:
-        path = shard_dir / f"shard-{len(records):05d}.h5"
+        path = staged / f"shard-{len(records):05d}.h5"
         k = options.params.slices_per_volume
         arrays = ShardArrays(
             images=np.concatenate([s for _, s in pending]),
@@ -178,7 +491,8 @@ def convert(
             slice_index=np.tile(np.asarray(options.params.slice_indices()), len(pending)),
             source=np.repeat([v.source for v, _ in pending], k),
         )
-        digests = write_shard(path, arrays, {"format": StoreManifest.FORMAT, "params_key": params_key})
+        with _writing(path):
+            digests = write_shard(path, arrays, {"format": StoreManifest.FORMAT, "params_key": params_key})
         rec = {
             "file": f"{SHARD_DIR}/{path.name}",
             **digests,
@@ -189,14 +503,15 @@ def convert(
             "inputs": [v.key() for v in consumed],
             "rejected": [r.__dict__ for r in pending_rejected],
         }
-        atomic_write(_record_path(path), json.dumps(rec, indent=1))
+        with _writing(_record_path(path)):
+            atomic_write(_record_path(path), json.dumps(rec, indent=1))
         records.append(rec)
         rejected.extend(pending_rejected)
         pending.clear()
         consumed.clear()
         pending_rejected.clear()
 
-    bar = tqdm(total=len(kept), initial=cursor, desc="volumes", unit="vol", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, desc="volumes", unit="vol", file=sys.stderr, dynamic_ncols=True)
     with bar:
         for volume, result in zip(todo, _results(todo, options.params, options.workers), strict=True):
             consumed.append(volume)
@@ -210,13 +525,6 @@ def convert(
     if pending:
         flush()
     rejected.extend(pending_rejected)
-    shards_written = len(records) - shards_kept
-
-    _write_rejected(out / REJECTED_NAME, rejected)
-    if not records:
-        raise InputError(f"no volume was accepted ({len(rejected)} rejected; reasons in {out / REJECTED_NAME})")
-    _manifest(records, vocabulary, options, rejected, synthetic, description).sealed().write(manifest_path)
-    return ConversionResult(out, rejected, shards_written, shards_kept, time.perf_counter() - t0)
 
 
 def _write_rejected(path: Path, rejected: list[Rejection]) -> None:
@@ -262,9 +570,9 @@ def _manifest(
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         inputs={"description": description, "synthetic": synthetic},
         vocabulary=list(vocabulary.names),
-        params={**options.params.to_dict(), "shard_volumes": options.shard_volumes, "image_dtype": "float16"},
+        params=options.store_params(),
         shards=[{key: rec[key] for key in StoreManifest.SHARD_FIELDS} for rec in records],
-        split={"unit": options.split_unit, "test_fraction": options.test_fraction, "seed": options.seed, "test": test},
+        split={**options.split_settings(), "test": test},
         counts={"volumes": len(volumes), "slices": len(volumes) * k, "per_scanner": per_scanner, "rejected": len(rejected)},
         split_counts=split_counts,
     )
@@ -310,12 +618,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="NIfTI volumes -> slice store (the default command)",
         description="Convert T1 NIfTI volumes on the MNI152 1 mm grid into a sharded HDF5 slice store.",
         epilog="Exit status: 0 all converted; 3 store written, some inputs rejected (see rejected.csv); "
-        "1 error, no usable store; 2 usage error.",
+        "1 error, no new store (the one in --out, if any, is unchanged); 2 usage error.",
     )
     c.add_argument(
         "input", type=Path, help="folder of NIfTI files (IXI/SALD names) or a manifest CSV path,scanner[,subject]"
     )
-    c.add_argument("--out", "-o", type=Path, required=True, help="store folder (created; re-running resumes)")
+    c.add_argument("--out", "-o", type=Path, required=True,
+                   help="store folder (created; re-running resumes; a finished store from the same inputs and "
+                   "parameters is left as it is)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a finished store in --out made from other inputs or parameters (it is kept "
+                   "until the new one is complete)")
     c.add_argument("--workers", type=positive(int), default=1, help="parallel conversion processes (default 1)")
     c.add_argument("--resample", action="store_true", help="resample volumes on other grids onto the MNI grid")
     c.add_argument("--slices", type=_slices, default=SliceParams.slices_per_volume, help="central axial slices per volume")
@@ -370,22 +683,36 @@ def run_convert(args: argparse.Namespace) -> int:
     volumes = read_manifest(args.input) if is_csv else discover_directory(args.input)
     vocabulary = _vocabulary(args.vocabulary, volumes)
     folder = args.input.parent if is_csv else args.input
-    result = convert(
-        volumes,
-        vocabulary,
-        args.out,
-        options,
-        synthetic=(folder / MARKER_FILE).is_file(),
-        description=f"{'manifest' if is_csv else 'folder'} {args.input}",
-    )
+    try:
+        result = convert(
+            volumes,
+            vocabulary,
+            args.out,
+            options,
+            synthetic=(folder / MARKER_FILE).is_file(),
+            description=f"{'manifest' if is_csv else 'folder'} {args.input}",
+            overwrite=args.overwrite,
+            preview=True,
+        )
+    except NothingAccepted as e:
+        _print_rejections(e.rejected)
+        raise
     store = SliceStore(result.store)
     print(store_summary(store))
-    print(f"preview: {write_preview(store)}")
+    if result.preview:
+        print(f"preview: {result.preview}")
+    for warning in result.warnings:
+        print(f"mrgen-convert: warning: {warning}", file=sys.stderr)
     _print_rejections(result.rejected)
-    print(
-        f"{result.shards_written} shards written, {result.shards_kept} kept from an earlier run, "
-        f"{result.seconds:.1f} s"
-    )
+    if result.unchanged:
+        print(f"store unchanged: {result.store} already holds this conversion (same inputs and parameters, "
+              f"{result.shards_kept} shards checked), {result.seconds:.1f} s")
+    else:
+        print(
+            f"{result.shards_written} shards written, {result.shards_kept} kept from an earlier run"
+            + (", previous store replaced" if result.replaced else "")
+            + f", {result.seconds:.1f} s"
+        )
     return EXIT_REJECTED if result.rejected else EXIT_OK
 
 

@@ -41,17 +41,35 @@ class ShardArrays:
         return len(self.scanner)
 
 
+def shard_image(arrays: ShardArrays, attrs: dict[str, str]) -> bytes:
+    """The bytes of the shard file, built in memory (the same bytes h5py would write to disk)."""
+    with h5py.File("shard.h5", "w", libver="latest", driver="core", backing_store=False) as f:
+        f.create_dataset("images", data=arrays.images.astype(IMAGE_DTYPE, copy=False))
+        f.create_dataset("scanner", data=arrays.scanner.astype(np.int16))
+        f.create_dataset("subject", data=arrays.subject.astype(object), dtype=_STR)
+        f.create_dataset("slice_index", data=arrays.slice_index.astype(np.int16))
+        f.create_dataset("source", data=arrays.source.astype(object), dtype=_STR)
+        f.attrs.update(attrs)
+        f.flush()
+        return f.id.get_file_image()
+
+
 def write_shard(path: Path, arrays: ShardArrays, attrs: dict[str, str]) -> dict[str, str]:
-    """Write atomically (temporary name, fsync, rename); returns the digests of the bytes renamed into place."""
+    """Write atomically (temporary name, fsync, rename); returns the digests of the bytes renamed into place.
+
+    The file is built in memory and written with plain file I/O, so that a failed write (disk full, quota,
+    file too large) is an ordinary OSError naming the file; HDF5 itself never meets one (when it does, it
+    leaves its objects in a state that ends the process with a crash). The temporary file is then removed
+    and `path` left as it was.
+    """
+    image = shard_image(arrays, attrs)
+    digests = {"sha256": hashlib.sha256(image).hexdigest(), "xxh3_128": xxhash.xxh3_128(image).hexdigest()}
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            f.create_dataset("images", data=arrays.images.astype(IMAGE_DTYPE, copy=False))
-            f.create_dataset("scanner", data=arrays.scanner.astype(np.int16))
-            f.create_dataset("subject", data=arrays.subject.astype(object), dtype=_STR)
-            f.create_dataset("slice_index", data=arrays.slice_index.astype(np.int16))
-            f.create_dataset("source", data=arrays.source.astype(object), dtype=_STR)
-            f.attrs.update(attrs)
-        digests = file_digests(tmp)  # the closed temporary file; atomic_path fsyncs it, then renames
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(image)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
     return digests
 
 

@@ -5,9 +5,10 @@ A store is a folder:
   rejected.csv           inputs that were not converted, with the reason
   shards/shard-NNNNN.h5  the slices (format in `mrgen_dist.data.shards`)
 
-`store_sha256` is the store's identity: a hash over the vocabulary, conversion params, the shards' own
-sha256 and the split. Checkpoints, exported models and FID caches record it. The manifest's format, its
-fields and that hash are defined once, in `mrgen_dist.artifacts.StoreManifest`.
+`store_sha256` is the store's identity: a hash over every other field of the manifest (format 2; format 1
+covered the vocabulary, conversion params, the shards' own sha256 and the split). Checkpoints, exported
+models and FID caches record it. The manifest's format, its fields and that hash are defined once, in
+`mrgen_dist.artifacts.StoreManifest`. Writing a store (lock, staging, replacement) is `mrgen_dist.data.convert`.
 
 Elsewhere: `mrgen_dist.data.summary` (table and preview), `mrgen_dist.data.epochs` (per-rank views).
 """

@@ -9,6 +9,8 @@ import numpy as np
 
 from mrgen_dist.data.store import REJECTED_NAME, SliceStore
 
+PREVIEW_NAME = "preview.png"
+
 
 def _synthetic(store: SliceStore) -> bool:
     return bool(store.manifest.inputs.get("synthetic"))
@@ -56,4 +58,4 @@ def write_preview(store: SliceStore, path: Path | None = None, per_scanner: int 
         captions.append([str(idx.subject[i]) for i in pick])
     synthetic = " (SYNTHETIC demo data)" if _synthetic(store) else ""
     title = f"slice store {store.sha256[:12]}: axial slice k={mid}{synthetic}"
-    return scanner_grid(rows, path or store.root / "preview.png", title, captions)
+    return scanner_grid(rows, path or store.root / PREVIEW_NAME, title, captions)

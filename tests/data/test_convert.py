@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mrgen_dist.artifacts import StoreManifest
 from mrgen_dist.cli import with_default_command
 from mrgen_dist.data.convert import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConvertOptions, convert, main
 from mrgen_dist.data.inputs import discover_directory
@@ -67,6 +69,12 @@ def _shard_stats(store: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((store / "shards").glob("*.h5"))}
 
 
+def _content(store: Path) -> dict:
+    """The manifest without the fields that say when it was written (store_sha256 covers them too)."""
+    raw = json.loads((store / "manifest.json").read_text())
+    return {k: v for k, v in raw.items() if k not in ("created_utc", "store_sha256")}
+
+
 def test_resume_skips_finished_shards(cohort_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "store"
     volumes = discover_directory(cohort_dir)
@@ -77,9 +85,10 @@ def test_resume_skips_finished_shards(cohort_dir: Path, tmp_path: Path) -> None:
     sha = SliceStore(out).sha256
 
     again = convert(volumes, Vocabulary.method(), out, options)
-    assert (again.shards_written, again.shards_kept) == (3 - 3, 3)
+    assert (again.shards_written, again.shards_kept, again.unchanged) == (3 - 3, 3, True)
     assert _shard_stats(out) == before  # untouched files
     assert SliceStore(out).sha256 == sha
+    content = _content(out)
 
     # an interrupted run: last shard gone, manifest gone; a flipped byte in the middle shard
     (out / "shards" / "shard-00002.h5").unlink()
@@ -87,15 +96,16 @@ def test_resume_skips_finished_shards(cohort_dir: Path, tmp_path: Path) -> None:
     resumed = convert(volumes, Vocabulary.method(), out, options)
     assert (resumed.shards_written, resumed.shards_kept) == (1, 2)
     assert _shard_stats(out)["shard-00000.h5"] == before["shard-00000.h5"]
-    assert SliceStore(out).sha256 == sha  # deterministic: the rewritten shard is byte-identical
+    assert _content(out) == content  # deterministic: the rewritten shard is byte-identical
 
     path = out / "shards" / "shard-00001.h5"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(raw)
     redone = convert(volumes, Vocabulary.method(), out, options)
-    assert (redone.shards_written, redone.shards_kept) == (2, 1)
-    assert SliceStore(out).verify() == []
+    assert (redone.shards_written, redone.shards_kept, redone.unchanged) == (2, 1, False)
+    assert SliceStore(out).verify() == [] and _content(out) == content
+    assert not list(out.rglob(".*"))  # no staging folder, no lock file, no temporaries
 
 
 def _bad_inputs(cohort_dir: Path, folder: Path) -> dict[str, str]:
@@ -168,7 +178,7 @@ def test_all_good_exits_zero_and_errors_exit_one(cohort_dir: Path, tmp_path: Pat
     only_bad.mkdir()
     (only_bad / "IXI960-HH-0960-T1.nii.gz").write_bytes(b"not a nifti")
     assert main([str(only_bad), "--out", str(tmp_path / "s3")]) == EXIT_ERROR
-    assert not (tmp_path / "s3" / "manifest.json").exists()
+    assert not (tmp_path / "s3").exists()  # a failed conversion into a new folder leaves nothing
 
 
 def test_manifest_csv_with_own_vocabulary(cohort_dir: Path, tmp_path: Path) -> None:
@@ -217,7 +227,12 @@ def test_verify_reports_count_and_manifest_problems(store_dir: Path, tmp_path: P
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["split_counts"]["test"]["Intera"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["verify", str(copy)]) == EXIT_ERROR  # edited outside the identity hash: counts disagree
+    assert main(["verify", str(copy)]) == EXIT_ERROR  # every field is covered by store_sha256
+    assert "does not match its store_sha256" in capsys.readouterr().err
+    # a manifest whose hash was recomputed after the edit (a forgery, or a bug): the counts still disagree
+    resealed = dataclasses.replace(StoreManifest.read(store_dir / "manifest.json"), split_counts=manifest["split_counts"])
+    resealed.sealed().write(copy / "manifest.json")
+    assert main(["verify", str(copy)]) == EXIT_ERROR
     assert "test split, scanner 'Intera': 10 slices, manifest says 11" in capsys.readouterr().err
     manifest["shards"][0]["slices"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -275,11 +290,12 @@ def test_cli_rejects_bad_numbers_at_parse_time(
 
 
 def test_store_hash_and_file_modes(store_dir: Path) -> None:
-    """store_sha256 is the sha256 of the canonical JSON of the five identity fields (so it never changes for
-    the same store), and every file is created like any other file (0o666 less the umask), not owner-only."""
+    """store_sha256 is the sha256 of the canonical JSON of every other field of the manifest (format 2), and
+    every file is created like any other file (0o666 less the umask), not owner-only."""
     raw = json.loads((store_dir / "manifest.json").read_text())
-    assert raw["format"] == "mrgen-slice-store" and raw["format_version"] == 1
-    identity = {k: raw[k] for k in ("format_version", "vocabulary", "params", "shards", "split")}
+    assert raw["format"] == "mrgen-slice-store" and raw["format_version"] == 2
+    identity = {k: v for k, v in raw.items() if k != "store_sha256"}
+    assert set(identity) == set(StoreManifest.IDENTITY) and "counts" in identity
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     assert raw["store_sha256"] == hashlib.sha256(canonical).hexdigest() == SliceStore(store_dir).sha256
     umask = os.umask(0o022)

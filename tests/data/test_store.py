@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrgen_dist.cli import UserError
+from mrgen_dist.data.convert import main as convert_main
 from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.store import SliceStore, StoreError
 from mrgen_dist.data.summary import store_summary, write_preview
@@ -57,8 +59,8 @@ def test_refuses_a_manifest_of_another_kind_or_a_newer_version(store_dir: Path, 
     copy = tmp_path / "copy"
     shutil.copytree(store_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(StoreError, match="version 2 by a newer mrgen-dist"):
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(StoreError, match="version 3 by a newer mrgen-dist"):
         SliceStore(copy)
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "something-else"}))
     with pytest.raises(StoreError, match="expected 'mrgen-slice-store'"):
@@ -70,6 +72,52 @@ def test_refuses_a_manifest_of_another_kind_or_a_newer_version(store_dir: Path, 
     with pytest.raises(StoreError, match="unreadable"):
         SliceStore(copy)
     assert issubclass(StoreError, UserError)  # commands print it as one line, no traceback
+
+
+def _as_version_1(manifest: dict) -> dict:
+    """`manifest` as format 1 wrote it: store_sha256 over format_version, vocabulary, params, shards, split."""
+    old = {**manifest, "format_version": 1}
+    identity = {k: old[k] for k in ("format_version", "vocabulary", "params", "shards", "split")}
+    old["store_sha256"] = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return old
+
+
+def test_every_manifest_field_is_covered_and_version_1_stores_still_open(store_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(store_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["counts"]["volumes"] == 12
+    for edit in (
+        lambda m: m["counts"].update(volumes=13),
+        lambda m: m["counts"]["per_scanner"]["Intera"].update(slices=31),
+        lambda m: m["split_counts"]["train"].update(Intera=21),
+        lambda m: m["inputs"].update(synthetic=True),
+        lambda m: m.update(created_utc="2020-01-01T00:00:00+00:00"),
+    ):
+        edited = json.loads(json.dumps(manifest))
+        edit(edited)
+        (copy / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(StoreError, match="does not match its store_sha256"):
+            SliceStore(copy)
+        assert convert_main(["verify", str(copy)]) == 1
+
+    # a store written by format 1 (counts not covered) opens and verifies, with its own store_sha256
+    v1 = _as_version_1(manifest)
+    (copy / "manifest.json").write_text(json.dumps(v1))
+    store = SliceStore(copy)
+    assert store.manifest.format_version == 1 and store.sha256 == v1["store_sha256"] != manifest["store_sha256"]
+    assert store.verify() == [] and len(store.load_split("train")) == 80
+    # format 1 still refuses an edit of what it covers, and an edited version number does not escape the hash
+    (copy / "manifest.json").write_text(json.dumps({**v1, "vocabulary": v1["vocabulary"][::-1]}))
+    with pytest.raises(StoreError, match="does not match its store_sha256"):
+        SliceStore(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(StoreError, match="does not match its store_sha256"):
+        SliceStore(copy)
+    # a format-1 manifest with edited counts opens (format 1 never covered them), but verify finds them wrong
+    loose = _as_version_1({**manifest, "counts": {**manifest["counts"], "slices": 121}})
+    (copy / "manifest.json").write_text(json.dumps(loose))
+    assert SliceStore(copy).verify() == ["store holds 120 slices, manifest says 121"]
 
 
 def test_summary_and_preview(store_dir: Path, tmp_path: Path) -> None:
