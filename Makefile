@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 # -> FID/KID per scanner (3 repeats) and the conditioning check -> fid/fid_table.md, fid_boxplot.png.
 demo: $(STAMP)
 	$(BIN)/mrgen-demo-data $(DEMO_DIR)/cohort --subjects-per-scanner 6 --workers $(WORKERS)
-	$(BIN)/mrgen-convert $(DEMO_DIR)/cohort --out $(DEMO_DIR)/store --workers $(WORKERS) --shard-volumes 8
+	# --overwrite: the cohort was just written again, so a store of an earlier demo is replaced, not refused
+	$(BIN)/mrgen-convert $(DEMO_DIR)/cohort --out $(DEMO_DIR)/store --workers $(WORKERS) --shard-volumes 8 --overwrite
 	$(BIN)/mrgen-convert verify $(DEMO_DIR)/store
 	rm -rf $(DEMO_DIR)/run
 	CLEARML_CACHE_DIR=$(CURDIR)/$(DEMO_DIR)/clearml $(BIN)/mrgen-train --config hpc/configs/demo.yaml \
