@@ -185,7 +185,7 @@ class ModelMetadata:
     DECODER: ClassVar[str] = "mrgen-decoder"
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
-    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config")
+    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity")
 
     format: str
     scanners: list
@@ -197,6 +197,11 @@ class ModelMetadata:
     config: dict
     package_version: str
     family: str = "cvae"
+    #: The parity check made at export: max |onnxruntime - torch fp32| over the check batches (`max_error`),
+    #: its limit (`tolerance`), the CPU and onnxruntime that measured it, and for int8 files `draws`: a few
+    #: prior draws with their float32 reference images, which the sampler re-checks on the CPU it runs on
+    #: (mrgen_dist.sample). Absent (empty) in files exported before it existed.
+    parity: dict = field(default_factory=dict)
 
     @property
     def contract(self) -> str:

@@ -14,23 +14,31 @@ seeded by (seed, scanner id): the images do not depend on the batch size, and ea
 `--device auto` takes CUDA when onnxruntime-gpu and a GPU are present, else the CPU, and says which; asking
 for `cuda` or `tensorrt` when that provider cannot run is an error that names what is missing, never a silent
 fallback to the CPU.
+
+An int8 file carries a few prior draws with their float32 reference images (metadata `mrgen.parity`): on
+first use in a process, `Sampler` runs them on this machine and refuses the file (SampleError) when the error
+exceeds the tolerance of the export check, since integer kernels differ between CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
+import platform
 import shutil
 import struct
 import sys
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from mrgen_dist.artifacts import ModelMetadata
+from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.atomic import atomic_path
 from mrgen_dist.cli import UserError, positive, run
 from mrgen_dist.scanners import UnknownScannerError, Vocabulary
@@ -46,16 +54,33 @@ class SampleError(UserError):
     """A request that cannot be served; the message says why."""
 
 
+#: The parity error measured per (file, size, mtime, provider) in this process: each file is checked once.
+_PARITY_ERRORS: dict[tuple[str, int, int, str], float] = {}
+
+
 class Sampler:
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int = 0) -> None:
+    """`inaccurate`: what to do with an int8 file whose stored parity draws fail on this machine: "error"
+    (a SampleError) or "warn"."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int = 0,
+                 inaccurate: str = "error") -> None:
         path = Path(model_path)
         if not path.is_file():
             raise SampleError(f"{path}: no such model file")
+        if inaccurate not in ("error", "warn"):
+            raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # onnxruntime's provider errors are checked below, not printed
         wanted = self._providers(device)
-        self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=wanted)
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
+            if "onnxruntime" not in type(e).__module__:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SampleError(f"{path}: not an ONNX model that onnxruntime can load ({type(e).__name__}: "
+                              f"{first[:300]})") from None
         used = self.session.get_providers()
         if device in ("cuda", "tensorrt") and used[0] != wanted[0]:
             raise SampleError(
@@ -69,6 +94,57 @@ class Sampler:
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
         self.latent = self.metadata.latent
         self.image_shape = tuple(self.metadata.image_shape)
+        self._check_graph(path)
+        self.parity_error = self._check_parity(path, inaccurate)
+
+    def _check_graph(self, path: Path) -> None:
+        """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        contract = f"{ModelMetadata.DECODER} graph (inputs z float32 [batch, {self.latent}], scanner int64 " \
+                   f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
+        expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
+                    "image": ("tensor(float)", [None, 1, *self.image_shape])}
+        for name, (kind, shape) in expected.items():
+            found = inputs.get(name) if name != "image" else outputs.get(name)
+            where = "input" if name != "image" else "output"
+            if found is None:
+                names = ", ".join(inputs if where == "input" else outputs) or "none"
+                raise SampleError(f"{path}: not an {contract}: it has no {where} {name!r} ({where}s: {names})")
+            dims = list(found.shape)
+            fits = len(dims) == len(shape) and all(
+                want is None or not isinstance(got, int) or got == want for got, want in zip(dims, shape, strict=True))
+            if found.type != kind or not fits:
+                raise SampleError(f"{path}: not an {contract}: its {where} {name!r} is {found.type} {dims}")
+
+    def _check_parity(self, path: Path, inaccurate: str) -> float | None:
+        """Max |this machine's output - float32 reference| on the draws stored in an int8 file (None for other
+        precisions); once per file per process."""
+        if self.metadata.precision != "int8":
+            return None
+        parity = self.metadata.parity
+        if not parity.get("draws"):
+            warnings.warn(f"{path}: int8 file without parity draws (exported before mrgen-dist recorded them): its "
+                          "accuracy on this CPU is not checked; export it again", stacklevel=3)
+            return None
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider)
+        if key not in _PARITY_ERRORS:
+            z, scanner, reference = decode_draws(parity["draws"], self.latent, self.image_shape, str(path))
+            (got,) = self.session.run(["image"], {"z": z, "scanner": scanner})
+            _PARITY_ERRORS[key] = float(np.abs(got - reference).max())
+        error, tolerance = _PARITY_ERRORS[key], float(parity.get("tolerance", 1 / 255))
+        if not error <= tolerance:
+            message = (
+                f"{path}: this int8 model is inaccurate on this machine ({cpu_description()}, {self.provider}): max "
+                f"|onnxruntime - float32 reference| = {error:.2e} on the {len(parity['draws']['scanner'])} draws stored "
+                f"in the file, over the tolerance {tolerance:.1e} (measured {parity.get('max_error', float('nan')):.2e} "
+                f"at export on {parity.get('cpu', 'an unrecorded CPU')}); sample from a float export instead: "
+                "mrgen-export onnx --model RUN --precision fp16")
+            if inaccurate == "error":
+                raise SampleError(message)
+            warnings.warn(message, stacklevel=3)
+        return error
 
     @staticmethod
     def _providers(device: str) -> list[str]:
@@ -125,6 +201,51 @@ class Sampler:
         binding.bind_output("image", "cuda" if self.device == "cuda" else "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+
+def cpu_description() -> str:
+    """This machine's CPU and the instruction sets its integer kernels depend on, e.g.
+    'AMD EPYC (avx2, avx512f, avx512_vnni)'; from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model") and value.strip():
+            name = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    return f"{name} ({', '.join(isa)})" if isa else name
+
+
+def ort_version() -> str:
+    return ort.__version__
+
+
+def encode_draws(z: np.ndarray, scanner: np.ndarray, images: np.ndarray) -> dict:
+    """Parity draws as JSON-able text: z float32 and images float16 (zlib), little-endian, base64."""
+    return {
+        "scanner": [int(s) for s in scanner],
+        "z": base64.b64encode(np.ascontiguousarray(z, dtype="<f4").tobytes()).decode(),
+        "image": base64.b64encode(zlib.compress(np.ascontiguousarray(images, dtype="<f2").tobytes(), 9)).decode(),
+    }
+
+
+def decode_draws(draws: dict, latent: int, image_shape: tuple[int, ...], source: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z float32 [n, latent], scanner int64 [n], images float32 [n, 1, H, W]) from `encode_draws`'s text."""
+    try:
+        scanner = np.asarray(draws["scanner"], dtype=np.int64)
+        n = len(scanner)
+        z = np.frombuffer(base64.b64decode(draws["z"], validate=True), dtype="<f4").reshape(n, latent)
+        raw = zlib.decompress(base64.b64decode(draws["image"], validate=True))
+        images = np.frombuffer(raw, dtype="<f2").reshape(n, 1, *image_shape)
+    except (KeyError, TypeError, ValueError, binascii.Error, zlib.error) as e:
+        raise ArtifactError(f"{source}: metadata mrgen.parity is corrupt ({type(e).__name__}: {e})") from None
+    return z.astype(np.float32), scanner, images.astype(np.float32)
 
 
 def _gpu_visible() -> bool:
@@ -205,6 +326,22 @@ def output_kind(out: Path, n_scanners: int) -> str:
     return kind
 
 
+def check_writable(out: Path) -> None:
+    """A SampleError unless `out` can be created: its nearest existing ancestor must be a folder in which this
+    process can create a file (tried with an empty temporary file, removed at once)."""
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SampleError(f"cannot write {out}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mrgen-sample-probe-")
+    except OSError as e:
+        raise SampleError(f"cannot write {out}: {folder} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_output(out: Path, images: dict[str, np.ndarray], sampler: Sampler, seed: int) -> list[Path]:
     """Write atomically: a file through `atomic_path`; a PNG folder built beside `out` and renamed into place."""
     kind = output_kind(out, len(images))
@@ -230,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="decoder exported by `mrgen-export onnx`")
     ap.add_argument("--scanner", required=True, help="scanner name (from the model's metadata) or 'all'")
-    ap.add_argument("--n", type=int, required=True, help="images per scanner (> 0)")
+    ap.add_argument("--n", type=positive(), required=True, help="images per scanner (> 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="folder (PNGs), .h5/.hdf5 file, or .nii/.nii.gz stack")
     ap.add_argument("--batch-size", type=positive(), default=256, help="images per onnxruntime call (> 0)")
@@ -241,11 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     def sample() -> None:
         if args.out.exists() and not args.overwrite:
             raise SampleError(f"{args.out} exists; pass --overwrite to replace it")
-        if args.n <= 0:
-            raise SampleError(f"--n must be positive, got {args.n}")
         sampler = Sampler(args.model, args.device)
         names = sampler.resolve(args.scanner)
         output_kind(args.out, len(names))
+        check_writable(args.out)  # before the sampling, which can take long
         print(f"sampling on {sampler.device} ({sampler.provider})", file=sys.stderr)
         images = {name: sampler.sample(name, args.n, args.seed, args.batch_size) for name in names}
         args.out.parent.mkdir(parents=True, exist_ok=True)

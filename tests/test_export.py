@@ -54,7 +54,16 @@ def test_contract_and_metadata(exported: dict[str, Path], trained_run: Path, sto
     assert {onnx.load(str(p)).metadata_props[5].value for p in exported.values()} == {"fp32", "fp16", "int8"}
     assert meta["mrgen.family"] == "cvae"
     sizes = {p: path.stat().st_size for p, path in exported.items()}
-    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] < 0.35 * sizes["fp32"]
+    parity = {p: json.loads({m.key: m.value for m in onnx.load(str(path)).metadata_props}["mrgen.parity"])
+              for p, path in exported.items()}
+    record = len(json.dumps(parity["int8"]))  # 4 reference images, float16: ~0.3 MB whatever the model size
+    assert record < 400_000
+    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8"] - record < 0.35 * sizes["fp32"]
+    for precision, p in parity.items():
+        assert 0 <= p["max_error"] <= p["tolerance"] == export.TOLERANCE[precision]
+        assert p["batches"] == [1, 7, 64] and p["cpu"] and p["onnxruntime"] == ort.__version__
+        assert ("draws" in p) == (precision == "int8")
+    assert len(parity["int8"]["draws"]["scanner"]) == export.PARITY_DRAWS
 
 
 def test_failed_check_leaves_no_file(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,3 +79,43 @@ def test_cli(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "fp32" in capsys.readouterr().out
     assert main(["onnx", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "e.onnx")]) == 1
     assert "no config.json and model.safetensors" in capsys.readouterr().err
+
+
+def _damaged_runs(trained_run: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Run folders each with one damaged file: name -> (folder, what the error must name)."""
+    runs = {}
+
+    def make(name: str) -> Path:
+        folder = root / name
+        folder.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (folder / f).write_bytes((trained_run / f).read_bytes())
+        return folder
+
+    weights = (trained_run / "model.safetensors").read_bytes()
+    runs["truncated weights"] = (make("truncated"), "model.safetensors")
+    (runs["truncated weights"][0] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    runs["random weights"] = (make("random"), "model.safetensors")
+    (runs["random weights"][0] / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(5000))
+    runs["weights of another model"] = (make("other"), "model.safetensors")
+    config = json.loads((trained_run / "config.json").read_text())
+    config["model"]["hidden"] = [16]
+    (runs["weights of another model"][0] / "config.json").write_text(json.dumps(config))
+    runs["corrupt config"] = (make("config"), "config.json")
+    (runs["corrupt config"][0] / "config.json").write_text((trained_run / "config.json").read_text()[:100])
+    runs["unknown family"] = (make("family"), "config.json")
+    config = json.loads((trained_run / "config.json").read_text())
+    config["family"] = "gan"
+    (runs["unknown family"][0] / "config.json").write_text(json.dumps(config))
+    return runs
+
+
+def test_damaged_run_is_one_line_naming_the_file(trained_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "export"
+    for what, (folder, name) in _damaged_runs(trained_run, tmp_path).items():
+        assert main(["onnx", "--model", str(folder), "--out", str(out / "d.onnx")]) == 1, what
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(folder / name) in err, (what, err)
+        assert "Traceback" not in err and "mrgen-export: error: " in err
+    assert not out.exists() or list(out.iterdir()) == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +15,10 @@ import numpy as np
 import onnx
 import pytest
 
+from mrgen_dist import sample
 from mrgen_dist.artifacts import ArtifactError
 from mrgen_dist.export import export_decoder
-from mrgen_dist.sample import SampleError, Sampler, main
+from mrgen_dist.sample import SampleError, Sampler, decode_draws, encode_draws, main
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,10 @@ def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsy
     assert main([str(decoder), "--scanner", "Achieva", "--n", "2", "--out", str(out)]) == 1
     assert ("this model: unknown scanner 'Achieva'; valid scanners: Gyroscan Intera, Intera, Unspecified, Magnetom TrioTim"
             in capsys.readouterr().err)
-    assert main([str(decoder), "--scanner", "Intera", "--n", "0", "--out", str(out)]) == 1
-    assert "--n must be positive" in capsys.readouterr().err
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(decoder), "--scanner", "Intera", "--n", bad, "--out", str(out)])
+        assert exit_info.value.code == 2 and f"--n: must be > 0, got {bad}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"keep")
     assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(out)]) == 1
@@ -71,6 +77,126 @@ def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsy
             main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(tmp_path / "y.h5"), "--batch-size", bad])
         assert exit_info.value.code == 2 and f"--batch-size: must be > 0, got {bad}" in capsys.readouterr().err
     assert not (tmp_path / "y.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def int8(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_decoder(trained_run, "int8", tmp_path_factory.mktemp("dec8") / "decoder-int8.onnx").path
+
+
+def _with_metadata(src: Path, dst: Path, change) -> Path:
+    """A copy of `src` whose metadata dict went through `change` (in place)."""
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    change(meta)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_int8_parity_checked_once_and_refused_when_off(int8: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    sampler = Sampler(int8, device="cpu")
+    assert 0 < sampler.parity_error <= 1 / 255
+    key = next(k for k in sample._PARITY_ERRORS if k[0] == str(int8.resolve()))
+    sample._PARITY_ERRORS[key] = 0.5  # a second Sampler of the same file uses the measured value: no re-run
+    with pytest.raises(SampleError, match="5.00e-01"):
+        Sampler(int8, device="cpu")
+    del sample._PARITY_ERRORS[key]
+    assert Sampler(int8, device="cpu").parity_error == sampler.parity_error
+
+    def tamper(meta: dict) -> None:  # the stored references no longer match what the file computes
+        parity = json.loads(meta["mrgen.parity"])
+        z, scanner, images = decode_draws(parity["draws"], 8, (218, 182), "test")
+        parity["draws"] = encode_draws(z, scanner, np.clip(images + 0.05, 0, 1))
+        meta["mrgen.parity"] = json.dumps(parity)
+
+    tampered = _with_metadata(int8, tmp_path / "tampered.onnx", tamper)
+    with pytest.raises(SampleError) as e:
+        Sampler(tampered, device="cpu")
+    message = str(e.value)
+    assert "inaccurate on this machine" in message and "over the tolerance 3.9e-03" in message
+    measured = float(re.search(r"= (\S+) on the 4 draws stored in the file", message).group(1))
+    assert measured == pytest.approx(0.05, abs=3e-3) and "--precision fp16" in message
+    with pytest.warns(UserWarning, match="inaccurate on this machine"):
+        assert Sampler(tampered, device="cpu", inaccurate="warn").parity_error == pytest.approx(0.05, abs=3e-3)
+    assert main([str(tampered), "--scanner", "Intera", "--n", "2", "--out", str(tmp_path / "o.h5")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--precision fp16" in err and not (tmp_path / "o.h5").exists()
+
+    corrupt = _with_metadata(int8, tmp_path / "corrupt.onnx", lambda m: m.update(
+        {"mrgen.parity": m["mrgen.parity"].replace('"image": "', '"image": "!')}))
+    with pytest.raises(ArtifactError, match="mrgen.parity is corrupt"):
+        Sampler(corrupt, device="cpu")
+    old = _with_metadata(int8, tmp_path / "old.onnx", lambda m: m.pop("mrgen.parity"))
+    with pytest.warns(UserWarning, match="without parity draws"):
+        assert Sampler(old, device="cpu").parity_error is None
+
+
+def test_int8_images_do_not_depend_on_the_batch(int8: Path, decoder: Path) -> None:
+    """Static quantization: fixed activation ranges, so an image is the same in any batch."""
+    sampler = Sampler(int8, device="cpu")
+    a = sampler.sample("Intera", n=9, seed=5, batch_size=2)
+    np.testing.assert_array_equal(a, sampler.sample("Intera", n=9, seed=5, batch_size=256))
+    assert np.abs(a - Sampler(decoder).sample("Intera", n=9, seed=5)).max() <= 1 / 255
+
+
+def _cli_fails(capsys: pytest.CaptureFixture, model: Path, out: Path, *extra: str) -> str:
+    """Runs mrgen-sample, which must fail in one line with exit status 1 and write nothing; returns the line."""
+    assert main([str(model), "--scanner", "all", "--n", "2", "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mrgen-sample: error: "), err
+    assert not out.exists()
+    return err
+
+
+def test_unusable_model_files(decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o.h5"
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert "noise.onnx: not an ONNX model that onnxruntime can load" in _cli_fails(capsys, noise, out)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert "empty.onnx: not an ONNX model" in _cli_fails(capsys, empty, out)
+    no_scanners = _with_metadata(decoder, tmp_path / "no-scanners.onnx", lambda m: m.pop("mrgen.scanners"))
+    assert "missing field 'mrgen.scanners'" in _cli_fails(capsys, no_scanners, out)
+
+    foreign = onnx.load(str(decoder))  # valid ONNX, mrgen metadata, but its label input has another name
+    for node in foreign.graph.node:
+        node.input[:] = ["label" if i == "scanner" else i for i in node.input]
+    next(i for i in foreign.graph.input if i.name == "scanner").name = "label"
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(SampleError, match=r"no input 'scanner' \(inputs: z, label\)"):
+        Sampler(tmp_path / "foreign.onnx")
+    assert "no input 'scanner'" in _cli_fails(capsys, tmp_path / "foreign.onnx", out)
+    wrong_latent = _with_metadata(decoder, tmp_path / "latent.onnx", lambda m: m.update({"mrgen.latent": "9"}))
+    assert "its input 'z' is tensor(float)" in _cli_fails(capsys, wrong_latent, out)
+    wrong_shape = _with_metadata(decoder, tmp_path / "shape.onnx", lambda m: m.update({"mrgen.image_shape": "[64, 64]"}))
+    assert "its output 'image'" in _cli_fails(capsys, wrong_shape, out)
+
+
+def test_unwritable_output_found_before_sampling(decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the output cannot be written")
+
+    monkeypatch.setattr(Sampler, "sample", no_sampling)
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    assert "is not a folder" in _cli_fails(capsys, decoder, blocker / "sub" / "o.h5")
+    assert blocker.read_bytes() == b"x"
+    if sys.platform == "linux":  # /proc takes no new files, not even from root
+        assert "/proc is not writable" in _cli_fails(capsys, decoder, Path("/proc/mrgen-sample-test.h5"))
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            assert "locked is not writable" in _cli_fails(capsys, decoder, locked / "pngs")
+            assert list(locked.iterdir()) == []
+        finally:
+            locked.chmod(0o755)
 
 
 def test_cuda_requested_on_a_machine_without_it(decoder: Path) -> None:
