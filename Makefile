@@ -43,6 +43,7 @@ demo: $(STAMP)
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 
 test: $(STAMP)
+	bash tests/tools/ensure-qemu.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
