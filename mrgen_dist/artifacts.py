@@ -73,8 +73,34 @@ def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+class JsonArtifact:
+    """A dataclass artefact stored as one JSON object with its `format` name and `format_version`."""
+
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def _read_fields(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The checked field values of the file: its kind, a version this code reads, every field typed."""
+        d = _read_json(path)
+        _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
+        if d["format_version"] < 1:
+            raise ArtifactError(f"{path}: field 'format_version' is {d['format_version']}; versions start at 1")
+        return _check_fields(cls, d, str(path))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> JsonArtifact:
+        return cls(**cls._read_fields(path))
+
+
 @dataclass
-class StoreManifest:
+class StoreManifest(JsonArtifact):
     """`STORE/manifest.json`: what a slice store holds and how it was made (see mrgen_dist.data.store)."""
 
     NAME: ClassVar[str] = "manifest.json"
@@ -113,20 +139,10 @@ class StoreManifest:
         version 2 on)."""
         return dataclasses.replace(self, store_sha256=self.identity_sha256())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, **dataclasses.asdict(self)}
-
-    def write(self, path: str | os.PathLike) -> Path:
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
-
     @classmethod
     def read(cls, path: str | os.PathLike) -> StoreManifest:
         """Read and check: kind, version, fields, shard entries, and that `store_sha256` matches."""
-        d = _read_json(path)
-        _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
-        if d["format_version"] < 1:
-            raise ArtifactError(f"{path}: field 'format_version' is {d['format_version']}; versions start at 1")
-        manifest = cls(**_check_fields(cls, d, str(path)))
+        manifest = cls(**cls._read_fields(path))
         for i, shard in enumerate(manifest.shards):
             if not isinstance(shard, dict):
                 raise ArtifactError(f"{path}: shards[{i}] should be an object, found {type(shard).__name__}")
@@ -141,7 +157,7 @@ class StoreManifest:
 
 
 @dataclass
-class RunRecord:
+class RunRecord(JsonArtifact):
     """`RUN/config.json`, written by mrgen-train beside model.safetensors: everything needed to rebuild the
     model (family, its config, image shape, vocabulary) and what made it."""
 
@@ -159,18 +175,6 @@ class RunRecord:
     steps: int
     package_version: str
     format_version: int = VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, **dataclasses.asdict(self)}
-
-    def write(self, path: str | os.PathLike) -> Path:
-        return atomic_write(path, json.dumps(self.to_dict(), indent=1))
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> RunRecord:
-        d = _read_json(path)
-        _check_version(str(path), d.get("format"), cls.FORMAT, d.get("format_version"), cls.VERSION, "format")
-        return cls(**_check_fields(cls, d, str(path)))
 
 
 @dataclass
