@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -38,7 +39,7 @@ from mrgen_dist.cli import UserError, run
 from mrgen_dist.config import model_config
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import Family, SamplingGraph
-from mrgen_dist.sample import SampleError, Sampler, cpu_description, encode_draws, ort_version
+from mrgen_dist.sample import SampleError, Sampler, cpu_description, encode_draws
 from mrgen_dist.scanners import Vocabulary
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -138,8 +139,6 @@ def _quantizable(proto: onnx.ModelProto) -> list[int]:
 def _calibration_inputs(proto: onnx.ModelProto, names: list[str], latent: int, n_scanners: int,
                         draws: int) -> dict[str, np.ndarray]:
     """The float32 values of the tensors `names` for `draws` prior draws (z ~ N(0, I), scanners in turn)."""
-    import onnxruntime as ort
-
     sub = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["z", "scanner"], names)
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
@@ -274,7 +273,7 @@ class Parity:
     def record(self, tolerance: float, draws: int) -> dict:
         """`mrgen.parity`; with `draws` > 0, the worst `draws` images with their references (float16)."""
         parity = {"max_error": self.max_error, "tolerance": tolerance, "batches": list(CHECK_BATCHES),
-                  "cpu": cpu_description(), "onnxruntime": ort_version()}
+                  "cpu": cpu_description(), "onnxruntime": ort.__version__}
         if draws:
             worst = np.sort(np.argsort(self.errors)[::-1][:draws])
             parity["draws"] = encode_draws(self.z[worst], self.scanner[worst], self.reference[worst])
@@ -283,8 +282,6 @@ class Parity:
 
 def _check(path: Path, reference: SamplingGraph, latent: int, n_scanners: int, precision: str) -> Parity:
     """onnx.checker, then onnxruntime (CPU) against the float32 torch decoder at each CHECK_BATCHES size."""
-    import onnxruntime as ort
-
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)

@@ -221,10 +221,6 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(isa)})" if isa else name
 
 
-def ort_version() -> str:
-    return ort.__version__
-
-
 def encode_draws(z: np.ndarray, scanner: np.ndarray, images: np.ndarray) -> dict:
     """Parity draws as JSON-able text: z float32 and images float16 (zlib), little-endian, base64."""
     return {
