@@ -159,17 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--no-conditioning", action="store_true", help="with --scanner all: skip the conditioning check")
     score.add_argument("--tracker", choices=("none", "clearml"), default="none",
                        help="clearml: one task per scanner, linked to $MRGEN_CLEARML_PARENT when set")
+    score.set_defaults(body=_score)
     cond = sub.add_parser("conditioning", help="is each generated slice recognised as the scanner it was asked for?",
                           description="A scanner classifier on Inception features of real training slices, applied to "
                           "real test slices and to generated slices; writes OUT/conditioning.json (see "
                           "mrgen_dist/fid/conditioning.py).")
     _model_options(cond)
+    cond.set_defaults(body=_run_conditioning)
     report = sub.add_parser("report", help="FID table, boxplot and confusion matrix from mrgen-fid results",
                             description="fid_table.md / .csv, fid_boxplot.png and conditioning.png from the results "
                             "of mrgen-fid in RESULTS.")
     report.add_argument("results", type=Path)
     report.add_argument("--tracker", choices=("none", "clearml"), default="none",
                         help="clearml: attach the table and plots to the pipeline's parent task ($MRGEN_CLEARML_PARENT)")
+    report.set_defaults(body=_report)
     return ap
 
 
@@ -184,6 +187,11 @@ def _conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatu
     from mrgen_dist.fid.conditioning import conditioning, summary
 
     print(summary(conditioning(store, sampler, extractor, args.seed, args.out), args.out))
+
+
+def _run_conditioning(args: argparse.Namespace) -> None:
+    store = SliceStore(args.store)
+    _conditioning(store, *_open_model(args, store), args)
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -234,17 +242,7 @@ def _report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(with_default_command(argv, parser, DEFAULT_COMMAND))
-
-    def body() -> None:
-        if args.command == "report":
-            _report(args)
-        elif args.command == "conditioning":
-            store = SliceStore(args.store)
-            _conditioning(store, *_open_model(args, store), args)
-        else:
-            _score(args)
-
-    return run(PROG, body)
+    return run(PROG, lambda: args.body(args))
 
 
 if __name__ == "__main__":
