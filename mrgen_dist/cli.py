@@ -37,7 +37,7 @@ class MissingExtra(UserError):
 EXTRAS = {
     "train": ("torch", "accelerate", "deepspeed", "transformers", "safetensors", "clearml", "matplotlib", "nilearn",
               "tqdm", "yaml", "xxhash", "scipy", "onnx", "onnxscript"),
-    "fid": ("torch", "xxhash", "tqdm", "matplotlib", "scipy", "sklearn"),
+    "fid": ("torch", "xxhash", "tqdm", "matplotlib", "scipy", "sklearn", "prdc", "pytorch_msssim"),
 }
 
 

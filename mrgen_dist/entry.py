@@ -42,3 +42,7 @@ def sample() -> int:
 
 def fid() -> int:
     return _launch("mrgen-fid", "mrgen_dist.fid.evaluate", "fid")
+
+
+def compare() -> int:
+    return _launch("mrgen-compare", "mrgen_dist.compare", "fid")
