@@ -174,6 +174,8 @@ class RunRecord(JsonArtifact):
     config: dict  # the whole run config
     steps: int
     package_version: str
+    #: how the run went: seconds and images/s over its epochs, processes, parameters (empty in older records)
+    training: dict = field(default_factory=dict)
     format_version: int = VERSION
 
 

@@ -335,7 +335,7 @@ def train(args: argparse.Namespace) -> int:
     if metrics_log:
         metrics_log.close()
     if status == EXIT_OK and acc.is_main_process:
-        model_path = export_model(acc, model, family, cfg, store, out, state.step)
+        model_path = export_model(acc, model, family, cfg, store, out, state.step, training_summary(state, model, acc))
         tracker.log_artifact("model", model_path)
         acc.print(f"done: {model_path}")
     elif status == EXIT_OK:
@@ -381,7 +381,19 @@ def write_samples(graph: SamplingGraph, vocabulary: Vocabulary, path: Path, titl
     return scanner_grid(rows, path, title)
 
 
-def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, out: Path, step: int) -> Path:
+def training_summary(state: TrainState, model: torch.nn.Module, acc) -> dict:
+    """Wall time and throughput over the epochs of this run (a resumed run counts every epoch it has records
+    of), for the run record and the comparison table."""
+    seconds = sum(r["seconds"] for r in state.history)
+    images = sum(r["seconds"] * r["images_per_s"] for r in state.history)
+    return {"seconds": seconds, "images_per_s": images / seconds if seconds else 0.0, "epochs": len(state.history),
+            "steps": state.step, "processes": acc.num_processes,
+            # ZeRO-3 leaves partitioned parameters empty; ds_numel is their full size
+            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in acc.unwrap_model(model).parameters())}
+
+
+def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, out: Path, step: int,
+                 training: dict) -> Path:
     """model.safetensors (float32) and config.json (a RunRecord: what rebuilds the model and what made it)."""
     from safetensors.torch import save_file
 
@@ -398,6 +410,7 @@ def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, 
         config=cfg.to_dict(),
         steps=step,
         package_version=__version__,
+        training=training,
     ).write(out / RunRecord.NAME)
     return out / "model.safetensors"
 
