@@ -43,8 +43,7 @@ def measure(acc, config: CVAEConfig, optim: OptimConfig, batch: int, steps: int)
     bare_opt = make_optimizer(bare_model.parameters(), optim, deepspeed=False)
 
     def bare_step() -> None:
-        recon, mean, logvar = bare_model(x, s, noise)
-        loss = vae_loss(recon, x, mean, logvar, "logcosh", 1.0)["loss"]
+        loss = vae_loss(bare_model(x, s, noise), x, "logcosh", 1.0)["loss"]
         loss.backward()
         bare_opt.step()
         bare_opt.zero_grad(set_to_none=True)

@@ -184,11 +184,12 @@ class ModelMetadata:
     """The `metadata_props` of an exported ONNX model, keys `mrgen.<field>` (documented in export/README.md).
 
     `format` is `<contract>/<version>`; the contract `mrgen-decoder` is (z float32 [B, latent], scanner
-    int64 [B]) -> image float32 [B, 1, H, W] in [0, 1].
+    int64 [B]) -> image float32 [B, 1, H, W] in [0, 1] (and sigma float32 [B, 1, H, W] where `noise` is set).
     """
 
     PREFIX: ClassVar[str] = "mrgen."
     DECODER: ClassVar[str] = "mrgen-decoder"
+    GAUSSIAN_NOISE: ClassVar[str] = "gaussian"
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
     _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity")
@@ -208,6 +209,9 @@ class ModelMetadata:
     #: prior draws with their float32 reference images, which the sampler re-checks on the CPU it runs on
     #: (mrgen_dist.sample). Absent (empty) in files exported before it existed.
     parity: dict = field(default_factory=dict)
+    #: "gaussian" when the graph has the second output `sigma`, the learned observation noise around `image`
+    #: that `mrgen-sample --noise` draws; empty for a mean-only graph.
+    noise: str = ""
 
     @property
     def contract(self) -> str:

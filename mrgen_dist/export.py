@@ -96,7 +96,8 @@ class ExportReport:
                 f"{self.seconds:.1f} s")
 
 
-def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None) -> ModelMetadata:
+def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: bool = False
+             ) -> ModelMetadata:
     """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
     return ModelMetadata(
         format=f"{ModelMetadata.DECODER}/{ModelMetadata.VERSION}",
@@ -110,6 +111,7 @@ def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None
         package_version=__version__,
         family=record.family,
         parity=parity or {},
+        noise=ModelMetadata.GAUSSIAN_NOISE if noise else "",
     )
 
 
@@ -244,13 +246,24 @@ def quantize_int8(fp_path: Path, out_path: Path, latent: int, n_scanners: int,
     return len(layers)
 
 
+class _WithNoise(torch.nn.Module):
+    """The graph with its learned observation noise as a second output, `sigma`."""
+
+    def __init__(self, graph: SamplingGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.graph(z, scanner), self.graph.noise_sigma(scanner)
+
+
 def _torch_export(graph: SamplingGraph, latent: int, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        graph,
+        _WithNoise(graph) if graph.has_noise else graph,
         (torch.zeros(2, latent), torch.zeros(2, dtype=torch.long)),
         input_names=["z", "scanner"],
-        output_names=["image"],
+        output_names=["image", "sigma"] if graph.has_noise else ["image"],
         dynamic_shapes={"z": {0: batch}, "scanner": {0: batch}},
         dynamo=True,
         external_data=False,
@@ -289,9 +302,14 @@ def _check(path: Path, reference: SamplingGraph, latent: int, n_scanners: int, p
     for batch in CHECK_BATCHES:
         z = rng.standard_normal((batch, latent), dtype=np.float32)
         scanner = np.arange(batch, dtype=np.int64) % n_scanners
-        (got,) = session.run(["image"], {"z": z, "scanner": scanner})
+        outputs = session.run(None, {"z": z, "scanner": scanner})
+        got = outputs[0]
         with torch.no_grad():
             want = reference(torch.from_numpy(z), torch.from_numpy(scanner)).numpy()
+            if reference.has_noise:  # the noise level is one learned table: it must be exact up to rounding
+                sigma = reference.noise_sigma(torch.from_numpy(scanner)).numpy()
+                if len(outputs) != 2 or not np.allclose(outputs[1], sigma, rtol=TOLERANCE[precision], atol=0):
+                    raise ExportError(f"batch {batch}: the exported sigma output differs from the model's noise level")
         if got.shape != want.shape or got.dtype != np.float32:
             raise ExportError(f"batch {batch}: output {got.shape} {got.dtype}, expected {want.shape} float32")
         zs.append(z), scanners.append(scanner), wants.append(want)
@@ -333,7 +351,7 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
         parity = _check(path, reference, latent, n_scanners, precision)
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
-        onnx.helper.set_model_props(proto, metadata(record, latent, precision, parity_record).to_props())
+        onnx.helper.set_model_props(proto, metadata(record, latent, precision, parity_record, graph.has_noise).to_props())
         onnx.save(proto, str(final))
         onnx.checker.check_model(str(final), full_check=True)
         if precision == "int8":  # the check the sampler makes, on the file as written (float16 references)

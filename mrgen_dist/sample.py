@@ -64,7 +64,7 @@ class Sampler:
 
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int = 0,
                  inaccurate: str = "error") -> None:
-        path = Path(model_path)
+        path = self.path = Path(model_path)
         if not path.is_file():
             raise SampleError(f"{path}: no such model file")
         if inaccurate not in ("error", "warn"):
@@ -105,9 +105,12 @@ class Sampler:
                    f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
         expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
                     "image": ("tensor(float)", [None, 1, *self.image_shape])}
+        if self.has_noise:
+            contract = contract[:-1] + f" and sigma float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
+            expected["sigma"] = expected["image"]
         for name, (kind, shape) in expected.items():
-            found = inputs.get(name) if name != "image" else outputs.get(name)
-            where = "input" if name != "image" else "output"
+            where = "input" if name in ("z", "scanner") else "output"
+            found = inputs.get(name) if where == "input" else outputs.get(name)
             if found is None:
                 names = ", ".join(inputs if where == "input" else outputs) or "none"
                 raise SampleError(f"{path}: not an {contract}: it has no {where} {name!r} ({where}s: {names})")
@@ -172,21 +175,36 @@ class Sampler:
         except UnknownScannerError as e:
             raise SampleError(f"this model: {e}") from None
 
+    @property
+    def has_noise(self) -> bool:
+        """Whether the model has a learned observation noise (the graph's `sigma` output) to sample from."""
+        return self.metadata.noise == ModelMetadata.GAUSSIAN_NOISE
+
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
             raise SampleError(f"n must be positive, got {n}")
         rng = np.random.default_rng([seed, self.scanner_id(scanner)])
         return rng.standard_normal((n, self.latent), dtype=np.float32)
 
-    def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256) -> np.ndarray:
-        """float32 (n, H, W) in [0, 1], the same for any batch size."""
+    def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256, noise: bool = False) -> np.ndarray:
+        """float32 (n, H, W) in [0, 1], the same for any batch size: the decoder's mean image, or with `noise`
+        a draw from the model's learned observation noise around it (clipped to [0, 1]), from a stream of its
+        own seeded by (seed, scanner id), so that the latents are those of the mean images."""
+        if noise and not self.has_noise:
+            raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it is exported "
+                              "from a model trained with loss mse or logcosh); sample its mean, without --noise")
         z = self.latents(scanner, n, seed)
         sid = self.scanner_id(scanner)
+        rng = np.random.default_rng([seed, sid, 1]) if noise else None
         out = np.empty((n, *self.image_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = z[start : start + batch_size]
             labels = np.full(len(chunk), sid, dtype=np.int64)
-            (images,) = self.session.run(["image"], {"z": chunk, "scanner": labels})
+            if rng is None:
+                (images,) = self.session.run(["image"], {"z": chunk, "scanner": labels})
+            else:
+                mean, sigma = self.session.run(["image", "sigma"], {"z": chunk, "scanner": labels})
+                images = np.clip(mean + sigma * rng.standard_normal(mean.shape, dtype=np.float32), 0.0, 1.0)
             out[start : start + len(chunk)] = images[:, 0]
         return out
 
@@ -369,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=positive(), default=256, help="images per onnxruntime call (> 0)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--noise", action="store_true",
+                    help="draw the model's learned observation noise around its mean image (models trained with "
+                    "loss gaussian); default: the mean image")
     args = ap.parse_args(argv)
 
     def sample() -> None:
@@ -379,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         output_kind(args.out, len(names))
         check_writable(args.out)  # before the sampling, which can take long
         print(f"sampling on {sampler.device} ({sampler.provider})", file=sys.stderr)
-        images = {name: sampler.sample(name, args.n, args.seed, args.batch_size) for name in names}
+        images = {name: sampler.sample(name, args.n, args.seed, args.batch_size, args.noise) for name in names}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         written = write_output(args.out, images, sampler, args.seed)
         print(f"{sum(len(v) for v in images.values())} SYNTHETIC images ({', '.join(names)}) -> {args.out}"

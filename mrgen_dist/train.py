@@ -188,7 +188,7 @@ def train(args: argparse.Namespace) -> int:
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision, torch.float32) \
         if deepspeed else torch.float32
     noise_dim = family.noise_dim(cfg.model)
-    names = family.loss_names
+    names = family.reported_losses(cfg.model)
 
     def batch_step(images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor,
                    optimizers: dict[str, torch.optim.Optimizer]) -> Step:
@@ -303,7 +303,7 @@ def train(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t_epoch
         train_sums = reduce_sum(acc, dict(zip(names, sums, strict=True)))
         train_mean = {k: (v / (micro_per_epoch * acc.num_processes)).item() for k, v in train_sums.items()}
-        test_mean = evaluate(family, model, batch_step, test_images, test_scanner, noise_dim, cfg.train.seed, acc,
+        test_mean = evaluate(family, names, model, batch_step, test_images, test_scanner, noise_dim, cfg.train.seed, acc,
                              input_dtype, epoch)
         images_per_s = images_seen / seconds
         record = {"epoch": epoch + 1, "step": state.step, **{f"train_{k}": v for k, v in train_mean.items()},
@@ -347,13 +347,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 @torch.no_grad()
-def evaluate(family: Family, model: torch.nn.Module, batch_step, images: torch.Tensor, scanner: torch.Tensor,
-             noise_dim: int, seed: int, acc, input_dtype: torch.dtype, epoch: int) -> dict[str, float]:
+def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, batch_step, images: torch.Tensor,
+             scanner: torch.Tensor, noise_dim: int, seed: int, acc, input_dtype: torch.dtype, epoch: int
+             ) -> dict[str, float]:
     """Mean test losses over the whole test split (each rank a contiguous share), fixed noise per epoch;
     `batch_step(images, scanner, noise, optimizers)` makes the Step of a batch of `model`."""
     model.eval()
     share = np.array_split(np.arange(len(images)), acc.num_processes)[acc.process_index]
-    names = family.loss_names
     sums = torch.zeros(len(names), dtype=torch.float64, device=images.device)
     count = torch.zeros((), dtype=torch.float64, device=images.device)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -4,13 +4,16 @@ A family supplies
   * `Config`: its dataclass of the `model:` section of a run config (a subclass of `ModelConfig`);
   * `build(config, vocabulary, image_shape)`: the trainable module (all of its networks);
   * `optimizers(model, optim, fused)`: named optimizers (one for a VAE; generator and discriminator for a GAN);
-  * `train_step(step)`: one micro-step, returning the named losses of `loss_names` (the first is the one
-    reported as the run's loss); the default does one objective with one optimizer;
+  * `train_step(step)`: one micro-step, returning the named losses of `reported_losses(config)` (the first is
+    the one reported as the run's loss); the default does one objective with one optimizer;
   * `losses(step)`: the named losses of the step's batch (train and test);
   * `noise_dim(config)`: how many N(0, 1) numbers per image the loop draws for a step (seeded by seed, rank
     and micro-step so that a resumed run draws what an uninterrupted one draws);
   * `sampling_graph(model)`: the exportable module of its contract, `(z, scanner) -> image` for the
-    `mrgen-decoder` contract of export/README.md (any learned prior lives inside it).
+    `mrgen-decoder` contract of export/README.md (any learned prior lives inside it); a graph with
+    `has_noise` also gives its learned observation noise, `noise_sigma(scanner)`;
+  * `encode_mean(model, images, scanner)`: posterior means in the sampling graph's z space, for the
+    diagnostics (z-probe, reconstructions); None for a family without an encoder.
 """
 
 from __future__ import annotations
@@ -57,9 +60,16 @@ class Step:
 
 
 class SamplingGraph(nn.Module):
-    """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W]."""
+    """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W].
+
+    A graph with `has_noise` also gives `noise_sigma(scanner)`, float32 [B, 1, H, W]: the standard deviation of
+    the learned observation noise around the image (exported as the second output `sigma`)."""
 
     latent: int
+    has_noise: bool = False
+
+    def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
 
 
 class Family(ABC):
@@ -81,6 +91,14 @@ class Family(ABC):
 
     @abstractmethod
     def sampling_graph(self, model: nn.Module) -> SamplingGraph: ...
+
+    def reported_losses(self, config: ModelConfig) -> tuple[str, ...]:
+        """The names `losses` and `train_step` return for this config (logged, plotted, checkpointed)."""
+        return self.loss_names
+
+    def encode_mean(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor | None:
+        """Posterior means of `images` (B, H, W) in the z space of `sampling_graph`, or None without an encoder."""
+        return None
 
     def optimizers(self, model: nn.Module, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
                    ) -> dict[str, torch.optim.Optimizer]:

@@ -1,19 +1,34 @@
-"""The method's fully connected conditional VAE and its losses (family `cvae`).
+"""The method's fully connected conditional VAE and its variants (family `cvae`).
 
 Encoder: [flattened image, one-hot scanner] -> Linear+ReLU (hidden widths) -> mean and log-variance of the
 latent. Decoder: [z, one-hot scanner] -> Linear+ReLU (hidden widths reversed) -> Linear -> sigmoid, reshaped
 to the image. The number of scanners comes from the store's vocabulary. With `conditional=False` the label
-is left out of both (the unconditional VAE of mrgen_dist.models.vae).
+is left out of both (the unconditional VAE of mrgen_dist.models.vae, and the GMVAE of models.gmvae).
+
+The variants, chosen in the `model:` section, attack why the thesis cVAE's samples are recognised as their
+scanner only at chance: its encoder writes the scanner into z, so the decoder takes the scanner's look from
+z, and z ~ N(0, I) at sampling time carries a random one; and its mean image has lost the scanner's noise.
+
+* `loss`: `logcosh` (the thesis), `mse`, or `gaussian`: the negative log-likelihood of a Gaussian with a
+  learned observation noise sigma, one per scanner (`noise_level: scanner`) or per scanner and pixel
+  (`noise_level: pixel`). Sampling can then draw that noise (`mrgen-sample --noise`); the mean stays the default.
+* `prior: scanner`: a learned conditional prior p(z | scanner) = N(m_s, diag exp(v_s)); the sampling graph
+  maps z ~ N(0, I) to m_s + exp(v_s / 2) z, so the exported contract is unchanged.
+* `adversary: w > 0`: a scanner probe on the posterior mean, trained to recognise the scanner, whose gradient
+  reaches the encoder reversed and scaled by w (gradient reversal, Ganin & Lempitsky 2015): the encoder is
+  pushed to keep the scanner out of z, so the decoder must take it from the label.
 
 Loss reduction: the reconstruction term is summed over pixels and averaged over the batch; the KL term is
-summed over latent dimensions and averaged over the batch; loss = reconstruction + kl_weight * KL. This is the
-per-image negative ELBO (up to constants for log-cosh), so its value does not depend on the batch size.
+summed over latent dimensions and averaged over the batch; loss = reconstruction + kl_weight * KL
+(+ the probe's cross-entropy). This is the per-image negative ELBO (up to constants for log-cosh), so its
+value does not depend on the batch size.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +37,13 @@ from torch import nn
 from mrgen_dist.models.base import Family, ModelConfig, SamplingGraph, Step
 from mrgen_dist.scanners import Vocabulary
 
-LOSSES = ("logcosh", "mse")
+LOSSES = ("logcosh", "mse", "gaussian")
+NOISE_LEVELS = ("scanner", "pixel")
+PRIORS = ("standard", "scanner")
+#: Bounds of the learned observation noise sigma: below 1e-3 (a quarter of an 8-bit grey level) the
+#: likelihood of the noise-free background would grow without limit.
+LOG_SIGMA_MIN, LOG_SIGMA_INIT = math.log(1e-3), math.log(0.1)
+PROBE_HIDDEN = 256
 
 
 @dataclass
@@ -30,22 +51,45 @@ class CVAEConfig(ModelConfig):
     family: str = "cvae"
     hidden: list[int] = field(default_factory=lambda: [1024, 512])  # encoder widths; the decoder mirrors them
     latent: int = 256
-    loss: str = "logcosh"  # logcosh | mse
+    loss: str = "logcosh"  # logcosh | mse | gaussian (learned observation noise)
+    noise_level: str = "pixel"  # with loss gaussian: one sigma per scanner, or per scanner and pixel
+    prior: str = "standard"  # standard N(0, I) | scanner: learned p(z | scanner)
+    adversary: float = 0.0  # weight of the reversed gradient of a scanner probe on z; 0: no probe
     kl_weight: float = 1.0
 
     def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"model.loss must be logcosh or mse, got {self.loss!r}")
+        for key, value, allowed in (("loss", self.loss, LOSSES), ("noise_level", self.noise_level, NOISE_LEVELS),
+                                    ("prior", self.prior, PRIORS)):
+            if value not in allowed:
+                raise ValueError(f"model.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if self.latent < 1 or not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError("model.latent and model.hidden widths must be >= 1")
         if self.kl_weight < 0:
             raise ValueError(f"model.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.adversary < 0:
+            raise ValueError(f"model.adversary must be >= 0, got {self.adversary}")
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:
     """log(cosh(x)) computed as |x| + softplus(-2|x|) - log 2: no overflow for large |x|, exact gradient tanh(x)."""
     a = x.abs()
     return a + F.softplus(-2.0 * a) - math.log(2.0)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by -weight."""
+    return _ReverseGradient.apply(x, weight)
 
 
 def _mlp(widths: list[int]) -> nn.Sequential:
@@ -57,8 +101,9 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 class CVAE(nn.Module):
     def __init__(self, image_shape: tuple[int, int], n_scanners: int, hidden: list[int], latent: int,
-                 conditional: bool = True) -> None:
+                 conditional: bool = True, config: CVAEConfig | None = None) -> None:
         super().__init__()
+        config = config or CVAEConfig(hidden=hidden, latent=latent)
         self.image_shape = tuple(image_shape)
         self.n_scanners = n_scanners
         self.latent = latent
@@ -70,6 +115,26 @@ class CVAE(nn.Module):
         self.to_logvar = nn.Linear(hidden[-1], latent)
         self.decoder_body = _mlp([latent + n_labels, *hidden[::-1]])
         self.to_pixels = nn.Linear(hidden[0], n_pixels)
+        if config.prior == "scanner":
+            # with the label in encoder and decoder the prior starts as N(0, I); without it (GMVAE) the
+            # components must differ from the first step for the label to matter at all
+            init = torch.zeros if conditional else torch.randn
+            self.prior_mean = nn.Parameter(init(n_scanners, latent))
+            self.prior_logvar = nn.Parameter(torch.zeros(n_scanners, latent))
+        if config.loss == "gaussian":
+            width = n_pixels if config.noise_level == "pixel" else 1
+            self.log_sigma = nn.Parameter(torch.full((n_scanners, width), LOG_SIGMA_INIT))
+        self.adversary = config.adversary
+        if config.adversary > 0:
+            self.probe = nn.Sequential(nn.Linear(latent, PROBE_HIDDEN), nn.ReLU(), nn.Linear(PROBE_HIDDEN, n_scanners))
+
+    @property
+    def has_prior(self) -> bool:
+        return hasattr(self, "prior_mean")
+
+    @property
+    def has_noise(self) -> bool:
+        return hasattr(self, "log_sigma")
 
     def with_label(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """`x` with the one-hot scanner appended (a conditional model), or `x` itself."""
@@ -85,53 +150,107 @@ class CVAE(nn.Module):
         h = self.decoder_body(self.with_label(z, scanner))
         return torch.sigmoid(self.to_pixels(h)).view(-1, 1, *self.image_shape)
 
-    def forward(
-        self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`noise` ~ N(0, I) of shape (B, latent) is passed in so that callers control its seeding."""
+    def prior(self, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(z | scanner) (zeros for the standard prior)."""
+        if not self.has_prior:
+            zeros = self.to_mean.bias.new_zeros(len(scanner), self.latent)
+            return zeros, zeros
+        return self.prior_mean[scanner], self.prior_logvar[scanner]
+
+    def sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        """The learned observation noise, (B, 1, H, W), broadcast from per-scanner values where need be."""
+        log_sigma = self.log_sigma[scanner].clamp(min=LOG_SIGMA_MIN)
+        return log_sigma.exp().expand(-1, self.image_shape[0] * self.image_shape[1]).reshape(-1, 1, *self.image_shape)
+
+    def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor) -> VAEOutput:
+        """`noise` ~ N(0, I) of shape (B, latent) is passed in so that callers control its seeding. Every
+        learned part (prior, observation noise, probe) is used here, inside forward, so that DDP and DeepSpeed
+        see all parameters of a step."""
         mean, logvar = self.encode(images, scanner)
         z = mean + noise.to(mean.dtype) * torch.exp(0.5 * logvar)
-        return self.decode(z, scanner), mean, logvar
+        prior_mean, prior_logvar = self.prior(scanner)
+        return VAEOutput(
+            recon=self.decode(z, scanner), mean=mean, logvar=logvar, prior_mean=prior_mean, prior_logvar=prior_logvar,
+            sigma=self.sigma(scanner) if self.has_noise else None,
+            probe_logits=self.probe(reverse_gradient(mean, self.adversary)) if self.adversary > 0 else None,
+        )
 
 
-def vae_loss(
-    recon: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, kind: str, kl_weight: float
-) -> dict[str, torch.Tensor]:
-    """Loss terms in float32 (see the module doc for the reduction)."""
+class VAEOutput(NamedTuple):
+    recon: torch.Tensor  # (B, 1, H, W): the decoder's mean
+    mean: torch.Tensor  # posterior mean and log-variance (B, latent)
+    logvar: torch.Tensor
+    prior_mean: torch.Tensor  # p(z | scanner) of each image (zeros for the standard prior)
+    prior_logvar: torch.Tensor
+    sigma: torch.Tensor | None  # learned observation noise (B, 1, H, W), with loss gaussian
+    probe_logits: torch.Tensor | None  # the scanner probe's logits on the reversed-gradient mean, with adversary > 0
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor, prior_logvar: torch.Tensor
+                  ) -> torch.Tensor:
+    """KL(N(mean, e^logvar) || N(prior_mean, e^prior_logvar)) of diagonal Gaussians, summed over dimensions."""
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mean - prior_mean).square()) / prior_logvar.exp()
+                  - 1).sum(dim=1)
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str, sigma: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Per image, summed over pixels, in float32: log-cosh, squared error, or the Gaussian negative
+    log-likelihood -log N(target; recon, sigma^2)."""
     diff = recon.float().flatten(1) - target.float().flatten(1)
-    per_pixel = log_cosh(diff) if kind == "logcosh" else diff.square()
-    reconstruction = per_pixel.sum(dim=1).mean()
-    mean, logvar = mean.float(), logvar.float()
-    kl = (-0.5 * (1 + logvar - mean.square() - logvar.exp()).sum(dim=1)).mean()
+    if kind == "logcosh":
+        return log_cosh(diff).sum(dim=1)
+    if kind == "mse":
+        return diff.square().sum(dim=1)
+    log_sigma = sigma.float().flatten(1).log()
+    return (0.5 * (diff * torch.exp(-log_sigma)).square() + log_sigma + 0.5 * math.log(2 * math.pi)).sum(dim=1)
+
+
+def vae_loss(out: VAEOutput, target: torch.Tensor, kind: str, kl_weight: float) -> dict[str, torch.Tensor]:
+    """The named loss terms of a batch (see the module doc for the reduction)."""
+    reconstruction = reconstruction_loss(out.recon, target, kind, out.sigma).mean()
+    kl = kl_divergence(out.mean.float(), out.logvar.float(), out.prior_mean.float(), out.prior_logvar.float()).mean()
     return {"loss": reconstruction + kl_weight * kl, "reconstruction": reconstruction, "kl": kl}
 
 
 class Decoder(SamplingGraph):
-    """(z float32, scanner int64) -> image float32 in [0, 1], computed in the decoder's own dtype."""
+    """(z ~ N(0, I) float32, scanner int64) -> image float32 in [0, 1], computed in the decoder's own dtype; a
+    learned prior's transform of z is part of it."""
 
     def __init__(self, model: CVAE) -> None:
         super().__init__()
         self.model = model
         self.latent = model.latent
+        self.has_noise = model.has_noise
 
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        image = self.model.decode(z.to(dtype), scanner).float()
-        if not self.model.conditional:
+        z = z.to(dtype)
+        if self.model.has_prior:
+            prior_mean, prior_logvar = self.model.prior(scanner)
+            z = prior_mean + torch.exp(0.5 * prior_logvar) * z
+        image = self.model.decode(z, scanner).float()
+        if not self.model.conditional and not self.model.has_prior:
             # the label does not enter an unconditional decoder; keep `scanner` a live input of the contract
             image = image + 0 * scanner.view(-1, 1, 1, 1).to(image.dtype)
         return image
+
+    def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        return self.model.sigma(scanner).float()
 
 
 class CVAEFamily(Family):
     name = "cvae"
     title = "cVAE"
     Config = CVAEConfig
-    loss_names = ("loss", "reconstruction", "kl")
+    loss_names = ("loss", "reconstruction", "kl", "adversary")
     conditional = True
 
     def build(self, config: CVAEConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> CVAE:
-        return CVAE(tuple(image_shape), len(vocabulary), config.hidden, config.latent, self.conditional)
+        return CVAE(tuple(image_shape), len(vocabulary), config.hidden, config.latent, self.conditional, config)
+
+    def reported_losses(self, config: CVAEConfig) -> tuple[str, ...]:
+        return self.loss_names if config.adversary > 0 else self.loss_names[:3]
 
     def noise_dim(self, config: CVAEConfig) -> int:
         return config.latent
@@ -139,8 +258,18 @@ class CVAEFamily(Family):
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         config: CVAEConfig = step.config
         with step.autocast():
-            recon, mean, logvar = step.model(step.images, step.scanner, step.noise)
-        return vae_loss(recon, step.images, mean, logvar, config.loss, config.kl_weight)
+            out = step.model(step.images, step.scanner, step.noise)
+        losses = vae_loss(out, step.images, config.loss, config.kl_weight)
+        if out.probe_logits is not None:
+            losses["adversary"] = F.cross_entropy(out.probe_logits.float(), step.scanner)
+            losses["loss"] = losses["loss"] + losses["adversary"]
+        return losses
+
+    @torch.no_grad()
+    def encode_mean(self, model: CVAE, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        mean, _ = model.encode(images.to(next(model.parameters()).dtype), scanner)
+        prior_mean, prior_logvar = model.prior(scanner)
+        return ((mean - prior_mean) * torch.exp(-0.5 * prior_logvar)).float()
 
     def sampling_graph(self, model: CVAE) -> Decoder:
         return Decoder(model)

@@ -16,6 +16,13 @@ from mrgen_dist.models.cvae import CVAEConfig, CVAEFamily
 class VAEConfig(CVAEConfig):
     family: str = "vae"
 
+    def validate(self) -> None:
+        super().validate()
+        if self.prior != "standard":
+            raise ValueError("model.prior: an unconditional VAE with a prior per scanner is the gmvae family")
+        if self.adversary > 0:
+            raise ValueError("model.adversary: the unconditional VAE's decoder has no label to take the scanner from")
+
 
 class VAEFamily(CVAEFamily):
     name = "vae"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrgen_dist.models.cvae import CVAE, FAMILY, log_cosh, vae_loss
+from mrgen_dist.models.cvae import CVAE, FAMILY, VAEOutput, log_cosh, vae_loss
 
 
 def test_log_cosh_matches_float64_reference_and_is_stable() -> None:
@@ -30,7 +30,7 @@ def test_cvae_shapes_and_conditioning() -> None:
     model = CVAE((218, 182), n_scanners=3, hidden=[64, 32], latent=8)
     x = torch.rand(5, 218, 182)
     s = torch.tensor([0, 1, 2, 1, 0])
-    recon, mean, logvar = model(x, s, torch.randn(5, 8))
+    recon, mean, logvar, *_ = model(x, s, torch.randn(5, 8))
     assert recon.shape == (5, 1, 218, 182) and mean.shape == logvar.shape == (5, 8)
     assert 0 <= recon.min() and recon.max() <= 1
     z = torch.randn(2, 8)
@@ -50,10 +50,14 @@ def test_thesis_size_and_loss_reduction() -> None:
     target = torch.zeros(4, 1, 6, 5)
     recon = torch.full((4, 1, 6, 5), 0.5)
     mean, logvar = torch.zeros(4, 3), torch.zeros(4, 3)
-    terms = vae_loss(recon, target, mean, logvar, "logcosh", kl_weight=1.0)
+
+    def outputs(mean: torch.Tensor) -> VAEOutput:
+        return VAEOutput(recon, mean, logvar, torch.zeros(4, 3), torch.zeros(4, 3), sigma=None, probe_logits=None)
+
+    terms = vae_loss(outputs(mean), target, "logcosh", kl_weight=1.0)
     assert terms["reconstruction"].item() == pytest.approx(30 * np.log(np.cosh(0.5)), rel=1e-6)  # sum pixels, mean batch
     assert terms["kl"].item() == 0.0
-    mse = vae_loss(recon, target, mean + 1, logvar, "mse", kl_weight=0.5)
+    mse = vae_loss(outputs(mean + 1), target, "mse", kl_weight=0.5)
     assert mse["reconstruction"].item() == pytest.approx(30 * 0.25)
     assert mse["kl"].item() == pytest.approx(3 * 0.5)
     assert mse["loss"].item() == pytest.approx(7.5 + 0.75)
