@@ -249,18 +249,18 @@ def quantize_int8(fp_path: Path, out_path: Path, latent: int, n_scanners: int,
 class _WithNoise(torch.nn.Module):
     """The graph with its learned observation noise as a second output, `sigma`."""
 
-    def __init__(self, graph: SamplingGraph) -> None:
+    def __init__(self, decoder: SamplingGraph) -> None:
         super().__init__()
-        self.graph = graph
+        self.decoder = decoder  # not `graph`: torch.export's GraphModule has an attribute of that name
 
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.graph(z, scanner), self.graph.noise_sigma(scanner)
+        return self.decoder(z, scanner), self.decoder.noise_sigma(scanner)
 
 
 def _torch_export(graph: SamplingGraph, latent: int, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        _WithNoise(graph) if graph.has_noise else graph,
+        _WithNoise(graph).eval() if graph.has_noise else graph,
         (torch.zeros(2, latent), torch.zeros(2, dtype=torch.long)),
         input_names=["z", "scanner"],
         output_names=["image", "sigma"] if graph.has_noise else ["image"],
