@@ -387,11 +387,11 @@ def _rate(x: Number) -> str:
     """Seconds and images/s: whole numbers with thousands separators from 100 up, 3 significant digits below."""
     if x is None:
         return MISSING
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:#.3g}"
 
 
 def _sig(x: Number) -> str:
-    return MISSING if x is None else f"{x:.3g}"
+    return MISSING if x is None else f"{x:#.3g}"  # 3 significant digits, trailing zeros kept
 
 
 def _mean_cell(s: Summary, column: str, fmt: Callable[[Number], str], n_scanners: int) -> str:

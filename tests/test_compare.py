@@ -109,8 +109,8 @@ def test_table_values(two_models: list[Path], tmp_path: Path) -> None:
         "sample img/s (ORT)": "1,234", "n gen/scanner": "8", "FID": "25.00 †", "KID ×10³": "2.50",
         "precision": "0.688", "recall": "0.250", "density": "1.375", "coverage": "0.500",
         "MS-SSIM gen / real": "0.375 / 0.250", "conditioning": "0.97", "z-probe (chance)": "0.30 (0.25)",
-        "recon. conditioning": "0.97", "label effect": "2.5", "intensity W1": "0.025", "Δ noise": "0.125",
-        "Δ sharpness": "0.5", "verdict": "meets targets",
+        "recon. conditioning": "0.97", "label effect": "2.50", "intensity W1": "0.0250", "Δ noise": "0.125",
+        "Δ sharpness": "0.500", "verdict": "meets targets",
     }
     assert b["run"] == "vae/results" and b["model"] == "VAE (unconditional) + noise"
     assert b["verdict"] == "reconstruction ceiling 0.50; scanner in z (probe 0.90); decoder ignores the label"
@@ -145,7 +145,7 @@ def test_missing_files_and_keys_show_a_dash(two_models: list[Path], tmp_path: Pa
     assert row["n gen/scanner"] == "8"  # from the fid_*.json
     # (20 + 40) / 2; Magnetom's fid_biased is False, Intera's is missing and its n = 8 < 2048 marks it
     assert row["FID"] == "30.00 (2/4) †"
-    assert row["precision"] == "0.875 (1/4)" and row["intensity W1"] == "0.04 (1/4)"
+    assert row["precision"] == "0.875 (1/4)" and row["intensity W1"] == "0.0400 (1/4)"
     assert row["verdict"] == "conditioning not measured; z-probe not measured"
     assert "sparse: no fid_*.json for Gyroscan Intera, Unspecified; no conditioning.json, generation.json, " \
            "diagnostics.json." in md
