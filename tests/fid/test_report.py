@@ -48,9 +48,12 @@ def test_report_table_in_label_order_without_conditioning(results: Path) -> None
     assert "Note: 10 samples for 2048-d features (and similar)" in table and "Conditioning" not in table
     with (results / "fid_table.csv").open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["scanner", "fid_mean", "fid_std", "kid_mean", "kid_std", "n_real", "n_generated", "repeats"]
+    assert rows[0][:8] == ["scanner", "fid_mean", "fid_std", "kid_mean", "kid_std", "n_real", "n_generated", "repeats"]
     assert [r[0] for r in rows[1:]] == SCANNERS and float(rows[2][1]) == pytest.approx(107.0)
+    assert rows[2][8:] == [""] * 12  # results written before the quality measures: empty cells
     assert (results / "fid_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "precision" not in table and "Label effect" not in table and "z-probe" not in table  # parts omitted
+    assert not (results / "quality.png").exists()
     assert _leftovers(results) == []
 
 
@@ -68,6 +71,70 @@ def test_report_with_conditioning(results: Path, capsys: pytest.CaptureFixture) 
     assert "| Unspecified | 2 | 0 | 8 | 0 |" in table
     assert (results / "conditioning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _leftovers(results) == []
+
+
+def _with_quality(r: dict, i: int) -> dict:
+    """A fid_*.json as `mrgen-fid score --n-generated 16` writes it (12 real test slices)."""
+    return {**r, "n_real": 12, "n_generated": 16, "fid_n_generated": 12, "fid_biased": True, "noise": False,
+            "prdc_k": 5, "ms_ssim_pairs": 200, "precision": 0.5 + 0.1 * i, "recall": 0.25, "density": 1.25,
+            "coverage": 0.75, "ms_ssim": 0.8125, "ms_ssim_real": 0.75,
+            "signature": {"intensity_w1": 0.0312, "noise_real": 0.0125, "noise_generated": 0.0031,
+                          "sharpness_real": 0.042, "sharpness_generated": 0.021}}
+
+
+def test_report_quality_generation_and_diagnostics(results: Path) -> None:
+    for i, path in enumerate(sorted(results.glob("fid_*.json"))):
+        path.write_text(json.dumps(_with_quality(json.loads(path.read_text()), i)))
+    (results / "conditioning.json").write_text(json.dumps({
+        "scanners": SCANNERS, "confusion": [[4, 0, 0, 0], [0, 4, 0, 0], [1, 0, 3, 0], [0, 0, 0, 4]],
+        "real_test_accuracy": 1.0, "generated_accuracy": 0.9375, "n_generated": [4, 4, 4, 4],
+    }))
+    (results / "generation.json").write_text(json.dumps({
+        "scanners": SCANNERS, "noise": True, "n_generated": [16] * 4, "sampling_images_per_s": 4321.5,
+        "sampler_device": "cpu", "label_effect": {"between_scanners": 0.0125, "between_draws": 0.05, "ratio": 0.25},
+        "label_effect_draws": 16,
+    }))
+    (results / "diagnostics.json").write_text(json.dumps({
+        "scanners": SCANNERS, "family": "cvae", "title": "cVAE", "parameters": 1000,
+        "z_probe": {"accuracy": 0.3125, "chance": 0.25, "confusion": [[1] * 4] * 4},
+        "reconstruction": {"accuracy": 0.875, "confusion": [[1] * 4] * 4, "real_test_accuracy": 1.0},
+        "reason": None,
+    }))
+    written = write_report(results)
+    assert [p.name for p in written] == ["fid_table.md", "fid_table.csv", "fid_boxplot.png", "quality.png",
+                                         "conditioning.png"]
+    table = (results / "fid_table.md").read_text()
+    assert "| Intera | 107.00 ± 7.07 † | 1070.00 ± 1.00 | 12 / 16 | 2 |" in table  # † FID biased, n_generated
+    assert "† FID on fewer than 2,048 slices per set (here 12 generated" in table
+    assert ("| scanner | precision | recall | density | coverage | MS-SSIM gen / real | noise real / gen | "
+            "sharpness real / gen | intensity W1 |") in table
+    # i by file name: Gyroscan Intera 0, Intera 1, Magnetom TrioTim 2, Unspecified 3
+    assert ("| Intera | 0.600 | 0.250 | 1.250 | 0.750 | 0.812 / 0.750 | 0.0125 / 0.0031 | 0.0420 / 0.0210 | "
+            "0.0312 |") in table
+    assert "differ by 0.0125 between scanners and 0.0500 between draws" in table and "ratio 0.250" in table
+    assert "Sampling: 4,322 images/s (onnxruntime on cpu, with the learned observation noise)." in table
+    assert "| generated slices, as the scanner asked for | 0.938 |" in table
+    assert "| reconstructions of real test slices (decoder ceiling) | 0.875 |" in table
+    assert "| z-probe: scanner from posterior means (chance 0.250) | 0.312 |" in table
+    assert "Diagnostics (cVAE): the scanner is read from the posterior means (z-probe) with accuracy 0.312" in table
+    with (results / "fid_table.csv").open(newline="") as f:
+        rows = {r["scanner"]: r for r in csv.DictReader(f)}
+    assert rows["Intera"]["fid_biased"] == "True" and float(rows["Intera"]["precision"]) == pytest.approx(0.6)
+    assert float(rows["Intera"]["noise_generated"]) == pytest.approx(0.0031)
+    assert (results / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _leftovers(results) == []
+
+    # a family without an encoder, and a one-scanner run (no label effect): those parts say so or are left out
+    (results / "diagnostics.json").write_text(json.dumps({
+        "family": "gan", "title": "GAN", "z_probe": None, "reconstruction": None,
+        "reason": "family gan has no encoder (encode_mean returns None)"}))
+    (results / "generation.json").write_text(json.dumps({"label_effect": None, "sampling_images_per_s": 10.0,
+                                                         "sampler_device": "cuda", "noise": False}))
+    write_report(results)
+    table = (results / "fid_table.md").read_text()
+    assert "Diagnostics (GAN): family gan has no encoder (encode_mean returns None)." in table
+    assert "Label effect" not in table and "Sampling: 10 images/s (onnxruntime on cuda)." in table
+    assert "z-probe" not in table and "decoder ceiling" not in table
 
 
 def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
