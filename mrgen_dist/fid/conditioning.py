@@ -6,13 +6,18 @@ random_state. The L2 weight is 1e-3 per training slice on the weights (not the i
 mean cross-entropy + 1e-3 ||W||², which is scikit-learn's C = 1 / (2 · 1e-3 · n_train).
 
 Reported (OUT/conditioning.json): the classifier's accuracy on the real test slices (how well scanners can be
-told apart at all), the rate at which generated slices (as many per scanner as its real test slices) are
-recognised as the scanner they were asked for, and the confusion matrix (rows: asked for, columns: recognised).
+told apart at all), the rate at which generated slices (`--n-generated` per scanner, default as many as its
+real test slices; with `--noise` drawn with the model's learned observation noise) are recognised as the
+scanner they were asked for, and the confusion matrix (rows: asked for, columns: recognised).
+
+`scanner_classifier` gives the fitted classifier on its own: `mrgen-fid diagnose` applies it to a run's
+reconstructions of the real test slices.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +53,28 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, l2: float = L2) -> 
     return classifier.fit(features, labels)
 
 
-def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, seed: int, out: Path) -> dict:
-    """Fit the classifier, score real test and generated slices; writes and returns OUT/conditioning.json."""
+def scanner_classifier(store: SliceStore, extractor: InceptionFeatures, cache: Path) -> Any:
+    """The conditioning check's classifier, fitted on Inception features of the store's real training slices
+    (cached in `cache` like every real feature set); a FidError when a scanner has no training slices."""
+    vocabulary = store.vocabulary
+    names = list(vocabulary.names)
+    if len(names) < 2:
+        raise FidError(f"the conditioning check needs at least 2 scanners; {store.root} has {names}")
+    train = [real_features(store, s, "train", extractor, cache)[0] for s in names]
+    empty = [name for name, f in zip(names, train, strict=True) if len(f) == 0]
+    if empty:
+        raise FidError(f"no real slices of {', '.join(f'{name} (train)' for name in empty)} in {store.root}; the "
+                       "conditioning check needs train and test slices of every scanner")
+    labels = np.concatenate([np.full(len(f), vocabulary.index(name)) for name, f in zip(names, train, strict=True)])
+    return fit_classifier(np.concatenate(train), labels)
+
+
+def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, seed: int, out: Path,
+                 n_generated: int | None = None, noise: bool = False) -> dict:
+    """Fit the classifier, score real test slices and `n_generated` generated slices per scanner (default: as
+    many as its real test slices); writes and returns OUT/conditioning.json."""
+    from tqdm import tqdm
+
     vocabulary = store.vocabulary
     names = list(vocabulary.names)
     if len(names) < 2:
@@ -62,20 +87,25 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
     if empty:
         raise FidError(f"no real slices of {', '.join(empty)} in {store.root}; the conditioning check needs train "
                        "and test slices of every scanner")
-    labels = np.concatenate([np.full(len(f), vocabulary.index(name)) for name, f in zip(names, train, strict=True)])
-    classifier = fit_classifier(np.concatenate(train), labels)
+    classifier = scanner_classifier(store, extractor, cache)
 
     confusion = np.zeros((len(names), len(names)), dtype=int)
     real_correct = 0
-    for name, feats in zip(names, test, strict=True):
+    drawn = []
+    for name, feats in tqdm(list(zip(names, test, strict=True)), desc="conditioning", unit="scanner",
+                            file=sys.stderr):
         asked = vocabulary.index(name)
         real_correct += int((classifier.predict(feats) == asked).sum())
-        generated = extractor(sampler.sample(name, len(feats), seed=seed + SEED_OFFSET))
+        n = len(feats) if n_generated is None else n_generated
+        generated = extractor(sampler.sample(name, n, seed=seed + SEED_OFFSET, noise=noise))
         np.add.at(confusion[asked], classifier.predict(generated), 1)
+        drawn.append(n)
     result = {
         "scanners": names,
         "n_train": [len(f) for f in train],
         "n_test": [len(f) for f in test],
+        "n_generated": drawn,
+        "noise": noise,
         "real_test_accuracy": real_correct / sum(len(f) for f in test),
         "generated_accuracy": float(np.trace(confusion) / confusion.sum()),
         "confusion": confusion.tolist(),  # rows: scanner asked for, columns: scanner recognised
