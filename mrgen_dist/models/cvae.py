@@ -10,8 +10,12 @@ scanner only at chance: its encoder writes the scanner into z, so the decoder ta
 z, and z ~ N(0, I) at sampling time carries a random one; and its mean image has lost the scanner's noise.
 
 * `loss`: `logcosh` (the thesis), `mse`, or `gaussian`: the negative log-likelihood of a Gaussian with a
-  learned observation noise sigma, one per scanner (`noise_level: scanner`) or per scanner and pixel
-  (`noise_level: pixel`). Sampling can then draw that noise (`mrgen-sample --noise`); the mean stays the default.
+  learned observation noise, which sampling can then draw (`mrgen-sample --noise`; the mean stays the
+  default). `noise_level: pixel`: one sigma per scanner and pixel, sampled as learned. `noise_level: scanner`:
+  the variance is sigma_s^2 + e_p^2, an acquisition noise sigma_s per scanner (thermal noise is the same
+  everywhere in a magnitude image) plus the decoder's own error e_p per pixel, shared by the scanners; only
+  sigma_s is sampled. Without e_p, the blur of an FC decoder's mean (its residual, several times the
+  acquisition noise in the brain) would be learned as noise and drawn into every sample.
 * `prior: scanner`: a learned conditional prior p(z | scanner) = N(m_s, diag exp(v_s)); the sampling graph
   maps z ~ N(0, I) to m_s + exp(v_s / 2) z, so the exported contract is unchanged.
 * `adversary: w > 0`: a scanner probe on the posterior mean, trained to recognise the scanner, whose gradient
@@ -43,6 +47,10 @@ PRIORS = ("standard", "scanner")
 #: Bounds of the learned observation noise sigma: below 1e-3 (a quarter of an 8-bit grey level) the
 #: likelihood of the noise-free background would grow without limit.
 LOG_SIGMA_MIN, LOG_SIGMA_INIT = math.log(1e-3), math.log(0.1)
+#: The noise parameters hold log sigma / NOISE_PARAM_SCALE: with Adam, whose steps are about lr in parameter
+#: units, log sigma moves NOISE_PARAM_SCALE times faster than the weights, so that it settles (0.1 -> 0.01 is a
+#: change of 2.3) within a short run's first few hundred steps rather than after thousands.
+NOISE_PARAM_SCALE = 10.0
 PROBE_HIDDEN = 256
 
 
@@ -52,7 +60,7 @@ class CVAEConfig(ModelConfig):
     hidden: list[int] = field(default_factory=lambda: [1024, 512])  # encoder widths; the decoder mirrors them
     latent: int = 256
     loss: str = "logcosh"  # logcosh | mse | gaussian (learned observation noise)
-    noise_level: str = "pixel"  # with loss gaussian: one sigma per scanner, or per scanner and pixel
+    noise_level: str = "scanner"  # with loss gaussian: sampled sigma per scanner (+ decoder error), or per pixel
     prior: str = "standard"  # standard N(0, I) | scanner: learned p(z | scanner)
     adversary: float = 0.0  # weight of the reversed gradient of a scanner probe on z; 0: no probe
     kl_weight: float = 1.0
@@ -123,7 +131,9 @@ class CVAE(nn.Module):
             self.prior_logvar = nn.Parameter(torch.zeros(n_scanners, latent))
         if config.loss == "gaussian":
             width = n_pixels if config.noise_level == "pixel" else 1
-            self.log_sigma = nn.Parameter(torch.full((n_scanners, width), LOG_SIGMA_INIT))
+            self.noise_param = nn.Parameter(torch.full((n_scanners, width), LOG_SIGMA_INIT / NOISE_PARAM_SCALE))
+            if config.noise_level == "scanner":
+                self.error_param = nn.Parameter(torch.full((1, n_pixels), LOG_SIGMA_INIT / NOISE_PARAM_SCALE))
         self.adversary = config.adversary
         if config.adversary > 0:
             self.probe = nn.Sequential(nn.Linear(latent, PROBE_HIDDEN), nn.ReLU(), nn.Linear(PROBE_HIDDEN, n_scanners))
@@ -134,7 +144,7 @@ class CVAE(nn.Module):
 
     @property
     def has_noise(self) -> bool:
-        return hasattr(self, "log_sigma")
+        return hasattr(self, "noise_param")
 
     def with_label(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """`x` with the one-hot scanner appended (a conditional model), or `x` itself."""
@@ -157,10 +167,23 @@ class CVAE(nn.Module):
             return zeros, zeros
         return self.prior_mean[scanner], self.prior_logvar[scanner]
 
+    def _as_image(self, log_sigma: torch.Tensor) -> torch.Tensor:
+        n_pixels = self.image_shape[0] * self.image_shape[1]
+        return log_sigma.clamp(min=LOG_SIGMA_MIN).exp().expand(-1, n_pixels).reshape(-1, 1, *self.image_shape)
+
     def sigma(self, scanner: torch.Tensor) -> torch.Tensor:
-        """The learned observation noise, (B, 1, H, W), broadcast from per-scanner values where need be."""
-        log_sigma = self.log_sigma[scanner].clamp(min=LOG_SIGMA_MIN)
-        return log_sigma.exp().expand(-1, self.image_shape[0] * self.image_shape[1]).reshape(-1, 1, *self.image_shape)
+        """The noise that sampling draws, (B, 1, H, W): the scanner's acquisition noise (noise_level scanner) or
+        the whole learned sigma (noise_level pixel)."""
+        return self._as_image(NOISE_PARAM_SCALE * self.noise_param[scanner])
+
+    def likelihood_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        """The standard deviation of the Gaussian likelihood, (B, 1, H, W): with a decoder-error term,
+        sqrt(sigma_s^2 + e_p^2)."""
+        sigma = self.sigma(scanner)
+        if not hasattr(self, "error_param"):
+            return sigma
+        error = self._as_image(NOISE_PARAM_SCALE * self.error_param)
+        return (sigma.square() + error.square()).sqrt()
 
     def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor) -> VAEOutput:
         """`noise` ~ N(0, I) of shape (B, latent) is passed in so that callers control its seeding. Every
@@ -171,7 +194,7 @@ class CVAE(nn.Module):
         prior_mean, prior_logvar = self.prior(scanner)
         return VAEOutput(
             recon=self.decode(z, scanner), mean=mean, logvar=logvar, prior_mean=prior_mean, prior_logvar=prior_logvar,
-            sigma=self.sigma(scanner) if self.has_noise else None,
+            sigma=self.likelihood_sigma(scanner) if self.has_noise else None,
             probe_logits=self.probe(reverse_gradient(mean, self.adversary)) if self.adversary > 0 else None,
         )
 
@@ -182,7 +205,7 @@ class VAEOutput(NamedTuple):
     logvar: torch.Tensor
     prior_mean: torch.Tensor  # p(z | scanner) of each image (zeros for the standard prior)
     prior_logvar: torch.Tensor
-    sigma: torch.Tensor | None  # learned observation noise (B, 1, H, W), with loss gaussian
+    sigma: torch.Tensor | None  # the likelihood's standard deviation (B, 1, H, W), with loss gaussian
     probe_logits: torch.Tensor | None  # the scanner probe's logits on the reversed-gradient mean, with adversary > 0
 
 
