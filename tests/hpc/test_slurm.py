@@ -1,8 +1,11 @@
-"""The job scripts on a real one-node Slurm (hpc/slurm/local-cluster.sh): the whole chain, and preemption."""
+"""The job scripts on a real one-node Slurm (hpc/slurm/local-cluster.sh): the whole chain, preemption, and the
+model comparison (compare.sh)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -137,3 +140,49 @@ def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path:
     assert (run / "model.safetensors").is_file()
     losses = {json.loads(line)["step"] for line in metrics.read_text().splitlines()}
     assert losses == set(range(1, 30 * 20 + 1))  # every step of 30 epochs x 20 steps, across the requeue
+
+
+def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: Path, tmp_path: Path) -> None:
+    """hpc/slurm/compare.sh: one array task per config (train, export, score, diagnose, report), then the table."""
+    out = tmp_path / "compare"
+    env = _env(tmp_path, MRGEN_COMPARE_N_GENERATED="8", MRGEN_COMPARE_REPEATS="1")
+    t0 = time.time()
+    submitted = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), str(store_dir), str(out),
+                                "hpc/configs/compare/tiny-a.yaml", "hpc/configs/compare/tiny-b.yaml:noise"],
+                               capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-2000:]
+    ids = dict(re.findall(r"^(models|table) (\d+)$", submitted.stdout, re.M))
+    assert set(ids) == {"models", "table"}, submitted.stdout
+    records = _wait([ids["models"], ids["table"]], timeout=600)
+    print(f"compare wall time {time.time() - t0:.0f} s")
+    logs = {rec.get("ArrayTaskId", "table"): rec["StdOut"] for job in records.values() for rec in job}
+    for job in records.values():
+        for rec in job:
+            log = Path(rec["StdOut"]).read_text()[-3000:] if Path(rec["StdOut"]).is_file() else "(no log)"
+            assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (rec, log)
+    assert sorted(logs) == ["0", "1", "table"]  # one array task per config
+    (table_job,) = records[ids["table"]]
+    assert max(task["EndTime"] for task in records[ids["models"]]) <= table_job["StartTime"]  # afterok
+
+    for name in ("tiny-a", "tiny-b-noise"):
+        assert (out / name / "run" / "model.safetensors").is_file() and (out / name / "decoder.onnx").is_file()
+        results = out / name / "results"
+        assert {"conditioning.json", "generation.json", "diagnostics.json", "fid_table.md"} <= {
+            p.name for p in results.iterdir()}
+        assert len(list(results.glob("fid_*.json"))) == 4
+    assert json.loads((out / "tiny-b-noise" / "results" / "generation.json").read_text())["noise"] is True
+    md = (out / "compare.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| tiny-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| tiny-a", "| tiny-b-noise"], md
+    assert "| tiny-a | cVAE |" in md and "| tiny-b-noise | VAE (unconditional) + noise |" in md
+    with (out / "compare.csv").open(newline="", encoding="utf-8") as f:
+        table = {row["run"]: row for row in csv.DictReader(f)}
+    assert list(table) == ["tiny-a", "tiny-b-noise"]
+    for row in table.values():  # real numbers in every measure the two families have
+        for column in ("parameters", "train_seconds", "sample_images_per_s", "fid", "kid", "conditioning",
+                       "z_probe", "reconstruction", "label_effect_ratio", "ms_ssim", "intensity_w1"):
+            assert math.isfinite(float(row[column])), (column, row)
+        assert row["n_generated_min"] == row["n_generated_max"] == "8" and row["fid_biased"] == "True"
+        assert row["verdict"]
+    assert (out / "compare.png").stat().st_size > 10_000
+    print(md)

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=mrgen-compare
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=2
+#SBATCH --output=logs/%x-%j.out
+# Compare models: one Slurm array task per model config, then the comparison table after the whole array.
+#
+#   hpc/slurm/compare.sh STORE OUT CONFIG[:noise] [CONFIG[:noise] ...]
+#   hpc/slurm/compare.sh /scratch/store runs/compare hpc/configs/demo.yaml hpc/configs/vae.yaml
+#
+# Run it (not sbatch it) from anywhere; it submits and prints the job ids, one per line: `models ID` (the
+# array) and `table ID`. Array task i, for the i-th CONFIG, named after its file (NAME = basename without
+# .yaml), with its outputs in OUT/NAME/:
+#   mrgen-train --config CONFIG data.store=STORE train.out=OUT/NAME/run --overwrite $MRGEN_TRAIN_OVERRIDES
+#   mrgen-export onnx --model OUT/NAME/run --precision $MRGEN_PRECISION --out OUT/NAME/decoder.onnx
+#   mrgen-fid score --store STORE --model OUT/NAME/decoder.onnx --scanner all --repeats R --n-generated N
+#                   --out OUT/NAME/results [--noise]
+#   mrgen-fid diagnose --store STORE --run OUT/NAME/run --out OUT/NAME/results
+#   mrgen-fid report OUT/NAME/results
+# then, once every task succeeded (afterok), one job:
+#   mrgen-compare OUT/NAME1/results OUT/NAME2/results ... --names NAME1,NAME2,... --out OUT
+# which writes OUT/compare.md, compare.csv and compare.png.
+#
+# CONFIG:noise scores samples that draw the model's learned observation noise (mrgen-fid --noise; the model
+# needs one, e.g. model.loss: gaussian); its NAME gets `-noise`, so a config can be run with and without it.
+# R = $MRGEN_COMPARE_REPEATS (default 1), N = $MRGEN_COMPARE_N_GENERATED (default 500) generated slices per
+# scanner, the same for every model so that FIDs compare at equal n. Each task trains in one process (on one
+# GPU when MRGEN_GPUS_PER_NODE > 0); multi-node training is train.sh's job. Site settings come from
+# hpc/slurm/site.env and the environment, as for pipeline.sh. Logs: logs/mrgen-compare-model-ARRAY_TASK.out
+# and logs/mrgen-compare-ID.out.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 STORE OUT CONFIG[:noise] [CONFIG[:noise] ...]" >&2
+  exit 2
+}
+
+# name_of SPEC: the model's name, the config file's basename without .yaml/.yml (+ -noise for CONFIG:noise)
+name_of() {
+  local spec=$1 config=${1%:noise} name
+  name=$(basename "$config")
+  name=${name%.yaml}
+  name=${name%.yml}
+  if [ "$spec" != "$config" ]; then name+=-noise; fi
+  echo "$name"
+}
+
+submit() {
+  [ $# -ge 3 ] || usage
+  local store out spec config name specs=() names=()
+  store=$(realpath -m "$1")
+  out=$(realpath -m "$2")
+  shift 2
+  [ -f "$store/manifest.json" ] || { echo "compare.sh: no store at $store (no manifest.json)" >&2; exit 1; }
+  for spec in "$@"; do
+    config=${spec%:noise}
+    [ -f "$config" ] || { echo "compare.sh: config $config does not exist" >&2; exit 1; }
+    name=$(name_of "$spec")
+    case "$name" in
+      *,*|"") echo "compare.sh: $config: the model name '$name' must be non-empty, without commas" >&2; exit 1 ;;
+    esac
+    for other in "${names[@]}"; do
+      [ "$other" != "$name" ] || { echo "compare.sh: two configs named $name: rename one" >&2; exit 1; }
+    done
+    specs+=("$(realpath "$config")${spec#"$config"}")
+    names+=("$name")
+  done
+
+  cd "$(dirname "$0")/../.."
+  source hpc/slurm/site.env
+  if [ -n "$MRGEN_VENV" ]; then source "$MRGEN_VENV/bin/activate"; fi
+  mkdir -p logs "$out"
+  export MRGEN_HOME=$PWD MRGEN_WORK=$out MRGEN_VENV MRGEN_IMAGE MRGEN_MODULES MRGEN_GPUS_PER_NODE MRGEN_PRECISION \
+    MRGEN_TRAIN_OVERRIDES MRGEN_COMPARE_REPEATS=${MRGEN_COMPARE_REPEATS:-1} \
+    MRGEN_COMPARE_N_GENERATED=${MRGEN_COMPARE_N_GENERATED:-500}
+  local gpu_opts=()
+  if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus=1); fi
+  local models table
+  models=$(sbatch --parsable --job-name=mrgen-compare-model --array=0-$(($# - 1)) --output=logs/%x-%A_%a.out \
+    "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$store" "$out" "${specs[@]}")
+  table=$(sbatch --parsable --job-name=mrgen-compare --dependency=afterok:"$models" --output=logs/%x-%j.out \
+    hpc/slurm/compare.sh --table "$out" "${names[@]}")
+  local i
+  for i in "${!names[@]}"; do echo "task $i: ${names[$i]} (${specs[$i]}) -> $out/${names[$i]}"; done
+  echo "models $models"
+  echo "table $table"
+}
+
+# one array task: train, export, score, diagnose and report one model
+model_task() {
+  local store=$1 out=$2
+  shift 2
+  source hpc/slurm/common.sh
+  local task=${SLURM_ARRAY_TASK_ID:?compare.sh --model runs as an array task: use hpc/slurm/compare.sh STORE OUT CONFIG...}
+  [ "$task" -lt $# ] || { echo "compare.sh: array task $task, but $# config(s)" >&2; exit 1; }
+  local specs=("$@")
+  local spec=${specs[$task]}
+  local config=${spec%:noise} name dir noise=()
+  name=$(name_of "$spec")
+  dir=$out/$name
+  if [ "$spec" != "$config" ]; then noise=(--noise); fi
+  echo "array task $task: $name ($config${noise[*]:+, sampled with noise}), outputs in $dir"
+  # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
+  run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES
+  run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/decoder.onnx"
+  run mrgen-fid score --store "$store" --model "$dir/decoder.onnx" --scanner all --repeats "$MRGEN_COMPARE_REPEATS" \
+    --n-generated "$MRGEN_COMPARE_N_GENERATED" --out "$dir/results" "${noise[@]}"
+  run mrgen-fid diagnose --store "$store" --run "$dir/run" --out "$dir/results"
+  run mrgen-fid report "$dir/results"
+}
+
+# after the array: the comparison table of every model
+table_task() {
+  local out=$1
+  shift
+  source hpc/slurm/common.sh
+  local results=() name
+  for name in "$@"; do results+=("$out/$name/results"); done
+  run mrgen-compare "${results[@]}" --names "$(IFS=,; echo "$*")" --out "$out"
+}
+
+case "${1:-}" in
+  --model) shift; [ $# -ge 3 ] || usage; model_task "$@" ;;
+  --table) shift; [ $# -ge 2 ] || usage; table_task "$@" ;;
+  -h|--help|"") usage ;;
+  *) submit "$@" ;;
+esac
