@@ -34,7 +34,8 @@ from mrgen_dist.sample import Sampler
 L2 = 1e-3
 RANDOM_STATE = 0
 MAX_ITER = 1000
-#: The generated sets of the check are drawn with seed + SEED_OFFSET, apart from the FID repeats' seeds.
+#: Run on its own (`mrgen-fid conditioning`), the check draws its sets with seed + SEED_OFFSET, apart from the FID
+#: repeats' seeds; within `mrgen-fid score` it scores the first repeat's sets (seed), already through Inception.
 SEED_OFFSET = 10_000
 CLASSIFIER = (f"multinomial logistic regression (scikit-learn, lbfgs, L2 {L2:g} per training slice, "
               f"random_state {RANDOM_STATE}) on standardised Inception features of real train slices")
@@ -70,9 +71,11 @@ def scanner_classifier(store: SliceStore, extractor: InceptionFeatures, cache: P
 
 
 def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, seed: int, out: Path,
-                 n_generated: int | None = None, noise: bool = False) -> dict:
+                 n_generated: int | None = None, noise: bool = False, generated: dict[str, np.ndarray] | None = None
+                 ) -> dict:
     """Fit the classifier, score real test slices and `n_generated` generated slices per scanner (default: as
-    many as its real test slices); writes and returns OUT/conditioning.json."""
+    many as its real test slices); writes and returns OUT/conditioning.json. `generated`: Inception features of
+    sets already drawn (by `mrgen-fid score`'s first repeat, seed `seed`), scored instead of new draws."""
     from tqdm import tqdm
 
     vocabulary = store.vocabulary
@@ -96,15 +99,19 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
                             file=sys.stderr):
         asked = vocabulary.index(name)
         real_correct += int((classifier.predict(feats) == asked).sum())
-        n = len(feats) if n_generated is None else n_generated
-        generated = extractor(sampler.sample(name, n, seed=seed + SEED_OFFSET, noise=noise))
-        np.add.at(confusion[asked], classifier.predict(generated), 1)
-        drawn.append(n)
+        if generated is not None:
+            features = generated[name]
+        else:
+            n = len(feats) if n_generated is None else n_generated
+            features = extractor(sampler.sample(name, n, seed=seed + SEED_OFFSET, noise=noise))
+        np.add.at(confusion[asked], classifier.predict(features), 1)
+        drawn.append(len(features))
     result = {
         "scanners": names,
         "n_train": [len(f) for f in train],
         "n_test": [len(f) for f in test],
         "n_generated": drawn,
+        "generated_seed": seed if generated is not None else seed + SEED_OFFSET,
         "noise": noise,
         "real_test_accuracy": real_correct / sum(len(f) for f in test),
         "generated_accuracy": float(np.trace(confusion) / confusion.sum()),

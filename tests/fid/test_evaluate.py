@@ -85,14 +85,16 @@ def test_conditioning_and_report(scored: Path, store_dir: Path, decoder: Path, t
     assert cond["real_test_accuracy"] >= 0.75  # the demo scanners differ clearly in Inception features
     assert "logistic regression" in cond["classifier"]
     # the sub-command on its own, without --n-generated: as many generated slices as real test slices; the same
-    # classifier and real results (cached real features, deterministic fit), the same seeded samples
+    # classifier and real results (cached real features, deterministic fit); its own draws (seed + 10000), where
+    # score scored the first repeat's sets (seed)
     (results / "conditioning.json").unlink()
     assert main(["conditioning", "--store", str(store_dir), "--model", str(decoder), "--out", str(results),
                  "--device", "cpu"]) == 0
     alone = json.loads((results / "conditioning.json").read_text())
     assert alone["n_generated"] == [10, 10, 10, 10]
+    assert (cond["generated_seed"], alone["generated_seed"]) == (0, 10_000)
     assert np.array(alone["confusion"]).sum(axis=1).tolist() == [10, 10, 10, 10]
-    differs = {"n_generated", "confusion", "generated_accuracy"}
+    differs = {"n_generated", "confusion", "generated_accuracy", "generated_seed"}
     assert {k: v for k, v in alone.items() if k not in differs} == {k: v for k, v in cond.items() if k not in differs}
     assert main(["report", str(results)]) == 0
     table = (results / "fid_table.md").read_text()
