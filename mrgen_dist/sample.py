@@ -191,8 +191,8 @@ class Sampler:
         a draw from the model's learned observation noise around it (clipped to [0, 1]), from a stream of its
         own seeded by (seed, scanner id), so that the latents are those of the mean images."""
         if noise and not self.has_noise:
-            raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it is exported "
-                              "from a model trained with loss mse or logcosh); sample its mean, without --noise")
+            raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it was trained "
+                              "without model.observation_noise); sample its mean, without --noise")
         z = self.latents(scanner, n, seed)
         sid = self.scanner_id(scanner)
         rng = np.random.default_rng([seed, sid, 1]) if noise else None
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ap.add_argument("--noise", action="store_true",
                     help="draw the model's learned observation noise around its mean image (models trained with "
-                    "loss gaussian); default: the mean image")
+                    "model.observation_noise); default: the mean image")
     args = ap.parse_args(argv)
 
     def sample() -> None:

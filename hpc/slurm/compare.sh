@@ -22,10 +22,11 @@
 # which writes OUT/compare.md, compare.csv and compare.png.
 #
 # CONFIG:noise scores samples that draw the model's learned observation noise (mrgen-fid --noise; the model
-# needs one, e.g. model.loss: gaussian); its NAME gets `-noise`, so a config can be run with and without it.
+# needs one, e.g. model.observation_noise: scanner); its NAME gets `-noise`, so a config can be run with and without it.
 # R = $MRGEN_COMPARE_REPEATS (default 1), N = $MRGEN_COMPARE_N_GENERATED (default 500) generated slices per
 # scanner, the same for every model so that FIDs compare at equal n. Each task trains in one process (on one
-# GPU when MRGEN_GPUS_PER_NODE > 0); multi-node training is train.sh's job. Site settings come from
+# GPU when MRGEN_GPUS_PER_NODE > 0); multi-node training is train.sh's job. MRGEN_COMPARE_PARALLEL caps how
+# many tasks run at once; hpc/configs/compare/thesis-size.env sets the thesis-size run. Site settings come from
 # hpc/slurm/site.env and the environment, as for pipeline.sh. Logs: logs/mrgen-compare-model-ARRAY_TASK.out
 # and logs/mrgen-compare-ID.out.
 set -euo pipefail
@@ -76,7 +77,9 @@ submit() {
   local gpu_opts=()
   if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus=1); fi
   local models table
-  models=$(sbatch --parsable --job-name=mrgen-compare-model --array=0-$(($# - 1)) --output=logs/%x-%A_%a.out \
+  # MRGEN_COMPARE_PARALLEL=P: at most P models at once (e.g. 1 on a small machine, where they would share cores)
+  models=$(sbatch --parsable --job-name=mrgen-compare-model --array=0-$(($# - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
+    --output=logs/%x-%A_%a.out \
     "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$store" "$out" "${specs[@]}")
   table=$(sbatch --parsable --job-name=mrgen-compare --dependency=afterok:"$models" --output=logs/%x-%j.out \
     hpc/slurm/compare.sh --table "$out" "${names[@]}")

@@ -116,7 +116,7 @@ def check_model_fits_store(store: SliceStore, sampler: Sampler) -> None:
 def check_noise(sampler: Sampler, noise: bool, model: Path | str) -> None:
     """`--noise` needs a model with a learned observation noise; said before any work."""
     if noise and not sampler.has_noise:
-        raise FidError(f"--noise: {model} has no learned observation noise (train with model.loss=gaussian); "
+        raise FidError(f"--noise: {model} has no learned observation noise (train with model.observation_noise); "
                        "score its mean images without --noise")
 
 

@@ -17,7 +17,7 @@ import torch
 from mrgen_dist.config import ConfigError, load_config
 from mrgen_dist.export import export_decoder
 from mrgen_dist.models import get_family
-from mrgen_dist.models.cvae import CVAEConfig, kl_divergence, reconstruction_loss, reverse_gradient
+from mrgen_dist.models.cvae import CVAEConfig, gaussian_nll, kl_divergence, reverse_gradient
 from mrgen_dist.sample import SampleError, Sampler
 from mrgen_dist.sample import main as sample_main
 from mrgen_dist.scanners import Vocabulary
@@ -43,12 +43,25 @@ def test_kl_to_a_learned_prior_matches_torch_distributions() -> None:
     torch.testing.assert_close(kl_divergence(mean, logvar, pm, pv), want)
 
 
-def test_gaussian_reconstruction_is_the_negative_log_likelihood() -> None:
+def test_noise_loss_is_the_negative_log_likelihood_per_pixel() -> None:
     g = torch.Generator().manual_seed(1)
-    recon, target = torch.rand(3, 1, 6, 5, generator=g), torch.rand(3, 6, 5, generator=g)
+    residual = torch.randn(3, 1, 6, 5, generator=g) * 0.1
     sigma = torch.rand(3, 1, 6, 5, generator=g) * 0.2 + 0.01
-    want = -torch.distributions.Normal(recon, sigma).log_prob(target.view_as(recon)).flatten(1).sum(1)
-    torch.testing.assert_close(reconstruction_loss(recon, target, "gaussian", sigma), want)
+    want = -torch.distributions.Normal(0.0, sigma).log_prob(residual).flatten(1).mean(1)
+    torch.testing.assert_close(gaussian_nll(residual, sigma), want)
+
+
+def test_the_noise_model_leaves_the_mean_alone() -> None:
+    """The noise NLL reaches only the noise parameters: the decoder's gradient is that of the plain cVAE."""
+    from mrgen_dist.models.cvae import vae_loss
+
+    grads = []
+    for noise in ("none", "scanner"):
+        config, model = _build(CVAE, observation_noise=noise)
+        x, s, eps = torch.rand(2, 218, 182), torch.tensor([0, 3]), torch.randn(2, 4)
+        vae_loss(model(x, s, eps), x, "logcosh", 1.0)["loss"].backward()
+        grads.append(model.to_pixels.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def test_reverse_gradient_flips_and_scales() -> None:
@@ -77,7 +90,8 @@ def test_every_variant_trains_one_step_and_reports_its_losses() -> None:
 
     acc = Accelerator(cpu=True)
     for family, fields, names in (
-        (CVAE, {"loss": "gaussian", "noise_level": "scanner"}, ("loss", "reconstruction", "kl")),
+        (CVAE, {"observation_noise": "scanner"}, ("loss", "reconstruction", "kl", "noise")),
+        (CVAE, {"observation_noise": "pixel", "loss": "mse"}, ("loss", "reconstruction", "kl", "noise")),
         (CVAE, {"prior": "scanner", "adversary": 2.0}, ("loss", "reconstruction", "kl", "adversary")),
         (GMVAE, {}, ("loss", "reconstruction", "kl")),
     ):
@@ -95,7 +109,7 @@ def test_every_variant_trains_one_step_and_reports_its_losses() -> None:
 
 
 @pytest.mark.parametrize("override, field", [
-    ("model.loss=l1", "model.loss"), ("model.noise_level=voxel", "model.noise_level"),
+    ("model.loss=l1", "model.loss"), ("model.observation_noise=voxel", "model.observation_noise"),
     ("model.prior=mixture", "model.prior"), ("model.adversary=-1", "model.adversary"),
 ])
 def test_bad_variant_settings_name_the_field(override: str, field: str) -> None:
@@ -110,7 +124,7 @@ def test_families_refuse_settings_that_contradict_them() -> None:
         get_family("vae").Config(adversary=1.0).validate()
     with pytest.raises(ValueError, match="mixture"):
         GMVAE.Config(prior="standard").validate()
-    CVAEConfig(loss="gaussian", prior="scanner", adversary=1.0).validate()
+    CVAEConfig(observation_noise="scanner", prior="scanner", adversary=1.0).validate()
 
 
 def _env() -> dict[str, str]:
@@ -125,8 +139,8 @@ def test_noise_model_trains_on_two_processes_exports_sigma_and_samples_noise(sto
     done = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "mrgen_dist.train", "--config", str(TINY), f"data.store={store_dir}",
-         f"train.out={out}", "train.max_steps=6", "model.loss=gaussian", "model.prior=scanner", "model.adversary=1.0",
-         "--tracker", "none"],
+         f"train.out={out}", "train.max_steps=6", "model.observation_noise=scanner", "model.prior=scanner",
+         "model.adversary=1.0", "--tracker", "none"],
         capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]  # DDP finds every parameter used in forward
