@@ -102,6 +102,8 @@ model_task() {
   name=$(name_of "$spec")
   dir=$out/$name
   if [ "$spec" != "$config" ]; then noise=(--noise); fi
+  # one cache of real Inception features for all models (they share the store; the keys name it)
+  export MRGEN_FID_CACHE=${MRGEN_FID_CACHE:-$out/fid-cache}
   echo "array task $task: $name ($config${noise[*]:+, sampled with noise}), outputs in $dir"
   # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
   run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES

@@ -26,7 +26,7 @@ import numpy as np
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import require
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.fid.evaluate import FidError, real_features
+from mrgen_dist.fid.evaluate import FidError, cache_dir, real_features
 from mrgen_dist.fid.inception import InceptionFeatures
 from mrgen_dist.sample import Sampler
 
@@ -82,7 +82,7 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
     names = list(vocabulary.names)
     if len(names) < 2:
         raise FidError(f"the conditioning check needs at least 2 scanners; {store.root} has {names}")
-    cache = out / "cache"
+    cache = cache_dir(out)
     train = [real_features(store, s, "train", extractor, cache)[0] for s in names]
     test = [real_features(store, s, "test", extractor, cache)[0] for s in names]
     empty = [f"{name} ({side})" for side, sets in (("train", train), ("test", test))

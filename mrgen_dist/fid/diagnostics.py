@@ -35,7 +35,7 @@ from mrgen_dist import __version__
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
-from mrgen_dist.fid.evaluate import FidError, real_features
+from mrgen_dist.fid.evaluate import FidError, cache_dir, real_features
 
 #: Images per encoder / decoder call.
 BATCH = 256
@@ -153,7 +153,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
 
         extractor = load_inception(inception_weights, None if device == "auto" else device)
         result["extractor"] = extractor.identity
-        cache = out / "cache"
+        cache = cache_dir(out)
         classifier = scanner_classifier(store, extractor, cache)
         recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev)
         r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))

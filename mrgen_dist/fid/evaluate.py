@@ -76,6 +76,13 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+def cache_dir(out: Path) -> Path:
+    """Where real features and real MS-SSIM values are cached: $MRGEN_FID_CACHE when set (one cache shared by
+    the evaluations of many models on one store, as in hpc/slurm/compare.sh; the keys name the store and the
+    weights), else OUT/cache."""
+    return Path(os.environ["MRGEN_FID_CACHE"]) if os.environ.get("MRGEN_FID_CACHE") else cache_dir(out)
+
+
 def real_features(
     store: SliceStore, scanner: str, side: str, extractor: InceptionFeatures, cache: Path,
     images: np.ndarray | None = None,
@@ -171,7 +178,7 @@ def evaluate_scanner(
 
     require_test_slices(store, scanner)
     real_images = store.load_split("test", scanner).images.float().numpy()  # small: one scanner's test slices
-    real, cached = real_features(store, scanner, "test", extractor, out / "cache", images=real_images)
+    real, cached = real_features(store, scanner, "test", extractor, cache_dir(out), images=real_images)
     n = len(real)
     n_gen = n if n_generated is None else n_generated
     if n_gen < 2:
@@ -200,7 +207,7 @@ def evaluate_scanner(
         rows.append({"seed": seed + r, "fid": fid, "kid": kid.mean, "kid_std": kid.std})
         if tracker:
             tracker.log_scalars({f"FID/{scanner}": fid, f"KID/{scanner}": kid.mean}, step=r)
-    measures, notes = quality_measures(store, scanner, real, real_images, first[1], first[0], out / "cache")
+    measures, notes = quality_measures(store, scanner, real, real_images, first[1], first[0], cache_dir(out))
     fids = np.array([row["fid"] for row in rows])
     kids = np.array([row["kid"] for row in rows])
     result = {
