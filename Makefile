@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 # Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png)
 # -> a short cVAE training run (loss_curves.png, samples_*.png; ClearML offline session in demo-output/clearml)
 # -> the decoder exported to export/decoder.onnx -> samples drawn from it with onnxruntime (onnx-samples/grid.png)
-# -> FID/KID per scanner (3 repeats) and the conditioning check -> fid/fid_table.md, fid_boxplot.png.
+# -> FID/KID per scanner (3 repeats of 50 generated slices), precision/recall/density/coverage, MS-SSIM, the
+# scanner signature, the conditioning check, the z-probe and reconstruction conditioning -> fid/fid_table.md,
+# fid_boxplot.png, conditioning.png, quality.png.
 demo: $(STAMP)
 	$(BIN)/mrgen-demo-data $(DEMO_DIR)/cohort --subjects-per-scanner 6 --workers $(WORKERS)
 	# --overwrite: the cohort was just written again, so a store of an earlier demo is replaced, not refused
@@ -39,7 +41,9 @@ demo: $(STAMP)
 		data.store=$(DEMO_DIR)/store train.out=$(DEMO_DIR)/run
 	$(BIN)/mrgen-export onnx --model $(DEMO_DIR)/run --precision fp32 --out export/decoder.onnx
 	$(BIN)/mrgen-sample export/decoder.onnx --scanner all --n 8 --seed 0 --out $(DEMO_DIR)/onnx-samples --overwrite
-	$(BIN)/mrgen-fid --store $(DEMO_DIR)/store --model export/decoder.onnx --scanner all --repeats 3 --out $(DEMO_DIR)/fid
+	$(BIN)/mrgen-fid --store $(DEMO_DIR)/store --model export/decoder.onnx --scanner all --repeats 3 --n-generated 50 \
+		--out $(DEMO_DIR)/fid
+	$(BIN)/mrgen-fid diagnose --store $(DEMO_DIR)/store --run $(DEMO_DIR)/run --out $(DEMO_DIR)/fid
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 
 test: $(STAMP)

@@ -33,6 +33,7 @@ from typing import Any
 
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import UserError, run
+from mrgen_dist.scanners import slug
 
 PROG = "mrgen-compare"
 MISSING = "—"
@@ -51,11 +52,6 @@ class CompareError(UserError):
 
 class MismatchError(CompareError):
     """Two results folders (or two files of one folder) were made from different stores or scanner lists."""
-
-
-def slug(name: str) -> str:
-    """A scanner name as a column-name part (the rule of `mrgen_dist.fid.evaluate.slug`)."""
-    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 # -- reading ----------------------------------------------------------------------------------------------------

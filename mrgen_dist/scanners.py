@@ -106,6 +106,12 @@ class Vocabulary:
         return list(selection)
 
 
+def slug(name: str) -> str:
+    """A scanner name as a part of a file or column name: every character that is not a letter or digit
+    becomes `_` (`Magnetom TrioTim` -> `Magnetom_TrioTim`)."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def infer_from_path(path: str | PurePath) -> tuple[str, str] | None:
     """(scanner name, subject id) from an IXI or SALD file path, or None when the path matches neither.
 

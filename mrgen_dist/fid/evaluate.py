@@ -53,6 +53,7 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.inception import InceptionFeatures, load_inception
 from mrgen_dist.fid.metrics import FeatureStats, frechet_distance, kernel_inception_distance
 from mrgen_dist.sample import Sampler
+from mrgen_dist.scanners import slug
 from mrgen_dist.tracking import Tracker
 
 PROG = "mrgen-fid"
@@ -69,11 +70,6 @@ LABEL_EFFECT_STREAM = 20_000
 
 class FidError(UserError):
     """mrgen-fid cannot do what was asked: the model does not fit the store, too few slices, no results."""
-
-
-def slug(name: str) -> str:
-    """A scanner name as a file-name part: every character that is not a letter or digit becomes `_`."""
-    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def cache_dir(out: Path) -> Path:
