@@ -76,7 +76,7 @@ def cache_dir(out: Path) -> Path:
     """Where real features and real MS-SSIM values are cached: $MRGEN_FID_CACHE when set (one cache shared by
     the evaluations of many models on one store, as in hpc/slurm/compare.sh; the keys name the store and the
     weights), else OUT/cache."""
-    return Path(os.environ["MRGEN_FID_CACHE"]) if os.environ.get("MRGEN_FID_CACHE") else cache_dir(out)
+    return Path(os.environ["MRGEN_FID_CACHE"]) if os.environ.get("MRGEN_FID_CACHE") else out / "cache"
 
 
 def real_features(
