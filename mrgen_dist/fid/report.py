@@ -35,7 +35,7 @@ PRDC = ("precision", "recall", "density", "coverage")
 SIGNATURE = ("intensity_w1", "noise_real", "noise_generated", "sharpness_real", "sharpness_generated")
 CSV_COLUMNS = ("scanner", "fid_mean", "fid_std", "kid_mean", "kid_std", "n_real", "n_generated", "repeats",
                "fid_biased", *PRDC, "ms_ssim", "ms_ssim_real", *SIGNATURE)
-MISSING = "–"
+MISSING = "—"  # as in mrgen-compare
 
 
 class ReportError(UserError):
