@@ -80,17 +80,13 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
 
     vocabulary = store.vocabulary
     names = list(vocabulary.names)
-    if len(names) < 2:
-        raise FidError(f"the conditioning check needs at least 2 scanners; {store.root} has {names}")
     cache = cache_dir(out)
-    train = [real_features(store, s, "train", extractor, cache)[0] for s in names]
+    classifier = scanner_classifier(store, extractor, cache)  # checks the scanners and their training slices
     test = [real_features(store, s, "test", extractor, cache)[0] for s in names]
-    empty = [f"{name} ({side})" for side, sets in (("train", train), ("test", test))
-             for name, f in zip(names, sets, strict=True) if len(f) == 0]
+    empty = [name for name, f in zip(names, test, strict=True) if len(f) == 0]
     if empty:
-        raise FidError(f"no real slices of {', '.join(empty)} in {store.root}; the conditioning check needs train "
-                       "and test slices of every scanner")
-    classifier = scanner_classifier(store, extractor, cache)
+        raise FidError(f"no real slices of {', '.join(f'{name} (test)' for name in empty)} in {store.root}; the "
+                       "conditioning check needs train and test slices of every scanner")
 
     confusion = np.zeros((len(names), len(names)), dtype=int)
     real_correct = 0
@@ -108,7 +104,7 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
         drawn.append(len(features))
     result = {
         "scanners": names,
-        "n_train": [len(f) for f in train],
+        "n_train": [store.expected_count("train", name) for name in names],
         "n_test": [len(f) for f in test],
         "n_generated": drawn,
         "generated_seed": seed if generated is not None else seed + SEED_OFFSET,
