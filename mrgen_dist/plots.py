@@ -83,7 +83,8 @@ def loss_curves(history: Sequence[dict], names: Sequence[str], path: str | Path)
         ax2.plot(epochs, [h[f"train_{key}"] for h in history], style, label=f"train {key}")
         ax2.plot(epochs, [h[f"test_{key}"] for h in history], style, label=f"test {key}", alpha=0.7)
     ax2.set_xlabel("epoch")
-    ax2.set_yscale("log")
+    values = [h[f"{side}_{key}"] for h in history for key in names[1:] for side in ("train", "test")]
+    ax2.set_yscale("log" if all(v > 0 for v in values) else "symlog")  # a critic's terms can be negative
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     return _save(fig, path, dpi=90)

@@ -138,6 +138,13 @@ def train(args: argparse.Namespace) -> int:
         cfg.train.tracker = args.tracker
     store = SliceStore(cfg.data.store)
     family = get_family(cfg.model.family)
+    try:
+        cfg.model.validate_shape(tuple(store.manifest.params["slice_shape"]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.grad_accum > 1 and not family.accumulates:
+        raise ConfigError(f"train.grad_accum must be 1 for model family {family.name!r}: its players take turns "
+                          "every micro-step; raise train.batch_size instead")
     acc = make_accelerator(cfg)
     if acc.num_processes > 1 and str(acc.distributed_type).endswith("NO"):
         raise UserError("the launcher started several processes but Accelerate did not connect them; "
@@ -191,8 +198,8 @@ def train(args: argparse.Namespace) -> int:
     names = family.reported_losses(cfg.model)
 
     def batch_step(images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor,
-                   optimizers: dict[str, torch.optim.Optimizer]) -> Step:
-        return Step(acc, cfg.model, model, optimizers, images, scanner, noise, cfg.optim.grad_clip)
+                   optimizers: dict[str, torch.optim.Optimizer], index: int = 0) -> Step:
+        return Step(acc, cfg.model, model, optimizers, images, scanner, noise, cfg.optim.grad_clip, index)
 
     # ---- state: fresh or resumed ----------------------------------------------------------------------------
     if resume_from is not None:
@@ -255,8 +262,9 @@ def train(args: argparse.Namespace) -> int:
         t_epoch, images_seen = time.perf_counter(), 0
         for micro in range(first, micro_per_epoch):
             idx = order[micro * bs : (micro + 1) * bs]
-            noise = noise_for(epoch * micro_per_epoch + micro, len(idx))
-            losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx], noise, optimizers))
+            index = epoch * micro_per_epoch + micro
+            losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx],
+                                                  noise_for(index, len(idx)), optimizers, index))
             step_losses = torch.stack([losses[k].double() for k in names])
             sums += step_losses
             state.micro_in_epoch = micro + 1

@@ -11,7 +11,7 @@ import pkgutil
 
 from mrgen_dist.models.base import Family
 
-_NOT_FAMILIES = {"base"}
+_NOT_FAMILIES = {"base", "networks", "adversarial"}  # shared parts, not families
 
 
 def family_names() -> list[str]:

@@ -3,7 +3,7 @@
 A family supplies
   * `Config`: its dataclass of the `model:` section of a run config (a subclass of `ModelConfig`);
   * `build(config, vocabulary, image_shape)`: the trainable module (all of its networks);
-  * `optimizers(model, optim, fused)`: named optimizers (one for a VAE; generator and discriminator for a GAN);
+  * `optimizers(model, make)`: named optimizers (one for a VAE; generator and discriminator for a GAN);
   * `train_step(step)`: one micro-step, returning the named losses of `reported_losses(config)` (the first is
     the one reported as the run's loss); the default does one objective with one optimizer;
   * `losses(step)`: the named losses of the step's batch (train and test);
@@ -40,6 +40,9 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the field (as `model.<field>`) when a value cannot be used."""
 
+    def validate_shape(self, image_shape: tuple[int, int]) -> None:
+        """Raise ValueError naming the field when the model cannot make slices of the store's `image_shape`."""
+
 
 @dataclass
 class Step:
@@ -54,6 +57,7 @@ class Step:
     scanner: torch.Tensor  # int64 (B,)
     noise: torch.Tensor  # float32 (B, noise_dim)
     grad_clip: float = 0.0
+    index: int = 0  # the run's micro-step number (the same after a resume): for players that take turns
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast()
@@ -78,6 +82,7 @@ class Family(ABC):
     loss_names: ClassVar[tuple[str, ...]]
     contract: ClassVar[str] = ModelMetadata.DECODER
     title: ClassVar[str] = ""  # how logs and plots name the family, e.g. "cVAE"
+    accumulates: ClassVar[bool] = True  # whether train_step supports gradient accumulation (train.grad_accum > 1)
 
     @abstractmethod
     def build(self, config: ModelConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> nn.Module: ...

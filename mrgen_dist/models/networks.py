@@ -1,0 +1,168 @@
+"""Convolutional networks shared by the adversarial families (not a family itself).
+
+* `ConvGenerator`: (z, scanner) -> image. A linear layer maps [z, one-hot scanner] to a small feature grid,
+  transposed convolutions (4x4, stride 2, as in DCGAN) double it up to `size`, and a 3x3 convolution with a
+  sigmoid makes the image, which is centre-cropped to the slice. Generating a power-of-two multiple and
+  cropping keeps every upsampling an exact doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five
+  times) and 3 rows and 5 columns are cut from each side. Every block normalises with a *scanner-conditional*
+  group norm (a learned scale and shift per scanner and channel, as the conditional batch norm of BigGAN, but
+  per image: its statistics do not depend on the batch or on the other ranks), so the label reaches every
+  scale of the image, where contrast, noise and sharpness live.
+* `ConvDiscriminator`: image -> features by 4x4 stride-2 convolutions with LeakyReLU (no batch norm: a
+  WGAN-GP critic must not couple the images of a batch), optionally with spectral normalisation of every
+  weight (Miyato et al. 2018: without it, the discriminator of a GAN loss wins within an epoch here and the
+  generator collapses to a checkerboard), then a real/fake score, either one per image
+  (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head:
+  `projection` (Miyato & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits
+  are the score each scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features).
+* `ConvEncoder`: image + scanner -> mean and log-variance of z, for the cVAE-GAN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("projection", "auxiliary")
+GROUPS = 4  # group-norm groups (or fewer, for narrower layers)
+
+
+def centre_crop(images: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The central `shape` of (B, C, H, W) images."""
+    top, left = (images.shape[-2] - shape[0]) // 2, (images.shape[-1] - shape[1]) // 2
+    return images[..., top : top + shape[0], left : left + shape[1]]
+
+
+def centre_pad(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) images zero-padded (the background's value) to `size`, the inverse of `centre_crop`."""
+    dh, dw = size[0] - images.shape[-2], size[1] - images.shape[-1]
+    return F.pad(images, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+
+
+class ScannerNorm(nn.Module):
+    """Group norm without its own affine, then a scale and shift chosen by the scanner (1 and 0 at start)."""
+
+    def __init__(self, channels: int, n_scanners: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(min(GROUPS, channels), channels, affine=False)
+        self.scale = nn.Parameter(torch.ones(n_scanners, channels))
+        self.shift = nn.Parameter(torch.zeros(n_scanners, channels))
+
+    def forward(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale[scanner, :, None, None] + self.shift[scanner, :, None, None]
+
+
+class ConvGenerator(nn.Module):
+    def __init__(self, latent: int, n_scanners: int, channels: list[int], size: tuple[int, int],
+                 image_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.latent, self.n_scanners, self.image_shape = latent, n_scanners, tuple(image_shape)
+        doublings = len(channels) - 1
+        self.start = (size[0] >> doublings, size[1] >> doublings)
+        self.project = nn.Linear(latent + n_scanners, channels[0] * self.start[0] * self.start[1])
+        self.first_norm = ScannerNorm(channels[0], n_scanners)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+                                 for c_in, c_out in zip(channels[:-1], channels[1:], strict=True))
+        self.norms = nn.ModuleList(ScannerNorm(c, n_scanners) for c in channels[1:])
+        self.to_image = nn.Conv2d(channels[-1], 1, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        """(B, latent), int64 (B,) -> (B, 1, *image_shape) in [0, 1]."""
+        label = F.one_hot(scanner, self.n_scanners).to(z.dtype)
+        x = self.project(torch.cat([z, label], dim=1)).unflatten(1, (-1, *self.start))  # len(z) would fix the batch in export
+        x = F.relu(self.first_norm(x, scanner))
+        for up, norm in zip(self.ups, self.norms, strict=True):
+            x = F.relu(norm(up(x), scanner))
+        return centre_crop(torch.sigmoid(self.to_image(x)), self.image_shape)
+
+
+class DiscriminatorOutput(NamedTuple):
+    score: torch.Tensor  # real/fake score of the asked scanner: (B,) or, for a patch discriminator, (B, patches)
+    scanner_logits: torch.Tensor  # (B, n_scanners): the scanner head's reading of each image
+
+
+def _identity(layer: nn.Module) -> nn.Module:
+    return layer
+
+
+def _features(channels: list[int], in_channels: int, normalise=_identity) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip([in_channels, *channels[:-1]], channels, strict=True):
+        layers += [normalise(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers)
+
+
+
+class ConvDiscriminator(nn.Module):
+    def __init__(self, n_scanners: int, channels: list[int], size: tuple[int, int], head: str,
+                 patch: bool = False, spectral_norm: bool = False) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
+        self.size, self.head, self.patch = tuple(size), head, patch
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else _identity
+        self.features = _features(channels, 1, sn)
+        width = channels[-1]
+        self.score = sn(nn.Conv2d(width, 1, 3, padding=1) if patch else nn.Linear(width, 1))
+        if head == "projection":
+            self.embed = sn(nn.Embedding(n_scanners, width))
+        else:
+            self.classify = sn(nn.Linear(width, n_scanners))
+
+    def forward(self, images: torch.Tensor, scanner: torch.Tensor) -> DiscriminatorOutput:
+        """Images (B, 1, H, W) of the slice's shape, the scanner each is shown as -> scores and scanner logits."""
+        h = self.features(centre_pad(images, self.size))
+        pooled = h.sum(dim=(2, 3))
+        score = self.score(h).flatten(1) if self.patch else self.score(pooled)[:, 0]
+        if self.head == "auxiliary":
+            return DiscriminatorOutput(score, self.classify(pooled))
+        # projection: the score of scanner k adds <embed_k, pooled>; the head's logits are those k-scores
+        logits = pooled @ self.embed.weight.T
+        projected = logits.gather(1, scanner[:, None])
+        score = score + (projected if self.patch else projected[:, 0])
+        return DiscriminatorOutput(score, logits)
+
+
+class ConvEncoder(nn.Module):
+    """(images, scanner) -> (mean, logvar) of z: the discriminator's feature stack, pooled, with the one-hot
+    scanner appended before the last linear layers."""
+
+    def __init__(self, latent: int, n_scanners: int, channels: list[int], size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size, self.n_scanners = tuple(size), n_scanners
+        self.features = _features(channels, 1)
+        self.to_mean = nn.Linear(channels[-1] + n_scanners, latent)
+        self.to_logvar = nn.Linear(channels[-1] + n_scanners, latent)
+
+    def forward(self, images: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.features(centre_pad(images, self.size)).mean(dim=(2, 3))
+        h = torch.cat([pooled, F.one_hot(scanner, self.n_scanners).to(pooled.dtype)], dim=1)
+        return self.to_mean(h), self.to_logvar(h)
+
+
+def multiply_accumulates(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of `module` on `inputs` (batch 1), over its convolutions,
+    transposed convolutions and linear layers."""
+    total = 0
+
+    def count(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Linear):
+            total += layer.in_features * layer.out_features
+        elif isinstance(layer, nn.ConvTranspose2d):  # every input pixel meets every weight once
+            total += args[0][0].numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, nn.Conv2d):
+            total += out[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
+
+    hooks = [m.register_forward_hook(count) for m in module.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
