@@ -72,7 +72,8 @@ class ConvGenerator(nn.Module):
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """(B, latent), int64 (B,) -> (B, 1, *image_shape) in [0, 1]."""
         label = F.one_hot(scanner, self.n_scanners).to(z.dtype)
-        x = self.project(torch.cat([z, label], dim=1)).unflatten(1, (-1, *self.start))  # len(z) would fix the batch in export
+        # unflatten, not view(len(z), ...): len(z) would fix the exported graph's batch size
+        x = self.project(torch.cat([z, label], dim=1)).unflatten(1, (-1, *self.start))
         x = F.relu(self.first_norm(x, scanner))
         for up, norm in zip(self.ups, self.norms, strict=True):
             x = F.relu(norm(up(x), scanner))
