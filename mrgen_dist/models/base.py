@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,6 +61,32 @@ class Step:
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast()
+
+
+class PlainAccelerator:
+    """What a family's step uses of an Accelerator, done with plain torch calls in one process: a family's
+    `train_step` runs on it without Accelerate (the bare PyTorch step of benchmarks/train.py; tests)."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def __init__(self, autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.autocast = autocast  # e.g. lambda: torch.autocast("cuda", torch.bfloat16)
+
+    def accumulate(self, model: nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters: Iterator[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """No loss scaling here, so nothing to undo."""
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
 
 
 class SamplingGraph(nn.Module):

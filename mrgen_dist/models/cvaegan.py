@@ -23,7 +23,7 @@ from mrgen_dist.models.adversarial import AdversarialConfig, Players
 from mrgen_dist.models.base import Step
 from mrgen_dist.models.cvae import LOSSES, kl_divergence, reconstruction_loss
 from mrgen_dist.models.dcgan import DCGANFamily
-from mrgen_dist.models.networks import ConvEncoder, DiscriminatorOutput
+from mrgen_dist.models.networks import ConvEncoder, DiscriminatorOutput, multiply_accumulates
 from mrgen_dist.scanners import Vocabulary
 
 
@@ -88,6 +88,14 @@ class CVAEGANFamily(DCGANFamily):
         loss = (reconstruction + config.kl_weight * kl + config.adversarial_weight * self.adversarial_loss(fake)
                 + config.scanner_weight * F.cross_entropy(fake.scanner_logits.float(), step.scanner))
         return {"generator": loss, "reconstruction": reconstruction, "kl": kl}
+
+    def flops_per_image(self, model: HybridPlayers) -> int:
+        """The GAN's count (adversarial.py) plus the encoder and the generator's second pass (the
+        reconstruction), forward and backward."""
+        s = torch.zeros(1, dtype=torch.long)
+        encoder = multiply_accumulates(model.encoder, torch.zeros(1, 1, *model.generator.image_shape), s)
+        generator = multiply_accumulates(model.generator, torch.zeros(1, model.generator.latent), s)
+        return super().flops_per_image(model) + 6 * (encoder + generator)
 
     @torch.no_grad()
     def encode_mean(self, model: HybridPlayers, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
