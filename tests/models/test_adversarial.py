@@ -218,3 +218,39 @@ def test_nonfinite_losses_stop_a_gan(store_dir: Path, tmp_path: Path) -> None:
     done = _train(store_dir, tmp_path / "nan", TINY["wgangp"], "optim.lr=1e12", "train.checkpoint_every=1")
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "non-finite loss at step" in done.stdout + done.stderr
+
+
+def _launch(store: Path, out: Path, config: Path, launcher: list[str], *overrides: str, **env: str
+            ) -> subprocess.CompletedProcess:
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return subprocess.run(
+        [accelerate, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(config), f"data.store={store}",
+         f"train.out={out}", *overrides], capture_output=True, text=True, timeout=400, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+             "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch-extensions"), **env})
+
+
+@pytest.mark.slow
+def test_wgangp_trains_on_two_processes_in_bf16(store_dir: Path, tmp_path: Path) -> None:
+    """Two players, the penalty's double backward and bf16 autocast, over gloo with gradients averaged per player."""
+    out = tmp_path / "ddp"
+    done = _launch(store_dir, out, TINY["wgangp"], ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                                     "--mixed_precision", "bf16", "--dynamo_backend", "no"],
+                   "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", ACCELERATE_USE_CPU="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(np.isfinite(r["gradient_penalty"]) and r["gradient_penalty"] >= 0 for r in records)
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.slow
+def test_deepspeed_is_refused_for_two_players_naming_the_launch_config(store_dir: Path, tmp_path: Path) -> None:
+    done = _launch(store_dir, tmp_path / "ds", TINY["dcgan"],
+                   ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1"])
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert ("model family 'dcgan' trains 2 optimizers (generator, discriminator); DeepSpeed wraps one: launch it "
+            "with hpc/accelerate/ddp.yaml") in done.stderr
+    assert not (tmp_path / "ds" / "metrics.jsonl").exists()
