@@ -1,8 +1,11 @@
 """Convolutional networks shared by the adversarial families (not a family itself).
 
 * `ConvGenerator`: (z, scanner) -> image. A linear layer maps [z, one-hot scanner] to a small feature grid,
-  transposed convolutions (4x4, stride 2, as in DCGAN) double it up to `size`, and a 3x3 convolution with a
-  sigmoid makes the image, which is centre-cropped to the slice. Generating a power-of-two multiple and
+  blocks of nearest-neighbour doubling and a 3x3 convolution grow it to `size` (rather than DCGAN's 4x4
+  transposed convolutions, whose uneven overlap printed a checkerboard on the coarse grid here), and a 3x3
+  convolution with a sigmoid makes the image, which is centre-cropped to the slice. Activations are LeakyReLU
+  (0.2): with ReLU, an early strong discriminator silenced every feature of the last block, leaving a constant
+  grey image. Generating a power-of-two multiple and
   cropping keeps every upsampling an exact doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five
   times) and 3 rows and 5 columns are cut from each side. Every block normalises with a *scanner-conditional*
   group norm (a learned scale and shift per scanner and channel, as the conditional batch norm of BigGAN, but
@@ -15,6 +18,9 @@
   (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head:
   `projection` (Miyato & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits
   are the score each scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features).
+  Before the score, the features gain the minibatch standard deviation (Karras et al. 2018), one number per
+  batch: a generator that makes the same slice for every z is seen at once (without it, samples after five
+  epochs here did not depend on z).
 * `ConvEncoder`: image + scanner -> mean and log-variance of z, for the cVAE-GAN.
 """
 
@@ -64,8 +70,9 @@ class ConvGenerator(nn.Module):
         self.start = (size[0] >> doublings, size[1] >> doublings)
         self.project = nn.Linear(latent + n_scanners, channels[0] * self.start[0] * self.start[1])
         self.first_norm = ScannerNorm(channels[0], n_scanners)
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
-                                 for c_in, c_out in zip(channels[:-1], channels[1:], strict=True))
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True))
         self.norms = nn.ModuleList(ScannerNorm(c, n_scanners) for c in channels[1:])
         self.to_image = nn.Conv2d(channels[-1], 1, 3, padding=1)
 
@@ -74,9 +81,9 @@ class ConvGenerator(nn.Module):
         label = F.one_hot(scanner, self.n_scanners).to(z.dtype)
         # unflatten, not view(len(z), ...): len(z) would fix the exported graph's batch size
         x = self.project(torch.cat([z, label], dim=1)).unflatten(1, (-1, *self.start))
-        x = F.relu(self.first_norm(x, scanner))
+        x = F.leaky_relu(self.first_norm(x, scanner), 0.2)
         for up, norm in zip(self.ups, self.norms, strict=True):
-            x = F.relu(norm(up(x), scanner))
+            x = F.leaky_relu(norm(up(x), scanner), 0.2)
         return centre_crop(torch.sigmoid(self.to_image(x)), self.image_shape)
 
 
@@ -97,6 +104,13 @@ def _features(channels: list[int], in_channels: int, normalise=_identity) -> nn.
 
 
 
+def minibatch_std(features: torch.Tensor) -> torch.Tensor:
+    """The standard deviation over the batch of each feature, averaged: a scalar (0 for a batch of one)."""
+    if len(features) < 2:
+        return features.new_zeros(())
+    return features.float().std(dim=0).mean().to(features.dtype)
+
+
 class ConvDiscriminator(nn.Module):
     def __init__(self, n_scanners: int, channels: list[int], size: tuple[int, int], head: str,
                  patch: bool = False, spectral_norm: bool = False) -> None:
@@ -107,7 +121,7 @@ class ConvDiscriminator(nn.Module):
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else _identity
         self.features = _features(channels, 1, sn)
         width = channels[-1]
-        self.score = sn(nn.Conv2d(width, 1, 3, padding=1) if patch else nn.Linear(width, 1))
+        self.score = sn(nn.Conv2d(width + 1, 1, 3, padding=1) if patch else nn.Linear(width + 1, 1))
         if head == "projection":
             self.embed = sn(nn.Embedding(n_scanners, width))
         else:
@@ -117,7 +131,11 @@ class ConvDiscriminator(nn.Module):
         """Images (B, 1, H, W) of the slice's shape, the scanner each is shown as -> scores and scanner logits."""
         h = self.features(centre_pad(images, self.size))
         pooled = h.sum(dim=(2, 3))
-        score = self.score(h).flatten(1) if self.patch else self.score(pooled)[:, 0]
+        spread = minibatch_std(h)
+        if self.patch:
+            score = self.score(torch.cat([h, spread.view(1, 1, 1, 1).expand(len(h), 1, *h.shape[2:])], 1)).flatten(1)
+        else:
+            score = self.score(torch.cat([pooled, spread.view(1, 1).expand(len(h), 1)], 1))[:, 0]
         if self.head == "auxiliary":
             return DiscriminatorOutput(score, self.classify(pooled))
         # projection: the score of scanner k adds <embed_k, pooled>; the head's logits are those k-scores
