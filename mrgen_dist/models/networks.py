@@ -159,7 +159,8 @@ class ConvEncoder(nn.Module):
     def forward(self, images: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.features(centre_pad(images, self.size)).mean(dim=(2, 3))
         h = torch.cat([pooled, F.one_hot(scanner, self.n_scanners).to(pooled.dtype)], dim=1)
-        return self.to_mean(h), self.to_logvar(h)
+        # log-variance softly bounded to (-10, 10): unbounded, it overflowed exp() after ~500 steps at lr 1e-3
+        return self.to_mean(h), 10 * torch.tanh(self.to_logvar(h) / 10)
 
 
 def multiply_accumulates(module: nn.Module, *inputs: torch.Tensor) -> int:
@@ -176,6 +177,8 @@ def multiply_accumulates(module: nn.Module, *inputs: torch.Tensor) -> int:
         elif isinstance(layer, nn.Conv2d):
             total += out[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
 
+    device = next(module.parameters()).device
+    inputs = tuple(x.to(device) for x in inputs)
     hooks = [m.register_forward_hook(count) for m in module.modules()
              if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
     try:
