@@ -271,8 +271,10 @@ class Summary:
 
 
 def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
-            z_reason: str | None = None) -> str:
-    """Whether a model meets the targets (conditioning >= 0.90, z-probe <= 0.40) and, if not, why."""
+            z_reason: str | None = None, encoder: bool | None = None) -> str:
+    """Whether a model meets the targets (conditioning >= 0.90, z-probe <= 0.40) and, if not, why. A model
+    without an encoder (`encoder` False: a GAN) has no posterior that could carry the scanner into z: its z
+    is N(0, I) by construction, so the z-probe target holds without a probe."""
     notes = []
     if conditioning is None:
         notes.append("conditioning not measured")
@@ -281,17 +283,20 @@ def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label
             notes.append(f"reconstruction ceiling {reconstruction:.2f}")
         else:
             notes.append(f"conditioning {conditioning:.2f} < {TARGET_CONDITIONING:.2f}")
-    if z_probe is None:
+    z_holds = False
+    if encoder is False and z_probe is None:
+        z_holds = True
+        notes.append("no encoder: z carries no scanner")
+    elif z_probe is None:
         notes.append("z-probe not measured" + (f" ({z_reason})" if z_reason else ""))
     elif z_probe > TARGET_Z_PROBE:
         notes.append(f"scanner in z (probe {z_probe:.2f})")
+    else:
+        z_holds = True
     if label_ratio is not None and label_ratio < LABEL_EFFECT_FLOOR:
         notes.append("decoder ignores the label")
-    if conditioning is not None and z_probe is not None and conditioning >= TARGET_CONDITIONING \
-            and z_probe <= TARGET_Z_PROBE:
-        notes.insert(0, "meets targets")
-    elif conditioning is not None and conditioning >= TARGET_CONDITIONING:
-        notes.insert(0, f"conditioning ≥ {TARGET_CONDITIONING:.2f}")
+    if conditioning is not None and conditioning >= TARGET_CONDITIONING:
+        notes.insert(0, "meets targets" if z_holds else f"conditioning ≥ {TARGET_CONDITIONING:.2f}")
     return "; ".join(notes)
 
 
@@ -358,7 +363,8 @@ def summarise(run: Results, scanners: Sequence[str]) -> Summary:
     _scanner_means(run, scanners, summary)
     _run_notes(run, scanners, summary)
     z_reason = _get(diag, "reason") if diag is not None and v["z_probe"] is None else None
-    v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason)
+    v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
+                           _get(diag, "encoder"))
     return summary
 
 

@@ -167,6 +167,11 @@ def test_no_encoder_reason_and_noise(tmp_path: Path) -> None:
     assert row["z-probe (chance)"] == "—" and row["recon. conditioning"] == "—"
     assert row["verdict"] == "conditioning ≥ 0.90; z-probe not measured (family has no encoder)"
     assert "gan: z-probe n/a: family has no encoder;" in md
+    # diagnostics that say the family has no encoder: the z-probe target holds by construction
+    diagnostics = json.loads((folder / "diagnostics.json").read_text())
+    (folder / "diagnostics.json").write_text(json.dumps({**diagnostics, "encoder": False}))
+    row = _table(compare([folder], tmp_path / "out")[0].read_text())[0]
+    assert row["verdict"] == "meets targets; no encoder: z carries no scanner"
 
 
 @pytest.mark.parametrize(("cond", "z", "rec", "ratio", "expected"), [
@@ -182,6 +187,11 @@ def test_no_encoder_reason_and_noise(tmp_path: Path) -> None:
 ])
 def test_verdict(cond: float | None, z: float | None, rec: float | None, ratio: float | None, expected: str) -> None:
     assert verdict(cond, z, rec, ratio) == expected
+
+
+def test_verdict_without_an_encoder() -> None:
+    assert verdict(0.97, None, None, 2.0, "no encoder", encoder=False) == "meets targets; no encoder: z carries no scanner"
+    assert verdict(0.70, None, None, 2.0, encoder=False) == "conditioning 0.70 < 0.90; no encoder: z carries no scanner"
 
 
 def test_human_count() -> None:

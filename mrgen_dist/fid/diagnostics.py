@@ -122,6 +122,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
         "title": family.title or family.name,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training": record.training,
+        "encoder": None,  # whether the family has an encoder (posterior means to probe)
         "z_probe": None,
         "reconstruction": None,
         "reason": None,
@@ -131,6 +132,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     }
     test = store.load_split("test")
     z_test = encode_means(family, model, test.images, test.scanner, dev, "encode test")
+    result["encoder"] = z_test is not None
     if z_test is None:
         result["reason"] = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to "
                             "probe or to reconstruct from")

@@ -44,7 +44,7 @@ def test_diagnose_tiny_cvae(diagnosed: Path, store_dir: Path, trained_run: Path,
     d = json.loads((diagnosed / "diagnostics.json").read_text())
     scanners = list(SliceStore(store_dir).vocabulary.names)
     assert d["scanners"] == scanners and d["store_sha256"] == SliceStore(store_dir).sha256
-    assert (d["family"], d["title"], d["reason"]) == ("cvae", "cVAE", None)
+    assert (d["family"], d["title"], d["reason"], d["encoder"]) == ("cvae", "cVAE", None, True)
     assert d["parameters"] > 0 and isinstance(d["training"], dict) and d["run"] == str(trained_run)
     record = json.loads((trained_run / "config.json").read_text())
     assert d["training"] == record.get("training", {})

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from mrgen_dist.config import ConfigError, load_config
 from mrgen_dist.export import export_decoder
+from mrgen_dist.fid.evaluate import main as fid_main
 from mrgen_dist.models import family_names, get_family
 from mrgen_dist.models.adversarial import average_gradients, uniform_from_normal
 from mrgen_dist.models.base import PlainAccelerator, Step
@@ -212,6 +213,11 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
     images = sampler.sample("Intera", 5, seed=0)
     assert images.shape == (5, *SHAPE) and 0 <= images.min() and images.max() <= 1
     np.testing.assert_array_equal(images, sampler.sample("Intera", 5, seed=0, batch_size=2))
+    # mrgen-fid diagnose: no encoder, so no z to probe, said in the file that mrgen-compare reads
+    assert fid_main(["diagnose", "--store", str(store_dir), "--run", str(out), "--out", str(tmp_path / "d"),
+                     "--device", "cpu"]) == 0
+    diagnostics = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert diagnostics["encoder"] is False and diagnostics["z_probe"] is None and "no encoder" in diagnostics["reason"]
 
 
 def test_nonfinite_losses_stop_a_gan(store_dir: Path, tmp_path: Path) -> None:
