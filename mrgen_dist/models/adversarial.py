@@ -56,6 +56,7 @@ class AdversarialConfig(ModelConfig):
     scanner_weight: float = 1.0
     n_critic: int = 1  # discriminator updates per generator update
     spectral_norm: bool = True  # spectral normalisation of the discriminator's weights
+    noise_map: bool = False  # z also carries a per-pixel noise map for the generator's last block (networks.py)
 
     def validate(self) -> None:
         if self.head not in HEADS:
@@ -89,7 +90,8 @@ class Players(nn.Module):
                  patch: bool = False) -> None:
         super().__init__()
         size = tuple(config.size)
-        self.generator = ConvGenerator(config.latent, n_scanners, config.generator, size, image_shape)
+        self.generator = ConvGenerator(config.latent, n_scanners, config.generator, size, image_shape,
+                                       config.noise_map)
         self.discriminator = ConvDiscriminator(n_scanners, config.discriminator, size, config.head, patch,
                                                config.spectral_norm)
 
@@ -104,6 +106,11 @@ class GeneratorGraph(SamplingGraph):
 
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         return self.generator(z.to(next(self.generator.parameters()).dtype), scanner).float()
+
+
+def z_width(config: AdversarialConfig) -> int:
+    """The generator's z: the latent code, then, with `noise_map`, one number per pixel of `size`."""
+    return config.latent + (config.size[0] * config.size[1] if config.noise_map else 0)
 
 
 def average_gradients(parameters: list[nn.Parameter], world_size: int) -> None:
@@ -165,7 +172,7 @@ class AdversarialFamily(Family):
         return Players(config, len(vocabulary), image_shape, self.patch)
 
     def noise_dim(self, config: AdversarialConfig) -> int:
-        return config.latent
+        return z_width(config)
 
     def optimizers(self, model: nn.Module, make) -> dict[str, torch.optim.Optimizer]:
         return {"generator": make(self.generator_parameters(model)), "discriminator": make(model.discriminator.parameters())}
@@ -179,7 +186,7 @@ class AdversarialFamily(Family):
     def generate(self, players: Players, step: Step) -> dict[str, torch.Tensor]:
         """The slices the generator makes for the step (`fake`, for the batch's scanners), and anything else
         its loss needs; under autocast."""
-        return {"fake": players.generator(step.noise[:, : step.config.latent], step.scanner)}
+        return {"fake": players.generator(step.noise[:, : z_width(step.config)], step.scanner)}
 
     def generator_loss(self, players: Players, step: Step, made: dict[str, torch.Tensor], fake: DiscriminatorOutput
                        ) -> dict[str, torch.Tensor]:

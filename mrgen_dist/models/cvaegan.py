@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrgen_dist.models.adversarial import AdversarialConfig, Players
+from mrgen_dist.models.adversarial import AdversarialConfig, Players, z_width
 from mrgen_dist.models.base import Step
 from mrgen_dist.models.cvae import LOSSES, kl_divergence, reconstruction_loss
 from mrgen_dist.models.dcgan import DCGANFamily
@@ -67,7 +67,7 @@ class CVAEGANFamily(DCGANFamily):
         return HybridPlayers(config, len(vocabulary), image_shape)
 
     def noise_dim(self, config: CVAEGANConfig) -> int:
-        return 2 * config.latent  # the posterior's reparameterisation, then the prior draw
+        return config.latent + z_width(config)  # the posterior's reparameterisation, then the prior draw
 
     def generator_parameters(self, players: HybridPlayers) -> list[nn.Parameter]:
         return [*players.generator.parameters(), *players.encoder.parameters()]
@@ -76,6 +76,8 @@ class CVAEGANFamily(DCGANFamily):
         latent = step.config.latent
         mean, logvar = players.encoder(step.images.unsqueeze(1), step.scanner)
         z = mean + step.noise[:, :latent].to(mean.dtype) * torch.exp(0.5 * logvar)
+        # a reconstruction's noise map (with model.noise_map) is zero: the encoder infers the code alone
+        z = F.pad(z, (0, players.generator.latent - latent))
         return {"fake": players.generator(step.noise[:, latent:], step.scanner),
                 "recon": players.generator(z, step.scanner), "mean": mean, "logvar": logvar}
 

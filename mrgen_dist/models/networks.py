@@ -3,7 +3,11 @@
 * `ConvGenerator`: (z, scanner) -> image. A linear layer maps [z, one-hot scanner] to a small feature grid,
   blocks of nearest-neighbour doubling and a 3x3 convolution grow it to `size` (rather than DCGAN's 4x4
   transposed convolutions, whose uneven overlap printed a checkerboard on the coarse grid here), and a 3x3
-  convolution with a sigmoid makes the image, which is centre-cropped to the slice. Activations are LeakyReLU
+  convolution with a sigmoid makes the image, which is centre-cropped to the slice. With `noise_map`, z also
+  carries one N(0, 1) number per pixel of `size`, added to the last block's features with a learned scale per
+  scanner and channel (StyleGAN's noise inputs, made part of z so that the exported graph stays a function of
+  (z, scanner)): acquisition noise, which tells scanners apart, is i.i.d. per pixel and cannot be grown from a
+  128-number code by convolutions. Activations are LeakyReLU
   (0.2): with ReLU, an early strong discriminator silenced every feature of the last block, leaving a constant
   grey image. Generating a power-of-two multiple and
   cropping keeps every upsampling an exact doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five
@@ -63,9 +67,12 @@ class ScannerNorm(nn.Module):
 
 class ConvGenerator(nn.Module):
     def __init__(self, latent: int, n_scanners: int, channels: list[int], size: tuple[int, int],
-                 image_shape: tuple[int, int]) -> None:
+                 image_shape: tuple[int, int], noise_map: bool = False) -> None:
         super().__init__()
-        self.latent, self.n_scanners, self.image_shape = latent, n_scanners, tuple(image_shape)
+        self.code, self.n_scanners, self.image_shape, self.size = latent, n_scanners, tuple(image_shape), tuple(size)
+        self.latent = latent + (size[0] * size[1] if noise_map else 0)  # the width of z: code, then noise map
+        if noise_map:
+            self.noise_scale = nn.Parameter(torch.zeros(n_scanners, channels[-1]))  # no noise at start
         doublings = len(channels) - 1
         self.start = (size[0] >> doublings, size[1] >> doublings)
         self.project = nn.Linear(latent + n_scanners, channels[0] * self.start[0] * self.start[1])
@@ -80,10 +87,14 @@ class ConvGenerator(nn.Module):
         """(B, latent), int64 (B,) -> (B, 1, *image_shape) in [0, 1]."""
         label = F.one_hot(scanner, self.n_scanners).to(z.dtype)
         # unflatten, not view(len(z), ...): len(z) would fix the exported graph's batch size
-        x = self.project(torch.cat([z, label], dim=1)).unflatten(1, (-1, *self.start))
+        x = self.project(torch.cat([z[:, : self.code], label], dim=1)).unflatten(1, (-1, *self.start))
         x = F.leaky_relu(self.first_norm(x, scanner), 0.2)
-        for up, norm in zip(self.ups, self.norms, strict=True):
-            x = F.leaky_relu(norm(up(x), scanner), 0.2)
+        for i, (up, norm) in enumerate(zip(self.ups, self.norms, strict=True)):
+            x = up(x)
+            if i == len(self.ups) - 1 and hasattr(self, "noise_scale"):
+                noise = z[:, self.code :].unflatten(1, (1, *self.size))
+                x = x + self.noise_scale[scanner][:, :, None, None] * noise
+            x = F.leaky_relu(norm(x, scanner), 0.2)
         return centre_crop(torch.sigmoid(self.to_image(x)), self.image_shape)
 
 

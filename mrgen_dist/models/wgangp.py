@@ -21,6 +21,7 @@ from mrgen_dist.models.adversarial import (
     Judged,
     Players,
     uniform_from_normal,
+    z_width,
 )
 from mrgen_dist.models.base import Step
 from mrgen_dist.models.networks import ConvDiscriminator, DiscriminatorOutput
@@ -57,7 +58,7 @@ class WGANGPFamily(AdversarialFamily):
     player_losses = ("generator", "discriminator", "wasserstein", "gradient_penalty")
 
     def noise_dim(self, config: WGANGPConfig) -> int:
-        return config.latent + 1  # the last number places the penalty's point between real and generated
+        return z_width(config) + 1  # the last number places the penalty's point between real and generated
 
     def discriminator_loss(self, players: Players, step: Step, judged: Judged, fake: torch.Tensor
                            ) -> dict[str, torch.Tensor]:
