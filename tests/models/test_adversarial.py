@@ -71,6 +71,24 @@ def test_generator_makes_slices_cropped_from_its_power_of_two_size_and_follows_t
     assert torch.equal(centre_crop(centre_pad(centre_crop(x, SHAPE), (224, 192)), SHAPE), centre_crop(x, SHAPE))
 
 
+def test_noise_map_is_part_of_z_and_scaled_per_scanner() -> None:
+    fam, config, model, _ = built("dcgan", "model.noise_map=true")
+    generator = model.generator
+    assert generator.latent == config.latent + 224 * 192 == fam.noise_dim(config)
+    graph = fam.sampling_graph(model).eval()
+    assert graph.latent == generator.latent  # the exported z: the code, then the noise map
+    z = torch.randn(2, generator.latent, generator=torch.Generator().manual_seed(0))
+    other = z.clone()
+    other[:, config.latent :] = torch.randn(2, 224 * 192, generator=torch.Generator().manual_seed(1))
+    scanner = torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(graph(z, scanner), graph(other, scanner), rtol=0, atol=0)  # scale 0 at start
+        generator.noise_scale[1] = 1.0
+        a, b = graph(z, scanner), graph(other, scanner)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)  # scanner 0 still draws no noise
+    assert (a[1] - b[1]).abs().mean() > 1e-3
+
+
 def test_projection_logits_are_the_scores_each_scanner_would_give() -> None:
     torch.manual_seed(0)
     d = ConvDiscriminator(4, [4, 8, 8, 16, 16], (224, 192), "projection").eval()
