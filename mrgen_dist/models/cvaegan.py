@@ -101,8 +101,10 @@ class CVAEGANFamily(DCGANFamily):
 
     @torch.no_grad()
     def encode_mean(self, model: HybridPlayers, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        """Posterior means in the sampling graph's z: the code, then (with a noise map) zeros, as in training's
+        reconstructions."""
         mean, _ = model.encoder(images.unsqueeze(1).to(next(model.parameters()).dtype), scanner)
-        return mean.float()
+        return F.pad(mean.float(), (0, model.generator.latent - mean.shape[1]))
 
 
 FAMILY = CVAEGANFamily()

@@ -89,6 +89,19 @@ def test_noise_map_is_part_of_z_and_scaled_per_scanner() -> None:
     assert (a[1] - b[1]).abs().mean() > 1e-3
 
 
+@pytest.mark.parametrize("noise_map", [False, True])
+def test_hybrid_posterior_means_decode_to_its_reconstructions(noise_map: bool) -> None:
+    fam, config, model, _ = built("cvaegan", f"model.noise_map={str(noise_map).lower()}")
+    model.eval()
+    images, scanner, _ = batch(fam, config)
+    z = fam.encode_mean(model, images, scanner)
+    assert z.shape == (4, model.generator.latent)  # the sampling graph's z, noise map included
+    noise = torch.zeros(4, fam.noise_dim(config))  # no reparameterisation noise: the reconstruction of the mean
+    step = Step(PlainAccelerator(), config, model, {}, images, scanner, noise)
+    with torch.no_grad():
+        torch.testing.assert_close(fam.sampling_graph(model)(z, scanner), fam.generate(model, step)["recon"])
+
+
 def test_projection_logits_are_the_scores_each_scanner_would_give() -> None:
     torch.manual_seed(0)
     d = ConvDiscriminator(4, [4, 8, 8, 16, 16], (224, 192), "projection").eval()
