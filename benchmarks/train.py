@@ -76,11 +76,11 @@ def measure(acc, cfg: RunConfig, batch: int, steps: int) -> float:
         family.train_step(Step(acc, cfg.model, model, optimizers, x, s, noise, index=next(index)))
 
     # interleave to share any drift of the machine between both; whole n_critic cycles in each timing
-    n = max(steps // 3 // cfg_turns(cfg), 1) * cfg_turns(cfg)
+    n = max(steps // 3 // turns(cfg), 1) * turns(cfg)
     bare, loop = [], []
     for _ in range(3):
-        bare.append(_time_steps(bare_step, n, warmup=cfg_turns(cfg)))
-        loop.append(_time_steps(loop_step, n, warmup=cfg_turns(cfg)))
+        bare.append(_time_steps(bare_step, n, warmup=turns(cfg)))
+        loop.append(_time_steps(loop_step, n, warmup=turns(cfg)))
     t_bare, t_loop = min(bare), min(loop)
     n_params = sum(p.numel() for p in bare_model.parameters())
     print(f"{family.title}, batch {batch}: {n_params / 1e6:.1f} M params, {flops / 1e9:.3f} GFLOP per training image")
@@ -92,7 +92,7 @@ def measure(acc, cfg: RunConfig, batch: int, steps: int) -> float:
     return ratio
 
 
-def cfg_turns(cfg: RunConfig) -> int:
+def turns(cfg: RunConfig) -> int:
     """Micro-steps per generator update (1 for a single-player family)."""
     return getattr(cfg.model, "n_critic", 1)
 

@@ -114,7 +114,6 @@ def _features(channels: list[int], in_channels: int, normalise=_identity) -> nn.
     return nn.Sequential(*layers)
 
 
-
 def minibatch_std(features: torch.Tensor) -> torch.Tensor:
     """The standard deviation over the batch of each feature, averaged: a scalar (0 for a batch of one)."""
     if len(features) < 2:
@@ -175,27 +174,26 @@ class ConvEncoder(nn.Module):
 
 
 def multiply_accumulates(module: nn.Module, *inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of `module` on `inputs` (batch 1), over its convolutions,
-    transposed convolutions and linear layers."""
+    """Multiply-accumulates of one forward pass of `module` on `inputs` (batch 1), over its convolutions and
+    linear layers; run in eval mode, so that counting leaves no trace (spectral norm's power iteration)."""
     total = 0
 
     def count(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nonlocal total
         if isinstance(layer, nn.Linear):
             total += layer.in_features * layer.out_features
-        elif isinstance(layer, nn.ConvTranspose2d):  # every input pixel meets every weight once
-            total += args[0][0].numel() * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
-        elif isinstance(layer, nn.Conv2d):
+        else:
             total += out[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
 
     device = next(module.parameters()).device
     inputs = tuple(x.to(device) for x in inputs)
-    hooks = [m.register_forward_hook(count) for m in module.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    training = module.training
     try:
         with torch.no_grad():
-            module(*inputs)
+            module.eval()(*inputs)
     finally:
+        module.train(training)
         for h in hooks:
             h.remove()
     return total

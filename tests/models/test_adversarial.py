@@ -189,11 +189,12 @@ def test_average_gradients_over_two_real_processes(tmp_path: Path) -> None:
 def test_flops_count_convolutions_and_linear_layers() -> None:
     conv = torch.nn.Conv2d(2, 3, 4, stride=2, padding=1)  # 8 x 8 -> 4 x 4
     assert multiply_accumulates(conv, torch.zeros(1, 2, 8, 8)) == 16 * 3 * 2 * 16
-    up = torch.nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1)  # 4 x 4 -> 8 x 8
-    assert multiply_accumulates(up, torch.zeros(1, 3, 4, 4)) == 16 * 3 * 2 * 16
+    assert multiply_accumulates(torch.nn.Linear(5, 7), torch.zeros(1, 5)) == 35
     fam, _, model, _ = built("dcgan")
+    spectral_state = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
     assert fam.flops_per_image(model) > 6 * multiply_accumulates(model.generator, torch.zeros(1, 8),
                                                                  torch.zeros(1, dtype=torch.long))
+    assert model.training and all(torch.equal(v, spectral_state[k]) for k, v in model.discriminator.state_dict().items())
 
 
 @pytest.mark.parametrize(("override", "field"), [
