@@ -77,12 +77,17 @@ def test_unreachable_server_is_reported_fast_and_recorded_offline(tmp_path: Path
     assert list((tmp_path / "cache" / "offline").glob("offline-*/metrics.jsonl"))
 
 
-def test_training_reports_epoch_scalars_offline(store_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("config", "terms"), [
+    ("hpc/configs/tiny.yaml", ("loss",)),
+    ("tests/assets/tiny_dcgan.yaml", ("generator", "discriminator", "real_accuracy", "scanner_accuracy_fake")),
+], ids=["cvae", "dcgan"])
+def test_training_reports_epoch_scalars_offline(config: str, terms: tuple[str, ...], store_dir: Path,
+                                                 tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML")}
     env.update(CLEARML_CACHE_DIR=str(cache), HOME=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "mrgen_dist.train", "--config", str(REPO / "hpc/configs/tiny.yaml"), "--tracker", "clearml",
+        [sys.executable, "-m", "mrgen_dist.train", "--config", str(REPO / config), "--tracker", "clearml",
          f"data.store={store_dir}", f"train.out={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )
@@ -91,9 +96,10 @@ def test_training_reports_epoch_scalars_offline(store_dir: Path, tmp_path: Path)
     scalars = _scalars(session)
     latest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
     history = json.loads((latest / "meta.json").read_text())["history"]
-    for record in history:
-        assert scalars[("loss", "train", record["epoch"])] == pytest.approx(record["train_loss"])
-        assert scalars[("loss", "test", record["epoch"])] == pytest.approx(record["test_loss"])
+    for record in history:  # every reported term of each player, train and test
+        for term in terms:
+            assert scalars[(term, "train", record["epoch"])] == pytest.approx(record[f"train_{term}"])
+            assert scalars[(term, "test", record["epoch"])] == pytest.approx(record[f"test_{term}"])
     assert ("throughput", "images_per_s", 2) in scalars
     (artifact,) = json.loads((session / "task.json").read_text())["execution"]["artifacts"]
     assert artifact["type_data"]["preview"] == (tmp_path / "run" / "model.safetensors").resolve().as_uri()
