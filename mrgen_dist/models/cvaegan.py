@@ -77,9 +77,8 @@ class CVAEGANFamily(DCGANFamily):
         mean, logvar = players.encoder(step.images.unsqueeze(1), step.scanner)
         z = mean + step.noise[:, :latent].to(mean.dtype) * torch.exp(0.5 * logvar)
         # a reconstruction's noise map (with model.noise_map) is zero: the encoder infers the code alone
-        z = F.pad(z, (0, players.generator.latent - latent))
         return {"fake": players.generator(step.noise[:, latent:], step.scanner),
-                "recon": players.generator(z, step.scanner), "mean": mean, "logvar": logvar}
+                "recon": players.generator(players.generator.silent(z), step.scanner), "mean": mean, "logvar": logvar}
 
     def generator_loss(self, players: HybridPlayers, step: Step, made: dict[str, torch.Tensor],
                        fake: DiscriminatorOutput) -> dict[str, torch.Tensor]:
@@ -104,7 +103,7 @@ class CVAEGANFamily(DCGANFamily):
         """Posterior means in the sampling graph's z: the code, then (with a noise map) zeros, as in training's
         reconstructions."""
         mean, _ = model.encoder(images.unsqueeze(1).to(next(model.parameters()).dtype), scanner)
-        return F.pad(mean.float(), (0, model.generator.latent - mean.shape[1]))
+        return model.generator.silent(mean.float())
 
 
 FAMILY = CVAEGANFamily()

@@ -83,6 +83,10 @@ class ConvGenerator(nn.Module):
         self.norms = nn.ModuleList(ScannerNorm(c, n_scanners) for c in channels[1:])
         self.to_image = nn.Conv2d(channels[-1], 1, 3, padding=1)
 
+    def silent(self, code: torch.Tensor) -> torch.Tensor:
+        """The z of latent codes (B, code) with a noise map of zeros (z itself without a noise map)."""
+        return F.pad(code, (0, self.latent - code.shape[1]))
+
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """(B, latent), int64 (B,) -> (B, 1, *image_shape) in [0, 1]."""
         label = F.one_hot(scanner, self.n_scanners).to(z.dtype)
