@@ -8,8 +8,7 @@
   scanner and channel (StyleGAN's noise inputs, made part of z so that the exported graph stays a function of
   (z, scanner)): acquisition noise, which tells scanners apart, is i.i.d. per pixel and cannot be grown from a
   128-number code by convolutions. Activations are LeakyReLU
-  (0.2): with ReLU, an early strong discriminator silenced every feature of the last block, leaving a constant
-  grey image. Generating a power-of-two multiple and
+  (0.2): with ReLU, a run here ended its first epoch on a constant grey image. Generating a power-of-two multiple and
   cropping keeps every upsampling an exact doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five
   times) and 3 rows and 5 columns are cut from each side. Every block normalises with a *scanner-conditional*
   group norm (a learned scale and shift per scanner and channel, as the conditional batch norm of BigGAN, but
