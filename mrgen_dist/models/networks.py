@@ -6,22 +6,22 @@
   convolution with a sigmoid makes the image, which is centre-cropped to the slice. With `noise_map`, z also
   carries one N(0, 1) number per pixel of `size`, added to the last block's features with a learned scale per
   scanner and channel (StyleGAN's noise inputs, made part of z so that the exported graph stays a function of
-  (z, scanner)): acquisition noise, which tells scanners apart, is i.i.d. per pixel and cannot be grown from a
-  128-number code by convolutions. Activations are LeakyReLU
-  (0.2): with ReLU, a run here ended its first epoch on a constant grey image. Generating a power-of-two multiple and
-  cropping keeps every upsampling an exact doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five
-  times) and 3 rows and 5 columns are cut from each side. Every block normalises with a *scanner-conditional*
-  group norm (a learned scale and shift per scanner and channel, as the conditional batch norm of BigGAN, but
-  per image: its statistics do not depend on the batch or on the other ranks), so the label reaches every
-  scale of the image, where contrast, noise and sharpness live.
-* `ConvDiscriminator`: image -> features by 4x4 stride-2 convolutions with LeakyReLU (no batch norm: a
-  WGAN-GP critic must not couple the images of a batch), optionally with spectral normalisation of every
-  weight (Miyato et al. 2018: without it, the discriminator of a GAN loss wins within an epoch here and the
-  generator collapses to a checkerboard), then a real/fake score, either one per image
-  (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head:
-  `projection` (Miyato & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits
-  are the score each scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features).
-  Before the score, the features gain the minibatch standard deviation (Karras et al. 2018), one number per
+  (z, scanner)): acquisition noise, which tells scanners apart, is i.i.d. per pixel and hard to grow from a
+  128-number code by convolutions. Activations are LeakyReLU (0.2): with ReLU, a run here ended its first epoch
+  on a constant grey image. Generating a power-of-two multiple and cropping keeps every upsampling an exact
+  doubling: 218 x 182 is generated as 224 x 192 (7 x 6 doubled five times) and 3 rows and 5 columns are cut from
+  each side. Every block normalises with a *scanner-conditional* group norm (a learned scale and shift per
+  scanner and channel, as the conditional batch norm of BigGAN, but per image: its statistics do not depend on
+  the batch or on the other ranks), so the label reaches every scale of the image, where contrast, noise and
+  sharpness live.
+* `ConvDiscriminator`: image -> features by 4x4 stride-2 convolutions with LeakyReLU (no batch norm, which
+  Gulrajani et al. advise against in a critic whose gradient is penalised per image), optionally with spectral
+  normalisation of every weight (Miyato et al. 2018: without it, the discriminator of a GAN loss wins within an
+  epoch here and the generator collapses to a checkerboard), then a real/fake score, either one per image
+  (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head: `projection` (Miyato
+  & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits are the score each
+  scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features). Before the score, the
+  features gain the minibatch standard deviation (Karras et al. 2018, who used it with WGAN-GP), one number per
   batch: a generator that makes the same slice for every z is seen at once (without it, samples after five
   epochs here did not depend on z).
 * `ConvEncoder`: image + scanner -> mean and log-variance of z, for the cVAE-GAN.
