@@ -18,27 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from mrgen_dist.preemption import EXIT_PREEMPTED
+from tests.launch import REPO, TINY, TINY_GANS, env, launch, run, train_cmd
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "hpc" / "configs" / "tiny.yaml"
-TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan")}
 REFERENCE = REPO / "tests" / "assets" / "tiny_reference_losses.json"
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch-extensions"))
-    return env
-
-
-def train_cmd(store: Path, out: Path, *overrides: str, resume: str = "none", config: Path = TINY) -> list[str]:
-    return [sys.executable, "-m", "mrgen_dist.train", "--config", str(config), "--resume", resume,
-            f"data.store={store}", f"train.out={out}", *overrides]
-
-
-def run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env), cwd=REPO)
 
 
 def step_losses(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -77,7 +59,7 @@ def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, s
     assert done.returncode == 0, done.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(train_cmd(store_dir, interrupted, *common, config=config), env=_env(), cwd=REPO,
+    proc = subprocess.Popen(train_cmd(store_dir, interrupted, *common, config=config), env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.time() + 120
@@ -127,17 +109,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(store_dir: Path, tm
         assert all(abs(v) < float("inf") for v in meta["epoch_sums"].values())  # no NaN or inf was saved
 
 
-def _launch(store: Path, out: Path, launcher: list[str], *overrides: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(TINY),
-           f"data.store={store}", f"train.out={out}", "train.world_size=2", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(**env), cwd=REPO)
-
-
 def test_two_process_ddp(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    done = _launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                     "--mixed_precision", "bf16", "--dynamo_backend", "no"],
-                   "train.mixed_precision=bf16", "train.epochs=1", ACCELERATE_USE_CPU="1")
+                   "train.mixed_precision=bf16", "train.epochs=1", "train.world_size=2", ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
@@ -154,9 +130,9 @@ def test_world_size_is_asserted(store_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "zero2"
-    done = _launch(store_dir, out, ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"),
+    done = launch(store_dir, out, ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"),
                                     "--num_processes", "2", "--mixed_precision", "bf16"],
-                   "train.mixed_precision=bf16", "train.max_steps=10")
+                   "train.mixed_precision=bf16", "train.max_steps=10", "train.world_size=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [DEEPSPEED, bf16]" in done.stdout + done.stderr
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]

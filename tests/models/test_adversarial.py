@@ -4,9 +4,6 @@ commands (train, export, sample) on them. Resume per family is in tests/test_tra
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +21,10 @@ from mrgen_dist.models.networks import ConvDiscriminator, centre_crop, centre_pa
 from mrgen_dist.models.wgangp import gradient_penalty
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
+from tests.launch import REPO, TINY_GANS, launch, run, train_cmd
 
-REPO = Path(__file__).resolve().parents[2]
-GANS = ("dcgan", "wgangp", "cvaegan")
-TINY = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in GANS}
+GANS = tuple(TINY_GANS)
+TINY = TINY_GANS
 SHAPE = (218, 182)
 
 
@@ -214,23 +211,17 @@ def test_hybrid_refuses_critic_turns() -> None:
         load_config(TINY["cvaegan"], ["data.store=/s", "model.n_critic=2"])
 
 
-def _train(store: Path, out: Path, config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mrgen_dist.train", "--config", str(config), f"data.store={store}",
-                           f"train.out={out}", *overrides], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_runs_that_cannot_work_are_refused_before_any_work(store_dir: Path, tmp_path: Path) -> None:
-    small = _train(store_dir, tmp_path / "small", TINY["dcgan"], "model.size=[128,128]")
+    small = run(train_cmd(store_dir, tmp_path / "small", "model.size=[128,128]", config=TINY["dcgan"]))
     assert small.returncode == 1 and "model.size [128, 128] is smaller than the store's slices [218, 182]" in small.stderr
-    accumulate = _train(store_dir, tmp_path / "accumulate", TINY["dcgan"], "train.grad_accum=2")
+    accumulate = run(train_cmd(store_dir, tmp_path / "accumulate", "train.grad_accum=2", config=TINY["dcgan"]))
     assert accumulate.returncode == 1 and "train.grad_accum must be 1 for model family 'dcgan'" in accumulate.stderr
     assert not (tmp_path / "small").exists() and not (tmp_path / "accumulate").exists()
 
 
 def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dcgan"
-    done = _train(store_dir, out, TINY["dcgan"], "train.epochs=2")
+    done = run(train_cmd(store_dir, out, "train.epochs=2", config=TINY["dcgan"]))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "conditional DCGAN" in done.stdout + done.stderr
     for name in ("samples_001.png", "samples_002.png", "loss_curves.png"):
@@ -253,28 +244,20 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
 
 
 def test_nonfinite_losses_stop_a_gan(store_dir: Path, tmp_path: Path) -> None:
-    done = _train(store_dir, tmp_path / "nan", TINY["wgangp"], "optim.lr=1e12", "train.checkpoint_every=1")
+    done = run(train_cmd(store_dir, tmp_path / "nan", "optim.lr=1e12", "train.checkpoint_every=1",
+                         config=TINY["wgangp"]))
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "non-finite loss at step" in done.stdout + done.stderr
-
-
-def _launch(store: Path, out: Path, config: Path, launcher: list[str], *overrides: str, **env: str
-            ) -> subprocess.CompletedProcess:
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    return subprocess.run(
-        [accelerate, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(config), f"data.store={store}",
-         f"train.out={out}", *overrides], capture_output=True, text=True, timeout=400, cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-             "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch-extensions"), **env})
 
 
 @pytest.mark.slow
 def test_wgangp_trains_on_two_processes_in_bf16(store_dir: Path, tmp_path: Path) -> None:
     """Two players, the penalty's double backward and bf16 autocast, over gloo with gradients averaged per player."""
     out = tmp_path / "ddp"
-    done = _launch(store_dir, out, TINY["wgangp"], ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                                     "--mixed_precision", "bf16", "--dynamo_backend", "no"],
-                   "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", ACCELERATE_USE_CPU="1")
+    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                   "--mixed_precision", "bf16", "--dynamo_backend", "no"],
+                  "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", config=TINY["wgangp"],
+                  ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -286,8 +269,9 @@ def test_wgangp_trains_on_two_processes_in_bf16(store_dir: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_deepspeed_is_refused_for_two_players_naming_the_launch_config(store_dir: Path, tmp_path: Path) -> None:
-    done = _launch(store_dir, tmp_path / "ds", TINY["dcgan"],
-                   ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1"])
+    done = launch(store_dir, tmp_path / "ds",
+                  ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1"],
+                  config=TINY["dcgan"])
     assert done.returncode == 1, done.stderr[-3000:]
     assert ("model family 'dcgan' trains 2 optimizers (generator, discriminator); DeepSpeed wraps one: launch it "
             "with hpc/accelerate/ddp.yaml") in done.stderr

@@ -5,9 +5,6 @@ GMVAE: their losses against reference formulas, the prior inside the exported gr
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +18,8 @@ from mrgen_dist.models.cvae import CVAEConfig, gaussian_nll, kl_divergence, reve
 from mrgen_dist.sample import SampleError, Sampler
 from mrgen_dist.sample import main as sample_main
 from mrgen_dist.scanners import Vocabulary
+from tests.launch import TINY, launch
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "hpc" / "configs" / "tiny.yaml"
 CVAE, GMVAE = get_family("cvae"), get_family("gmvae")
 
 
@@ -127,22 +123,14 @@ def test_families_refuse_settings_that_contradict_them() -> None:
     CVAEConfig(observation_noise="scanner", prior="scanner", adversary=1.0).validate()
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
-
-
 @pytest.mark.slow
 def test_noise_model_trains_on_two_processes_exports_sigma_and_samples_noise(store_dir: Path, tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    done = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "mrgen_dist.train", "--config", str(TINY), f"data.store={store_dir}",
-         f"train.out={out}", "train.max_steps=6", "model.observation_noise=scanner", "model.prior=scanner",
-         "model.adversary=1.0", "--tracker", "none"],
-        capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO,
-    )
+    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                                   "no", "--dynamo_backend", "no"],
+                  "train.max_steps=6", "model.observation_noise=scanner", "model.prior=scanner", "model.adversary=1.0",
+                  "--tracker", "none", ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]  # DDP finds every parameter used in forward
     assert "adversary" in (out / "metrics.jsonl").read_text().splitlines()[0]
 

@@ -1,0 +1,37 @@
+"""Running mrgen-train in real processes for the tests: one process (`run(train_cmd(...))`) or several through
+`accelerate launch` (`launch`), single-threaded each, with the repository as working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "hpc" / "configs" / "tiny.yaml"
+TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan")}
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def env(**extra: str) -> dict[str, str]:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    full.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch-extensions"))
+    return full
+
+
+def train_cmd(store: Path, out: Path, *overrides: str, resume: str = "none", config: Path = TINY) -> list[str]:
+    return [sys.executable, "-m", "mrgen_dist.train", "--config", str(config), "--resume", resume,
+            f"data.store={store}", f"train.out={out}", *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra), cwd=REPO)
+
+
+def launch(store: Path, out: Path, launcher: list[str], *overrides: str, config: Path = TINY, **extra: str
+           ) -> subprocess.CompletedProcess:
+    """`accelerate launch LAUNCHER -m mrgen_dist.train --config CONFIG ...`; `extra` goes into the environment."""
+    cmd = [ACCELERATE, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(config),
+           f"data.store={store}", f"train.out={out}", *overrides]
+    return run(cmd, timeout=400, **extra)
