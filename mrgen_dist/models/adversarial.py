@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrgen_dist.models import networks
 from mrgen_dist.models.base import Family, ModelConfig, SamplingGraph, Step
 from mrgen_dist.models.networks import (
     HEADS,
@@ -109,8 +110,8 @@ class GeneratorGraph(SamplingGraph):
 
 
 def z_width(config: AdversarialConfig) -> int:
-    """The generator's z: the latent code, then, with `noise_map`, one number per pixel of `size`."""
-    return config.latent + (config.size[0] * config.size[1] if config.noise_map else 0)
+    """The width of the generator's z (networks.z_width), from the config alone."""
+    return networks.z_width(config.latent, tuple(config.size), config.noise_map)
 
 
 def average_gradients(parameters: list[nn.Parameter], world_size: int) -> None:
@@ -186,7 +187,7 @@ class AdversarialFamily(Family):
     def generate(self, players: Players, step: Step) -> dict[str, torch.Tensor]:
         """The slices the generator makes for the step (`fake`, for the batch's scanners), and anything else
         its loss needs; under autocast."""
-        return {"fake": players.generator(step.noise[:, : z_width(step.config)], step.scanner)}
+        return {"fake": players.generator(step.noise[:, : players.generator.latent], step.scanner)}
 
     def generator_loss(self, players: Players, step: Step, made: dict[str, torch.Tensor], fake: DiscriminatorOutput
                        ) -> dict[str, torch.Tensor]:

@@ -51,6 +51,11 @@ def centre_pad(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.pad(images, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
 
 
+def z_width(latent: int, size: tuple[int, int], noise_map: bool) -> int:
+    """The width of a generator's z: the latent code, then, with a noise map, one number per pixel of `size`."""
+    return latent + (size[0] * size[1] if noise_map else 0)
+
+
 class ScannerNorm(nn.Module):
     """Group norm without its own affine, then a scale and shift chosen by the scanner (1 and 0 at start)."""
 
@@ -69,7 +74,7 @@ class ConvGenerator(nn.Module):
                  image_shape: tuple[int, int], noise_map: bool = False) -> None:
         super().__init__()
         self.code, self.n_scanners, self.image_shape, self.size = latent, n_scanners, tuple(image_shape), tuple(size)
-        self.latent = latent + (size[0] * size[1] if noise_map else 0)  # the width of z: code, then noise map
+        self.latent = z_width(latent, size, noise_map)
         if noise_map:
             self.noise_scale = nn.Parameter(torch.zeros(n_scanners, channels[-1]))  # no noise at start
         doublings = len(channels) - 1
