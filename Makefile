@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/sample.py
+	$(BIN)/python benchmarks/translate.py
 	$(BIN)/python benchmarks/fid.py
 
 clean:

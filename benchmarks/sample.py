@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.cli import UserError
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.models.cvae import CVAE, FAMILY, CVAEConfig
 from mrgen_dist.sample import Sampler, cpu_description
 
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
     paths, refused = {}, {}
     for p in ("fp32", "fp16", "int8"):
         try:
-            paths[p] = export_decoder(work, p, work / f"decoder-{p}.onnx").path
+            paths[p] = export_onnx(work, p, work / f"decoder-{p}.onnx").path
         except UserError as e:  # e.g. int8 over its 1/255 parity limit on this CPU: report it, go on
             refused[p] = str(e)
 
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
                 outs.append(graph(zt[i : i + args.batch].to(device), st[i : i + args.batch].to(device)).float().cpu())
         return torch.cat(outs)[:, 0].numpy()
 
-    graph = FAMILY.sampling_graph(model).eval()
+    graph = FAMILY.export_graph(model).eval()
     results: dict[str, tuple[float, float]] = {}
     rate, ref = _rate(lambda: torch_run(graph, False), args.n)
     results["torch eager fp32"] = (rate, 0.0)
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
             gpu = Sampler(paths["fp16"], device="cuda")
             rate_ort, _ = _rate(lambda: [gpu.sample_on_device("Intera", args.batch) for _ in range(args.n // args.batch)],
                                 args.n)
-            cuda_graph = FAMILY.sampling_graph(CVAE((218, 182), 4, [1024, 512], 256).eval()).cuda()
+            cuda_graph = FAMILY.export_graph(CVAE((218, 182), 4, [1024, 512], 256).eval()).cuda()
             rate_torch, _ = _rate(lambda: torch_run(cuda_graph, True, "cuda"), args.n)
             print(f"  GPU: ORT CUDA fp16 {rate_ort:,.0f}/s vs torch CUDA fp16 autocast {rate_torch:,.0f}/s "
                   f"= {rate_ort / rate_torch:.2f}x")

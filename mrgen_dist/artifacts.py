@@ -176,6 +176,8 @@ class RunRecord(JsonArtifact):
     package_version: str
     #: how the run went: seconds and images/s over its epochs, processes, parameters (empty in older records)
     training: dict = field(default_factory=dict)
+    #: how the store cut and scaled its slices (mrgen_dist.data.volume.SliceParams; empty in older records)
+    slice_params: dict = field(default_factory=dict)
     format_version: int = VERSION
 
 
@@ -184,15 +186,18 @@ class ModelMetadata:
     """The `metadata_props` of an exported ONNX model, keys `mrgen.<field>` (documented in export/README.md).
 
     `format` is `<contract>/<version>`; the contract `mrgen-decoder` is (z float32 [B, latent], scanner
-    int64 [B]) -> image float32 [B, 1, H, W] in [0, 1] (and sigma float32 [B, 1, H, W] where `noise` is set).
+    int64 [B]) -> image float32 [B, 1, H, W] in [0, 1] (and sigma float32 [B, 1, H, W] where `noise` is set);
+    `mrgen-translator` is (image float32 [B, 1, H, W] in [0, 1], scanner int64 [B], the target) -> image
+    float32 [B, 1, H, W] in [0, 1], with `latent` 0 and the scanners it translates to in `targets`.
     """
 
     PREFIX: ClassVar[str] = "mrgen."
     DECODER: ClassVar[str] = "mrgen-decoder"
+    TRANSLATOR: ClassVar[str] = "mrgen-translator"
     GAUSSIAN_NOISE: ClassVar[str] = "gaussian"
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
-    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity")
+    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params")
 
     format: str
     scanners: list
@@ -212,6 +217,11 @@ class ModelMetadata:
     #: "gaussian" when the graph has the second output `sigma`, the learned observation noise around `image`
     #: that `mrgen-sample --noise` draws; empty for a mean-only graph.
     noise: str = ""
+    #: mrgen-translator: the scanner names it translates to (all of `scanners`, or a CycleGAN's pair)
+    targets: list = field(default_factory=list)
+    #: how the training store cut and scaled its slices (mrgen_dist.data.volume.SliceParams): mrgen-translate
+    #: takes a NIfTI volume's slices by the same rule. Empty in files exported before it existed.
+    slice_params: dict = field(default_factory=dict)
 
     @property
     def contract(self) -> str:
@@ -232,6 +242,10 @@ class ModelMetadata:
             raise ArtifactError(f"{source} is not an mrgen-dist model (no {key} metadata); export one with "
                                 "`mrgen-export onnx`")
         kind, _, version = props[key].rpartition("/")
+        tools = {cls.DECODER: "it samples slices from z: use mrgen-sample",
+                 cls.TRANSLATOR: "it translates real slices: use mrgen-translate"}
+        if kind in tools and contract in tools and kind != contract:
+            raise ArtifactError(f"{source} is an {kind} model, not an {contract} ({tools[kind]})")
         _check_version(source, kind, contract, int(version) if version.isdigit() else version, cls.VERSION, key)
         values: dict[str, Any] = {}
         hints = typing.get_type_hints(cls)

@@ -4,7 +4,9 @@
 
 Each RESULTS folder is one model's evaluation (the `--out` of `mrgen-fid score` and `mrgen-fid diagnose`):
 `fid_<scanner>.json` per scanner, `conditioning.json`, `generation.json` and `diagnostics.json`. Any of them,
-or any key in them, may be missing: the cell then shows "—". One row per folder; the run's name is the
+or any key in them, may be missing: the cell then shows "—". A folder with `translation.json` (`mrgen-fid
+translation`) is a translator's: it gets a row in the translators' table (mrgen_dist/compare_translation.py)
+instead. One row per folder; the run's name is the
 folder's name (with as many parent folders as it takes to tell the runs apart) unless `--names` is given.
 
     OUT/compare.md   the table, its footnotes, the store (sha256 prefix) and the scanners; also printed
@@ -42,6 +44,7 @@ TARGET_Z_PROBE = 0.40  # scanner predicted from the encoder's z, at most
 LABEL_EFFECT_FLOOR = 0.1  # between-scanner / between-draw variation below this: the label does nothing
 UNBIASED_N = 2048  # FID needs at least this many samples per set (the feature dimension)
 SIDE_FILES = ("conditioning.json", "generation.json", "diagnostics.json")
+TRANSLATION_FILE = "translation.json"
 
 Number = float | None
 
@@ -99,12 +102,12 @@ def read_results(folder: Path, name: str) -> Results:
         record = _read_json(path)
         results.files[path.name] = record
         results.per_scanner[str(record.get("scanner", path.stem.removeprefix("fid_")))] = record
-    for file_name in SIDE_FILES:
+    for file_name in (*SIDE_FILES, TRANSLATION_FILE):
         if (folder / file_name).is_file():
             results.files[file_name] = _read_json(folder / file_name)
     if not results.files:
-        raise CompareError(f"results folder {folder} holds no result file (fid_*.json, {', '.join(SIDE_FILES)}); "
-                           "run mrgen-fid score / diagnose into it first")
+        raise CompareError(f"results folder {folder} holds no result file (fid_*.json, {', '.join(SIDE_FILES)}, "
+                           f"{TRANSLATION_FILE}); run mrgen-fid score / diagnose / translation into it first")
     return results
 
 
@@ -569,16 +572,30 @@ def compare_figure(summaries: Sequence[Summary], scanners: Sequence[str], path: 
 
 
 def compare(folders: Sequence[Path], out: Path, names: Sequence[str] | None = None) -> list[Path]:
-    """Read, check and compare the results folders; writes OUT/compare.md, .csv and .png and returns their paths."""
+    """Read, check and compare the results folders; writes OUT/compare.md with the generators' table (and
+    compare.csv, compare.png) and the translators' (compare-translation.csv, .png); returns the paths."""
+    from mrgen_dist import compare_translation
+
     folders = [Path(f) for f in folders]
     names = list(names) if names is not None else default_names(folders)
     runs = [read_results(folder, name) for folder, name in zip(folders, names, strict=True)]
     store, scanners = check_comparable(runs)
-    summaries = [summarise(r, scanners) for r in runs]
+    generators = [summarise(r, scanners) for r in runs if TRANSLATION_FILE not in r.files]
+    translators = [compare_translation.summarise_translation(r, scanners) for r in runs if TRANSLATION_FILE in r.files]
     out.mkdir(parents=True, exist_ok=True)
-    return [atomic_write(out / "compare.md", table_markdown(summaries, store, scanners)),
-            atomic_write(out / "compare.csv", table_csv(summaries)),
-            compare_figure(summaries, scanners, out / "compare.png")]
+    text = table_markdown(generators, store, scanners) if generators else ""
+    if translators:
+        text += ("\n" if text else "") + compare_translation.table_markdown(translators)
+        if not generators:
+            text += f"\n- Store {store[:16] if store else 'unknown'}; scanners (vocabulary order): {', '.join(scanners)}.\n"
+    written = [atomic_write(out / "compare.md", text)]
+    if generators:
+        written += [atomic_write(out / "compare.csv", table_csv(generators)),
+                    compare_figure(generators, scanners, out / "compare.png")]
+    if translators:
+        written += [atomic_write(out / "compare-translation.csv", table_csv(translators)),
+                    compare_translation.figure(translators, scanners, out / "compare-translation.png")]
+    return written
 
 
 def _names(text: str) -> list[str]:

@@ -34,6 +34,9 @@ class ConfigError(UserError, ValueError):
 class DataConfig:
     store: str = ""  # path of the slice store (required)
     seed: int = 0  # seeds the per-epoch shuffle and the per-rank partition
+    # train (and test) on the slices of these scanners only; empty: every scanner of the store. The model keeps
+    # the store's whole vocabulary, so its scanner ids are the store's.
+    scanners: list[str] = field(default_factory=list)
 
 
 @dataclass

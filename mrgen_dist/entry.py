@@ -40,6 +40,10 @@ def sample() -> int:
     return _launch("mrgen-sample", "mrgen_dist.sample", None)
 
 
+def translate() -> int:
+    return _launch("mrgen-translate", "mrgen_dist.translate", None)
+
+
 def fid() -> int:
     return _launch("mrgen-fid", "mrgen_dist.fid.evaluate", "fid")
 

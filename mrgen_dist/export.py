@@ -2,18 +2,20 @@
 
     mrgen-export onnx --model RUN_DIR [--precision fp32|fp16|int8] [--out export/decoder.onnx]
 
-Any model family works: the run's config.json names the family, which rebuilds the model and gives its
-sampling graph (mrgen_dist/models/). The graph of the `mrgen-decoder` contract: inputs `z` float32
+Any model family works: the run's config.json names the family, which rebuilds the model and gives the graph
+of its contract (mrgen_dist/models/). The `mrgen-decoder` contract (the generators): inputs `z` float32
 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the graph); output `image` float32
-[batch, 1, 218, 182] in [0, 1]. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
+[batch, 1, 218, 182] in [0, 1]. The `mrgen-translator` contract (the translators): inputs `image` float32
+[batch, 1, 218, 182] in [0, 1] and `scanner` int64 [batch], the target scanner; output `translated` of the
+image's shape. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
 static QDQ quantization (`quantize_int8`): uint8 activations with ranges calibrated on draws from the prior
 N(0, I) and uint8 per-channel weights rounded by GPTQ, the first layer in float. The contract, including the
 metadata keys, is in export/README.md.
 
-Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch decoder
-in onnxruntime at batch 1, 7 and 64 within the precision's tolerance. The measured error goes into the file's
-metadata (`mrgen.parity`); an int8 file also carries a few prior draws with their float32 reference images,
-which the sampler checks again on the CPU it runs on.
+Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch graph in
+onnxruntime at batch 1, 7 and 64 within the precision's tolerance (a translator is checked on random images).
+The measured error goes into the file's metadata (`mrgen.parity`); an int8 file also carries a few prior draws
+with their float32 reference images, which the sampler checks again on the CPU it runs on.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from mrgen_dist.atomic import atomic_path
 from mrgen_dist.cli import UserError, run
 from mrgen_dist.config import model_config
 from mrgen_dist.models import get_family
-from mrgen_dist.models.base import Family, SamplingGraph
+from mrgen_dist.models.base import Family, SamplingGraph, TranslationGraph
 from mrgen_dist.sample import SampleError, Sampler, cpu_description, encode_draws
 from mrgen_dist.scanners import Vocabulary
 
@@ -96,11 +98,11 @@ class ExportReport:
                 f"{self.seconds:.1f} s")
 
 
-def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: bool = False
-             ) -> ModelMetadata:
+def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: bool = False,
+             contract: str = ModelMetadata.DECODER, targets: list[str] | None = None) -> ModelMetadata:
     """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
     return ModelMetadata(
-        format=f"{ModelMetadata.DECODER}/{ModelMetadata.VERSION}",
+        format=f"{contract}/{ModelMetadata.VERSION}",
         scanners=record.vocabulary,
         latent=latent,
         image_shape=record.image_shape,
@@ -112,6 +114,8 @@ def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None
         family=record.family,
         parity=parity or {},
         noise=ModelMetadata.GAUSSIAN_NOISE if noise else "",
+        targets=targets or [],
+        slice_params=record.slice_params,
     )
 
 
@@ -257,14 +261,34 @@ class _WithNoise(torch.nn.Module):
         return self.decoder(z, scanner), self.decoder.noise_sigma(scanner)
 
 
-def _torch_export(graph: SamplingGraph, latent: int, path: Path) -> None:
+Graph = SamplingGraph | TranslationGraph
+
+
+def example_inputs(graph: Graph, batch: int, rng: np.random.Generator, n_scanners: int,
+                   image_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Inputs of the graph's contract: prior draws and every scanner in turn for a decoder, random images and
+    every target in turn for a translator."""
+    if isinstance(graph, TranslationGraph):
+        return {"image": rng.random((batch, 1, *image_shape), dtype=np.float32),
+                "scanner": np.asarray(graph.targets, dtype=np.int64)[np.arange(batch) % len(graph.targets)]}
+    return {"z": rng.standard_normal((batch, graph.latent), dtype=np.float32),
+            "scanner": np.arange(batch, dtype=np.int64) % n_scanners}
+
+
+def output_names(graph: Graph) -> list[str]:
+    if isinstance(graph, TranslationGraph):
+        return ["translated"]
+    return ["image", "sigma"] if graph.has_noise else ["image"]
+
+
+def _torch_export(graph: Graph, inputs: dict[str, np.ndarray], path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
-        _WithNoise(graph).eval() if graph.has_noise else graph,
-        (torch.zeros(2, latent), torch.zeros(2, dtype=torch.long)),
-        input_names=["z", "scanner"],
-        output_names=["image", "sigma"] if graph.has_noise else ["image"],
-        dynamic_shapes={"z": {0: batch}, "scanner": {0: batch}},
+        _WithNoise(graph).eval() if getattr(graph, "has_noise", False) else graph,
+        tuple(torch.from_numpy(x) for x in inputs.values()),
+        input_names=list(inputs),
+        output_names=output_names(graph),
+        dynamic_shapes={name: {0: batch} for name in inputs},
         dynamo=True,
         external_data=False,
         verbose=False,
@@ -278,43 +302,44 @@ class Parity:
     error."""
 
     max_error: float
-    z: np.ndarray
-    scanner: np.ndarray
+    inputs: dict[str, np.ndarray]
     reference: np.ndarray
     errors: np.ndarray
 
     def record(self, tolerance: float, draws: int) -> dict:
-        """`mrgen.parity`; with `draws` > 0, the worst `draws` images with their references (float16)."""
+        """`mrgen.parity`; with `draws` > 0, the worst `draws` images with their prior draws and references
+        (float16)."""
         parity = {"max_error": self.max_error, "tolerance": tolerance, "batches": list(CHECK_BATCHES),
                   "cpu": cpu_description(), "onnxruntime": ort.__version__}
         if draws:
             worst = np.sort(np.argsort(self.errors)[::-1][:draws])
-            parity["draws"] = encode_draws(self.z[worst], self.scanner[worst], self.reference[worst])
+            parity["draws"] = encode_draws(self.inputs["z"][worst], self.inputs["scanner"][worst],
+                                           self.reference[worst])
         return parity
 
 
-def _check(path: Path, reference: SamplingGraph, latent: int, n_scanners: int, precision: str) -> Parity:
-    """onnx.checker, then onnxruntime (CPU) against the float32 torch decoder at each CHECK_BATCHES size."""
+def _check(path: Path, reference: Graph, n_scanners: int, image_shape: tuple[int, int], precision: str) -> Parity:
+    """onnx.checker, then onnxruntime (CPU) against the float32 torch graph at each CHECK_BATCHES size."""
     onnx.checker.check_model(str(path), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    zs, scanners, wants, errors = [], [], [], []
+    seen: list[dict[str, np.ndarray]] = []
+    wants, errors = [], []
     for batch in CHECK_BATCHES:
-        z = rng.standard_normal((batch, latent), dtype=np.float32)
-        scanner = np.arange(batch, dtype=np.int64) % n_scanners
-        outputs = session.run(None, {"z": z, "scanner": scanner})
+        inputs = example_inputs(reference, batch, rng, n_scanners, image_shape)
+        outputs = session.run(None, inputs)
         got = outputs[0]
         with torch.no_grad():
-            want = reference(torch.from_numpy(z), torch.from_numpy(scanner)).numpy()
-            if reference.has_noise:  # the noise level is one learned table: it must be exact up to rounding
-                sigma = reference.noise_sigma(torch.from_numpy(scanner)).numpy()
+            want = reference(*(torch.from_numpy(x) for x in inputs.values())).numpy()
+            if getattr(reference, "has_noise", False):  # the noise level is one learned table: exact up to rounding
+                sigma = reference.noise_sigma(torch.from_numpy(inputs["scanner"])).numpy()
                 if len(outputs) != 2 or not np.allclose(outputs[1], sigma, rtol=TOLERANCE[precision], atol=0):
                     raise ExportError(f"batch {batch}: the exported sigma output differs from the model's noise level")
         if got.shape != want.shape or got.dtype != np.float32:
             raise ExportError(f"batch {batch}: output {got.shape} {got.dtype}, expected {want.shape} float32")
-        zs.append(z), scanners.append(scanner), wants.append(want)
+        seen.append(inputs), wants.append(want)
         errors.append(np.abs(got - want).reshape(batch, -1).max(1))
-    parity = Parity(float(np.concatenate(errors).max()), np.concatenate(zs), np.concatenate(scanners),
+    parity = Parity(float(np.concatenate(errors).max()), {k: np.concatenate([x[k] for x in seen]) for k in seen[0]},
                     np.concatenate(wants), np.concatenate(errors))
     tolerance = TOLERANCE[precision]
     if not parity.max_error <= tolerance:
@@ -324,34 +349,39 @@ def _check(path: Path, reference: SamplingGraph, latent: int, n_scanners: int, p
     return parity
 
 
-def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
+def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
     """Export, check, then move into place; raises ExportError leaving `out` untouched."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
     family, model, record = load_trained(run_dir)
-    if family.contract != ModelMetadata.DECODER:
-        raise ExportError(f"model family {family.name!r} has the {family.contract} contract; this exporter writes "
-                          f"the {ModelMetadata.DECODER} contract")
-    reference = family.sampling_graph(copy.deepcopy(model)).eval()
-    latent, n_scanners, tolerance = reference.latent, len(record.vocabulary), TOLERANCE[precision]
+    if precision == "int8" and family.contract != ModelMetadata.DECODER:
+        raise ExportError(f"int8 is for the fully connected {ModelMetadata.DECODER} graphs; this {family.contract} "
+                          "is convolutional: export it with --precision fp32 or fp16")
+    reference = family.export_graph(copy.deepcopy(model)).eval()
+    n_scanners, tolerance = len(record.vocabulary), TOLERANCE[precision]
+    latent = getattr(reference, "latent", 0)
+    image_shape = tuple(record.image_shape)
+    targets = [record.vocabulary[i] for i in reference.targets] if isinstance(reference, TranslationGraph) else None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # intermediate graphs in a scratch folder; the final file through atomic_path, renamed once it passed
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch, atomic_path(out) as final:
-        path = Path(scratch) / "decoder.onnx"
-        graph = family.sampling_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
-        _torch_export(graph, latent, path)
+        path = Path(scratch) / "model.onnx"
+        graph = family.export_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
+        _torch_export(graph, example_inputs(graph, 2, np.random.default_rng(0), n_scanners, image_shape), path)
         if precision == "int8":
             plain = onnx.load(str(path))
             del plain.graph.value_info[:]  # shapes of the float weights, which quantization replaces
             onnx.save(plain, str(path))
-            quantize_int8(path, Path(scratch) / "decoder.int8.onnx", latent, n_scanners)
-            path = Path(scratch) / "decoder.int8.onnx"
-        parity = _check(path, reference, latent, n_scanners, precision)
+            quantize_int8(path, Path(scratch) / "model.int8.onnx", latent, n_scanners)
+            path = Path(scratch) / "model.int8.onnx"
+        parity = _check(path, reference, n_scanners, image_shape, precision)
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
-        onnx.helper.set_model_props(proto, metadata(record, latent, precision, parity_record, graph.has_noise).to_props())
+        props = metadata(record, latent, precision, parity_record, getattr(graph, "has_noise", False),
+                         family.contract, targets).to_props()
+        onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(final))
         onnx.checker.check_model(str(final), full_check=True)
         if precision == "int8":  # the check the sampler makes, on the file as written (float16 references)
@@ -365,12 +395,12 @@ def export_decoder(run_dir: str | Path, precision: str = "fp32", out: str | Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mrgen-export", description="Export a trained model.")
     sub = ap.add_subparsers(dest="format", required=True)
-    p = sub.add_parser("onnx", help="the decoder as ONNX, for onnxruntime sampling (see export/README.md)")
+    p = sub.add_parser("onnx", help="the decoder (or translator) as ONNX, for onnxruntime (see export/README.md)")
     p.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train (model.safetensors, config.json)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--out", type=Path, default=Path("export/decoder.onnx"))
     args = ap.parse_args(argv)
-    return run("mrgen-export", lambda: print(export_decoder(args.model, args.precision, args.out).line()))
+    return run("mrgen-export", lambda: print(export_onnx(args.model, args.precision, args.out).line()))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,31 +67,10 @@ class Sampler:
     def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int = 0,
                  inaccurate: str = "error") -> None:
         path = self.path = Path(model_path)
-        if not path.is_file():
-            raise SampleError(f"{path}: no such model file")
         if inaccurate not in ("error", "warn"):
             raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # onnxruntime's provider errors are checked below, not printed
-        wanted = self._providers(device)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=wanted)
-        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
-            if "onnxruntime" not in type(e).__module__:
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SampleError(f"{path}: not an ONNX model that onnxruntime can load ({type(e).__name__}: "
-                              f"{first[:300]})") from None
-        used = self.session.get_providers()
-        if device in ("cuda", "tensorrt") and used[0] != wanted[0]:
-            raise SampleError(
-                f"onnxruntime could not start {wanted[0]} (it fell back to {used[0]}): the CUDA/cuDNN libraries "
-                "that onnxruntime-gpu needs are missing or do not match it, or no GPU is visible "
-                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
-            )
-        self.device = "cuda" if used[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        self.provider = used[0]
+        self.session, self.provider = open_session(path, device, threads)
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
         self.latent = self.metadata.latent
@@ -99,8 +80,6 @@ class Sampler:
 
     def _check_graph(self, path: Path) -> None:
         """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape."""
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name: o for o in self.session.get_outputs()}
         contract = f"{ModelMetadata.DECODER} graph (inputs z float32 [batch, {self.latent}], scanner int64 " \
                    f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
         expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
@@ -108,17 +87,7 @@ class Sampler:
         if self.has_noise:
             contract = contract[:-1] + f" and sigma float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
             expected["sigma"] = expected["image"]
-        for name, (kind, shape) in expected.items():
-            where = "input" if name in ("z", "scanner") else "output"
-            found = inputs.get(name) if where == "input" else outputs.get(name)
-            if found is None:
-                names = ", ".join(inputs if where == "input" else outputs) or "none"
-                raise SampleError(f"{path}: not an {contract}: it has no {where} {name!r} ({where}s: {names})")
-            dims = list(found.shape)
-            fits = len(dims) == len(shape) and all(
-                want is None or not isinstance(got, int) or got == want for got, want in zip(dims, shape, strict=True))
-            if found.type != kind or not fits:
-                raise SampleError(f"{path}: not an {contract}: its {where} {name!r} is {found.type} {dims}")
+        check_graph(self.session, path, contract, expected, ("z", "scanner"))
 
     def _check_parity(self, path: Path, inaccurate: str) -> float | None:
         """Max |this machine's output - float32 reference| on the draws stored in an int8 file (None for other
@@ -148,22 +117,6 @@ class Sampler:
                 raise SampleError(message)
             warnings.warn(message, stacklevel=3)
         return error
-
-    @staticmethod
-    def _providers(device: str) -> list[str]:
-        available = ort.get_available_providers()
-        if device == "auto":
-            return PROVIDERS["cuda"] if "CUDAExecutionProvider" in available and _gpu_visible() else PROVIDERS["cpu"]
-        if device not in PROVIDERS:
-            raise SampleError(f"device must be auto, cuda, tensorrt or cpu, got {device!r}")
-        needed = PROVIDERS[device][0]
-        if needed not in available:
-            raise SampleError(
-                f"--device {device} needs onnxruntime's {needed}, and this onnxruntime "
-                f"({ort.__version__}, providers: {', '.join(available)}) has none: install the GPU build with "
-                "`pip install 'mrgen-dist[gpu]'` (onnxruntime-gpu) in place of onnxruntime"
-            )
-        return PROVIDERS[device]
 
     def scanner_id(self, name: str) -> int:
         return self.vocabulary.index(self.resolve(name)[0])
@@ -219,6 +172,68 @@ class Sampler:
         binding.bind_output("image", "cuda" if self.device == "cuda" else "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
+
+
+def check_graph(session: ort.InferenceSession, path: Path, contract: str, expected: dict[str, tuple[str, list]],
+                inputs: tuple[str, ...]) -> None:
+    """A SampleError naming the difference unless the graph has each `expected` input (names in `inputs`) and
+    output with its type (e.g. "tensor(float)") and shape (None: any size)."""
+    found_inputs = {i.name: i for i in session.get_inputs()}
+    found_outputs = {o.name: o for o in session.get_outputs()}
+    for name, (kind, shape) in expected.items():
+        where = "input" if name in inputs else "output"
+        found = found_inputs.get(name) if where == "input" else found_outputs.get(name)
+        if found is None:
+            names = ", ".join(found_inputs if where == "input" else found_outputs) or "none"
+            raise SampleError(f"{path}: not an {contract}: it has no {where} {name!r} ({where}s: {names})")
+        dims = list(found.shape)
+        fits = len(dims) == len(shape) and all(
+            want is None or not isinstance(got, int) or got == want for got, want in zip(dims, shape, strict=True))
+        if found.type != kind or not fits:
+            raise SampleError(f"{path}: not an {contract}: its {where} {name!r} is {found.type} {dims}")
+
+
+def open_session(path: Path, device: str = "auto", threads: int = 0) -> tuple[ort.InferenceSession, str]:
+    """An onnxruntime session of the model file on `device` and the provider it runs on; a SampleError naming
+    what is missing when the file cannot be loaded or the asked provider cannot start (never a silent fallback)."""
+    if not path.is_file():
+        raise SampleError(f"{path}: no such model file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # onnxruntime's provider errors are checked below, not printed
+    wanted = providers(device)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=wanted)
+    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
+        if "onnxruntime" not in type(e).__module__:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SampleError(f"{path}: not an ONNX model that onnxruntime can load ({type(e).__name__}: "
+                          f"{first[:300]})") from None
+    used = session.get_providers()
+    if device in ("cuda", "tensorrt") and used[0] != wanted[0]:
+        raise SampleError(
+            f"onnxruntime could not start {wanted[0]} (it fell back to {used[0]}): the CUDA/cuDNN libraries "
+            "that onnxruntime-gpu needs are missing or do not match it, or no GPU is visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    return session, used[0]
+
+
+def providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "auto":
+        return PROVIDERS["cuda"] if "CUDAExecutionProvider" in available and _gpu_visible() else PROVIDERS["cpu"]
+    if device not in PROVIDERS:
+        raise SampleError(f"device must be auto, cuda, tensorrt or cpu, got {device!r}")
+    needed = PROVIDERS[device][0]
+    if needed not in available:
+        raise SampleError(
+            f"--device {device} needs onnxruntime's {needed}, and this onnxruntime "
+            f"({ort.__version__}, providers: {', '.join(available)}) has none: install the GPU build with "
+            "`pip install 'mrgen-dist[gpu]'` (onnxruntime-gpu) in place of onnxruntime"
+        )
+    return PROVIDERS[device]
 
 
 def cpu_description() -> str:
@@ -307,24 +322,25 @@ def _write_h5(path: Path, images: dict[str, np.ndarray], sampler: Sampler, seed:
         f.attrs["synthetic"] = "generated by an mrgen-dist decoder"
 
 
-def _write_nifti(path: Path, images: dict[str, np.ndarray]) -> None:
+def _write_nifti(path: Path, images: dict[str, np.ndarray], description: str = "mrgen-dist SYNTHETIC samples") -> None:
     import nibabel as nib
 
     (stack,) = images.values()
     # slices along the third axis, in the store's display orientation (rows anterior->posterior)
     img = nib.Nifti1Image(np.ascontiguousarray(stack.transpose(2, 1, 0)[:, ::-1, :]), np.diag([-1.0, 1, 1, 1]))
-    img.header["descrip"] = b"mrgen-dist SYNTHETIC samples"
+    img.header["descrip"] = description.encode()[:80]
     nib.save(img, path)
 
 
-def _write_pngs(folder: Path, images: dict[str, np.ndarray]) -> list[Path]:
+def _write_pngs(folder: Path, images: dict[str, np.ndarray], names: list[str] | None = None) -> list[Path]:
+    """grid.png and one folder of PNGs per entry of `images`, named by `names` (default: by number)."""
     written = [folder / "grid.png"]
     written[0].write_bytes(_png_bytes(_grid(images)))
     for name, stack in images.items():
         sub = folder / name.replace(" ", "_")
         sub.mkdir()
         for i, image in enumerate(stack):
-            written.append(sub / f"{i:05d}.png")
+            written.append(sub / f"{names[i] if names else f'{i:05d}'}.png")
             written[-1].write_bytes(_png_bytes(image))
     return written
 
@@ -359,21 +375,29 @@ def check_writable(out: Path) -> None:
 def write_output(out: Path, images: dict[str, np.ndarray], sampler: Sampler, seed: int) -> list[Path]:
     """Write atomically: a file through `atomic_path`; a PNG folder built beside `out` and renamed into place."""
     kind = output_kind(out, len(images))
-    if out.is_dir():
-        shutil.rmtree(out)
-    if kind != "png":
-        with atomic_path(out) as tmp:
-            _write_h5(tmp, images, sampler, seed) if kind == "h5" else _write_nifti(tmp, images)
-        return [out]
+    if kind == "png":
+        with atomic_folder(out) as tmp:
+            written = _write_pngs(tmp, images)
+        return [out / p.relative_to(tmp) for p in written]
+    with atomic_path(out) as tmp:
+        _write_h5(tmp, images, sampler, seed) if kind == "h5" else _write_nifti(tmp, images)
+    return [out]
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A folder built beside `out` and renamed onto it (replacing what was there) when the block ends without an
+    exception; removed when it does not."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        written = _write_pngs(tmp, images)
-        if out.exists():
+        yield tmp
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
             out.unlink()
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [out / p.relative_to(tmp) for p in written]
 
 
 def main(argv: list[str] | None = None) -> int:

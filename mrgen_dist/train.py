@@ -36,14 +36,13 @@ from mrgen_dist.cli import UserError, run
 from mrgen_dist.config import ConfigError, OptimConfig, RunConfig, load_config
 from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.store import SliceStore
+from mrgen_dist.data.volume import SLICE_PARAM_KEYS
 from mrgen_dist.models import get_family
-from mrgen_dist.models.base import Family, SamplingGraph, Step
+from mrgen_dist.models.base import Family, Step
 from mrgen_dist.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue
-from mrgen_dist.scanners import Vocabulary
 from mrgen_dist.tracking import make_tracker
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
-SAMPLES_PER_SCANNER = 6
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for MFU; fp32 runs are compared with the same peak.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -138,8 +137,14 @@ def train(args: argparse.Namespace) -> int:
         cfg.train.tracker = args.tracker
     store = SliceStore(cfg.data.store)
     family = get_family(cfg.model.family)
+    unknown = [name for name in cfg.data.scanners if name not in store.vocabulary.names]
+    if unknown:
+        raise ConfigError(f"data.scanners: {', '.join(map(repr, unknown))} not in the store's vocabulary "
+                          f"({', '.join(store.vocabulary.names)})")
+    trained = list(cfg.data.scanners) or list(store.vocabulary.names)
     try:
         cfg.model.validate_shape(tuple(store.manifest.params["slice_shape"]))
+        cfg.model.validate_data(store.vocabulary, trained)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.train.grad_accum > 1 and not family.accumulates:
@@ -166,7 +171,8 @@ def train(args: argparse.Namespace) -> int:
     })
     resume_from = None if args.overwrite else ckpt.resume_point(args.resume)
     # ---- data: the whole split, checksum-checked, resident on the device ------------------------------------
-    train_set, test_set = store.load_split("train"), store.load_split("test")
+    train_set, test_set = (split.of_scanners([store.vocabulary.index(n) for n in trained])
+                           for split in (store.load_split("train"), store.load_split("test")))
     device = acc.device
     train_images, train_scanner = train_set.images.to(device), train_set.scanner.to(device)
     test_images, test_scanner = test_set.images.to(device), test_set.scanner.to(device)
@@ -333,9 +339,11 @@ def train(args: argparse.Namespace) -> int:
 
             tracker.log_image("loss curves", loss_curves(state.history, names, out / "loss_curves.png"), epoch + 1)
             if (epoch + 1) % cfg.train.sample_every == 0 or epoch + 1 == cfg.train.epochs:
-                graph = family.sampling_graph(acc.unwrap_model(model))
-                path = write_samples(graph, store.vocabulary, out / f"samples_{epoch + 1:03d}.png",
-                                     f"{family.title} samples after epoch {epoch + 1} (same z in every row)", device)
+                from mrgen_dist.plots import scanner_grid
+
+                rows, shown = family.preview(acc.unwrap_model(model), test_images, test_scanner, store.vocabulary)
+                path = scanner_grid(rows, out / f"samples_{epoch + 1:03d}.png",
+                                    f"{family.title} {shown} after epoch {epoch + 1}")
                 tracker.log_image("samples", path, epoch + 1)
         state.epoch, state.micro_in_epoch = epoch + 1, 0
         checkpoint(torch.zeros(len(names), dtype=torch.float64, device=device))
@@ -376,19 +384,6 @@ def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, bat
     return {k: (totals[k] / totals["count"].clamp(min=1)).item() for k in names}
 
 
-@torch.no_grad()
-def write_samples(graph: SamplingGraph, vocabulary: Vocabulary, path: Path, title: str, device: torch.device) -> Path:
-    """A grid of samples, one row per scanner, from the same latent draws in every row."""
-    from mrgen_dist.plots import scanner_grid
-
-    z = torch.randn(SAMPLES_PER_SCANNER, graph.latent, generator=torch.Generator().manual_seed(1234)).to(device)
-    rows = []
-    for sid, name in enumerate(vocabulary.names):
-        s = torch.full((SAMPLES_PER_SCANNER,), sid, dtype=torch.long, device=device)
-        rows.append((name, graph(z, s)[:, 0].cpu().numpy()))
-    return scanner_grid(rows, path, title)
-
-
 def training_summary(state: TrainState, model: torch.nn.Module, acc) -> dict:
     """Wall time and throughput over the epochs of this run (a resumed run counts every epoch it has records
     of), for the run record and the comparison table."""
@@ -419,6 +414,7 @@ def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, 
         steps=step,
         package_version=__version__,
         training=training,
+        slice_params={k: store.manifest.params[k] for k in SLICE_PARAM_KEYS if k in store.manifest.params},
     ).write(out / RunRecord.NAME)
     return out / "model.safetensors"
 

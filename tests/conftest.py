@@ -46,3 +46,22 @@ def trained_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def translator_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny StarGAN translator trained for 30 steps on the store."""
+    from tests.launch import TINY_TRANSLATORS, run, train_cmd
+
+    out = tmp_path_factory.mktemp("translator") / "run"
+    done = run(train_cmd(store_dir, out, "train.epochs=1", "train.max_steps=30", config=TINY_TRANSLATORS["stargan"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def translator_onnx(translator_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`translator_run` exported (fp32, the mrgen-translator contract)."""
+    from mrgen_dist.export import export_onnx
+
+    return export_onnx(translator_run, "fp32", tmp_path_factory.mktemp("translator-onnx") / "translator.onnx").path

@@ -12,19 +12,19 @@ import pytest
 import torch
 
 from mrgen_dist import export
-from mrgen_dist.export import ExportError, export_decoder, load_trained, main
+from mrgen_dist.export import ExportError, export_onnx, load_trained, main
 
 
 @pytest.fixture(scope="module")
 def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("export")
-    return {p: export_decoder(trained_run, p, out / f"decoder-{p}.onnx").path for p in ("fp32", "fp16", "int8")}
+    return {p: export_onnx(trained_run, p, out / f"decoder-{p}.onnx").path for p in ("fp32", "fp16", "int8")}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_parity_with_torch_decoder(exported: dict[str, Path], trained_run: Path, precision: str) -> None:
     family, model, record = load_trained(trained_run)
-    reference = family.sampling_graph(model).eval()
+    reference = family.export_graph(model).eval()
     session = ort.InferenceSession(str(exported[precision]), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(42)
     for batch in (1, 7, 64):  # dynamic batch axis
@@ -70,7 +70,7 @@ def test_failed_check_leaves_no_file(trained_run: Path, tmp_path: Path, monkeypa
     monkeypatch.setitem(export.TOLERANCE, "int8", 1e-9)  # int8 cannot match fp32 this closely
     out = tmp_path / "decoder.onnx"
     with pytest.raises(ExportError, match="parity check failed"):
-        export_decoder(trained_run, "int8", out)
+        export_onnx(trained_run, "int8", out)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "accelerate", "deepspeed", "transformers", "clearml", "scipy", "scikit-learn", "matplotlib", "nilearn"}
@@ -36,7 +36,7 @@ def test_base_install_samples_without_torch(base_venv: Path, trained_run: Path, 
     installed = {line.split("==")[0].lower() for line in listed.splitlines()}
     assert {"mrgen-dist", "numpy", "onnxruntime", "h5py", "nibabel"} <= installed
     assert not installed & HEAVY, installed & HEAVY
-    decoder = export_decoder(trained_run, "fp32", tmp_path / "decoder.onnx").path
+    decoder = export_onnx(trained_run, "fp32", tmp_path / "decoder.onnx").path
     done = subprocess.run([str(base_venv / "bin/mrgen-sample"), str(decoder), "--scanner", "all", "--n", "3",
                            "--out", str(tmp_path / "samples.h5")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

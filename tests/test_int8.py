@@ -21,7 +21,7 @@ import onnx
 import pytest
 import torch
 
-from mrgen_dist.export import TOLERANCE, export_decoder, load_trained
+from mrgen_dist.export import TOLERANCE, export_onnx, load_trained
 
 QEMU = shutil.which("qemu-x86_64")
 REPO = Path(__file__).resolve().parents[1]
@@ -76,14 +76,14 @@ def haswell() -> None:
 
 @pytest.fixture(scope="module")
 def int8(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(trained_run, "int8", tmp_path_factory.mktemp("int8") / "decoder-int8.onnx").path
+    return export_onnx(trained_run, "int8", tmp_path_factory.mktemp("int8") / "decoder-int8.onnx").path
 
 
 @pytest.fixture(scope="module")
 def reference(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 fresh prior draws (not those of the export check) and the torch float32 decoder's images, as .npz."""
     family, model, record = load_trained(trained_run)
-    graph = family.sampling_graph(model).eval()
+    graph = family.export_graph(model).eval()
     rng = np.random.default_rng(2024)
     z = rng.standard_normal((64, record.model["latent"]), dtype=np.float32)
     scanner = np.arange(64, dtype=np.int64) % len(record.vocabulary)
@@ -138,7 +138,7 @@ def test_sampler_refuses_a_u8s8_file_on_avx2(haswell: None, trained_run: Path, i
     record: the sampler's check catches the saturation on the AVX2 CPU, in one line that names the fix."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32 = export_decoder(trained_run, "fp32", tmp_path / "fp32.onnx").path
+    fp32 = export_onnx(trained_run, "fp32", tmp_path / "fp32.onnx").path
     plain = onnx.load(str(fp32))
     del plain.graph.value_info[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))

@@ -17,13 +17,13 @@ import pytest
 
 from mrgen_dist import sample
 from mrgen_dist.artifacts import ArtifactError
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.sample import SampleError, Sampler, decode_draws, encode_draws, main
 
 
 @pytest.fixture(scope="module")
 def decoder(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(trained_run, "fp32", tmp_path_factory.mktemp("dec") / "decoder.onnx").path
+    return export_onnx(trained_run, "fp32", tmp_path_factory.mktemp("dec") / "decoder.onnx").path
 
 
 def test_reproducible_and_independent_of_batch_size(decoder: Path) -> None:
@@ -81,7 +81,7 @@ def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsy
 
 @pytest.fixture(scope="module")
 def int8(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(trained_run, "int8", tmp_path_factory.mktemp("dec8") / "decoder-int8.onnx").path
+    return export_onnx(trained_run, "int8", tmp_path_factory.mktemp("dec8") / "decoder-int8.onnx").path
 
 
 def _with_metadata(src: Path, dst: Path, change) -> Path:

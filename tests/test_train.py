@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from mrgen_dist.preemption import EXIT_PREEMPTED
-from tests.launch import REPO, TINY, TINY_GANS, env, launch, run, train_cmd
+from tests.launch import REPO, TINY, TINY_GANS, TINY_TRANSLATORS, env, launch, run, train_cmd
 
 REFERENCE = REPO / "tests" / "assets" / "tiny_reference_losses.json"
 
@@ -50,7 +50,8 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
     assert "images_per_s" in history[0]
 
 
-@pytest.mark.parametrize("config", [TINY, *TINY_GANS.values()], ids=["cvae", *TINY_GANS])
+@pytest.mark.parametrize("config", [TINY, *TINY_GANS.values(), *TINY_TRANSLATORS.values()],
+                         ids=["cvae", *TINY_GANS, *TINY_TRANSLATORS])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, store_dir: Path, tmp_path: Path) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
     common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10")

@@ -20,11 +20,10 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
-import torch
 
 from mrgen_dist.artifacts import ArtifactError, StoreManifest
 from mrgen_dist.cli import UserError
@@ -33,6 +32,9 @@ from mrgen_dist.data.split import holdout_mask
 from mrgen_dist.data.volume import SLICE_SHAPE
 from mrgen_dist.scanners import Vocabulary
 
+if TYPE_CHECKING:
+    import torch
+
 REJECTED_NAME = "rejected.csv"
 
 Side = Literal["train", "test", "all"]
@@ -40,6 +42,20 @@ Side = Literal["train", "test", "all"]
 
 class StoreError(UserError):
     """A store that cannot be used as it is; the message says what is wrong."""
+
+
+@dataclass
+class SplitArrays:
+    """A split resident in memory as numpy arrays, in store order (no torch: mrgen-translate reads stores)."""
+
+    images: np.ndarray  # float16 (N, 218, 182) in [0, 1]
+    scanner: np.ndarray  # int64 (N,)
+    subject: np.ndarray  # str (N,)
+    slice_index: np.ndarray  # int (N,)
+    vocabulary: Vocabulary
+
+    def __len__(self) -> int:
+        return len(self.scanner)
 
 
 @dataclass
@@ -54,6 +70,17 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.scanner)
+
+    def of_scanners(self, ids: list[int]) -> SplitData:
+        """The slices of the scanners `ids` (this split itself when that is all of them)."""
+        keep = np.isin(self.scanner.numpy(), ids)
+        if keep.all():
+            return self
+        import torch
+
+        rows = torch.from_numpy(np.flatnonzero(keep))
+        return SplitData(self.images[rows], self.scanner[rows], self.subject[keep], self.slice_index[keep],
+                         self.vocabulary)
 
 
 @dataclass
@@ -137,9 +164,17 @@ class SliceStore:
         return sum(counts[s].get(name, 0) for s in sides for name in names)
 
     def load_split(self, side: Side = "train", scanner: str | None = None) -> SplitData:
-        """One side of the split (optionally one scanner) as one resident tensor, read in one pass.
+        """One side of the split (optionally one scanner) as one resident tensor, read in one pass (`read_split`)."""
+        import torch
 
-        Every shard is read once; its sha256 is computed from the same bytes and checked against the
+        arrays = self.read_split(side, scanner)
+        return SplitData(images=torch.from_numpy(arrays.images), scanner=torch.from_numpy(arrays.scanner),
+                         subject=arrays.subject, slice_index=arrays.slice_index, vocabulary=arrays.vocabulary)
+
+    def read_split(self, side: Side = "train", scanner: str | None = None) -> SplitArrays:
+        """One side of the split (optionally one scanner) as numpy arrays, read in one pass.
+
+        Every shard is read once; its checksum is computed from the same bytes and checked against the
         manifest, so a corrupt store is refused rather than trained on.
         """
         scanner_id = self.vocabulary.index(scanner) if scanner is not None else None
@@ -168,9 +203,9 @@ class SliceStore:
             offset += shard["slices"]
         if filled != n_expected:
             raise StoreError(f"{self.root}: manifest counts {n_expected} {side} slices, shards hold {filled}")
-        return SplitData(
-            images=torch.from_numpy(images),
-            scanner=torch.from_numpy(np.concatenate([k.scanner for k in labels]).astype(np.int64)),
+        return SplitArrays(
+            images=images,
+            scanner=np.concatenate([k.scanner for k in labels]).astype(np.int64),
             subject=np.concatenate([k.subject for k in labels]),
             slice_index=np.concatenate([k.slice_index for k in labels]),
             vocabulary=self.vocabulary,

@@ -31,6 +31,11 @@ MNI_AFFINE = np.array(
 SLICE_SHAPE: tuple[int, int] = (MNI_SHAPE[1], MNI_SHAPE[0])  # rows = anterior->posterior, cols = i
 
 
+#: The fields of SliceParams that decide how a volume's slices are cut and scaled (resample only decides which
+#: volumes are accepted).
+SLICE_PARAM_KEYS = ("slices_per_volume", "low_percentile", "high_percentile", "percentile_stride")
+
+
 class VolumeRejected(Exception):
     """A volume that cannot enter the store; the message is the one-line reason."""
 
@@ -52,6 +57,11 @@ class SliceParams:
             raise ValueError("need 0 <= low_percentile < high_percentile <= 100")
         if self.percentile_stride < 1:
             raise ValueError("percentile_stride must be >= 1")
+
+    @classmethod
+    def from_record(cls, values: dict) -> SliceParams:
+        """The params recorded in a manifest or a model's metadata (the extra keys of `to_dict` ignored)."""
+        return cls(**{k: values[k] for k in SLICE_PARAM_KEYS if k in values})
 
     def slice_indices(self) -> range:
         start = (MNI_SHAPE[2] - self.slices_per_volume) // 2

@@ -78,8 +78,8 @@ def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, device:
 
 
 def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device) -> np.ndarray:
-    """`family.sampling_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches."""
-    graph = family.sampling_graph(model).eval()
+    """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches."""
+    graph = family.export_graph(model).eval()
     out = []
     for start in range(0, len(z), BATCH):
         with torch.no_grad():

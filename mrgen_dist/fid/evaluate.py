@@ -5,6 +5,7 @@ line of the conditioning check, the model diagnostics and the report.
     mrgen-fid --store STORE --model export/decoder.onnx --n-generated 2048 --noise --out results/fid/
     mrgen-fid conditioning --store STORE --model export/decoder.onnx --out results/fid/
     mrgen-fid diagnose --store STORE --run RUN --out results/fid/
+    mrgen-fid translation --store STORE --model export/translator.onnx --out results/fid/
     mrgen-fid report results/fid/
 
 The first form is the default sub-command `score` (`mrgen-fid score --store ...` is the same).
@@ -30,7 +31,8 @@ image changes with the label compared with between draws.
 
 With `--scanner all` the conditioning check (`mrgen_dist.fid.conditioning`) runs too, unless
 `--no-conditioning`; `diagnose` (`mrgen_dist.fid.diagnostics`) probes a trained run's latent space and its
-reconstructions; `report` (`mrgen_dist.fid.report`) turns the results into tables and figures.
+reconstructions; `translation` (`mrgen_dist.fid.translation`) evaluates a translator; `report`
+(`mrgen_dist.fid.report`) turns the results into tables and figures.
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ def _model_options(ap: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=raw)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,conditioning,diagnose,report}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,conditioning,diagnose,translation,report}")
     score = sub.add_parser("score", help="FID and KID per scanner, repeated (the default command)",
                            description=__doc__, formatter_class=raw)
     _model_options(score)
@@ -336,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--run", type=Path, required=True, help="the mrgen-train run folder")
     diag.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for the model and Inception")
     diag.set_defaults(body=_diagnose)
+    trans = sub.add_parser("translation", help="a translator: target conditioning, anatomy (SSIM), cycle, KID, identity",
+                           description="Translates the store's test slices of each scanner to each target and back; "
+                           "writes OUT/translation.json, .md and .png (see mrgen_dist/fid/translation.py).")
+    _common_options(trans)
+    trans.add_argument("--model", type=Path, required=True, help="translator exported by mrgen-export onnx")
+    trans.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for the translator and Inception")
+    trans.add_argument("--n-per-scanner", type=positive(), default=None, metavar="N",
+                       help="test slices per source scanner (default: all of them)")
+    trans.set_defaults(body=_translation)
     report = sub.add_parser("report", help="FID table, boxplot and confusion matrix from mrgen-fid results",
                             description="fid_table.md / .csv, fid_boxplot.png, quality.png and conditioning.png "
                             "from the results of mrgen-fid in RESULTS.")
@@ -419,6 +430,18 @@ def _diagnose(args: argparse.Namespace) -> None:
     store = SliceStore(args.store)
     result = diagnose(store, args.run, args.out, args.inception_weights, args.device)
     print(summary(result, args.out))
+
+
+def _translation(args: argparse.Namespace) -> None:
+    from mrgen_dist.fid.translation import evaluate_translation, table_markdown
+    from mrgen_dist.translate import Translator
+
+    store = SliceStore(args.store)
+    translator = Translator(args.model, args.device)
+    extractor = load_inception(args.inception_weights, None if args.device == "auto" else args.device)
+    result = evaluate_translation(store, translator, extractor, args.out, cache_dir(args.out), args.n_per_scanner)
+    print(table_markdown(result))
+    print(f"wrote {args.out / 'translation.json'}, translation.md, translation.png")
 
 
 def _report(args: argparse.Namespace) -> None:

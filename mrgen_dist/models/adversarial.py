@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mrgen_dist.models import networks
@@ -38,6 +37,8 @@ from mrgen_dist.models.networks import (
     ConvGenerator,
     DiscriminatorOutput,
     multiply_accumulates,
+    scanner_cross_entropy,
+    scanner_read,
 )
 from mrgen_dist.scanners import Vocabulary
 
@@ -45,43 +46,55 @@ ACCURACIES = ("real_accuracy", "fake_accuracy", "scanner_accuracy_real", "scanne
 
 
 @dataclass
-class AdversarialConfig(ModelConfig):
-    family: str = "dcgan"
-    latent: int = 128
-    generator: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16, 8])  # widths, coarsest first
+class TwoPlayerConfig(ModelConfig):
+    """What every two-player family configures: the discriminator and how the players take turns."""
+
     discriminator: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # widths, finest first
-    size: list[int] = field(default_factory=lambda: [224, 192])  # generated before the centre crop to the slice
+    size: list[int] = field(default_factory=lambda: [224, 192])  # the networks' grid: slices are centre-padded to it
     head: str = "projection"  # projection | auxiliary: the discriminator's scanner head
     # auxiliary head: weight of the scanner cross-entropy of generated slices in the generator's loss (the head
     # itself learns the scanner from real slices, weight 1)
     scanner_weight: float = 1.0
     n_critic: int = 1  # discriminator updates per generator update
     spectral_norm: bool = True  # spectral normalisation of the discriminator's weights
-    noise_map: bool = False  # z also carries a per-pixel noise map for the generator's last block (networks.py)
 
     def validate(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.n_critic < 1:
             raise ValueError(f"model.n_critic must be >= 1, got {self.n_critic}")
-        if self.latent < 1:
-            raise ValueError(f"model.latent must be >= 1, got {self.latent}")
         if self.scanner_weight < 0:
             raise ValueError(f"model.scanner_weight must be >= 0, got {self.scanner_weight}")
-        for key, widths, least in (("generator", self.generator, 2), ("discriminator", self.discriminator, 1)):
-            if len(widths) < least or any(w < 1 for w in widths):
-                raise ValueError(f"model.{key} must list at least {least} layer widths >= 1, got {widths}")
         if len(self.size) != 2 or any(s < 1 for s in self.size):
             raise ValueError(f"model.size must be [height, width], got {self.size}")
-        for key, halvings in (("generator", len(self.generator) - 1), ("discriminator", len(self.discriminator))):
-            if any(s % 2**halvings for s in self.size):
-                raise ValueError(f"model.size {self.size} must be divisible by {2**halvings}: model.{key} halves "
-                                 f"it {halvings} times")
+        self._check_widths("discriminator", self.discriminator, 1, len(self.discriminator))
+
+    def _check_widths(self, key: str, widths: list[int], least: int, halvings: int) -> None:
+        """`model.<key>` lists at least `least` widths >= 1, and `size` survives `halvings` exact halvings."""
+        if len(widths) < least or any(w < 1 for w in widths):
+            raise ValueError(f"model.{key} must list at least {least} layer widths >= 1, got {widths}")
+        if any(s % 2**halvings for s in self.size):
+            raise ValueError(f"model.size {self.size} must be divisible by {2**halvings}: model.{key} halves "
+                             f"it {halvings} times")
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:
         if self.size[0] < image_shape[0] or self.size[1] < image_shape[1]:
             raise ValueError(f"model.size {self.size} is smaller than the store's slices {list(image_shape)}: "
-                             "the generator's output is cropped to the slice, never padded")
+                             "the networks work on slices centre-padded to it, never cropped")
+
+
+@dataclass
+class AdversarialConfig(TwoPlayerConfig):
+    family: str = "dcgan"
+    latent: int = 128
+    generator: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16, 8])  # widths, coarsest first
+    noise_map: bool = False  # z also carries a per-pixel noise map for the generator's last block (networks.py)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.latent < 1:
+            raise ValueError(f"model.latent must be >= 1, got {self.latent}")
+        self._check_widths("generator", self.generator, 2, len(self.generator) - 1)
 
 
 class Players(nn.Module):
@@ -149,10 +162,11 @@ class AdversarialFamily(Family):
     accumulates = False
     patch = False  # a PatchGAN discriminator
     player_losses: tuple[str, ...] = ("generator", "discriminator")
+    accuracy_names: tuple[str, ...] = ACCURACIES
 
     @property
     def loss_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (*self.player_losses, *ACCURACIES)
+        return (*self.player_losses, *self.accuracy_names)
 
     # -- what subclasses define ---------------------------------------------------------------------------
     def discriminator_loss(self, players: Players, step: Step, judged: Judged, fake: torch.Tensor
@@ -163,6 +177,10 @@ class AdversarialFamily(Family):
     def adversarial_loss(self, fake: DiscriminatorOutput) -> torch.Tensor:
         """The generator's adversarial loss, given the discriminator's output on its slices."""
         raise NotImplementedError
+
+    def asked(self, step: Step) -> torch.Tensor:
+        """The scanner each generated slice of the step is made for (and judged as): the batch's own here."""
+        return step.scanner
 
     def threshold(self, judged: Judged) -> torch.Tensor | float:
         """The score above which the discriminator judges a slice real (for its accuracy)."""
@@ -181,7 +199,7 @@ class AdversarialFamily(Family):
     def generator_parameters(self, players: nn.Module) -> list[nn.Parameter]:
         return list(players.generator.parameters())
 
-    def sampling_graph(self, model: Players) -> GeneratorGraph:
+    def export_graph(self, model: Players) -> GeneratorGraph:
         return GeneratorGraph(model.generator)
 
     def generate(self, players: Players, step: Step) -> dict[str, torch.Tensor]:
@@ -195,7 +213,7 @@ class AdversarialFamily(Family):
         cross-entropy of its slices (the head must read the asked scanner)."""
         loss = self.adversarial_loss(fake)
         if step.config.head == "auxiliary":
-            loss = loss + step.config.scanner_weight * F.cross_entropy(fake.scanner_logits.float(), step.scanner)
+            loss = loss + step.config.scanner_weight * scanner_cross_entropy(fake.scanner_logits, self.asked(step))
         return {"generator": loss}
 
     def scanner_loss(self, step: Step, real: DiscriminatorOutput) -> torch.Tensor:
@@ -203,21 +221,22 @@ class AdversarialFamily(Family):
         generated slices could be satisfied by the generator's mistakes)."""
         if step.config.head != "auxiliary":
             return real.score.new_zeros((), dtype=torch.float32)
-        return F.cross_entropy(real.scanner_logits.float(), step.scanner)
+        return scanner_cross_entropy(real.scanner_logits, step.scanner)
 
     def judge(self, players: Players, step: Step, fake: torch.Tensor) -> Judged:
         d = players.discriminator
-        return Judged(d(step.images.unsqueeze(1).to(fake.dtype), step.scanner), d(fake, step.scanner))
+        return Judged(d(step.images.unsqueeze(1).to(fake.dtype), step.scanner), d(fake, self.asked(step)))
 
     def accuracies(self, step: Step, judged: Judged) -> dict[str, torch.Tensor]:
         t = self.threshold(judged)
         with torch.no_grad():
-            return {
+            rates = {
                 "real_accuracy": (judged.real.score.float() > t).float().mean(),
                 "fake_accuracy": (judged.fake.score.float() <= t).float().mean(),
-                "scanner_accuracy_real": (judged.real.scanner_logits.argmax(1) == step.scanner).float().mean(),
-                "scanner_accuracy_fake": (judged.fake.scanner_logits.argmax(1) == step.scanner).float().mean(),
+                "scanner_accuracy_real": (scanner_read(judged.real.scanner_logits) == step.scanner).float().mean(),
+                "scanner_accuracy_fake": (scanner_read(judged.fake.scanner_logits) == self.asked(step)).float().mean(),
             }
+        return {k: rates[k] for k in self.accuracy_names}
 
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         """Every reported term on the step's batch, no update (the test split's numbers)."""
@@ -246,7 +265,7 @@ class AdversarialFamily(Family):
         try:
             if generator_turn:
                 with step.autocast():
-                    fake = players.discriminator(made["fake"], step.scanner)
+                    fake = players.discriminator(made["fake"], self.asked(step))
                 g_terms = self.generator_loss(players, step, made, fake)
                 self._update(step, "generator", g_terms["generator"], self.generator_parameters(players))
             else:  # reported from the discriminator's view of this step's slices, which it just scored

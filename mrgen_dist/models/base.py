@@ -9,9 +9,11 @@ A family supplies
   * `losses(step)`: the named losses of the step's batch (train and test);
   * `noise_dim(config)`: how many N(0, 1) numbers per image the loop draws for a step (seeded by seed, rank
     and micro-step so that a resumed run draws what an uninterrupted one draws);
-  * `sampling_graph(model)`: the exportable module of its contract, `(z, scanner) -> image` for the
-    `mrgen-decoder` contract of export/README.md (any learned prior lives inside it); a graph with
-    `has_noise` also gives its learned observation noise, `noise_sigma(scanner)`;
+  * `export_graph(model)`: the exportable module of its `contract` (export/README.md): `(z, scanner) -> image`
+    for `mrgen-decoder` (a `SamplingGraph`; any learned prior lives inside it; a graph with `has_noise` also
+    gives its learned observation noise, `noise_sigma(scanner)`), or `(image, target scanner) -> image` for
+    `mrgen-translator` (a `TranslationGraph`);
+  * `preview(model, images, scanner, vocabulary)`: the grid of the per-epoch figure (samples, translations);
   * `encode_mean(model, images, scanner)`: posterior means in the sampling graph's z space, for the
     diagnostics (z-probe, reconstructions); None for a family without an encoder.
 """
@@ -24,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +45,10 @@ class ModelConfig:
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:
         """Raise ValueError naming the field when the model cannot make slices of the store's `image_shape`."""
+
+    def validate_data(self, vocabulary: Vocabulary, trained: list[str]) -> None:
+        """Raise ValueError naming the field when the model does not fit the store's `vocabulary` or the
+        scanners the run trains on (`trained`: data.scanners, or every scanner)."""
 
 
 @dataclass
@@ -102,6 +109,18 @@ class SamplingGraph(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
 
 
+class TranslationGraph(nn.Module):
+    """The `mrgen-translator` contract: (image float32 [B, 1, H, W] in [0, 1], scanner int64 [B], the target
+    scanner of each image) -> image float32 [B, 1, H, W] in [0, 1]. `targets` are the scanner ids it can
+    translate to (all of them, or a CycleGAN's pair)."""
+
+    targets: list[int]
+
+
+#: Columns of the per-epoch figure.
+PREVIEW_COLUMNS = 6
+
+
 class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
@@ -121,14 +140,28 @@ class Family(ABC):
         """The named losses of `step`'s batch (in training and, under no_grad in eval mode, on the test split)."""
 
     @abstractmethod
-    def sampling_graph(self, model: nn.Module) -> SamplingGraph: ...
+    def export_graph(self, model: nn.Module) -> SamplingGraph | TranslationGraph: ...
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
+                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+        """The rows (name, images (n, H, W)) of the per-epoch figure and what it shows; here samples of
+        each scanner, from the same z in every row (`images`, the test split, are for translators)."""
+        graph = self.export_graph(model)
+        device = images.device
+        z = torch.randn(PREVIEW_COLUMNS, graph.latent, generator=torch.Generator().manual_seed(1234)).to(device)
+        rows = []
+        for sid, name in enumerate(vocabulary.names):
+            s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
+            rows.append((name, graph(z, s)[:, 0].float().cpu().numpy()))
+        return rows, "samples (same z in every row)"
 
     def reported_losses(self, config: ModelConfig) -> tuple[str, ...]:
         """The names `losses` and `train_step` return for this config (logged, plotted, checkpointed)."""
         return self.loss_names
 
     def encode_mean(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor | None:
-        """Posterior means of `images` (B, H, W) in the z space of `sampling_graph`, or None without an encoder."""
+        """Posterior means of `images` (B, H, W) in the z space of `export_graph`, or None without an encoder."""
         return None
 
     def optimizers(self, model: nn.Module, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]

@@ -305,7 +305,7 @@ class CVAEFamily(Family):
         prior_mean, prior_logvar = model.prior(scanner)
         return ((mean - prior_mean) * torch.exp(-0.5 * prior_logvar)).float()
 
-    def sampling_graph(self, model: CVAE) -> Decoder:
+    def export_graph(self, model: CVAE) -> Decoder:
         return Decoder(model)
 
 

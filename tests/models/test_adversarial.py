@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mrgen_dist.config import ConfigError, load_config
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.fid.evaluate import main as fid_main
 from mrgen_dist.models import family_names, get_family
 from mrgen_dist.models.adversarial import average_gradients, uniform_from_normal
@@ -57,7 +57,7 @@ def test_registry_lists_the_families_and_not_their_shared_parts() -> None:
 def test_generator_makes_slices_cropped_from_its_power_of_two_size_and_follows_the_label() -> None:
     for family in GANS:
         fam, config, model, _ = built(family)
-        graph = fam.sampling_graph(model).eval()
+        graph = fam.export_graph(model).eval()
         z = torch.randn(3, config.latent)
         a, b = graph(z, torch.tensor([0, 0, 0])), graph(z, torch.tensor([3, 3, 3]))
         assert a.shape == (3, 1, *SHAPE) and a.dtype == torch.float32
@@ -72,7 +72,7 @@ def test_noise_map_is_part_of_z_and_scaled_per_scanner() -> None:
     fam, config, model, _ = built("dcgan", "model.noise_map=true")
     generator = model.generator
     assert generator.latent == config.latent + 224 * 192 == fam.noise_dim(config)
-    graph = fam.sampling_graph(model).eval()
+    graph = fam.export_graph(model).eval()
     assert graph.latent == generator.latent  # the exported z: the code, then the noise map
     z = torch.randn(2, generator.latent, generator=torch.Generator().manual_seed(0))
     other = z.clone()
@@ -96,7 +96,7 @@ def test_hybrid_posterior_means_decode_to_its_reconstructions(noise_map: bool) -
     noise = torch.zeros(4, fam.noise_dim(config))  # no reparameterisation noise: the reconstruction of the mean
     step = Step(PlainAccelerator(), config, model, {}, images, scanner, noise)
     with torch.no_grad():
-        torch.testing.assert_close(fam.sampling_graph(model)(z, scanner), fam.generate(model, step)["recon"])
+        torch.testing.assert_close(fam.export_graph(model)(z, scanner), fam.generate(model, step)["recon"])
 
 
 def test_projection_logits_are_the_scores_each_scanner_would_give() -> None:
@@ -230,7 +230,7 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
     assert {"generator", "discriminator", "real_accuracy", "scanner_accuracy_fake"} <= set(first)
     history = json.loads(sorted((out / "checkpoints").glob("step-*"))[-1].joinpath("meta.json").read_text())["history"]
     assert {"test_generator", "test_scanner_accuracy_real"} <= set(history[-1])
-    onnx_path = export_decoder(out, "fp32", tmp_path / "dcgan.onnx").path
+    onnx_path = export_onnx(out, "fp32", tmp_path / "dcgan.onnx").path
     sampler = Sampler(onnx_path, device="cpu")
     assert sampler.metadata.family == "dcgan" and sampler.vocabulary == Vocabulary.method()
     images = sampler.sample("Intera", 5, seed=0)

@@ -63,12 +63,12 @@ def test_thesis_size_and_loss_reduction() -> None:
     assert mse["loss"].item() == pytest.approx(7.5 + 0.75)
 
 
-def test_sampling_graph_is_the_decoder_in_its_own_dtype() -> None:
+def test_export_graph_is_the_decoder_in_its_own_dtype() -> None:
     torch.manual_seed(0)
     model = CVAE((218, 182), n_scanners=4, hidden=[16], latent=8).eval()
-    graph = FAMILY.sampling_graph(model)
+    graph = FAMILY.export_graph(model)
     z, s = torch.randn(3, 8), torch.tensor([0, 3, 1])
     assert graph.latent == 8
     torch.testing.assert_close(graph(z, s), model.decode(z, s), rtol=0, atol=0)
-    half = FAMILY.sampling_graph(model.to(torch.bfloat16))(z, s)
+    half = FAMILY.export_graph(model.to(torch.bfloat16))(z, s)
     assert half.dtype == torch.float32 and (half - graph(z, s)).abs().max() < 0.05

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 
 from mrgen_dist.config import load_config
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.models import family_names, get_family
 from mrgen_dist.models.vae import FAMILY
 from mrgen_dist.sample import Sampler
@@ -34,7 +34,7 @@ def test_the_label_does_not_enter_the_model() -> None:
     model = FAMILY.build(FAMILY.Config(hidden=[16], latent=4), Vocabulary.method(), (218, 182)).eval()
     assert model.encoder[0].in_features == 218 * 182 and model.decoder_body[0].in_features == 4
     z = torch.randn(2, 4)
-    graph = FAMILY.sampling_graph(model)
+    graph = FAMILY.export_graph(model)
     torch.testing.assert_close(graph(z, torch.tensor([0, 0])), graph(z, torch.tensor([3, 2])), rtol=0, atol=0)
 
 
@@ -48,7 +48,7 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "VAE (unconditional)" in done.stdout + done.stderr
-    onnx_path = export_decoder(out, "fp32", tmp_path / "vae.onnx").path
+    onnx_path = export_onnx(out, "fp32", tmp_path / "vae.onnx").path
     sampler = Sampler(onnx_path, device="cpu")
     assert sampler.metadata.family == "vae" and sampler.vocabulary == Vocabulary.method()
     # the graph keeps the (z, scanner) contract and ignores the scanner

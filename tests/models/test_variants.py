@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mrgen_dist.config import ConfigError, load_config
-from mrgen_dist.export import export_decoder
+from mrgen_dist.export import export_onnx
 from mrgen_dist.models import get_family
 from mrgen_dist.models.cvae import CVAEConfig, gaussian_nll, kl_divergence, reverse_gradient
 from mrgen_dist.sample import SampleError, Sampler
@@ -66,12 +66,12 @@ def test_reverse_gradient_flips_and_scales() -> None:
     torch.testing.assert_close(x.grad, torch.tensor([-0.5, -1.0, -1.5]))
 
 
-def test_the_learned_prior_lives_in_the_sampling_graph_and_encode_mean_inverts_it() -> None:
+def test_the_learned_prior_lives_in_the_export_graph_and_encode_mean_inverts_it() -> None:
     _, model = _build(CVAE, prior="scanner")
     with torch.no_grad():
         model.prior_mean.copy_(torch.arange(16.0).view(4, 4))
         model.prior_logvar.fill_(math.log(4.0))
-    graph = CVAE.sampling_graph(model)
+    graph = CVAE.export_graph(model)
     z, s = torch.randn(2, 4), torch.tensor([1, 3])
     torch.testing.assert_close(graph(z, s), model.decode(model.prior_mean[s] + 2.0 * z, s))
     # the diagnostics' z is the sampling graph's: decoding it gives the reconstruction of the posterior mean
@@ -134,7 +134,7 @@ def test_noise_model_trains_on_two_processes_exports_sigma_and_samples_noise(sto
     assert done.returncode == 0, done.stderr[-3000:]  # DDP finds every parameter used in forward
     assert "adversary" in (out / "metrics.jsonl").read_text().splitlines()[0]
 
-    onnx_path = export_decoder(out, "fp32", tmp_path / "noise.onnx").path
+    onnx_path = export_onnx(out, "fp32", tmp_path / "noise.onnx").path
     sampler = Sampler(onnx_path, device="cpu")
     assert sampler.has_noise and sampler.metadata.noise == "gaussian"
     mean = sampler.sample("Intera", 5, seed=3)
@@ -154,7 +154,7 @@ def test_noise_model_trains_on_two_processes_exports_sigma_and_samples_noise(sto
 
 
 def test_noise_on_a_mean_only_model_is_refused(trained_run: Path, tmp_path: Path) -> None:
-    sampler = Sampler(export_decoder(trained_run, "fp32", tmp_path / "plain.onnx").path, device="cpu")
+    sampler = Sampler(export_onnx(trained_run, "fp32", tmp_path / "plain.onnx").path, device="cpu")
     assert not sampler.has_noise
     with pytest.raises(SampleError, match="no learned observation noise"):
         sampler.sample("Intera", 2, noise=True)

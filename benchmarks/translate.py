@@ -1,0 +1,97 @@
+"""Translation benchmark: `mrgen-translate` of one 182 x 218 x 182 volume (its 10 central slices) after the model
+is loaded, on the CPU with 2 threads: reading the NIfTI volume and cutting its slices, then the translation in
+onnxruntime, fp32 and fp16; best of 5 after a warm-up. Target: under 1 s for the volume.
+
+The translator is the comparison's (hpc/configs/compare/stargan.yaml: 16-32-64 channels, 4 residual blocks),
+freshly initialised with a fixed seed and its output layer drawn at random (an untrained translator is the
+identity, which costs the same but proves nothing), exported through the real `mrgen-export` path (checks
+included). The volume is a synthetic subject of the demo cohort (mrgen_dist.data.demo).
+
+    python benchmarks/translate.py [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import torch
+from safetensors.torch import save_file
+
+from mrgen_dist.artifacts import RunRecord
+from mrgen_dist.config import load_config
+from mrgen_dist.data.demo import make_volume, template_on_fsl_grid
+from mrgen_dist.data.volume import MNI_AFFINE, SLICE_PARAM_KEYS, SliceParams
+from mrgen_dist.export import export_onnx
+from mrgen_dist.models import get_family
+from mrgen_dist.sample import cpu_description
+from mrgen_dist.scanners import Vocabulary
+from mrgen_dist.translate import Translator, read_volume
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_S = 1.0
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mrgen-bench-translate-"))
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
+    config = load_config(REPO / "hpc/configs/compare/stargan.yaml", ["data.store=benchmark"])
+    family, vocabulary = get_family("stargan"), Vocabulary.method()
+    torch.manual_seed(0)
+    model = family.build(config.model, vocabulary, (218, 182))
+    torch.nn.init.normal_(model.generator.to_change.weight, std=0.05)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "model.safetensors")
+    RunRecord(family="stargan", model=dataclasses.asdict(config.model), image_shape=[218, 182],
+              vocabulary=list(vocabulary.names), intensity="benchmark", store_sha256="benchmark", config={},
+              steps=0, package_version="benchmark",
+              slice_params={k: v for k, v in SliceParams().to_dict().items() if k in SLICE_PARAM_KEYS},
+              ).write(work / RunRecord.NAME)
+    volume = work / "sub-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(make_volume(template_on_fsl_grid(), "Intera", seed=1), MNI_AFFINE), volume)
+
+    print(f"mrgen-translate of one volume (10 slices of 218 x 182), {args.threads} threads, best of {args.repeats}, "
+          f"CPU: {cpu_description()}")
+    print(f"  {'precision':10s} {'read + slice':>13s} {'translate':>10s} {'total':>8s}  target < {TARGET_S:.0f} s")
+    met = True
+    for precision in ("fp32", "fp16"):
+        path = export_onnx(work, precision, work / f"translator-{precision}.onnx").path
+        translator = Translator(path, device="cpu", threads=args.threads)
+        slices = read_volume(volume, translator).images
+        t_read = _best(lambda translator=translator: read_volume(volume, translator), args.repeats)
+        t_translate = _best(lambda translator=translator, slices=slices: translator.translate(slices, "Magnetom TrioTim"),
+                            args.repeats)
+        total = t_read + t_translate
+        met &= total < TARGET_S
+        print(f"  {precision:10s} {t_read:12.3f}s {t_translate:9.3f}s {total:7.3f}s  "
+              f"{'met' if total < TARGET_S else 'MISSED'} ({total / TARGET_S:.2f} of the budget)")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
