@@ -45,7 +45,7 @@ from mrgen_dist.sample import SampleError, Sampler, cpu_description, encode_draw
 from mrgen_dist.scanners import Vocabulary
 
 PRECISIONS = ("fp32", "fp16", "int8")
-TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 1 / 255}  # max |onnxruntime - torch fp32| on [0, 1] pixels
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "int8": 1 / 255}  # max |onnxruntime - torch fp32| on [0, 1] pixels
 CHECK_BATCHES = (1, 7, 64)
 CALIBRATION_DRAWS = 4096  # prior draws that set the int8 activation ranges and the GPTQ statistics
 PARITY_DRAWS = 4  # draws (the worst of the parity check) stored in an int8 file for the sampler's re-check

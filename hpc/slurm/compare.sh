@@ -17,9 +17,12 @@
 #                   --out OUT/NAME/results [--noise]
 #   mrgen-fid diagnose --store STORE --run OUT/NAME/run --out OUT/NAME/results
 #   mrgen-fid report OUT/NAME/results
+# or, for a translator (a family of the mrgen-translator contract, e.g. hpc/configs/compare/stargan.yaml):
+#   mrgen-export onnx --model OUT/NAME/run --precision $MRGEN_PRECISION --out OUT/NAME/translator.onnx
+#   mrgen-fid translation --store STORE --model OUT/NAME/translator.onnx --out OUT/NAME/results
 # then, once every task succeeded (afterok), one job:
 #   mrgen-compare OUT/NAME1/results OUT/NAME2/results ... --names NAME1,NAME2,... --out OUT
-# which writes OUT/compare.md, compare.csv and compare.png.
+# which writes OUT/compare.md, compare.csv and compare.png (and compare-translation.csv / .png for translators).
 #
 # CONFIG:noise scores samples that draw the model's learned observation noise (mrgen-fid --noise; the model
 # needs one, e.g. model.observation_noise: scanner); its NAME gets `-noise`, so a config can be run with and without it.
@@ -107,6 +110,15 @@ model_task() {
   echo "array task $task: $name ($config${noise[*]:+, sampled with noise}), outputs in $dir"
   # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
   run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES
+  local contract
+  contract=$(run python -c 'import json, sys; from mrgen_dist.models import get_family
+print(get_family(json.load(open(sys.argv[1]))["family"]).contract)' "$dir/run/config.json")
+  if [ "$contract" = mrgen-translator ]; then
+    [ ${#noise[@]} -eq 0 ] || { echo "compare.sh: $config is a translator: :noise is for generators" >&2; exit 1; }
+    run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/translator.onnx"
+    run mrgen-fid translation --store "$store" --model "$dir/translator.onnx" --out "$dir/results"
+    return
+  fi
   run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/decoder.onnx"
   run mrgen-fid score --store "$store" --model "$dir/decoder.onnx" --scanner all --repeats "$MRGEN_COMPARE_REPEATS" \
     --n-generated "$MRGEN_COMPARE_N_GENERATED" --out "$dir/results" "${noise[@]}"

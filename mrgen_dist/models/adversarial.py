@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mrgen_dist.models import networks
@@ -37,8 +38,6 @@ from mrgen_dist.models.networks import (
     ConvGenerator,
     DiscriminatorOutput,
     multiply_accumulates,
-    scanner_cross_entropy,
-    scanner_read,
 )
 from mrgen_dist.scanners import Vocabulary
 
@@ -213,7 +212,7 @@ class AdversarialFamily(Family):
         cross-entropy of its slices (the head must read the asked scanner)."""
         loss = self.adversarial_loss(fake)
         if step.config.head == "auxiliary":
-            loss = loss + step.config.scanner_weight * scanner_cross_entropy(fake.scanner_logits, self.asked(step))
+            loss = loss + step.config.scanner_weight * F.cross_entropy(fake.scanner_logits.float(), self.asked(step))
         return {"generator": loss}
 
     def scanner_loss(self, step: Step, real: DiscriminatorOutput) -> torch.Tensor:
@@ -221,7 +220,7 @@ class AdversarialFamily(Family):
         generated slices could be satisfied by the generator's mistakes)."""
         if step.config.head != "auxiliary":
             return real.score.new_zeros((), dtype=torch.float32)
-        return scanner_cross_entropy(real.scanner_logits, step.scanner)
+        return F.cross_entropy(real.scanner_logits.float(), step.scanner)
 
     def judge(self, players: Players, step: Step, fake: torch.Tensor) -> Judged:
         d = players.discriminator
@@ -233,8 +232,8 @@ class AdversarialFamily(Family):
             rates = {
                 "real_accuracy": (judged.real.score.float() > t).float().mean(),
                 "fake_accuracy": (judged.fake.score.float() <= t).float().mean(),
-                "scanner_accuracy_real": (scanner_read(judged.real.scanner_logits) == step.scanner).float().mean(),
-                "scanner_accuracy_fake": (scanner_read(judged.fake.scanner_logits) == self.asked(step)).float().mean(),
+                "scanner_accuracy_real": (judged.real.scanner_logits.argmax(1) == step.scanner).float().mean(),
+                "scanner_accuracy_fake": (judged.fake.scanner_logits.argmax(1) == self.asked(step)).float().mean(),
             }
         return {k: rates[k] for k in self.accuracy_names}
 

@@ -20,9 +20,7 @@
   epoch here and the generator collapses to a checkerboard), then a real/fake score, either one per image
   (global sum pooling) or one per patch (`patch=True`, a PatchGAN map), and a scanner head: `projection` (Miyato
   & Koyama 2018: the score gains <embed(scanner), pooled features>; its scanner logits are the score each
-  scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features, or with `scanner_patches`
-  on each patch's features: then every patch, the background's too, must show its scanner, by its noise and
-  sharpness where contrast is absent). Before the score, the
+  scanner would give) or `auxiliary` (AC-GAN: a classifier on the pooled features). Before the score, the
   features gain the minibatch standard deviation (Karras et al. 2018, who used it with WGAN-GP), one number per
   batch: a generator that makes the same slice for every z is seen at once (without it, samples after five
   epochs here did not depend on z).
@@ -117,7 +115,7 @@ class ConvGenerator(nn.Module):
 
 class DiscriminatorOutput(NamedTuple):
     score: torch.Tensor  # real/fake score of the asked scanner: (B,) or, for a patch discriminator, (B, patches)
-    scanner_logits: torch.Tensor  # (B, n_scanners), or per patch (B, n_scanners, h, w): the scanner head's reading
+    scanner_logits: torch.Tensor  # (B, n_scanners): the scanner head's reading of each image
 
 
 def _identity(layer: nn.Module) -> nn.Module:
@@ -138,36 +136,19 @@ def minibatch_std(features: torch.Tensor) -> torch.Tensor:
     return features.float().std(dim=0).mean().to(features.dtype)
 
 
-def scanner_cross_entropy(logits: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of a scanner head's logits, per image (B, K) or per patch (B, K, h, w), against one
-    scanner per image, in float32."""
-    if logits.dim() == 4:
-        scanner = scanner[:, None, None].expand(-1, *logits.shape[2:])
-    return F.cross_entropy(logits.float(), scanner)
-
-
-def scanner_read(logits: torch.Tensor) -> torch.Tensor:
-    """The scanner a head reads in each image: the argmax of its logits, averaged over patches if per patch."""
-    return (logits.mean(dim=(2, 3)) if logits.dim() == 4 else logits).argmax(1)
-
-
 class ConvDiscriminator(nn.Module):
     def __init__(self, n_scanners: int, channels: list[int], size: tuple[int, int], head: str,
-                 patch: bool = False, spectral_norm: bool = False, scanner_patches: bool = False) -> None:
+                 patch: bool = False, spectral_norm: bool = False) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {head!r}")
-        if scanner_patches and not (patch and head == "auxiliary"):
-            raise ValueError("model.scanner_patches needs a patch discriminator with the auxiliary head")
-        self.size, self.head, self.patch, self.scanner_patches = tuple(size), head, patch, scanner_patches
+        self.size, self.head, self.patch = tuple(size), head, patch
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else _identity
         self.features = _features(channels, 1, sn)
         width = channels[-1]
         self.score = sn(nn.Conv2d(width + 1, 1, 3, padding=1) if patch else nn.Linear(width + 1, 1))
         if head == "projection":
             self.embed = sn(nn.Embedding(n_scanners, width))
-        elif scanner_patches:
-            self.classify = sn(nn.Conv2d(width, n_scanners, 1))
         else:
             self.classify = sn(nn.Linear(width, n_scanners))
 
@@ -181,7 +162,7 @@ class ConvDiscriminator(nn.Module):
         else:
             score = self.score(torch.cat([pooled, spread.view(1, 1).expand(len(h), 1)], 1))[:, 0]
         if self.head == "auxiliary":
-            return DiscriminatorOutput(score, self.classify(h if self.scanner_patches else pooled))
+            return DiscriminatorOutput(score, self.classify(pooled))
         # projection: the score of scanner k adds <embed_k, pooled>; the head's logits are those k-scores
         logits = pooled @ self.embed.weight.T
         projected = logits.gather(1, scanner[:, None])

@@ -143,12 +143,14 @@ def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path:
 
 
 def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: Path, tmp_path: Path) -> None:
-    """hpc/slurm/compare.sh: one array task per config (train, export, score, diagnose, report), then the table."""
+    """hpc/slurm/compare.sh: one array task per config (train, export, score, diagnose, report; a translator's:
+    train, export, mrgen-fid translation), then the tables."""
     out = tmp_path / "compare"
     env = _env(tmp_path, MRGEN_COMPARE_N_GENERATED="8", MRGEN_COMPARE_REPEATS="1")
     t0 = time.time()
     submitted = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), str(store_dir), str(out),
-                                "hpc/configs/compare/tiny-a.yaml", "hpc/configs/compare/tiny-b.yaml:noise"],
+                                "hpc/configs/compare/tiny-a.yaml", "hpc/configs/compare/tiny-b.yaml:noise",
+                                "hpc/configs/compare/tiny-translator.yaml"],
                                capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-2000:]
     ids = dict(re.findall(r"^(models|table) (\d+)$", submitted.stdout, re.M))
@@ -160,7 +162,7 @@ def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: 
         for rec in job:
             log = Path(rec["StdOut"]).read_text()[-3000:] if Path(rec["StdOut"]).is_file() else "(no log)"
             assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (rec, log)
-    assert sorted(logs) == ["0", "1", "table"]  # one array task per config
+    assert sorted(logs) == ["0", "1", "2", "table"]  # one array task per config
     (table_job,) = records[ids["table"]]
     assert max(task["EndTime"] for task in records[ids["models"]]) <= table_job["StartTime"]  # afterok
 
@@ -172,7 +174,7 @@ def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: 
         assert len(list(results.glob("fid_*.json"))) == 4
     assert json.loads((out / "tiny-b-noise" / "results" / "generation.json").read_text())["noise"] is True
     md = (out / "compare.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| tiny-")]
+    rows = [line for line in md.split("## Translation")[0].splitlines() if line.startswith("| tiny-")]
     assert [r.split(" | ")[0] for r in rows] == ["| tiny-a", "| tiny-b-noise"], md
     assert "| tiny-a | cVAE |" in md and "| tiny-b-noise | VAE (unconditional) + noise |" in md
     with (out / "compare.csv").open(newline="", encoding="utf-8") as f:
@@ -185,4 +187,9 @@ def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: 
         assert row["n_generated_min"] == row["n_generated_max"] == "8" and row["fid_biased"] == "True"
         assert row["verdict"]
     assert (out / "compare.png").stat().st_size > 10_000
+    translator = out / "tiny-translator"
+    assert (translator / "translator.onnx").is_file() and (translator / "results" / "translation.json").is_file()
+    (row,) = [line for line in md.split("## Translation")[1].splitlines() if line.startswith("| tiny-translator")]
+    assert row.startswith("| tiny-translator | stargan | Gyroscan Intera, Intera, Unspecified, Magnetom TrioTim |")
+    assert (out / "compare-translation.png").stat().st_size > 10_000
     print(md)
