@@ -46,6 +46,17 @@ def test_base_install_samples_without_torch(base_venv: Path, trained_run: Path, 
 
 
 @pytest.mark.slow
+def test_base_install_translates_without_torch(base_venv: Path, translator_onnx: Path, cohort_dir: Path,
+                                               store_dir: Path, tmp_path: Path) -> None:
+    volume = sorted(cohort_dir.glob("*.nii.gz"))[0]
+    for source, out in ((volume, tmp_path / "volume.nii.gz"), (store_dir, tmp_path / "test.h5")):
+        done = subprocess.run([str(base_venv / "bin/mrgen-translate"), str(translator_onnx), str(source), "--to",
+                               "Magnetom TrioTim", "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "translated to Magnetom TrioTim on cpu" in done.stdout and out.is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command, extra", [("mrgen-train", "train"), ("mrgen-convert", "train"),
                                             ("mrgen-export", "train"), ("mrgen-fid", "fid")])
 def test_commands_name_their_extra(base_venv: Path, command: str, extra: str) -> None:

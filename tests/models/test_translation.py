@@ -5,6 +5,8 @@ the evaluation (`mrgen-fid translation`) in tests/fid/test_translation.py."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -226,6 +228,22 @@ def test_a_decoder_is_not_a_translator(trained_run: Path, tmp_path: Path) -> Non
     decoder = export_onnx(trained_run, "fp32", tmp_path / "decoder.onnx").path
     with pytest.raises(ArtifactError, match="is an mrgen-decoder model, not an mrgen-translator .*use mrgen-sample"):
         Translator(decoder, device="cpu")
+
+
+def test_translate_runs_where_torch_cannot_be_imported(cohort_dir: Path, store_dir: Path, translator_onnx: Path,
+                                                       tmp_path: Path) -> None:
+    volume = sorted(cohort_dir.glob("*.nii.gz"))[0]
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from mrgen_dist.translate import main
+assert main([{str(translator_onnx)!r}, {str(volume)!r}, "--to", "Intera", "--out", {str(tmp_path / "v.nii.gz")!r}]) == 0
+assert main([{str(translator_onnx)!r}, {str(store_dir)!r}, "--to", "Intera", "--out", {str(tmp_path / "s.h5")!r}]) == 0
+assert sys.modules["torch"] is None
+print("OK")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-2000:]
 
 
 def _png(image: np.ndarray) -> bytes:
