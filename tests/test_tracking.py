@@ -80,7 +80,8 @@ def test_unreachable_server_is_reported_fast_and_recorded_offline(tmp_path: Path
 @pytest.mark.parametrize(("config", "terms"), [
     ("hpc/configs/tiny.yaml", ("loss",)),
     ("tests/assets/tiny_dcgan.yaml", ("generator", "discriminator", "real_accuracy", "scanner_accuracy_fake")),
-], ids=["cvae", "dcgan"])
+    ("tests/assets/tiny_stargan.yaml", ("generator", "discriminator", "cycle", "identity")),
+], ids=["cvae", "dcgan", "stargan"])
 def test_training_reports_epoch_scalars_offline(config: str, terms: tuple[str, ...], store_dir: Path,
                                                  tmp_path: Path) -> None:
     cache = tmp_path / "cache"

@@ -271,6 +271,14 @@ def test_png_reader_takes_every_filter_depth_and_colour_type(tmp_path: Path) -> 
         read_png(tmp_path / "bad.png")
 
 
+def test_nonfinite_losses_stop_a_translator(store_dir: Path, tmp_path: Path) -> None:
+    # spectral norm keeps the discriminator finite at any finite step size: an infinite one breaks the translator
+    done = run(train_cmd(store_dir, tmp_path / "nan", "optim.lr=.inf", "train.checkpoint_every=1",
+                         config=TINY["stargan"]))
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "non-finite loss at step" in done.stdout + done.stderr
+
+
 @pytest.mark.slow
 def test_stargan_trains_on_two_processes_in_bf16(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
