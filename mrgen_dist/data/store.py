@@ -59,17 +59,11 @@ class SplitArrays:
 
 
 @dataclass
-class SplitData:
-    """A split resident in memory: one image tensor and its labels, in store order."""
+class SplitData(SplitArrays):
+    """A split resident in memory: one image tensor and its labels, in store order (torch, for training)."""
 
     images: torch.Tensor  # float16 (N, 218, 182) in [0, 1]
     scanner: torch.Tensor  # int64 (N,)
-    subject: np.ndarray  # str (N,)
-    slice_index: np.ndarray  # int (N,)
-    vocabulary: Vocabulary
-
-    def __len__(self) -> int:
-        return len(self.scanner)
 
     def of_scanners(self, ids: list[int]) -> SplitData:
         """The slices of the scanners `ids` (this split itself when that is all of them)."""

@@ -1,5 +1,6 @@
-"""The adversarial families (dcgan, wgangp, cvaegan): networks, objectives, the two-player step, and the shared
-commands (train, export, sample) on them. Resume per family is in tests/test_train.py."""
+"""The adversarial families (dcgan, wgangp, cvaegan): networks, objectives, the two-player step (with the
+translators' where it is shared: NaN stop, 2-process DDP), and the shared commands (train, export, sample) on
+them. Resume per family is in tests/test_train.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mrgen_dist.models.networks import ConvDiscriminator, centre_crop, centre_pa
 from mrgen_dist.models.wgangp import gradient_penalty
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
-from tests.launch import REPO, TINY_GANS, launch, run, train_cmd
+from tests.launch import REPO, TINY_GANS, TINY_TRANSLATORS, launch, run, train_cmd
 
 GANS = tuple(TINY_GANS)
 TINY = TINY_GANS
@@ -243,26 +244,31 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
     assert diagnostics["encoder"] is False and diagnostics["z_probe"] is None and "no encoder" in diagnostics["reason"]
 
 
-def test_nonfinite_losses_stop_a_gan(store_dir: Path, tmp_path: Path) -> None:
-    done = run(train_cmd(store_dir, tmp_path / "nan", "optim.lr=1e12", "train.checkpoint_every=1",
-                         config=TINY["wgangp"]))
+@pytest.mark.parametrize(("config", "lr"), [(TINY["wgangp"], "1e12"), (TINY_TRANSLATORS["stargan"], ".inf")],
+                         ids=["wgangp", "stargan"])
+def test_nonfinite_losses_stop_two_players(config: Path, lr: str, store_dir: Path, tmp_path: Path) -> None:
+    # spectral norm keeps the translator's discriminator finite at any finite step size: an infinite one does not
+    done = run(train_cmd(store_dir, tmp_path / "nan", f"optim.lr={lr}", "train.checkpoint_every=1", config=config))
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "non-finite loss at step" in done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_wgangp_trains_on_two_processes_in_bf16(store_dir: Path, tmp_path: Path) -> None:
-    """Two players, the penalty's double backward and bf16 autocast, over gloo with gradients averaged per player."""
+@pytest.mark.parametrize(("config", "term"), [(TINY["wgangp"], "gradient_penalty"),
+                                              (TINY_TRANSLATORS["stargan"], "cycle")], ids=["wgangp", "stargan"])
+def test_two_players_train_on_two_processes_in_bf16(config: Path, term: str, store_dir: Path, tmp_path: Path) -> None:
+    """Two players (and WGAN-GP's double backward, the translator's three passes) with bf16 autocast, over gloo
+    with gradients averaged per player."""
     out = tmp_path / "ddp"
     done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                    "--mixed_precision", "bf16", "--dynamo_backend", "no"],
-                  "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", config=TINY["wgangp"],
+                  "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", config=config,
                   ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
-    assert all(np.isfinite(r["gradient_penalty"]) and r["gradient_penalty"] >= 0 for r in records)
+    assert all(np.isfinite(r[term]) and r[term] >= 0 for r in records)
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
