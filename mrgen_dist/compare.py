@@ -485,17 +485,21 @@ def _footnotes(summaries: Sequence[Summary], store: str | None, scanners: Sequen
         "Δ sharpness = |generated − real| of the noise level and sharpness.",
         "+ noise: the samples drew the learned observation noise.",
     ]
-    for s in summaries:
-        extra = list(s.notes)
-        if s.values["real_test_accuracy"] is not None:
-            extra.append(f"classifier accuracy on real test slices {s.values['real_test_accuracy']:.2f}")
-        if s.values["sampler_device"]:
-            extra.append(f"sampled on {s.values['sampler_device']}")
-        if extra:
-            notes.append(f"{s.name}: " + "; ".join(extra) + ".")
+    notes += [note for s in summaries if (note := run_footnote(s, "sampler_device", "sampled"))]
     notes.append(f"Store {store[:16] if store else 'unknown (no store_sha256 in the results)'}; "
                  f"scanners (vocabulary order): {', '.join(scanners)}.")
     return notes
+
+
+def run_footnote(s: Summary, device_key: str, done: str) -> str | None:
+    """`run: its notes; the classifier's accuracy on real test slices; <done> on <device>.`, or None when there
+    is nothing to say about the run."""
+    extra = list(s.notes)
+    if s.values["real_test_accuracy"] is not None:
+        extra.append(f"classifier accuracy on real test slices {s.values['real_test_accuracy']:.2f}")
+    if s.values[device_key]:
+        extra.append(f"{done} on {s.values[device_key]}")
+    return f"{s.name}: " + "; ".join(extra) + "." if extra else None
 
 
 def table_markdown(summaries: Sequence[Summary], store: str | None, scanners: Sequence[str]) -> str:

@@ -27,6 +27,7 @@ from mrgen_dist.compare import (
     _num,
     _rate,
     conditioning_per_scanner,
+    run_footnote,
 )
 from mrgen_dist.scanners import slug
 
@@ -117,14 +118,7 @@ def table_markdown(summaries: Sequence[Summary]) -> str:
         "KID ×10³: translated slices against the real test slices of their target, mean over targets.",
         "Identity: whether translating a slice to its own scanner changes it less than translating it to any other.",
     ]
-    for s in summaries:
-        extra = []
-        if s.values["real_test_accuracy"] is not None:
-            extra.append(f"classifier accuracy on real test slices {s.values['real_test_accuracy']:.2f}")
-        if s.values["translator_device"]:
-            extra.append(f"translated on {s.values['translator_device']}")
-        if extra:
-            notes.append(f"{s.name}: " + "; ".join(extra) + ".")
+    notes += [note for s in summaries if (note := run_footnote(s, "translator_device", "translated"))]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 

@@ -23,23 +23,9 @@ from mrgen_dist.models.wgangp import gradient_penalty
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
 from tests.launch import REPO, TINY_GANS, TINY_TRANSLATORS, launch, run, train_cmd
+from tests.models.players import SHAPE, TINY, built, tiny
 
 GANS = tuple(TINY_GANS)
-TINY = TINY_GANS
-SHAPE = (218, 182)
-
-
-def tiny(family: str, *overrides: str):
-    return load_config(TINY[family], ["data.store=/s", *overrides]).model
-
-
-def built(family: str, *overrides: str):
-    config = tiny(family, *overrides)
-    fam = get_family(family)
-    torch.manual_seed(0)
-    model = fam.build(config, Vocabulary.method(), SHAPE)
-    optimizers = fam.optimizers(model, lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.999)))
-    return fam, config, model, optimizers
 
 
 def batch(fam, config, n: int = 4, seed: int = 0):

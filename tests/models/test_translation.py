@@ -28,22 +28,7 @@ from mrgen_dist.scanners import Vocabulary
 from mrgen_dist.translate import TranslateError, Translator, read_png
 from mrgen_dist.translate import main as translate_main
 from tests.launch import TINY_TRANSLATORS, run, train_cmd
-
-SHAPE = (218, 182)
-TINY = TINY_TRANSLATORS
-
-
-def tiny(family: str, *overrides: str):
-    return load_config(TINY[family], ["data.store=/s", *overrides]).model
-
-
-def built(family: str, *overrides: str):
-    config = tiny(family, *overrides)
-    fam = get_family(family)
-    torch.manual_seed(0)
-    model = fam.build(config, Vocabulary.method(), SHAPE)
-    optimizers = fam.optimizers(model, lambda params: torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.999)))
-    return fam, config, model, optimizers
+from tests.models.players import SHAPE, TINY, built
 
 
 def step(fam, config, model, optimizers=None, n: int = 8, seed: int = 0, scanner=None) -> Step:
@@ -55,7 +40,7 @@ def step(fam, config, model, optimizers=None, n: int = 8, seed: int = 0, scanner
 
 def test_registry_lists_the_translators() -> None:
     assert {"stargan", "cyclegan"} <= set(family_names())
-    for family in TINY:
+    for family in TINY_TRANSLATORS:
         assert get_family(family).contract == "mrgen-translator"
 
 
@@ -98,7 +83,7 @@ def test_cyclegan_translates_within_its_pair_with_one_network_per_direction() ->
     assert not torch.equal(to_b, x) and torch.equal(model.generator(x, torch.tensor([a, a])), x)
 
 
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", list(TINY_TRANSLATORS))
 def test_one_step_updates_both_players_and_reports_cycle_and_identity(family: str) -> None:
     fam, config, model, optimizers = built(family)
     scanner = torch.tensor([1, 3, 1, 3]) if family == "cyclegan" else None
