@@ -124,11 +124,9 @@ def evaluate_translation(store: SliceStore, translator: Translator, extractor: I
             kid[names[t]] = {"mean": value.mean, "std": value.std, "subset_size": value.subset_size}
     identity_misses = [names[s] for s in sources
                        if not all(change[s, s] < change[s, t] for t in targets if t != s)]
-    real_test_accuracy = None
     real_feats = [real_features(store, names[s], "test", extractor, cache)[0] for s in sources]
-    if real_feats:
-        truth = np.concatenate([np.full(len(f), s) for s, f in zip(sources, real_feats, strict=True)])
-        real_test_accuracy = float(np.mean(classifier.predict(np.concatenate(real_feats)) == truth))
+    truth = np.concatenate([np.full(len(f), s) for s, f in zip(sources, real_feats, strict=True)])
+    real_test_accuracy = float(np.mean(classifier.predict(np.concatenate(real_feats)) == truth))
 
     def matrix(m: np.ndarray) -> list[list[float | None]]:
         return [[None if np.isnan(v) else float(v) for v in row] for row in m]
