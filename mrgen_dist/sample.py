@@ -70,7 +70,7 @@ class Sampler:
         if inaccurate not in ("error", "warn"):
             raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
         self.session, self.provider = open_session(path, device, threads)
-        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.device = device_of(self.provider)
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
         self.latent = self.metadata.latent
@@ -218,6 +218,11 @@ def open_session(path: Path, device: str = "auto", threads: int = 0) -> tuple[or
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
         )
     return session, used[0]
+
+
+def device_of(provider: str) -> str:
+    """"cuda" or "cpu": where an onnxruntime execution provider runs."""
+    return "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
 
 def providers(device: str) -> list[str]:

@@ -51,6 +51,7 @@ from mrgen_dist.sample import (
     atomic_folder,
     check_graph,
     check_writable,
+    device_of,
     open_session,
     output_kind,
 )
@@ -72,7 +73,7 @@ class Translator:
             self.session, self.provider = open_session(path, device, threads)
         except SampleError as e:
             raise TranslateError(str(e)) from None
-        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.device = device_of(self.provider)
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path),
                                                  contract=ModelMetadata.TRANSLATOR)
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)

@@ -116,17 +116,16 @@ def evaluate_translation(store: SliceStore, translator: Translator, extractor: I
             bar.update()
     bar.close()
     off = ~np.eye(k, dtype=bool) & ~np.isnan(rate)
+    real = {s: real_features(store, names[s], "test", extractor, cache)[0] for s in sources}
     kid = {}
     for t in targets:
-        if translated_features[t]:
-            real, _ = real_features(store, names[t], "test", extractor, cache)
-            value = kernel_inception_distance(np.concatenate(translated_features[t]), real)
+        if translated_features[t] and t in real:  # a target without test slices has nothing to compare with
+            value = kernel_inception_distance(np.concatenate(translated_features[t]), real[t])
             kid[names[t]] = {"mean": value.mean, "std": value.std, "subset_size": value.subset_size}
     identity_misses = [names[s] for s in sources
                        if not all(change[s, s] < change[s, t] for t in targets if t != s)]
-    real_feats = [real_features(store, names[s], "test", extractor, cache)[0] for s in sources]
-    truth = np.concatenate([np.full(len(f), s) for s, f in zip(sources, real_feats, strict=True)])
-    real_test_accuracy = float(np.mean(classifier.predict(np.concatenate(real_feats)) == truth))
+    truth = np.concatenate([np.full(len(f), s) for s, f in real.items()])
+    real_test_accuracy = float(np.mean(classifier.predict(np.concatenate(list(real.values()))) == truth))
 
     def matrix(m: np.ndarray) -> list[list[float | None]]:
         return [[None if np.isnan(v) else float(v) for v in row] for row in m]
