@@ -194,7 +194,9 @@ class ModelMetadata:
     PREFIX: ClassVar[str] = "mrgen."
     DECODER: ClassVar[str] = "mrgen-decoder"
     TRANSLATOR: ClassVar[str] = "mrgen-translator"
-    GAUSSIAN_NOISE: ClassVar[str] = "gaussian"
+    GAUSSIAN_NOISE: ClassVar[str] = "gaussian"  # image + sigma * n
+    RICIAN_NOISE: ClassVar[str] = "rician"  # |image + sigma * (n1 + i n2)|, the noise of a magnitude MR image
+    NOISE_KINDS: ClassVar[tuple[str, ...]] = (GAUSSIAN_NOISE, RICIAN_NOISE)
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
     _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params")
@@ -214,8 +216,9 @@ class ModelMetadata:
     #: prior draws with their float32 reference images, which the sampler re-checks on the CPU it runs on
     #: (mrgen_dist.sample). Absent (empty) in files exported before it existed.
     parity: dict = field(default_factory=dict)
-    #: "gaussian" when the graph has the second output `sigma`, the learned observation noise around `image`
-    #: that `mrgen-sample --noise` draws; empty for a mean-only graph.
+    #: one of NOISE_KINDS when the graph has the second output `sigma`, the learned observation noise around
+    #: `image` that `mrgen-sample --noise` draws ("gaussian": image + sigma n; "rician": the magnitude
+    #: |image + sigma (n1 + i n2)|, with `image` the noise-free magnitude); empty for a graph without noise.
     noise: str = ""
     #: mrgen-translator: the scanner names it translates to (all of `scanners`, or a CycleGAN's pair)
     targets: list = field(default_factory=list)

@@ -98,7 +98,7 @@ class ExportReport:
                 f"{self.seconds:.1f} s")
 
 
-def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: bool = False,
+def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: str = "",
              contract: str = ModelMetadata.DECODER, targets: list[str] | None = None) -> ModelMetadata:
     """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
     return ModelMetadata(
@@ -113,7 +113,7 @@ def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None
         package_version=__version__,
         family=record.family,
         parity=parity or {},
-        noise=ModelMetadata.GAUSSIAN_NOISE if noise else "",
+        noise=noise,
         targets=targets or [],
         slice_params=record.slice_params,
     )
@@ -379,7 +379,7 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         parity = _check(path, reference, n_scanners, image_shape, precision)
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
-        props = metadata(record, latent, precision, parity_record, getattr(graph, "has_noise", False),
+        props = metadata(record, latent, precision, parity_record, getattr(graph, "noise_kind", ""),
                          family.contract, targets).to_props()
         onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(final))

@@ -131,7 +131,7 @@ class Sampler:
     @property
     def has_noise(self) -> bool:
         """Whether the model has a learned observation noise (the graph's `sigma` output) to sample from."""
-        return self.metadata.noise == ModelMetadata.GAUSSIAN_NOISE
+        return self.metadata.noise in ModelMetadata.NOISE_KINDS
 
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
@@ -148,18 +148,27 @@ class Sampler:
                               "without model.observation_noise); sample its mean, without --noise")
         z = self.latents(scanner, n, seed)
         sid = self.scanner_id(scanner)
-        rng = np.random.default_rng([seed, sid, 1]) if noise else None
+        # one stream per noise component, so that a draw does not depend on the batch size
+        rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2)] if noise else None
         out = np.empty((n, *self.image_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = z[start : start + batch_size]
             labels = np.full(len(chunk), sid, dtype=np.int64)
-            if rng is None:
+            if rngs is None:
                 (images,) = self.session.run(["image"], {"z": chunk, "scanner": labels})
             else:
                 mean, sigma = self.session.run(["image", "sigma"], {"z": chunk, "scanner": labels})
-                images = np.clip(mean + sigma * rng.standard_normal(mean.shape, dtype=np.float32), 0.0, 1.0)
+                images = np.clip(self._add_noise(mean, sigma, *rngs), 0.0, 1.0)
             out[start : start + len(chunk)] = images[:, 0]
         return out
+
+    def _add_noise(self, image: np.ndarray, sigma: np.ndarray, real: np.random.Generator,
+                   imaginary: np.random.Generator) -> np.ndarray:
+        """A draw of the model's noise kind around `image`: Gaussian (`real` only) or Rician."""
+        noisy = image + sigma * real.standard_normal(image.shape, dtype=np.float32)
+        if self.metadata.noise == ModelMetadata.RICIAN_NOISE:
+            noisy = np.hypot(noisy, sigma * imaginary.standard_normal(image.shape, dtype=np.float32))
+        return noisy
 
     def sample_on_device(self, scanner: str, n: int, seed: int = 0) -> ort.OrtValue:
         """On CUDA: the images as an OrtValue that stays in GPU memory (IOBinding), for a GPU consumer such as

@@ -100,10 +100,13 @@ class SamplingGraph(nn.Module):
     """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W].
 
     A graph with `has_noise` also gives `noise_sigma(scanner)`, float32 [B, 1, H, W]: the standard deviation of
-    the learned observation noise around the image (exported as the second output `sigma`)."""
+    the learned observation noise around the image (exported as the second output `sigma`), drawn as
+    `noise_kind` says (ModelMetadata.NOISE_KINDS): additive Gaussian, or the Rician magnitude of a complex
+    Gaussian around the image."""
 
     latent: int
     has_noise: bool = False
+    noise_kind: str = ""
 
     def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.models.base import Family, ModelConfig, SamplingGraph, Step
 from mrgen_dist.scanners import Vocabulary
 
@@ -68,9 +69,13 @@ class CVAEConfig(ModelConfig):
     adversary: float = 0.0  # weight of the reversed gradient of a scanner probe on z; 0: no probe
     kl_weight: float = 1.0
 
+    #: the values a family of this config accepts (the atlas cVAE narrows them)
+    PRIORS: ClassVar[tuple[str, ...]] = PRIORS
+    OBSERVATION_NOISE: ClassVar[tuple[str, ...]] = OBSERVATION_NOISE
+
     def validate(self) -> None:
-        for key, value, allowed in (("loss", self.loss, LOSSES), ("prior", self.prior, PRIORS),
-                                    ("observation_noise", self.observation_noise, OBSERVATION_NOISE)):
+        for key, value, allowed in (("loss", self.loss, LOSSES), ("prior", self.prior, self.PRIORS),
+                                    ("observation_noise", self.observation_noise, self.OBSERVATION_NOISE)):
             if value not in allowed:
                 raise ValueError(f"model.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if self.latent < 1 or not self.hidden or any(h < 1 for h in self.hidden):
@@ -124,8 +129,7 @@ class CVAE(nn.Module):
         self.encoder = _mlp([n_pixels + n_labels, *hidden])
         self.to_mean = nn.Linear(hidden[-1], latent)
         self.to_logvar = nn.Linear(hidden[-1], latent)
-        self.decoder_body = _mlp([latent + n_labels, *hidden[::-1]])
-        self.to_pixels = nn.Linear(hidden[0], n_pixels)
+        self.build_decoder(config, n_labels)
         if config.prior == "scanner":
             # with the label in encoder and decoder the prior starts as N(0, I); without it (GMVAE) the
             # components must differ from the first step for the label to matter at all
@@ -141,6 +145,11 @@ class CVAE(nn.Module):
         if config.adversary > 0:
             self.probe = nn.Sequential(nn.Linear(latent, PROBE_HIDDEN), nn.ReLU(), nn.Linear(PROBE_HIDDEN, n_scanners))
 
+    def build_decoder(self, config: CVAEConfig, n_labels: int) -> None:
+        """The networks of `decode`: Linear+ReLU (hidden widths reversed) -> Linear to the pixels."""
+        self.decoder_body = _mlp([self.latent + n_labels, *config.hidden[::-1]])
+        self.to_pixels = nn.Linear(config.hidden[0], self.image_shape[0] * self.image_shape[1])
+
     @property
     def has_prior(self) -> bool:
         return hasattr(self, "prior_mean")
@@ -148,6 +157,11 @@ class CVAE(nn.Module):
     @property
     def has_noise(self) -> bool:
         return hasattr(self, "noise_param")
+
+    @property
+    def noise_kind(self) -> str:
+        """How `mrgen-sample --noise` draws around the image (ModelMetadata.noise): "gaussian", or "" for none."""
+        return ModelMetadata.GAUSSIAN_NOISE if self.has_noise else ""
 
     def with_label(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """`x` with the one-hot scanner appended (a conditional model), or `x` itself."""
@@ -255,6 +269,7 @@ class Decoder(SamplingGraph):
         self.model = model
         self.latent = model.latent
         self.has_noise = model.has_noise
+        self.noise_kind = model.noise_kind
 
     def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
