@@ -40,9 +40,9 @@ demo: $(STAMP)
 	CLEARML_CACHE_DIR=$(CURDIR)/$(DEMO_DIR)/clearml $(BIN)/mrgen-train --config hpc/configs/demo.yaml \
 		data.store=$(DEMO_DIR)/store train.out=$(DEMO_DIR)/run
 	$(BIN)/mrgen-export onnx --model $(DEMO_DIR)/run --precision fp32 --out export/decoder.onnx
-	$(BIN)/mrgen-sample export/decoder.onnx --scanner all --n 8 --seed 0 --out $(DEMO_DIR)/onnx-samples --overwrite
+	$(BIN)/mrgen-sample export/decoder.onnx --scanner all --n 8 --seed 0 --noise --out $(DEMO_DIR)/onnx-samples --overwrite
 	$(BIN)/mrgen-fid --store $(DEMO_DIR)/store --model export/decoder.onnx --scanner all --repeats 3 --n-generated 50 \
-		--out $(DEMO_DIR)/fid
+		--noise --out $(DEMO_DIR)/fid
 	$(BIN)/mrgen-fid diagnose --store $(DEMO_DIR)/store --run $(DEMO_DIR)/run --out $(DEMO_DIR)/fid
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 

@@ -141,8 +141,9 @@ class Sampler:
 
     def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256, noise: bool = False) -> np.ndarray:
         """float32 (n, H, W) in [0, 1], the same for any batch size: the decoder's mean image, or with `noise`
-        a draw from the model's learned observation noise around it (clipped to [0, 1]), from a stream of its
-        own seeded by (seed, scanner id), so that the latents are those of the mean images."""
+        a draw from the model's learned observation noise around it (clipped to [0, 1]; Gaussian or Rician, as
+        the file's `mrgen.noise` says), from streams of its own seeded by (seed, scanner id, component), so
+        that the latents are those of the mean images."""
         if noise and not self.has_noise:
             raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it was trained "
                               "without model.observation_noise); sample its mean, without --noise")
@@ -426,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"))
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ap.add_argument("--noise", action="store_true",
-                    help="draw the model's learned observation noise around its mean image (models trained with "
-                    "model.observation_noise); default: the mean image")
+                    help="draw the model's learned observation noise around its mean image (the atlas family's "
+                    "Rician noise, or model.observation_noise); default: the mean image")
     args = ap.parse_args(argv)
 
     def sample() -> None:

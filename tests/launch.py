@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "hpc" / "configs" / "tiny.yaml"
 TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan")}
+TINY_ATLAS = REPO / "tests" / "assets" / "tiny_atlas.yaml"
 TINY_TRANSLATORS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("stargan", "cyclegan")}
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
@@ -28,6 +29,12 @@ def train_cmd(store: Path, out: Path, *overrides: str, resume: str = "none", con
 
 def run(cmd: list[str], timeout: int = 300, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**extra), cwd=REPO)
+
+
+def two_cpu_processes(mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` options of a 2-process DDP run on the CPU (with ACCELERATE_USE_CPU=1)."""
+    return ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", mixed_precision,
+            "--dynamo_backend", "no"]
 
 
 def launch(store: Path, out: Path, launcher: list[str], *overrides: str, config: Path = TINY, **extra: str

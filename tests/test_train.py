@@ -18,7 +18,18 @@ import torch
 from safetensors.torch import load_file
 
 from mrgen_dist.preemption import EXIT_PREEMPTED
-from tests.launch import REPO, TINY, TINY_GANS, TINY_TRANSLATORS, env, launch, run, train_cmd
+from tests.launch import (
+    REPO,
+    TINY,
+    TINY_ATLAS,
+    TINY_GANS,
+    TINY_TRANSLATORS,
+    env,
+    launch,
+    run,
+    train_cmd,
+    two_cpu_processes,
+)
 
 REFERENCE = REPO / "tests" / "assets" / "tiny_reference_losses.json"
 
@@ -50,8 +61,8 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
     assert "images_per_s" in history[0]
 
 
-@pytest.mark.parametrize("config", [TINY, *TINY_GANS.values(), *TINY_TRANSLATORS.values()],
-                         ids=["cvae", *TINY_GANS, *TINY_TRANSLATORS])
+@pytest.mark.parametrize("config", [TINY, TINY_ATLAS, *TINY_GANS.values(), *TINY_TRANSLATORS.values()],
+                         ids=["cvae", "atlas", *TINY_GANS, *TINY_TRANSLATORS])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, store_dir: Path, tmp_path: Path) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
     common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10")
@@ -112,9 +123,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(store_dir: Path, tm
 
 def test_two_process_ddp(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                    "--mixed_precision", "bf16", "--dynamo_backend", "no"],
-                   "train.mixed_precision=bf16", "train.epochs=1", "train.world_size=2", ACCELERATE_USE_CPU="1")
+    done = launch(store_dir, out, two_cpu_processes("bf16"), "train.mixed_precision=bf16", "train.epochs=1",
+                  "train.world_size=2", ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]

@@ -15,7 +15,7 @@
 #   mrgen-export onnx --model OUT/NAME/run --precision $MRGEN_PRECISION --out OUT/NAME/decoder.onnx
 #   mrgen-fid score --store STORE --model OUT/NAME/decoder.onnx --scanner all --repeats R --n-generated N
 #                   --out OUT/NAME/results [--noise]
-#   mrgen-fid diagnose --store STORE --run OUT/NAME/run --out OUT/NAME/results
+#   mrgen-fid diagnose --store STORE --run OUT/NAME/run --out OUT/NAME/results [--noise]
 #   mrgen-fid report OUT/NAME/results
 # or, for a translator (a family of the mrgen-translator contract, e.g. hpc/configs/compare/stargan.yaml):
 #   mrgen-export onnx --model OUT/NAME/run --precision $MRGEN_PRECISION --out OUT/NAME/translator.onnx
@@ -24,8 +24,9 @@
 #   mrgen-compare OUT/NAME1/results OUT/NAME2/results ... --names NAME1,NAME2,... --out OUT
 # which writes OUT/compare.md, compare.csv and compare.png (and compare-translation.csv / .png for translators).
 #
-# CONFIG:noise scores samples that draw the model's learned observation noise (mrgen-fid --noise; the model
-# needs one, e.g. model.observation_noise: scanner); its NAME gets `-noise`, so a config can be run with and without it.
+# CONFIG:noise scores samples and reconstructions that draw the model's learned observation noise (mrgen-fid --noise;
+# the model needs one: the atlas family, or model.observation_noise: scanner); its NAME gets `-noise`, so a config
+# can be run with and without it.
 # R = $MRGEN_COMPARE_REPEATS (default 1), N = $MRGEN_COMPARE_N_GENERATED (default 500) generated slices per
 # scanner, the same for every model so that FIDs compare at equal n. Each task trains in one process (on one
 # GPU when MRGEN_GPUS_PER_NODE > 0); multi-node training is train.sh's job. MRGEN_COMPARE_PARALLEL caps how
@@ -122,7 +123,7 @@ print(get_family(json.load(open(sys.argv[1]))["family"]).contract)' "$dir/run/co
   run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/decoder.onnx"
   run mrgen-fid score --store "$store" --model "$dir/decoder.onnx" --scanner all --repeats "$MRGEN_COMPARE_REPEATS" \
     --n-generated "$MRGEN_COMPARE_N_GENERATED" --out "$dir/results" "${noise[@]}"
-  run mrgen-fid diagnose --store "$store" --run "$dir/run" --out "$dir/results"
+  run mrgen-fid diagnose --store "$store" --run "$dir/run" --out "$dir/results" "${noise[@]}"
   run mrgen-fid report "$dir/results"
 }
 

@@ -1,6 +1,7 @@
 """`mrgen-fid diagnose`: where a trained run keeps the scanner, and what its decoder can reach at best.
 
     mrgen-fid diagnose --store STORE --run RUN --out results/fid/ [--device auto|cuda|cpu] [--inception-weights W]
+                       [--noise]
 
 Needs torch and the trained run folder (model.safetensors + config.json, rebuilt by its family through
 `mrgen_dist.export.load_trained`, so the 'train' extra), and the store it was trained on: a run whose
@@ -13,7 +14,8 @@ store_sha256 or scanners differ from the store's is refused. Two probes, written
   nothing. Well above chance: the encoder writes the scanner into z and the decoder may take the scanner's
   look from z instead of from the label; z ~ N(0, I) at sampling time then carries a random one.
 * **reconstruction**: the posterior means of the real test slices decoded with their own labels (the sampling
-  graph's mean image), recognised by the conditioning check's classifier (`conditioning.scanner_classifier`,
+  graph's mean image; with `--noise`, a draw of the model's learned noise around it, as `mrgen-fid --noise`
+  draws samples), recognised by the conditioning check's classifier (`conditioning.scanner_classifier`,
   Inception features of the real train slices, cached in OUT/cache/ like the other real features). The rate
   at which they are recognised as their scanner is the decoder's ceiling: generated slices are not expected to
   be recognised better than reconstructions of real ones. `real_test_accuracy` is the same classifier on the
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from mrgen_dist import __version__
+from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
@@ -77,15 +80,28 @@ def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, device:
     return np.concatenate(out)
 
 
-def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device) -> np.ndarray:
-    """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches."""
+def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device, noise: bool = False
+                 ) -> np.ndarray:
+    """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches; with `noise`, a
+    draw of the graph's learned observation noise around them (its `noise_kind`, clipped to [0, 1]) from a
+    stream seeded 0."""
     graph = family.export_graph(model).eval()
+    if noise and not graph.has_noise:
+        raise FidError(f"--noise: the {family.title or family.name} run has no learned observation noise; diagnose "
+                       "its mean images without --noise")
+    draws = torch.Generator().manual_seed(0)
     out = []
     for start in range(0, len(z), BATCH):
+        labels = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
         with torch.no_grad():
-            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device),
-                           torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device))
-        out.append(images[:, 0].float().cpu().numpy())
+            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu()
+            if noise:
+                sigma = graph.noise_sigma(labels).float().cpu()
+                images = images + sigma * torch.randn(images.shape, generator=draws)
+                if graph.noise_kind == ModelMetadata.RICIAN_NOISE:
+                    images = torch.hypot(images, sigma * torch.randn(images.shape, generator=draws))
+                images = images.clamp(0, 1)
+        out.append(images[:, 0].numpy())
     return np.concatenate(out)
 
 
@@ -97,7 +113,7 @@ def confusion(truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
 
 
 def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: str | Path | None = None,
-             device: str = "auto") -> dict:
+             device: str = "auto", noise: bool = False) -> dict:
     """The z probe and the reconstruction check of a trained run on its store; writes and returns
     OUT/diagnostics.json."""
     from mrgen_dist.export import load_trained
@@ -157,7 +173,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
         result["extractor"] = extractor.identity
         cache = cache_dir(out)
         classifier = scanner_classifier(store, extractor, cache)
-        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev)
+        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise)
         r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))
         real_correct = sum(int((classifier.predict(real_features(store, name, "test", extractor, cache)[0]) == k).sum())
                            for k, name in enumerate(names))
@@ -166,6 +182,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
             "confusion": r_confusion.tolist(),  # rows: true scanner (decoded with its label), columns: recognised
             "real_test_accuracy": real_correct / len(test.scanner),
             "n_test": int(len(test.scanner)),
+            "noise": noise,  # whether the reconstructions drew the model's learned noise (--noise)
             "classifier": CLASSIFIER,
         }
     out.mkdir(parents=True, exist_ok=True)

@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(diag)
     diag.add_argument("--run", type=Path, required=True, help="the mrgen-train run folder")
     diag.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for the model and Inception")
+    diag.add_argument("--noise", action="store_true",
+                      help="draw the model's learned observation noise onto the reconstructions, as --noise does "
+                      "onto samples")
     diag.set_defaults(body=_diagnose)
     trans = sub.add_parser("translation", help="a translator: target conditioning, anatomy (SSIM), cycle, KID, identity",
                            description="Translates the store's test slices of each scanner to each target and back; "
@@ -428,7 +431,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     from mrgen_dist.fid.diagnostics import diagnose, summary
 
     store = SliceStore(args.store)
-    result = diagnose(store, args.run, args.out, args.inception_weights, args.device)
+    result = diagnose(store, args.run, args.out, args.inception_weights, args.device, args.noise)
     print(summary(result, args.out))
 
 

@@ -22,7 +22,7 @@ from mrgen_dist.models.networks import ConvDiscriminator, centre_crop, centre_pa
 from mrgen_dist.models.wgangp import gradient_penalty
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
-from tests.launch import REPO, TINY_GANS, TINY_TRANSLATORS, launch, run, train_cmd
+from tests.launch import REPO, TINY_GANS, TINY_TRANSLATORS, launch, run, train_cmd, two_cpu_processes
 from tests.models.players import SHAPE, TINY, built, tiny
 
 GANS = tuple(TINY_GANS)
@@ -246,10 +246,8 @@ def test_two_players_train_on_two_processes_in_bf16(config: Path, term: str, sto
     """Two players (and WGAN-GP's double backward, the translator's three passes) with bf16 autocast, over gloo
     with gradients averaged per player."""
     out = tmp_path / "ddp"
-    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                   "--mixed_precision", "bf16", "--dynamo_backend", "no"],
-                  "train.mixed_precision=bf16", "train.max_steps=6", "train.world_size=2", config=config,
-                  ACCELERATE_USE_CPU="1")
+    done = launch(store_dir, out, two_cpu_processes("bf16"), "train.mixed_precision=bf16", "train.max_steps=6",
+                  "train.world_size=2", config=config, ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from mrgen_dist.config import load_config
 from mrgen_dist.export import export_onnx
+from mrgen_dist.fid.diagnostics import decode_means
+from mrgen_dist.fid.evaluate import FidError
 from mrgen_dist.models import get_family
-from mrgen_dist.models.atlas import FAMILY, PARAM_SCALE, _filter_axis, rician_mean, rician_nll
+from mrgen_dist.models.atlas import FAMILY, PARAM_SCALE, _filter_axis, rician_mean, rician_nll, scanner_share
 from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.sample import Sampler
 from mrgen_dist.scanners import Vocabulary
-from tests.launch import REPO, run, train_cmd
+from tests.launch import REPO, TINY_ATLAS, launch, run, train_cmd, two_cpu_processes
 
 SHAPE = (218, 182)
 
@@ -59,12 +61,33 @@ def test_rician_likelihood_recovers_the_noise_sigma() -> None:
         assert float(grid[nll.argmin()]) == pytest.approx(true, rel=0.01)
 
 
+def test_scanner_share_is_the_variance_the_scanner_explains() -> None:
+    scanner = torch.tensor([0, 0, 1, 1, 2, 2])
+    # dimension 0: the scanner explains all of it; dimension 1: none (the same values in every scanner);
+    # dimension 2: a tiny spread, all of it the scanner's, counts as much as dimension 0
+    mean = torch.tensor([[1.0, 1, 1e-3], [1, -1, 1e-3], [2, 1, 2e-3], [2, -1, 2e-3], [3, 1, 3e-3], [3, -1, 3e-3]])
+    assert float(scanner_share(mean, scanner)) == pytest.approx(2.0, rel=1e-3)
+    same = torch.tensor([[0.3, -2.0], [1.7, 5.0]]).repeat(3, 1)  # every scanner: the same two means
+    assert float(scanner_share(same, scanner)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_filter_axis_is_a_convolution_with_each_images_own_kernel() -> None:
     torch.manual_seed(0)
     images, weights = torch.rand(3, 1, 20, 17), torch.rand(3, 5)
     for dim, shape, pad in ((2, (5, 1), (2, 0)), (3, (1, 5), (0, 2))):
         want = torch.cat([F.conv2d(images[i : i + 1], weights[i].view(1, 1, *shape), padding=pad) for i in range(3)])
         torch.testing.assert_close(_filter_axis(images, weights, dim), want)
+
+
+def test_the_encoder_sees_the_slices_with_their_tone_curve_undone() -> None:
+    _, model = _model()
+    with torch.no_grad():
+        model.tone.normal_(0, 0.1)  # four different monotone curves
+    anatomy, scanner = torch.rand(4, 1, *SHAPE), torch.arange(4)
+    model.psf_param.data.fill_(math.log(0.01) / PARAM_SCALE)  # no blur: the tone curve alone
+    toned = model.acquire(anatomy, scanner, fitted=True)
+    assert (toned - anatomy).abs().mean() > 0.02
+    torch.testing.assert_close(model.untone(toned[:, 0], scanner), anatomy[:, 0], atol=1e-5, rtol=0)
 
 
 def test_the_acquisition_starts_near_the_identity() -> None:
@@ -118,7 +141,8 @@ def test_one_step_trains_every_part_and_fits_the_background_noise() -> None:
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     for _ in range(3):
         losses = FAMILY.train_step(step)
-    assert set(losses) == {"loss", "reconstruction", "kl", "noise"} and all(v.isfinite() for v in losses.values())
+    assert set(losses) == {"loss", "reconstruction", "kl", "scanner_share", "noise"}
+    assert all(v.isfinite() for v in losses.values())
     unchanged = [k for k, v in model.named_parameters() if torch.equal(v, before[k])]
     assert not unchanged, unchanged
 
@@ -126,7 +150,8 @@ def test_one_step_trains_every_part_and_fits_the_background_noise() -> None:
 @pytest.mark.parametrize("override, field", [
     ("model.psf=4", "model.psf"), ("model.warp_grid=[12]", "model.warp_grid"), ("model.bias_grid=[1,5]", "model.bias_grid"),
     ("model.prior=scanner", "model.prior"), ("model.observation_noise=scanner", "model.observation_noise"),
-    ("model.max_shift=0", "model.max_shift"),
+    ("model.max_shift=0", "model.max_shift"), ("model.encoder_input=whitened", "model.encoder_input"),
+    ("model.scanner_penalty=-1", "model.scanner_penalty"),
 ])
 def test_bad_settings_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -140,13 +165,13 @@ def test_a_grid_finer_than_the_slices_is_refused() -> None:
 
 def test_trained_exported_and_sampled_with_rician_noise(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
-    done = run(train_cmd(store_dir, out, "model.hidden=[16]", "model.latent=4", "model.templates=2",
-                         "train.batch_size=8", "train.epochs=1", "train.sample_every=1",
-                         "--tracker", "none", config=REPO / "hpc/configs/compare/atlas.yaml"))
+    done = run(train_cmd(store_dir, out, "train.batch_size=8", "train.epochs=1", config=TINY_ATLAS))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "atlas cVAE" in done.stdout + done.stderr and (out / "samples_001.png").is_file()
     assert get_family("atlas") is FAMILY
 
+    # fp16 passes the parity gate too: the warp runs in float32 whatever the networks' dtype
+    assert export_onnx(out, "fp16", tmp_path / "atlas16.onnx").max_error < 2e-3
     sampler = Sampler(export_onnx(out, "fp32", tmp_path / "atlas.onnx").path, device="cpu")
     assert sampler.metadata.family == "atlas" and sampler.metadata.noise == "rician" and sampler.has_noise
     clean = sampler.sample("Unspecified", 6, seed=2)
@@ -161,3 +186,27 @@ def test_trained_exported_and_sampled_with_rician_noise(store_dir: Path, tmp_pat
     assert (np.square(noisy) - np.square(clean)).mean() == pytest.approx(2 * sigma**2, rel=0.02)
     expected = rician_mean(torch.from_numpy(clean).double(), torch.tensor(sigma, dtype=torch.float64))
     assert noisy.mean() == pytest.approx(float(expected.mean()), rel=0.01) and noisy.mean() > clean.mean() + 0.01
+
+
+def test_diagnose_draws_the_models_noise_onto_reconstructions_when_asked() -> None:
+    _, model = _model()
+    z, scanner = np.random.default_rng(0).standard_normal((3, 4), dtype=np.float32), np.arange(3)
+    clean = decode_means(FAMILY, model, z, scanner, torch.device("cpu"))
+    noisy = decode_means(FAMILY, model, z, scanner, torch.device("cpu"), noise=True)
+    np.testing.assert_array_equal(noisy, decode_means(FAMILY, model, z, scanner, torch.device("cpu"), noise=True))
+    sigma = float(model.sigma(torch.tensor([0]))[0, 0, 0, 0])
+    assert clean.max() < 0.6 and (np.square(noisy) - np.square(clean)).mean() == pytest.approx(2 * sigma**2, rel=0.03)
+    cvae = get_family("cvae")
+    plain = cvae.build(cvae.Config(hidden=[8], latent=4), Vocabulary.method(), SHAPE)
+    with pytest.raises(FidError, match="no learned observation noise"):
+        decode_means(cvae, plain, z, scanner, torch.device("cpu"), noise=True)
+
+
+@pytest.mark.slow
+def test_every_part_is_used_in_forward_under_two_process_ddp(store_dir: Path, tmp_path: Path) -> None:
+    """DDP refuses a step whose forward leaves a parameter unused: the acquisition, the noise fit and the
+    scanner penalty all run inside forward and the loss."""
+    done = launch(store_dir, tmp_path / "ddp", two_cpu_processes(), "train.max_steps=4", config=TINY_ATLAS,
+                  ACCELERATE_USE_CPU="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scanner_share" in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0]

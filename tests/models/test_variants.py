@@ -18,7 +18,7 @@ from mrgen_dist.models.cvae import CVAEConfig, gaussian_nll, kl_divergence, reve
 from mrgen_dist.sample import SampleError, Sampler
 from mrgen_dist.sample import main as sample_main
 from mrgen_dist.scanners import Vocabulary
-from tests.launch import TINY, launch
+from tests.launch import TINY, launch, two_cpu_processes
 
 CVAE, GMVAE = get_family("cvae"), get_family("gmvae")
 
@@ -127,10 +127,8 @@ def test_families_refuse_settings_that_contradict_them() -> None:
 def test_noise_model_trains_on_two_processes_exports_sigma_and_samples_noise(store_dir: Path, tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
-    done = launch(store_dir, out, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                                   "no", "--dynamo_backend", "no"],
-                  "train.max_steps=6", "model.observation_noise=scanner", "model.prior=scanner", "model.adversary=1.0",
-                  "--tracker", "none", ACCELERATE_USE_CPU="1")
+    done = launch(store_dir, out, two_cpu_processes(), "train.max_steps=6", "model.observation_noise=scanner",
+                  "model.prior=scanner", "model.adversary=1.0", "--tracker", "none", ACCELERATE_USE_CPU="1")
     assert done.returncode == 0, done.stderr[-3000:]  # DDP finds every parameter used in forward
     assert "adversary" in (out / "metrics.jsonl").read_text().splitlines()[0]
 
