@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml requirements/ci-constraints.txt
 	touch $(STAMP)
 
 # Demo: a SYNTHETIC cohort made from the MNI152 template -> verified slice store (+ preview.png)
-# -> a short cVAE training run (loss_curves.png, samples_*.png; ClearML offline session in demo-output/clearml)
-# -> the decoder exported to export/decoder.onnx -> samples drawn from it with onnxruntime (onnx-samples/grid.png)
+# -> a short training run of the atlas cVAE (loss_curves.png, samples_*.png; ClearML offline session in
+# demo-output/clearml) -> the decoder exported to export/decoder.onnx -> samples drawn from it with onnxruntime,
+# with each scanner's learned noise (onnx-samples/grid.png)
 # -> FID/KID per scanner (3 repeats of 50 generated slices), precision/recall/density/coverage, MS-SSIM, the
 # scanner signature, the conditioning check, the z-probe and reconstruction conditioning -> fid/fid_table.md,
 # fid_boxplot.png, conditioning.png, quality.png.
@@ -43,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/mrgen-sample export/decoder.onnx --scanner all --n 8 --seed 0 --noise --out $(DEMO_DIR)/onnx-samples --overwrite
 	$(BIN)/mrgen-fid --store $(DEMO_DIR)/store --model export/decoder.onnx --scanner all --repeats 3 --n-generated 50 \
 		--noise --out $(DEMO_DIR)/fid
-	$(BIN)/mrgen-fid diagnose --store $(DEMO_DIR)/store --run $(DEMO_DIR)/run --out $(DEMO_DIR)/fid
+	$(BIN)/mrgen-fid diagnose --store $(DEMO_DIR)/store --run $(DEMO_DIR)/run --noise --out $(DEMO_DIR)/fid
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 
 test: $(STAMP)

@@ -64,8 +64,8 @@ def test_rician_likelihood_recovers_the_noise_sigma() -> None:
 def test_scanner_share_is_the_variance_the_scanner_explains() -> None:
     scanner = torch.tensor([0, 0, 1, 1, 2, 2])
     # dimension 0: the scanner explains all of it; dimension 1: none (the same values in every scanner);
-    # dimension 2: a tiny spread, all of it the scanner's, counts as much as dimension 0
-    mean = torch.tensor([[1.0, 1, 1e-3], [1, -1, 1e-3], [2, 1, 2e-3], [2, -1, 2e-3], [3, 1, 3e-3], [3, -1, 3e-3]])
+    # dimension 2: a small spread, all of it the scanner's, counts as much as dimension 0
+    mean = torch.tensor([[1.0, 1, 0.1], [1, -1, 0.1], [2, 1, 0.2], [2, -1, 0.2], [3, 1, 0.3], [3, -1, 0.3]])
     assert float(scanner_share(mean, scanner)) == pytest.approx(2.0, rel=1e-3)
     same = torch.tensor([[0.3, -2.0], [1.7, 5.0]]).repeat(3, 1)  # every scanner: the same two means
     assert float(scanner_share(same, scanner)) == pytest.approx(0.0, abs=1e-6)
