@@ -60,6 +60,16 @@ class SampleError(UserError):
 _PARITY_ERRORS: dict[tuple[str, int, int, str], float] = {}
 
 
+def add_noise(image: np.ndarray, sigma: np.ndarray, kind: str, real: np.random.Generator,
+              imaginary: np.random.Generator) -> np.ndarray:
+    """A draw of learned noise of `kind` (ModelMetadata.NOISE_KINDS) around `image`, clipped to [0, 1]:
+    image + sigma n1 (Gaussian), or |image + sigma (n1 + i n2)| (Rician), n1 from `real`, n2 from `imaginary`."""
+    noisy = image + sigma * real.standard_normal(image.shape, dtype=np.float32)
+    if kind == ModelMetadata.RICIAN_NOISE:
+        noisy = np.hypot(noisy, sigma * imaginary.standard_normal(image.shape, dtype=np.float32))
+    return np.clip(noisy, 0.0, 1.0)
+
+
 class Sampler:
     """`inaccurate`: what to do with an int8 file whose stored parity draws fail on this machine: "error"
     (a SampleError) or "warn"."""
@@ -159,17 +169,9 @@ class Sampler:
                 (images,) = self.session.run(["image"], {"z": chunk, "scanner": labels})
             else:
                 mean, sigma = self.session.run(["image", "sigma"], {"z": chunk, "scanner": labels})
-                images = np.clip(self._add_noise(mean, sigma, *rngs), 0.0, 1.0)
+                images = add_noise(mean, sigma, self.metadata.noise, *rngs)
             out[start : start + len(chunk)] = images[:, 0]
         return out
-
-    def _add_noise(self, image: np.ndarray, sigma: np.ndarray, real: np.random.Generator,
-                   imaginary: np.random.Generator) -> np.ndarray:
-        """A draw of the model's noise kind around `image`: Gaussian (`real` only) or Rician."""
-        noisy = image + sigma * real.standard_normal(image.shape, dtype=np.float32)
-        if self.metadata.noise == ModelMetadata.RICIAN_NOISE:
-            noisy = np.hypot(noisy, sigma * imaginary.standard_normal(image.shape, dtype=np.float32))
-        return noisy
 
     def sample_on_device(self, scanner: str, n: int, seed: int = 0) -> ort.OrtValue:
         """On CUDA: the images as an OrtValue that stays in GPU memory (IOBinding), for a GPU consumer such as

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from mrgen_dist import __version__
-from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
 from mrgen_dist.fid.evaluate import FidError, cache_dir, real_features
+from mrgen_dist.sample import add_noise
 
 #: Images per encoder / decoder call.
 BATCH = 256
@@ -83,25 +83,21 @@ def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, device:
 def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device, noise: bool = False
                  ) -> np.ndarray:
     """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches; with `noise`, a
-    draw of the graph's learned observation noise around them (its `noise_kind`, clipped to [0, 1]) from a
-    stream seeded 0."""
+    draw of the graph's learned observation noise around them (`sample.add_noise`, of the graph's
+    `noise_kind`) from streams seeded 0."""
     graph = family.export_graph(model).eval()
     if noise and not graph.has_noise:
         raise FidError(f"--noise: the {family.title or family.name} run has no learned observation noise; diagnose "
                        "its mean images without --noise")
-    draws = torch.Generator().manual_seed(0)
+    rngs = [np.random.default_rng([0, part]) for part in (1, 2)]
     out = []
     for start in range(0, len(z), BATCH):
         labels = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
         with torch.no_grad():
-            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu()
+            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu().numpy()
             if noise:
-                sigma = graph.noise_sigma(labels).float().cpu()
-                images = images + sigma * torch.randn(images.shape, generator=draws)
-                if graph.noise_kind == ModelMetadata.RICIAN_NOISE:
-                    images = torch.hypot(images, sigma * torch.randn(images.shape, generator=draws))
-                images = images.clamp(0, 1)
-        out.append(images[:, 0].numpy())
+                images = add_noise(images, graph.noise_sigma(labels).float().cpu().numpy(), graph.noise_kind, *rngs)
+        out.append(images[:, 0])
     return np.concatenate(out)
 
 
