@@ -59,6 +59,7 @@ from mrgen_dist.models.cvae import (
     reconstruction_loss,
     reverse_gradient,
 )
+from mrgen_dist.sample import add_noise
 from mrgen_dist.scanners import Vocabulary
 
 ENCODER_INPUTS = ("untoned", "raw")
@@ -337,13 +338,12 @@ class AtlasFamily(CVAEFamily):
         rows, _ = super().preview(model, images, scanner, vocabulary)
         rng = np.random.default_rng(1234)
         sigma = model.sigma(torch.arange(len(vocabulary), device=images.device))[:, 0, 0, 0].float().cpu().numpy()
-        noisy = [(name, np.clip(np.hypot(clean + s * rng.standard_normal(clean.shape, dtype=np.float32),
-                                          s * rng.standard_normal(clean.shape, dtype=np.float32)), 0, 1))
+        noisy = [(name, add_noise(clean, s, ModelMetadata.RICIAN_NOISE, rng, rng))
                  for (name, clean), s in zip(rows, sigma, strict=True)]
         return noisy, "samples with their scanner's Rician noise (same z in every row)"
 
     def flops_per_image(self, model: AtlasVAE) -> int:
-        """The Linear layers, plus every scanner's point-spread convolution over the slice."""
+        """The Linear layers, plus the separable point-spread filter over the slice."""
         h, w = model.image_shape
         return super().flops_per_image(model) + 6 * 2 * model.psf_taps * h * w  # rows and columns
 
