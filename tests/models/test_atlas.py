@@ -194,7 +194,7 @@ def test_diagnose_draws_the_models_noise_onto_reconstructions_when_asked() -> No
     clean = decode_means(FAMILY, model, z, scanner, torch.device("cpu"))
     noisy = decode_means(FAMILY, model, z, scanner, torch.device("cpu"), noise=True)
     np.testing.assert_array_equal(noisy, decode_means(FAMILY, model, z, scanner, torch.device("cpu"), noise=True))
-    sigma = float(model.sigma(torch.tensor([0]))[0, 0, 0, 0])
+    sigma = float(model.sigma(torch.tensor([0]))[0, 0, 0, 0].detach())
     assert clean.max() < 0.6 and (np.square(noisy) - np.square(clean)).mean() == pytest.approx(2 * sigma**2, rel=0.03)
     cvae = get_family("cvae")
     plain = cvae.build(cvae.Config(hidden=[8], latent=4), Vocabulary.method(), SHAPE)
