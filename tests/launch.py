@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "hpc" / "configs" / "tiny.yaml"
-TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan")}
+TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan", "atlasgan")}
 TINY_ATLAS = REPO / "tests" / "assets" / "tiny_atlas.yaml"
 TINY_TRANSLATORS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("stargan", "cyclegan")}
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")

@@ -300,6 +300,25 @@ def noise_fit(out: AtlasOutput, images: torch.Tensor) -> torch.Tensor:
     return (nll * background).sum() / background.sum().clamp(min=1.0)
 
 
+def atlas_objective(config: AtlasConfig, out: AtlasOutput, images: torch.Tensor, scanner: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The atlas cVAE's objective `loss` (per-image negative ELBO + noise fit + the probe's cross-entropy +
+    scanner_penalty x scanner_share) and its terms, of which `adversary` and `scanner_share` are present only
+    when configured."""
+    reconstruction = reconstruction_loss(out.expected, images, config.loss).mean()
+    zeros = torch.zeros_like(out.mean, dtype=torch.float32)
+    kl = kl_divergence(out.mean.float(), out.logvar.float(), zeros, zeros).mean()
+    losses = {"reconstruction": reconstruction, "kl": kl, "noise": noise_fit(out, images)}
+    losses["loss"] = reconstruction + config.kl_weight * kl + losses["noise"]
+    if out.probe_logits is not None:
+        losses["adversary"] = F.cross_entropy(out.probe_logits.float(), scanner)
+        losses["loss"] = losses["loss"] + losses["adversary"]
+    if config.scanner_penalty > 0:
+        losses["scanner_share"] = scanner_share(out.mean, scanner)
+        losses["loss"] = losses["loss"] + config.scanner_penalty * losses["scanner_share"]
+    return losses
+
+
 class AtlasFamily(CVAEFamily):
     name = "atlas"
     title = "atlas cVAE"
@@ -314,21 +333,10 @@ class AtlasFamily(CVAEFamily):
         return tuple(name for name in self.loss_names if optional.get(name, True))
 
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
-        config: AtlasConfig = step.config
         with step.autocast():
             out: AtlasOutput = step.model(step.images, step.scanner, step.noise)
-        reconstruction = reconstruction_loss(out.expected, step.images, config.loss).mean()
-        zeros = torch.zeros_like(out.mean, dtype=torch.float32)
-        kl = kl_divergence(out.mean.float(), out.logvar.float(), zeros, zeros).mean()
-        losses = {"reconstruction": reconstruction, "kl": kl, "noise": noise_fit(out, step.images)}
-        losses["loss"] = reconstruction + config.kl_weight * kl + losses["noise"]
-        if out.probe_logits is not None:
-            losses["adversary"] = F.cross_entropy(out.probe_logits.float(), step.scanner)
-            losses["loss"] = losses["loss"] + losses["adversary"]
-        if config.scanner_penalty > 0:
-            losses["scanner_share"] = scanner_share(out.mean, step.scanner)
-            losses["loss"] = losses["loss"] + config.scanner_penalty * losses["scanner_share"]
-        return {name: losses[name] for name in self.reported_losses(config)}
+        losses = atlas_objective(step.config, out, step.images, step.scanner)
+        return {name: losses[name] for name in self.reported_losses(step.config)}
 
     @torch.no_grad()
     def preview(self, model: AtlasVAE, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
