@@ -29,7 +29,7 @@ from mrgen_dist.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "hpc/configs/thesis.yaml", *(REPO / "hpc/configs/compare" / f"{name}.yaml"
-                                               for name in ("dcgan", "wgangp", "cvaegan"))]
+                                               for name in ("dcgan", "wgangp", "cvaegan", "atlasgan"))]
 SHAPE = (218, 182)
 
 

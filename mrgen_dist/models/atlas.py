@@ -214,19 +214,22 @@ class AtlasVAE(CVAE):
         bias = torch.tanh(self.to_bias(body).float()).view(-1, 1, *self.bias_grid) * BIAS_RANGE
         return warped * torch.exp(F.interpolate(bias, size=(h, w), mode="bilinear", align_corners=True))
 
-    def acquire(self, anatomy: torch.Tensor, scanner: torch.Tensor, fitted: bool = False) -> torch.Tensor:
+    def acquire(self, anatomy: torch.Tensor, scanner: torch.Tensor, fitted: bool = False, frozen: bool = False
+                ) -> torch.Tensor:
         """The noise-free image of `anatomy` on each image's scanner: tone curve, then point-spread function
-        (the fitted one, or the scanner's own: see `psf_sigma`)."""
+        (the fitted one, or the scanner's own: see `psf_sigma`); `frozen`: no gradient reaches their parameters."""
         knots = self.tone.shape[1]
-        slopes, starts = self.tone_curve(scanner, anatomy.dtype)
+        slopes, starts = self.tone_curve(scanner, anatomy.dtype, frozen)
         position = anatomy.clamp(0, 1).flatten(1) * knots
         piece = position.detach().floor().clamp(max=knots - 1).long()
         toned = (starts.gather(1, piece) + (position - piece) / knots * slopes.gather(1, piece)).view_as(anatomy)
-        return gaussian_blur(toned, self.psf_sigma(fitted)[scanner], self.psf_taps)
+        return gaussian_blur(toned, self.psf_sigma(fitted, frozen)[scanner], self.psf_taps)
 
-    def tone_curve(self, scanner: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tone_curve(self, scanner: torch.Tensor, dtype: torch.dtype, frozen: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's tone curve: the slopes of its pieces and its value at each piece's start, (B, knots)."""
-        slopes = F.softplus(PARAM_SCALE * self.tone[scanner]).to(dtype)
+        tone = self.tone.detach() if frozen else self.tone
+        slopes = F.softplus(PARAM_SCALE * tone[scanner]).to(dtype)
         return slopes, F.pad(torch.cumsum(slopes, dim=1)[:, :-1], (1, 0)) / slopes.shape[1]
 
     def untone(self, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
@@ -247,7 +250,7 @@ class AtlasVAE(CVAE):
             images = self.untone(images, scanner)
         return super().encode(images, scanner)
 
-    def psf_sigma(self, fitted: bool = False) -> torch.Tensor:
+    def psf_sigma(self, fitted: bool = False, frozen: bool = False) -> torch.Tensor:
         """Each scanner's Gaussian point-spread sigma in pixels along rows and columns, (scanners, 2).
 
         The fitted sigma is all the blur between the atlas and a scanner's slices: the scanner's resolution
@@ -256,7 +259,8 @@ class AtlasVAE(CVAE):
         variance less the smallest scanner's (per axis), so the sharpest scanner is drawn as sharp as the atlas
         and every other one with its blur relative to it. Measured on the comparison cohort: every scanner's
         fitted sigma was 1-2 pixels, Magnetom TrioTim's (sharp, no blur) included."""
-        variance = torch.exp(2 * PARAM_SCALE * self.psf_param.float())
+        psf = self.psf_param.detach() if frozen else self.psf_param
+        variance = torch.exp(2 * PARAM_SCALE * psf.float())
         if not fitted:
             variance = (variance - variance.min(dim=0).values).clamp(min=MIN_PSF_VARIANCE)
         return variance.sqrt()

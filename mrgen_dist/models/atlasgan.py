@@ -35,6 +35,8 @@ from mrgen_dist.models.dcgan import DCGANFamily
 from mrgen_dist.models.networks import ConvDiscriminator, DiscriminatorOutput, centre_crop, multiply_accumulates
 from mrgen_dist.scanners import Vocabulary
 
+ADVERSARIAL_PARTS = ("anatomy", "all")
+
 
 @dataclass
 class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
@@ -42,6 +44,9 @@ class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
     head: str = "auxiliary"
     adversarial_weight: float = 100.0  # of the non-saturating loss of the prior draws, against the per-image ELBO
     scanner_weight: float = 100.0  # of the auxiliary head's cross-entropy of the prior draws
+    # what the adversarial and scanner terms train: anatomy (the acquisition stays fitted by the reconstruction
+    # alone) | all (the acquisition's tone curves and point-spread functions too)
+    adversarial_parts: str = "anatomy"
 
     def validate(self) -> None:
         AtlasConfig.validate(self)
@@ -52,6 +57,9 @@ class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
         if self.n_critic != 1:
             raise ValueError(f"model.n_critic must be 1 for the atlasgan family (its generator step is also its "
                              f"VAE step), got {self.n_critic}")
+        if self.adversarial_parts not in ADVERSARIAL_PARTS:
+            raise ValueError(f"model.adversarial_parts must be one of {', '.join(ADVERSARIAL_PARTS)}, got "
+                             f"{self.adversarial_parts!r}")
         if self.adversarial_weight < 0:
             raise ValueError(f"model.adversarial_weight must be >= 0, got {self.adversarial_weight}")
 
@@ -97,7 +105,9 @@ class AtlasGANFamily(DCGANFamily):
     def generate(self, players: AtlasGANPlayers, step: Step) -> dict[str, torch.Tensor]:
         vae, latent = players.generator, step.config.latent
         out: AtlasOutput = vae(step.images, step.scanner, step.noise[:, :latent])
-        clean = vae.decode(step.noise[:, latent : 2 * latent].to(out.mean.dtype), step.scanner).float()
+        anatomy = vae.anatomy(step.noise[:, latent : 2 * latent].to(out.mean.dtype))
+        frozen = step.config.adversarial_parts == "anatomy"
+        clean = vae.acquire(anatomy, step.scanner, frozen=frozen).clamp(0, 1).float()
         maps = centre_crop(step.noise[:, 2 * latent :].view(-1, 2, *step.config.size), vae.image_shape)
         real, imaginary = maps.split(1, dim=1)
         fake = rician_draw(clean, vae.sigma(step.scanner).detach().float(), real, imaginary)

@@ -12,6 +12,7 @@ import torch
 
 from mrgen_dist.config import ConfigError, load_config
 from mrgen_dist.export import export_onnx
+from mrgen_dist.models.atlas import atlas_objective
 from mrgen_dist.models.atlasgan import rician_draw
 from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.sample import Sampler, add_noise
@@ -70,6 +71,7 @@ def test_prior_draws_are_the_exported_image_with_its_noise() -> None:
     ("model.adversarial_weight=-1", "model.adversarial_weight"),
     ("model.warp_grid=[1,10]", "model.warp_grid"),
     ("model.discriminator=[]", "model.discriminator"),
+    ("model.adversarial_parts=decoder", "model.adversarial_parts"),
 ])
 def test_bad_settings_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -97,3 +99,28 @@ def test_both_players_train_on_two_processes(store_dir: Path, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [MULTI_CPU, no]" in done.stdout + done.stderr
     assert "scanner_share" in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("parts", ["anatomy", "all"])
+def test_the_adversary_trains_the_acquisition_only_when_asked(parts: str) -> None:
+    fam, config, model, _ = built("atlasgan", f"model.adversarial_parts={parts}")
+    g = torch.Generator().manual_seed(0)
+    images, scanner = torch.rand(4, *SHAPE, generator=g), torch.tensor([0, 1, 2, 3])
+    step = Step(PlainAccelerator(), config, model, {}, images, scanner,
+                torch.randn(4, fam.noise_dim(config), generator=g))
+    vae = model.generator
+    with torch.no_grad():  # blurs that differ: sampling applies each beyond the sharpest (atlas.py, psf_sigma)
+        vae.psf_param += torch.tensor([[0.0, 0.05], [0.1, 0.0], [0.15, 0.1], [0.05, 0.15]])
+
+    def acquisition_grads(with_adversary: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        made = fam.generate(model, step)
+        terms = fam.generator_loss(model, step, made, model.discriminator(made["fake"], scanner))
+        loss = terms["generator"] if with_adversary else atlas_objective(config, made["out"], images, scanner)["loss"]
+        loss.backward()
+        return [vae.tone.grad.clone(), vae.psf_param.grad.clone(), vae.atlas.grad.clone()]
+
+    alone, joint = acquisition_grads(False), acquisition_grads(True)
+    assert not torch.equal(alone[2], joint[2])  # the anatomy takes the adversary's gradient either way
+    same = [torch.allclose(a, j, rtol=1e-5, atol=1e-9) for a, j in zip(alone[:2], joint[:2], strict=True)]
+    assert same == ([True, True] if parts == "anatomy" else [False, False])
