@@ -37,7 +37,7 @@ def test_overrides_and_saved_copy(tmp_path: Path) -> None:
         ("model.hidden=64", "model.hidden: expected a list"),
         ("train.mixed_precision=fp8", "mixed_precision must be no, bf16 or fp16"),
         ("epochs", "is not of the form section.key=value"),
-        ("model.family=gan9", "model.family: unknown model family 'gan9'; known families: atlas, cvae,"),
+        ("model.family=gan9", "model.family: unknown model family 'gan9'; known families: atlas, atlasgan, cvae,"),
         ("model.loss=l1", "model.loss must be one of logcosh, mse"),
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("train.max_steps=-3", "train.max_steps must be >= 0"),

@@ -46,7 +46,7 @@ class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
     scanner_weight: float = 100.0  # of the auxiliary head's cross-entropy of the prior draws
     # what the adversarial and scanner terms train: anatomy (the acquisition stays fitted by the reconstruction
     # alone) | all (the acquisition's tone curves and point-spread functions too)
-    adversarial_parts: str = "anatomy"
+    adversarial_parts: str = "all"
 
     def validate(self) -> None:
         AtlasConfig.validate(self)
