@@ -91,7 +91,7 @@ class AtlasGANFamily(DCGANFamily):
     title = "atlas cVAE-GAN"
     Config = AtlasGANConfig
     patch = True
-    player_losses = ("generator", "discriminator", "reconstruction", "kl", "noise", "scanner_share")
+    player_losses = ("generator", "discriminator", "reconstruction", "kl", "noise", "adversary", "scanner_share")
 
     def build(self, config: AtlasGANConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> AtlasGANPlayers:
         return AtlasGANPlayers(config, len(vocabulary), image_shape)
@@ -119,13 +119,12 @@ class AtlasGANFamily(DCGANFamily):
         terms = atlas_objective(config, made["out"], step.images, step.scanner)
         loss = (terms["loss"] + config.adversarial_weight * self.adversarial_loss(fake)
                 + config.scanner_weight * F.cross_entropy(fake.scanner_logits.float(), step.scanner))
-        reported = {"generator": loss, **{k: terms[k] for k in ("reconstruction", "kl", "noise")}}
-        if config.scanner_penalty > 0:
-            reported["scanner_share"] = terms["scanner_share"]
-        return reported
+        return {"generator": loss, **{k: v for k, v in terms.items() if k != "loss"}}
 
     def reported_losses(self, config: AtlasGANConfig) -> tuple[str, ...]:
-        return tuple(n for n in self.loss_names if n != "scanner_share" or config.scanner_penalty > 0)
+        """The players' terms and accuracies, with the atlas cVAE's terms that this config has."""
+        atlas = ATLAS.reported_losses(config)
+        return tuple(n for n in self.loss_names if n in atlas or n not in ATLAS.loss_names)
 
     def export_graph(self, model: AtlasGANPlayers) -> Decoder:
         return ATLAS.export_graph(model.generator)
