@@ -265,9 +265,10 @@ class AtlasVAE(CVAE):
             variance = (variance - variance.min(dim=0).values).clamp(min=MIN_PSF_VARIANCE)
         return variance.sqrt()
 
-    def decode(self, z: torch.Tensor, scanner: torch.Tensor, fitted: bool = False) -> torch.Tensor:
-        """The noise-free image of the sampling graph (or, `fitted`, the training's)."""
-        return self.acquire(self.anatomy(z), scanner, fitted).clamp(0, 1)
+    def decode(self, z: torch.Tensor, scanner: torch.Tensor, fitted: bool = False, frozen: bool = False
+               ) -> torch.Tensor:
+        """The noise-free image of the sampling graph (or, `fitted`, the training's); `frozen`: see `acquire`."""
+        return self.acquire(self.anatomy(z), scanner, fitted, frozen).clamp(0, 1)
 
     def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor) -> AtlasOutput:
         mean, logvar = self.encode(images, scanner)

@@ -35,7 +35,7 @@ from torch import nn
 from mrgen_dist.models.adversarial import TwoPlayerConfig
 from mrgen_dist.models.atlas import FAMILY as ATLAS
 from mrgen_dist.models.atlas import AtlasConfig, AtlasOutput, AtlasVAE, atlas_objective
-from mrgen_dist.models.base import Step
+from mrgen_dist.models.base import Family, Step
 from mrgen_dist.models.cvae import Decoder
 from mrgen_dist.models.dcgan import DCGANFamily
 from mrgen_dist.models.networks import ConvDiscriminator, DiscriminatorOutput, centre_crop, multiply_accumulates
@@ -111,9 +111,8 @@ class AtlasGANFamily(DCGANFamily):
     def generate(self, players: AtlasGANPlayers, step: Step) -> dict[str, torch.Tensor]:
         vae, latent = players.generator, step.config.latent
         out: AtlasOutput = vae(step.images, step.scanner, step.noise[:, :latent])
-        anatomy = vae.anatomy(step.noise[:, latent : 2 * latent].to(out.mean.dtype))
         frozen = step.config.adversarial_parts == "anatomy"
-        clean = vae.acquire(anatomy, step.scanner, frozen=frozen).clamp(0, 1).float()
+        clean = vae.decode(step.noise[:, latent : 2 * latent].to(out.mean.dtype), step.scanner, frozen=frozen).float()
         maps = centre_crop(step.noise[:, 2 * latent :].view(-1, 2, *step.config.size), vae.image_shape)
         real, imaginary = maps.split(1, dim=1)
         fake = rician_draw(clean, vae.sigma(step.scanner).detach().float(), real, imaginary)
@@ -146,10 +145,9 @@ class AtlasGANFamily(DCGANFamily):
         """The atlas cVAE's count, its decoder once more (the prior draw), and the discriminator three times
         (adversarial.py), forward and backward."""
         vae = model.generator
-        decoder = sum(m.in_features * m.out_features for m in vae.decoder_body.modules() if isinstance(m, nn.Linear))
         d = multiply_accumulates(model.discriminator, torch.zeros(1, 1, *vae.image_shape),
                                  torch.zeros(1, dtype=torch.long))
-        return ATLAS.flops_per_image(vae) + 6 * decoder + 6 * 3 * d
+        return ATLAS.flops_per_image(vae) + Family.flops_per_image(self, vae.decoder_body) + 6 * 3 * d
 
 
 FAMILY = AtlasGANFamily()
