@@ -87,10 +87,9 @@ def _smooth_field(rng: np.random.Generator, amplitude: float, n_terms: int = 6) 
     return field * np.float32(amplitude / peak)
 
 
-def make_volume(template: np.ndarray, scanner: str, seed: int) -> np.ndarray:
-    """One synthetic subject seen by one scanner: int16 raw intensities on the FSL grid."""
-    rng = np.random.default_rng(seed)
-    look = APPEARANCE[scanner]
+def subject_anatomy(template: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One synthetic subject before any scanner, float32 >= 0: the template resized by a few per cent, under a
+    random smooth deformation (a few millimetres) and a smooth multiplicative bias field."""
     centre = (np.array(MNI_SHAPE, dtype=np.float32) - 1) / 2
     scale = rng.uniform(0.96, 1.04)
     coords = []
@@ -102,14 +101,31 @@ def make_volume(template: np.ndarray, scanner: str, seed: int) -> np.ndarray:
     vol = ndimage.map_coordinates(template, coords, order=1, mode="constant", cval=0.0)
     vol *= np.exp(_smooth_field(rng, amplitude=0.12))  # bias field
     np.clip(vol, 0.0, None, out=vol)
-    vol **= np.float32(look.gamma * rng.uniform(0.95, 1.05))
+    return vol
+
+
+def acquire(anatomy: np.ndarray, look: Appearance, gamma_jitter: float, noise: np.random.Generator | None
+            ) -> np.ndarray:
+    """`anatomy` seen by a scanner of appearance `look`, float32 on its raw intensity scale: the tone curve
+    x ** (gamma * gamma_jitter), the point-spread function, and Rician noise drawn from `noise` (none: the
+    noise-free image). The same generator state gives the same normal draws at any noise level, which is how
+    `benchmarks/translation_bounds.py` shows one acquisition on another scanner."""
+    vol = anatomy ** np.float32(look.gamma * gamma_jitter)
     if look.blur_mm > 0:
         vol = ndimage.gaussian_filter(vol, look.blur_mm)
-    sigma = np.float32(look.noise)
-    real = vol + sigma * rng.standard_normal(MNI_SHAPE, dtype=np.float32)
-    imag = sigma * rng.standard_normal(MNI_SHAPE, dtype=np.float32)
-    vol = np.sqrt(real * real + imag * imag)  # Rician magnitude noise, as in a real magnitude image
-    return np.round(vol * np.float32(look.raw_max)).astype(np.int16)
+    if noise is not None:
+        sigma = np.float32(look.noise)
+        real = vol + sigma * noise.standard_normal(MNI_SHAPE, dtype=np.float32)
+        imag = sigma * noise.standard_normal(MNI_SHAPE, dtype=np.float32)
+        vol = np.sqrt(real * real + imag * imag)  # Rician magnitude noise, as in a real magnitude image
+    return vol * np.float32(look.raw_max)
+
+
+def make_volume(template: np.ndarray, scanner: str, seed: int) -> np.ndarray:
+    """One synthetic subject seen by one scanner: int16 raw intensities on the FSL grid."""
+    rng = np.random.default_rng(seed)
+    anatomy = subject_anatomy(template, rng)
+    return np.round(acquire(anatomy, APPEARANCE[scanner], rng.uniform(0.95, 1.05), rng)).astype(np.int16)
 
 
 @dataclass(frozen=True)

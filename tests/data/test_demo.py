@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -11,12 +12,15 @@ from scipy import ndimage
 
 from mrgen_dist.cli import with_default_command
 from mrgen_dist.data.demo import (
+    APPEARANCE,
     DESCRIP,
     MARKER_FILE,
+    acquire,
     build_parser,
     cohort_plan,
     main,
     make_volume,
+    subject_anatomy,
     template_on_fsl_grid,
 )
 from mrgen_dist.data.store import SliceStore
@@ -44,6 +48,22 @@ def test_deterministic_by_seed() -> None:
     assert np.array_equal(a, make_volume(template, plan[0].scanner, plan[0].seed))
     other = cohort_plan(1, seed=4)[0]
     assert not np.array_equal(a, make_volume(template, other.scanner, other.seed))
+
+
+def test_one_subject_on_two_scanners() -> None:
+    """The subject and its acquisition are separate: Unspecified is Magnetom TrioTim's image blurred (both have
+    gamma 1), and one noise generator state draws the same noise at any level (what the translation bounds use)."""
+    anatomy = subject_anatomy(template_on_fsl_grid(), np.random.default_rng(5))
+    sharp, blurry = APPEARANCE["Magnetom TrioTim"], APPEARANCE["Unspecified"]
+    clean_sharp = acquire(anatomy, sharp, 1.0, None) / sharp.raw_max
+    clean_blurry = acquire(anatomy, blurry, 1.0, None) / blurry.raw_max
+    np.testing.assert_allclose(clean_blurry, ndimage.gaussian_filter(clean_sharp, blurry.blur_mm), atol=1e-6)
+    noisy = acquire(anatomy, sharp, 1.0, np.random.default_rng(9)) / sharp.raw_max
+    noisier = acquire(anatomy, replace(blurry, blur_mm=0.0), 1.0, np.random.default_rng(9)) / blurry.raw_max
+    background = anatomy == 0
+    assert background.mean() > 0.3
+    np.testing.assert_allclose(noisier[background] / blurry.noise, noisy[background] / sharp.noise, rtol=1e-5)
+    assert not np.allclose(noisier[background], noisy[background])
 
 
 def test_scanner_traits_survive_conversion(store_dir: Path) -> None:
