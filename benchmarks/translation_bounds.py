@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mrgen_dist.cli import positive
 from mrgen_dist.compare_translation import TARGET_CONDITIONING, TARGET_CYCLE_SSIM
-from mrgen_dist.data.demo import APPEARANCE, acquire, subject_anatomy, template_on_fsl_grid
+from mrgen_dist.data.demo import APPEARANCE, Appearance, acquire, subject_anatomy, template_on_fsl_grid
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import SLICE_PARAM_KEYS, SliceParams, central_slices
 from mrgen_dist.fid.conditioning import scanner_classifier
@@ -49,7 +51,8 @@ TRAITS = {"tone curve": "gamma", "point-spread": "blur_mm", "noise level": "nois
 BLUR_LEFT_MM = (1.6, 1.2, 0.8, 0.4)
 
 
-def _render(anatomy: np.ndarray, jitter: float, subject: int, look, draw: int, params: SliceParams) -> np.ndarray:
+def _render(params: SliceParams, anatomy: np.ndarray, jitter: float, subject: int, look: Appearance, draw: int
+            ) -> np.ndarray:
     """The central slices of `anatomy` seen through `look`, with the subject's noise draw number `draw`."""
     raw = acquire(anatomy, look, jitter, np.random.default_rng([SEED_BASE + subject, draw]))
     return central_slices(np.round(raw).astype(np.int16).astype(np.float32), params)  # as a file is read
@@ -63,10 +66,7 @@ def _rendered(template: np.ndarray, names: list[str], params: SliceParams, n_sub
         rng = np.random.default_rng(SEED_BASE + i)
         anatomy = subject_anatomy(template, rng)
         jitter = rng.uniform(0.95, 1.05)
-
-        def render(look, draw: int, anatomy=anatomy, jitter=jitter, i=i) -> np.ndarray:
-            return _render(anatomy, jitter, i, look, draw, params)
-
+        render = functools.partial(_render, params, anatomy, jitter, i)
         for t, target in enumerate(names):
             look = APPEARANCE[target]
             cells.setdefault(("truth", t), []).append(render(look, 0))
@@ -94,8 +94,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store", type=Path, help="a slice store of the demo cohort (mrgen-demo-data + mrgen-convert)")
     ap.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"), help="Inception feature cache")
-    ap.add_argument("--subjects", type=int, default=4, help="new synthetic subjects (10 slices each)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--subjects", type=positive(int), default=4, help="new synthetic subjects (10 slices each)")
+    ap.add_argument("--threads", type=positive(int), default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-output/translation-bounds"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
