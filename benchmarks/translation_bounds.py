@@ -17,7 +17,7 @@ subjects on every scanner and scores *perfect* translations with the same classi
 
 The classifier is `mrgen-fid`'s conditioning classifier, fitted on the real train slices of STORE (a store of
 the demo cohort, whose physics the renders share) on the FID Inception's features (cached in --cache). The new
-subjects' seeds are far from the cohort's.
+subjects' seeds are far from the cohort's. Writes OUT/translation_bounds.json, .md and .png.
 
     python benchmarks/translation_bounds.py STORE [--cache DIR] [--subjects 4] [--out bench-output/translation-bounds]
 """
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mrgen_dist import plots
 from mrgen_dist.cli import positive
 from mrgen_dist.compare_translation import TARGET_CONDITIONING, TARGET_CYCLE_SSIM
 from mrgen_dist.data.demo import APPEARANCE, Appearance, acquire, subject_anatomy, template_on_fsl_grid
@@ -157,6 +158,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "translation_bounds.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "translation_bounds.md").write_text(report)
+    plots.translation_bounds(result, args.out / "translation_bounds.png")
     print(report)
     return 0
 

@@ -117,3 +117,33 @@ def confusion_matrix(counts: np.ndarray, names: Sequence[str], path: str | Path)
     ax.set_ylabel("asked for")
     ax.set_title("conditioning of generated slices")
     return _save(fig, path, dpi=90)
+
+
+def translation_bounds(result: dict, path: str | Path) -> Path:
+    """benchmarks/translation_bounds.py's figure: the cycle SSIM a translator that draws fresh noise can reach,
+    per scanner, and how often the target's appearance with some of Unspecified's blur left is read as it."""
+    plt = _pyplot()
+    names, targets = result["scanners"], result["targets"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.bar(range(len(names)), result["fresh_noise_cycle_ssim"], color="tab:gray")
+    left.axhline(targets["cycle_ssim"], color="tab:red", linestyle="--", label=f"target {targets['cycle_ssim']}")
+    left.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    left.set_ylim(0, 1)
+    left.set_ylabel("SSIM(x, second noise draw)")
+    left.set_title("cycle SSIM of a perfect translator\nthat draws fresh noise", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    blurs = sorted(result["blur_left"], key=float, reverse=True)
+    for t, name in enumerate(names):
+        points = [(float(b), result["blur_left"][b][t]) for b in blurs if result["blur_left"][b][t] is not None]
+        if points:
+            right.plot(*zip(*points, strict=True), "o-", label=name)
+    right.axhline(targets["conditioning"], color="tab:red", linestyle="--", label=f"target {targets['conditioning']}")
+    right.invert_xaxis()
+    right.set_xlabel("Gaussian point-spread left (mm; Unspecified's is 1.6)")
+    right.set_ylabel("read as the target")
+    right.set_ylim(-0.03, 1.03)
+    right.set_title("the target's appearance with blur left", fontsize=10)
+    right.legend(fontsize=8, loc="center left")
+    fig.suptitle(f"what a translator can reach ({result['subjects']} new demo subjects, "
+                 f"{result['slices_per_cell']} slices per cell)", fontsize=10)
+    return _save(fig, path, dpi=90)
