@@ -47,7 +47,7 @@ from mrgen_dist.fid.inception import load_inception
 from mrgen_dist.fid.translation import ssim
 from mrgen_dist.sample import cpu_description
 
-SEED_BASE = 10**9  # the cohort's subject seeds are seed * 100_003 + 901...
+SEED_BASE = 10**9  # above the cohort's subject seeds (seed * 100_003 + 901 + ...) for any --seed below 9,999
 TRAITS = {"tone curve": "gamma", "point-spread": "blur_mm", "noise level": "noise"}
 BLUR_LEFT_MM = (1.6, 1.2, 0.8, 0.4)
 
