@@ -41,7 +41,7 @@ from mrgen_dist.cli import positive
 from mrgen_dist.compare_translation import TARGET_CONDITIONING, TARGET_CYCLE_SSIM
 from mrgen_dist.data.demo import APPEARANCE, Appearance, acquire, subject_anatomy, template_on_fsl_grid
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.data.volume import SLICE_PARAM_KEYS, SliceParams, central_slices
+from mrgen_dist.data.volume import SliceParams, central_slices
 from mrgen_dist.fid.conditioning import scanner_classifier
 from mrgen_dist.fid.inception import load_inception
 from mrgen_dist.fid.translation import ssim
@@ -112,7 +112,7 @@ def main() -> int:
         print(f"translation_bounds: scanners without a demo appearance: {unknown}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    params = SliceParams(**{k: store.manifest.params[k] for k in SLICE_PARAM_KEYS})
+    params = SliceParams.from_record(store.manifest.params)
     cells = _rendered(template_on_fsl_grid(), names, params, args.subjects)
     extractor = load_inception(None, "cpu")
     classifier = scanner_classifier(store, extractor, args.cache)
