@@ -327,8 +327,9 @@ def train(args: argparse.Namespace) -> int:
             record["mfu"] = flops_per_image * images_per_s / (peak * acc.num_processes)
         state.history.append(record)
         acc.print(
-            f"epoch {epoch + 1}: train {train_mean[names[0]]:.3f} ("
-            + ", ".join(f"{k} {train_mean[k]:.3f}" for k in names[1:]) + f")  test {test_mean[names[0]]:.3f}  "
+            f"epoch {epoch + 1}: train {train_mean[names[0]]:.3f}"
+            + (" (" + ", ".join(f"{k} {train_mean[k]:.3f}" for k in names[1:]) + ")" if names[1:] else "")
+            + f"  test {test_mean[names[0]]:.3f}  "
             f"{images_per_s:.0f} img/s" + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "")
         )
         tracker.log_scalars({f"{term}/{side}": record[f"{side}_{term}"] for term in names for side in ("train", "test")}

@@ -49,6 +49,17 @@ def trained_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def atlas_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny atlas cVAE trained for 30 steps on the store: the teacher of the distilled translators."""
+    from tests.launch import TINY_ATLAS, run, train_cmd
+
+    out = tmp_path_factory.mktemp("atlas") / "run"
+    done = run(train_cmd(store_dir, out, "train.max_steps=30", "train.sample_every=100", config=TINY_ATLAS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def translator_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny StarGAN translator trained for 30 steps on the store."""
     from tests.launch import TINY_TRANSLATORS, run, train_cmd

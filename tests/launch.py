@@ -13,6 +13,7 @@ TINY = REPO / "hpc" / "configs" / "tiny.yaml"
 TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", "wgangp", "cvaegan", "atlasgan")}
 TINY_ATLAS = REPO / "tests" / "assets" / "tiny_atlas.yaml"
 TINY_TRANSLATORS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("stargan", "cyclegan")}
+TINY_DISTILLED = REPO / "tests" / "assets" / "tiny_distilled.yaml"  # needs model.teacher=<an atlas run>
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 

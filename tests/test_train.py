@@ -22,6 +22,7 @@ from tests.launch import (
     REPO,
     TINY,
     TINY_ATLAS,
+    TINY_DISTILLED,
     TINY_GANS,
     TINY_TRANSLATORS,
     env,
@@ -61,11 +62,14 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
     assert "images_per_s" in history[0]
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_ATLAS, *TINY_GANS.values(), *TINY_TRANSLATORS.values()],
-                         ids=["cvae", "atlas", *TINY_GANS, *TINY_TRANSLATORS])
-def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, store_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", [TINY, TINY_ATLAS, *TINY_GANS.values(), *TINY_TRANSLATORS.values(), TINY_DISTILLED],
+                         ids=["cvae", "atlas", *TINY_GANS, *TINY_TRANSLATORS, "distilled"])
+def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, store_dir: Path, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
     common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10")
+    if config == TINY_DISTILLED:
+        common += (f"model.teacher={request.getfixturevalue('atlas_run')}",)
     straight = tmp_path / "straight"
     done = run(train_cmd(store_dir, straight, *common, config=config))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -86,6 +86,20 @@ class TranslatorGraph(TranslationGraph):
         return self.generator(image.to(next(self.generator.parameters()).dtype), scanner).float()
 
 
+@torch.no_grad()
+def translation_preview(graph: TranslationGraph, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
+                        ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    """The per-epoch figure of a translator: one test slice of each scanner (columns), translated to each of
+    the graph's targets (rows)."""
+    first = [int(np.flatnonzero(scanner.cpu().numpy() == sid)[0]) for sid in scanner.unique().tolist()]
+    x = images[first[:PREVIEW_COLUMNS]].float().unsqueeze(1)
+    rows = [("input", x[:, 0].cpu().numpy())]
+    for sid in graph.targets:
+        target = torch.full((len(x),), sid, dtype=torch.long, device=x.device)
+        rows.append((f"to {vocabulary.names[sid]}", graph(x, target)[:, 0].cpu().numpy()))
+    return rows, "translations (a test slice of each scanner, to each scanner)"
+
+
 class StarGANFamily(DCGANFamily):
     name = "stargan"
     title = "StarGAN translator"
@@ -132,15 +146,7 @@ class StarGANFamily(DCGANFamily):
     @torch.no_grad()
     def preview(self, model: TranslatorPlayers, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
                 ) -> tuple[list[tuple[str, np.ndarray]], str]:
-        """One test slice of each scanner (columns), translated to each target (rows)."""
-        graph = self.export_graph(model)
-        first = [int(np.flatnonzero(scanner.cpu().numpy() == sid)[0]) for sid in scanner.unique().tolist()]
-        x = images[first[:PREVIEW_COLUMNS]].float().unsqueeze(1)
-        rows = [("input", x[:, 0].cpu().numpy())]
-        for sid in graph.targets:
-            target = torch.full((len(x),), sid, dtype=torch.long, device=x.device)
-            rows.append((f"to {vocabulary.names[sid]}", graph(x, target)[:, 0].cpu().numpy()))
-        return rows, "translations (a test slice of each scanner, to each scanner)"
+        return translation_preview(self.export_graph(model), images, scanner, vocabulary)
 
     def flops_per_image(self, model: TranslatorPlayers) -> int:
         """Training FLOPs per image, approximately: forward + backward (x3) of the translator three times
