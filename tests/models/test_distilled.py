@@ -20,7 +20,7 @@ from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.distilled import DilatedTranslator, detail_energy, render_pairs
 from mrgen_dist.scanners import Vocabulary
 from mrgen_dist.translate import Translator
-from tests.launch import TINY_DISTILLED, run, train_cmd
+from tests.launch import TINY_DISTILLED, launch, run, train_cmd, two_cpu_processes
 from tests.models.players import SHAPE
 
 
@@ -160,3 +160,20 @@ def test_trained_it_translates_as_the_teacher_and_exports_as_a_translator(
         with torch.no_grad():
             want = model(torch.from_numpy(x)[:, None], torch.full((4,), target))[:, 0].numpy()
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_in_bf16_each_with_its_teacher_and_the_nan_stop(store_dir: Path, atlas_run: Path,
+                                                                      tmp_path: Path) -> None:
+    """DDP over gloo with bf16 autocast: the teacher is outside the wrapped module, loaded by each process."""
+    out = tmp_path / "ddp"
+    done = launch(store_dir, out, two_cpu_processes("bf16"), "train.mixed_precision=bf16", "train.max_steps=6",
+                  "train.world_size=2", f"model.teacher={atlas_run}", config=TINY_DISTILLED, ACCELERATE_USE_CPU="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in records)
+    assert (out / "model.safetensors").is_file()
+    nan = run(train_cmd(store_dir, tmp_path / "nan", f"model.teacher={atlas_run}", "optim.lr=.inf",
+                        "train.checkpoint_every=1", config=TINY_DISTILLED))
+    assert nan.returncode == 3 and "non-finite loss at step" in nan.stdout + nan.stderr
