@@ -125,9 +125,9 @@ class DilatedTranslator(nn.Module):
     starts at zero, so the untrained translator is the identity.
 
     With `context`, the scales and shifts also depend on the whole image: the mean of the first layer's maps
-    over the head (pixels above HEAD), through a linear map that starts at zero. The receptive field of the
-    convolutions (49 pixels) sees too little to tell the source's tone curve and noise level apart, and the
-    contract gives the target only."""
+    over the head (pixels above HEAD), through a linear map that starts at zero. The convolutions see 49
+    pixels with the default dilations, maybe too few to tell the source's tone curve and noise level apart,
+    and the contract gives the target only."""
 
     def __init__(self, n_scanners: int, width: int, dilations: list[int], context: bool = False) -> None:
         super().__init__()
