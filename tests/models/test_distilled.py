@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mrgen_dist.config import load_config
 from mrgen_dist.data.store import SliceStore
@@ -138,8 +139,9 @@ def test_trained_it_translates_as_the_teacher_and_exports_as_a_translator(
     assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:20])  # measured: 0.0060 against 0.0075
     assert (out / "samples_006.png").is_file()
     # on new pairs of the teacher (whole test slices), the student is closer to the target than its input is
-    family, model, record = load_trained(out)
-    assert record.family == "distilled" and set(load_trained(out)[1].state_dict()) == set(model.state_dict())
+    _, model, record = load_trained(out)
+    assert record.family == "distilled"
+    assert all(key.startswith("generator.") for key in load_file(out / "model.safetensors"))  # no teacher in it
     pairs = render_pairs(teacher, config("model.crop=0", "model.renders=4"), *test_slices,
                          torch.Generator().manual_seed(5))
     with torch.no_grad():
