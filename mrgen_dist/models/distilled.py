@@ -18,15 +18,20 @@ one noise draw (n1, n2), and the student G is fitted by |G(x_s', t) - x_t|, mean
 `crop` x `crop` windows (`renders` pairs per slice). The student is a small residual network of dilated 3x3
 convolutions (receptive field 2 (1 + sum of dilations) + 1 pixels), each feature map modulated by the target
 (FiLM: a per-target scale and shift per layer), with no normalisation: a convolution without batch or instance
-statistics computes the same on a crop as on the whole slice. The teacher is frozen and is not part of the
-run's weights: a trained run exports and translates without it.
+statistics computes the same on a crop as on the whole slice. With `identify` a `SourceHead` reads the input's
+scanner s' from the whole slice (trained on the batch's real slices) and each layer also gets a scale and shift
+per (s', t): in training the pairs' true s' is given, translating the head's reading. The teacher is frozen and
+is not part of the run's weights: a trained run exports and translates without it.
 
-Measured on the comparison cohort (README, "A translator distilled from the atlas cVAE"; width 32, 690 s on an
-H100): conditioning 0.59 (the StarGAN's 0.44), cycle SSIM 0.97, KID 73 x 10^-3 (122). It fails to Magnetom
-TrioTim even on the teacher's own renders: an L1 fit keeps much of the source's noise and averages away the
-detail that a sharp, quiet scanner shows. Two options address that and are not yet shown to reach the target:
-`detail_weight`, an error on the log local energy of the finest detail (`detail_energy`), and `context`, the
-layers' scales and shifts also from a pool of the first layer's maps over the head (`DilatedTranslator`).
+Measured on the comparison cohort (README, "A translator distilled from the atlas cVAE"; width 32): with
+`identify` (655 s on an H200) conditioning 0.87, cycle SSIM 0.98, KID 54 x 10^-3; without it (690 s on an
+H100) 0.59, 0.97, 73; the StarGAN's 0.44, 0.95, 123. The head reads every real test slice's scanner right.
+What still fails is to Magnetom TrioTim (0.60-0.89), even on the teacher's own renders with the true source
+given (measured without `identify`: its translations there kept much of the source's noise; an L1 fit also
+averages away the detail that a sharp, quiet scanner shows). Two options address that and are not shown to
+help yet: `detail_weight`, an error on the log local energy of the finest detail (`detail_energy`), and
+`context`, the layers' scales and shifts also from a pool of the first layer's maps over the head
+(`DilatedTranslator`).
 
 The exported graph is the translator, contract `mrgen-translator` (export/README.md), as the StarGAN's.
 """
@@ -165,7 +170,7 @@ class DilatedTranslator(nn.Module):
     scales and shifts, starting at zero; `identify`, a `SourceHead` that reads the input's scanner, whose
     probabilities weigh a further scale and shift per (source, target) pair, also starting at zero. In training
     the pairs' true source is given (`source`, one-hot), so that the translation learns each pair's mapping
-    while the head learns to name the source; translating, the head's probabilities stand in for it."""
+    while the head learns to name the scanner of real slices; translating, its probabilities stand in for it."""
 
     def __init__(self, n_scanners: int, width: int, dilations: list[int], context: bool = False,
                  identify: bool = False) -> None:
