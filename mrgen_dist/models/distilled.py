@@ -203,7 +203,7 @@ class DilatedTranslator(nn.Module):
             extra = self.context(pooled).view(len(h), 2, *gain.shape[::2]).permute(1, 2, 0, 3)
             gain, shift = gain + extra[0], shift + extra[1]
         if self.source_head is not None:
-            weights = source.float()
+            weights = source.to(self.pair_gain.dtype)  # float16 in an fp16 export
             gain = gain + torch.einsum("bs,lsbw->lbw", weights, self.pair_gain[:, :, scanner])
             shift = shift + torch.einsum("bs,lsbw->lbw", weights, self.pair_shift[:, :, scanner])
         return 1 + gain.to(h.dtype), shift.to(h.dtype)

@@ -178,6 +178,9 @@ def test_trained_it_translates_as_the_teacher_and_exports_as_a_translator(
         with torch.no_grad():
             want = model(torch.from_numpy(x)[:, None], torch.full((4,), target))[:, 0].numpy()
         np.testing.assert_allclose(got, want, atol=1e-4)
+    # and in float16 (the export's own parity gate checks it against torch)
+    fp16 = export_onnx(out, "fp16", tmp_path / "translator-fp16.onnx")
+    assert fp16.max_error <= fp16.tolerance
 
 
 @pytest.mark.slow
