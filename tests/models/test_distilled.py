@@ -1,6 +1,6 @@
-"""The distilled translator (family `distilled`): its student network, the teacher's paired renders, the
-checks of model.teacher, and a run through the loop that learns the teacher's translations and exports under
-the translator contract. Resume is in tests/test_train.py; the shared translator commands in
+"""The distilled translator (family `distilled`): its student network and source head, the teacher's paired
+renders, the checks of model.teacher, and runs through the loop that learn the teacher's translations and export
+under the translator contract. Resume is in tests/test_train.py; the shared translator commands in
 tests/models/test_translation.py."""
 
 from __future__ import annotations
