@@ -50,6 +50,13 @@ class ModelConfig:
         """Raise ValueError naming the field when the model does not fit the store's `vocabulary` or the
         scanners the run trains on (`trained`: data.scanners, or every scanner)."""
 
+    def require_every_scanner(self, vocabulary: Vocabulary, trained: list[str], alternative: str = "") -> None:
+        """For a translator between all the store's scanners: a ValueError unless the run trains on every one
+        (`alternative`: what else to use, appended to the message)."""
+        if set(trained) != set(vocabulary.names):
+            raise ValueError(f"model.family {self.family} translates between every scanner of the store; train it "
+                             f"on all of them (leave data.scanners empty){alternative}")
+
 
 @dataclass
 class Step:

@@ -59,9 +59,7 @@ class StarGANConfig(TwoPlayerConfig):
         if len(trained) < 2:
             raise ValueError(f"model.family {self.family} translates between scanners: data.scanners must name at "
                              f"least two, got {trained}")
-        if set(trained) != set(vocabulary.names):
-            raise ValueError(f"model.family {self.family} translates between every scanner of the store; train it "
-                             f"on all of them (leave data.scanners empty), or use the cyclegan family for a pair")
+        self.require_every_scanner(vocabulary, trained, ", or use the cyclegan family for a pair")
 
 
 class TranslatorPlayers(nn.Module):
