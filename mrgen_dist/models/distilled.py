@@ -128,9 +128,7 @@ class DistilledConfig(ModelConfig):
         if list(teacher.vocabulary) != list(vocabulary.names):
             raise ValueError(f"model.teacher {self.teacher} was trained on the scanners {teacher.vocabulary}, the "
                              f"store has {vocabulary.names}")
-        if set(trained) != set(vocabulary.names):
-            raise ValueError(f"model.family {self.family} translates between every scanner of the store; train it "
-                             f"on all of them (leave data.scanners empty)")
+        self.require_every_scanner(vocabulary, trained)
 
 
 class SourceHead(nn.Module):
@@ -239,7 +237,8 @@ class DistilledTranslator(nn.Module):
         self.generator = DilatedTranslator(n_scanners, config.width, config.dilations, config.context,
                                            config.identify)
         self.teacher_dir = config.teacher
-        self.window = (config.crop, config.crop) if config.crop else tuple(image_shape)  # of the training pairs
+        self.image_shape = tuple(image_shape)
+        self.window = (config.crop, config.crop) if config.crop else self.image_shape  # of the training pairs
         self.renders = config.renders
         self._teacher: list[nn.Module] = []
 
@@ -370,10 +369,16 @@ class DistilledFamily(Family):
         return translation_preview(self.export_graph(model), images, scanner, vocabulary)
 
     def flops_per_image(self, model: DistilledTranslator) -> int:
-        """Training FLOPs per slice of the batch: forward + backward (x3) of the student on each of its renders
-        (the teacher's renders, under no_grad, are not counted)."""
+        """Training FLOPs per slice of the batch: forward + backward (x3) of the student on each of its renders,
+        given the true source as in training, and of its source head on the whole slice (the teacher's renders,
+        under no_grad, are not counted)."""
+        generator = model.generator
         x, s = torch.zeros(1, 1, *model.window), torch.zeros(1, dtype=torch.long)
-        return 6 * model.renders * multiply_accumulates(model.generator, x, s)
+        source = F.one_hot(s, generator.n_scanners).float()
+        student = model.renders * multiply_accumulates(generator, x, s, source)
+        head = generator.source_head
+        read = multiply_accumulates(head, torch.zeros(1, 1, *model.image_shape)) if head is not None else 0
+        return 6 * (student + read)
 
 
 FAMILY = DistilledFamily()
