@@ -59,6 +59,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch only
     keep_checkpoints: int = 2
     seed: int = 0  # model init and reparameterisation noise
+    init_from: str = ""  # a finished run of the same family, model and store shape: its weights start this run
     world_size: int = 0  # expected number of processes; 0: accept what the launcher gives
     sample_every: int = 10  # epochs between sample grids (and the last epoch)
     tracker: str = "clearml"  # clearml | none
@@ -82,6 +83,8 @@ class RunConfig:
         keep = {"data": d["data"], "model": d["model"], "optim": d["optim"], "train": {
             k: d["train"][k] for k in ("batch_size", "grad_accum", "mixed_precision", "seed")
         }}
+        if d["train"]["init_from"]:  # only when set: the checkpoints of runs from before the option still resume
+            keep["train"]["init_from"] = d["train"]["init_from"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:

@@ -117,6 +117,29 @@ def make_optimizer(params, optim: OptimConfig, deepspeed: bool) -> torch.optim.O
     )
 
 
+def initialise_from(model: torch.nn.Module, run_dir: Path, family: Family, store: SliceStore) -> None:
+    """Load a finished run's weights into `model` (train.init_from: a fine-tune); a UserError naming the run
+    when it is of another family, scanners or slice shape, or its weights do not fit the model. Optimizer
+    state, step and data position start afresh; a resumed run takes all of them from its checkpoint."""
+    from safetensors.torch import load_file
+
+    record_path, weights = run_dir / RunRecord.NAME, run_dir / "model.safetensors"
+    if not record_path.is_file() or not weights.is_file():
+        raise UserError(f"train.init_from {run_dir}: no config.json and model.safetensors (a finished mrgen-train run)")
+    record = RunRecord.read(record_path)
+    theirs = (record.family, list(record.vocabulary), list(record.image_shape))
+    ours = (family.name, list(store.vocabulary.names), list(store.manifest.params["slice_shape"]))
+    if theirs != ours:
+        raise UserError(f"train.init_from {run_dir} was trained as family {theirs[0]}, scanners {theirs[1]}, slices "
+                        f"{theirs[2]}; this run is family {ours[0]}, scanners {ours[1]}, slices {ours[2]}")
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as e:  # its second line names the first key that is missing, extra or of another size
+        why = [line.strip() for line in str(e).strip().splitlines()]
+        raise UserError(f"train.init_from {run_dir}: its weights do not fit this run's model settings "
+                        f"({why[1] if len(why) > 1 else why[0]})") from None
+
+
 def reduce_sum(acc, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Named float64 scalars summed over ranks in one all-reduce."""
     packed = torch.stack([v.double() for v in values.values()])
@@ -188,6 +211,9 @@ def train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed)
     image_shape = tuple(train_set.images.shape[1:])
     model = family.build(cfg.model, store.vocabulary, image_shape)
+    if cfg.train.init_from:
+        initialise_from(model, Path(cfg.train.init_from), family, store)
+        acc.print(f"weights from {cfg.train.init_from}")
     flops_per_image = family.flops_per_image(model)
     n_params = sum(p.numel() for p in model.parameters())
     deepspeed = acc.state.deepspeed_plugin is not None

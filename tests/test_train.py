@@ -253,3 +253,28 @@ def test_damaged_checkpoints_are_refused_or_skipped(store_dir: Path, tmp_path: P
     forged = run(train_cmd(store_dir, out, "train.max_steps=8", resume=str(latest)))
     assert forged.returncode == 1 and f"{rng}: cannot be loaded" in forged.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_init_from_starts_a_run_from_a_finished_one(store_dir: Path, trained_run: Path, atlas_run: Path,
+                                                    tmp_path: Path) -> None:
+    """A fine-tune: the finished run's weights, then this run's optimizer and steps (one Adam step moves each
+    weight by about the learning rate)."""
+    from safetensors.torch import load_file
+
+    done = run(train_cmd(store_dir, tmp_path / "tuned", f"train.init_from={trained_run}", "optim.lr=1e-9",
+                         "train.max_steps=1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"weights from {trained_run}" in done.stdout + done.stderr
+    before, after = load_file(trained_run / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-8)
+    fresh = run(train_cmd(store_dir, tmp_path / "fresh", "optim.lr=1e-9", "train.max_steps=1"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    weights = load_file(tmp_path / "fresh" / "model.safetensors")["encoder.0.weight"]
+    assert (weights - before["encoder.0.weight"]).abs().max() > 1e-3
+    other = run(train_cmd(store_dir, tmp_path / "other", f"train.init_from={atlas_run}"))
+    assert other.returncode == 1 and "was trained as family atlas" in other.stderr
+    wider = run(train_cmd(store_dir, tmp_path / "wider", f"train.init_from={trained_run}", "model.latent=16"))
+    assert wider.returncode == 1 and "its weights do not fit this run's model settings" in wider.stderr
+    assert not (tmp_path / "other").exists() and not (tmp_path / "wider").exists()
