@@ -121,19 +121,16 @@ def initialise_from(model: torch.nn.Module, run_dir: Path, family: Family, store
     """Load a finished run's weights into `model` (train.init_from: a fine-tune); a UserError naming the run
     when it is of another family, scanners or slice shape, or its weights do not fit the model. Optimizer
     state, step and data position start afresh; a resumed run takes all of them from its checkpoint."""
-    from safetensors.torch import load_file
+    from mrgen_dist.export import load_trained  # the checks that the run is whole and readable
 
-    record_path, weights = run_dir / RunRecord.NAME, run_dir / "model.safetensors"
-    if not record_path.is_file() or not weights.is_file():
-        raise UserError(f"train.init_from {run_dir}: no config.json and model.safetensors (a finished mrgen-train run)")
-    record = RunRecord.read(record_path)
+    _, trained, record = load_trained(run_dir)
     theirs = (record.family, list(record.vocabulary), list(record.image_shape))
     ours = (family.name, list(store.vocabulary.names), list(store.manifest.params["slice_shape"]))
     if theirs != ours:
         raise UserError(f"train.init_from {run_dir} was trained as family {theirs[0]}, scanners {theirs[1]}, slices "
                         f"{theirs[2]}; this run is family {ours[0]}, scanners {ours[1]}, slices {ours[2]}")
     try:
-        model.load_state_dict(load_file(weights))
+        model.load_state_dict(trained.state_dict())
     except RuntimeError as e:  # its second line names the first key that is missing, extra or of another size
         why = [line.strip() for line in str(e).strip().splitlines()]
         raise UserError(f"train.init_from {run_dir}: its weights do not fit this run's model settings "
