@@ -117,7 +117,8 @@ def make_optimizer(params, optim: OptimConfig, deepspeed: bool) -> torch.optim.O
     )
 
 
-def initialise_from(model: torch.nn.Module, run_dir: Path, family: Family, store: SliceStore) -> None:
+def initialise_from(model: torch.nn.Module, run_dir: Path, family: Family, vocabulary: list[str],
+                    image_shape: tuple[int, int]) -> None:
     """Load a finished run's weights into `model` (train.init_from: a fine-tune); a UserError naming the run
     when it is of another family, scanners or slice shape, or its weights do not fit the model. Optimizer
     state, step and data position start afresh; a resumed run takes all of them from its checkpoint."""
@@ -125,7 +126,7 @@ def initialise_from(model: torch.nn.Module, run_dir: Path, family: Family, store
 
     _, trained, record = load_trained(run_dir)
     theirs = (record.family, list(record.vocabulary), list(record.image_shape))
-    ours = (family.name, list(store.vocabulary.names), list(store.manifest.params["slice_shape"]))
+    ours = (family.name, list(vocabulary), list(image_shape))
     if theirs != ours:
         raise UserError(f"train.init_from {run_dir} was trained as family {theirs[0]}, scanners {theirs[1]}, slices "
                         f"{theirs[2]}; this run is family {ours[0]}, scanners {ours[1]}, slices {ours[2]}")
@@ -209,7 +210,7 @@ def train(args: argparse.Namespace) -> int:
     image_shape = tuple(train_set.images.shape[1:])
     model = family.build(cfg.model, store.vocabulary, image_shape)
     if cfg.train.init_from:
-        initialise_from(model, Path(cfg.train.init_from), family, store)
+        initialise_from(model, Path(cfg.train.init_from), family, list(store.vocabulary.names), image_shape)
         acc.print(f"weights from {cfg.train.init_from}")
     flops_per_image = family.flops_per_image(model)
     n_params = sum(p.numel() for p in model.parameters())
