@@ -18,7 +18,15 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.export import export_onnx, load_trained
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.distilled import SOURCE_WEIGHT, DilatedTranslator, SourceHead, detail_energy, render_pairs
+from mrgen_dist.models.distilled import (
+    SOURCE_WEIGHT,
+    DilatedTranslator,
+    SourceHead,
+    detail_energy,
+    render_pairs,
+    teacher_sigma,
+)
+from mrgen_dist.models.nonlocal_means import nonlocal_means
 from mrgen_dist.scanners import Vocabulary
 from mrgen_dist.translate import Translator
 from tests.launch import TINY_DISTILLED, launch, run, train_cmd, two_cpu_processes
@@ -69,6 +77,26 @@ def test_an_untrained_student_is_the_identity_and_the_target_matters(context: bo
         torch.testing.assert_close(net(x, t), net(x, t, read))
 
 
+def test_carry_noise_translates_the_denoised_slice_and_carries_its_noise_by_the_sigmas(test_slices) -> None:
+    torch.manual_seed(0)
+    net = DilatedTranslator(4, 8, [1, 2, 4], identify=True, carry_noise=True)
+    x = test_slices[0][:3, None]
+    t = torch.tensor([1, 3, 0])
+    torch.testing.assert_close(net(x, t), x, rtol=0, atol=1e-6)  # before the teacher's sigmas: the identity
+    net.noise_sigma.copy_(torch.tensor([0.04, 0.02, 0.04, 0.01]))
+    intera = torch.eye(4)[[1, 1, 1]]
+    anatomy = nonlocal_means(x, torch.full((3,), 0.02))
+    # untrained the convolutions change nothing: the noise alone, by sigma_t / sigma_s (1, 0.5, 2)
+    want = (anatomy + torch.tensor([1.0, 0.5, 2.0])[:, None, None, None] * (x - anatomy)).clamp(0, 1)
+    torch.testing.assert_close(net(x, t, intera), want)
+    torch.testing.assert_close(net(x, t, intera)[0], x[0], rtol=0, atol=1e-6)  # to its own scanner: unchanged
+    assert (x[1] - anatomy[1]).abs().mean() > 0.005  # a real slice's noise, which the translation halves
+    read = torch.softmax(net.source_head(x), dim=1)  # translating, the head's reading names the sigma
+    torch.testing.assert_close(net(x, t), net(x, t, read))
+    with pytest.raises(ValueError, match="model.carry_noise needs model.identify"):
+        config("model.identify=false", "model.carry_noise=true")
+
+
 def test_a_pair_is_one_anatomy_with_one_noise_draw_on_two_scanners(teacher, test_slices) -> None:
     images, scanner = test_slices[0][:6], test_slices[1][:6]
     pairs = render_pairs(teacher, config("model.crop=0", "model.renders=3"), images, scanner,
@@ -110,7 +138,8 @@ def test_the_detail_term_reads_blur_and_the_losses_follow_the_config(atlas_run: 
     family = get_family("distilled")
     for weight, identify, reported in ((0.0, False, ("loss",)), (0.5, False, ("loss", "l1", "detail")),
                                        (0.5, True, ("loss", "l1", "detail", "source"))):
-        cfg = config(f"model.teacher={atlas_run}", f"model.detail_weight={weight}", f"model.identify={identify}")
+        cfg = config(f"model.teacher={atlas_run}", f"model.detail_weight={weight}", f"model.identify={identify}",
+                     f"model.carry_noise={identify}")
         model = family.build(cfg, Vocabulary.method(), SHAPE)
         torch.nn.init.normal_(model.generator.last.weight, std=0.1)
         step = Step(PlainAccelerator(), cfg, model, {}, images, scanner, torch.randn(4, family.noise_dim(cfg)))
@@ -144,12 +173,13 @@ def test_model_teacher_is_checked_before_any_work(store_dir: Path, trained_run: 
     assert done.returncode == 1 and "is a cvae run" in done.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("identify", [False, True], ids=["plain", "identify"])
+@pytest.mark.parametrize("identify", [False, True], ids=["plain", "identify-carry-noise"])
 def test_trained_it_translates_as_the_teacher_and_exports_as_a_translator(
         store_dir: Path, atlas_run: Path, teacher, test_slices, tmp_path: Path, identify: bool) -> None:
     out = tmp_path / "run"
     done = run(train_cmd(store_dir, out, f"model.teacher={atlas_run}", "train.epochs=6", "model.width=8",
-                         "train.sample_every=6", f"model.identify={identify}", config=TINY_DISTILLED))
+                         "train.sample_every=6", f"model.identify={identify}", f"model.carry_noise={identify}",
+                         config=TINY_DISTILLED))
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:20])  # measured: 0.0060 against 0.0075
@@ -158,6 +188,8 @@ def test_trained_it_translates_as_the_teacher_and_exports_as_a_translator(
     _, model, record = load_trained(out)
     assert record.family == "distilled"
     assert all(key.startswith("generator.") for key in load_file(out / "model.safetensors"))  # no teacher in it
+    if identify:  # the teacher's sigmas travel in the run's weights, so the export carries noise without it
+        torch.testing.assert_close(model.generator.noise_sigma, teacher_sigma(teacher))
     pairs = render_pairs(teacher, config("model.crop=0", "model.renders=4"), *test_slices,
                          torch.Generator().manual_seed(5))
     with torch.no_grad():
