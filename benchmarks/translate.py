@@ -4,9 +4,10 @@ onnxruntime, fp32 and fp16; best of 5 after a warm-up. Target: under 1 s for the
 
 The translators are the comparison's: the StarGAN (hpc/configs/compare/stargan.yaml: 16-32-64 channels, 4
 residual blocks) and the distilled one (hpc/configs/compare/distilled.yaml: 32 maps, 7 dilated layers, the
-source head), freshly initialised with a fixed seed and their zero-initialised parameters drawn at random (an
-untrained translator is the identity, which costs the same but proves nothing), exported through the real
-`mrgen-export` path (checks included). The volume is a synthetic subject of the demo cohort (mrgen_dist.data.demo).
+source head, carry_noise's non-local means), freshly initialised with a fixed seed and their zero-initialised
+parameters drawn at random (an untrained translator is the identity, which costs the same but proves nothing),
+exported through the real `mrgen-export` path (checks included). The volume is a synthetic subject of the demo
+cohort (mrgen_dist.data.demo).
 
     python benchmarks/translate.py [--threads 2] [--repeats 5]
 """
