@@ -39,8 +39,8 @@ head reads it), and the rest, x - x^, the slice's own noise draw, is added back 
 teacher's Rician sigmas (a buffer of the run's weights). Carried deterministically, the round trip comes back
 to the same draw. Measured (README, "Carrying the slice's own noise"), trained on 2 CPU cores for 2 hours
 (9,852 steps): conditioning 0.974, cycle SSIM 0.986, KID 33 x 10^-3, the own scanner the smallest change: the
-translation targets are met. The failing pairs above pass (0.95-1.00); the weakest pair is deblurring
-Unspecified to Magnetom TrioTim (0.83).
+translation targets are met. To Magnetom TrioTim from Gyroscan Intera and Intera now reads 0.96 and 0.95; the
+weakest pair is from Unspecified, which must also be deblurred (0.83).
 
 The exported graph is the translator, contract `mrgen-translator` (export/README.md), as the StarGAN's.
 """
