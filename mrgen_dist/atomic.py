@@ -6,7 +6,8 @@
 
 The data goes to a temporary sibling whose name is unique to this process (two writers never share one),
 is flushed to disk, and is renamed over `path` only when the block finished without an exception; on an
-exception the temporary file is removed and `path` is left as it was. The file gets the permissions of any
+exception the temporary file is removed and `path` is left as it was. An OSError of the write (disk full,
+I/O error) names `path`, not the temporary file. The file gets the permissions of any
 newly created file (0o666 less the umask), not the owner-only 0o600 of `tempfile.mkstemp`. Stdlib only.
 """
 
@@ -46,6 +47,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None or e.filename in (str(tmp), tmp):  # a write error names the file the user asked for
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ Stdlib only: the torch-free sampler uses it.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import os
@@ -70,12 +71,21 @@ def report(prog: str, error: UserError) -> int:
     return error.exit_code
 
 
+#: Errors of the file system a user can fix (space, quota, a failing or read-only disk), reported in one line.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
 def run(prog: str, command: Callable[[], int | None]) -> int:
-    """Run a command body; a UserError becomes its one-line message and exit status."""
+    """Run a command body; a UserError becomes its one-line message and exit status, and so does an OSError of
+    the storage (disk full, I/O error), named by its file."""
     try:
         return command() or 0
     except UserError as e:
         return report(prog, e)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        return report(prog, UserError(f"{e.filename or 'a file'}: {e.strerror}"))
 
 
 def with_default_command(argv: Sequence[str] | None, parser: argparse.ArgumentParser, default: str) -> list[str]:
@@ -103,3 +113,14 @@ def positive(kind: type = int) -> Callable[[str], int | float]:
         return value
 
     return parse
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for an integer that must be >= 0 (a seed, a count that may be zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

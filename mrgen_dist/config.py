@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -169,7 +170,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return cfg
 
 
+#: Seeds are used as unsigned 32-bit integers (numpy's SeedSequence, torch's generators).
+SEED_LIMIT = 2**32
+
+
+def _non_finite(section: str, obj: Any) -> str | None:
+    """The first float field (or float in a list field) of a config dataclass that is NaN or infinite, as
+    `section.key: expected a finite number, got value`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{section}.{f.name}: expected a finite number, got {value}"
+    return None
+
+
 def validate(cfg: RunConfig) -> None:
+    for section in ("data", "model", "optim", "train"):  # every float of every section, before any range check
+        bad = _non_finite(section, getattr(cfg, section))
+        if bad:
+            raise ConfigError(bad)
+    for key in ("data.seed", "train.seed"):
+        section, name = key.split(".")
+        seed = getattr(getattr(cfg, section), name)
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"{key} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
     if not cfg.data.store:
         raise ConfigError("data.store is required (path of a slice store made by mrgen-convert)")
     try:

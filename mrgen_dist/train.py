@@ -10,7 +10,12 @@ seeded per-epoch indices, and the family's noise is drawn from a generator seede
 micro-step), so an interrupted and resumed run makes exactly the steps an uninterrupted one makes.
 
 Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeued under Slurm);
-3 non-finite loss (the last good checkpoint is kept); 1 a configuration, store or checkpoint error.
+3 non-finite loss (the last good checkpoint is kept); 1 a configuration, store or checkpoint error, or a file
+that cannot be written (disk full: one line naming the file; no file is left half-written under its name).
+
+`--resume auto` continues from the newest intact checkpoint, and starts afresh only in a folder that is absent,
+empty or holds no more than a start stopped before its first checkpoint (config.yaml, metrics.jsonl); a run with
+nothing to resume (a finished run whose checkpoints were removed) is refused: `--overwrite` moves it aside.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from mrgen_dist import __version__
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.atomic import atomic_path
-from mrgen_dist.checkpoint import CheckpointManager
+from mrgen_dist.checkpoint import CheckpointManager, WriteFailed, disk_errno, writing
 from mrgen_dist.cli import UserError, run
 from mrgen_dist.config import ConfigError, OptimConfig, RunConfig, load_config
 from mrgen_dist.data.epochs import epoch_indices
@@ -146,12 +151,67 @@ def reduce_sum(acc, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(values, packed, strict=True))
 
 
+#: What a run writes before its first checkpoint: `--resume auto` starts afresh over a folder that holds no more.
+BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl"})
+
+
+def refuse_unresumable(out: Path) -> None:
+    """`--resume auto` found no checkpoint in `out`: a UserError unless `out` is absent, empty or holds only what
+    a start stopped before its first checkpoint wrote (its metrics.jsonl is then replaced)."""
+    if not out.is_dir():
+        return
+    ckpts = out / "checkpoints"
+    held = sorted(p.name for p in out.iterdir() if p.name not in BEFORE_FIRST_CHECKPOINT and not (
+        p == ckpts and p.is_dir() and all(c.name.startswith(".tmp-") for c in p.iterdir())))
+    if held:
+        raise UserError(f"train.out {out} holds a run with no checkpoint to resume ({', '.join(held[:4])}"
+                        f"{', ...' if len(held) > 4 else ''}); start afresh with --overwrite (the old run is moved "
+                        "aside)")
+
+
+class MetricsLog:
+    """metrics.jsonl, one whole JSON line per optimizer step. A line that cannot be written whole (disk full) is
+    cut off again, so the file never ends in half a record, and the failure is a WriteFailed naming the file."""
+
+    def __init__(self, path: Path, append: bool) -> None:
+        self.path = path
+        with writing(path):
+            self.file = open(path, "ab" if append else "wb", buffering=0)  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = memoryview((json.dumps(record) + "\n").encode())
+        end = os.fstat(self.file.fileno()).st_size
+        try:
+            while data:
+                data = data[self.file.write(data):]
+        except OSError as e:
+            if disk_errno(e) is None:
+                raise
+            os.ftruncate(self.file.fileno(), end)
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run("mrgen-train", lambda: train(args))
 
 
 def train(args: argparse.Namespace) -> int:
+    """`_train`, with a write that fails for lack of space, quota or a failing disk (anywhere that the write
+    sites did not name it already) as one line naming the file."""
+    try:
+        return _train(args)
+    except OSError as e:
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise WriteFailed(f"cannot write {e.filename or 'a file of the run'}: {os.strerror(code)}") from None
+
+
+def _train(args: argparse.Namespace) -> int:
     # ---- configuration, store and checks: all before any work starts ------------------------------------
     cfg = load_config(args.config, args.overrides)
     if args.tracker:
@@ -191,6 +251,11 @@ def train(args: argparse.Namespace) -> int:
         "distributed_type": distributed_type,
     })
     resume_from = None if args.overwrite else ckpt.resume_point(args.resume)
+    if args.resume == "auto" and resume_from is None and not args.overwrite:
+        refuse_unresumable(out)
+        if out.is_dir() and any(out.iterdir()) and acc.is_main_process:
+            print(f"mrgen-train: no checkpoint in {out} (a start stopped before its first one): starting afresh",
+                  file=sys.stderr)
     # ---- data: the whole split, checksum-checked, resident on the device ------------------------------------
     train_set, test_set = (split.of_scanners([store.vocabulary.index(n) for n in trained])
                            for split in (store.load_split("train"), store.load_split("test")))
@@ -241,7 +306,8 @@ def train(args: argparse.Namespace) -> int:
             out.rename(aside)
             acc.print(f"mrgen-train: --overwrite: the run that was in {out} is now in {aside}")
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        with writing(out / "config.yaml"):
+            cfg.save(out / "config.yaml")
     acc.wait_for_everyone()
     tracker = make_tracker(cfg, out, enabled=acc.is_main_process)
     tracker.log_params({**cfg.to_dict(), "store_sha256": store.sha256, "world_size": acc.num_processes,
@@ -257,8 +323,7 @@ def train(args: argparse.Namespace) -> int:
 
     stop = PreemptionFlag()
     # one line per optimizer step; a resumed run appends (and re-logs the steps after its checkpoint)
-    metrics_log = open(out / "metrics.jsonl", "a" if resume_from else "w", buffering=1) \
-        if acc.is_main_process else None  # noqa: SIM115
+    metrics_log = MetricsLog(out / "metrics.jsonl", append=resume_from is not None) if acc.is_main_process else None
 
     def checkpoint(sums: torch.Tensor) -> Path:
         """Collective. This rank's loss sums of the epoch so far are summed over ranks and kept, so that a
@@ -290,50 +355,54 @@ def train(args: argparse.Namespace) -> int:
                    mininterval=0.5 if sys.stderr.isatty() else 30,
                    disable=not acc.is_main_process, file=sys.stderr, dynamic_ncols=True)
         t_epoch, images_seen = time.perf_counter(), 0
-        for micro in range(first, micro_per_epoch):
-            idx = order[micro * bs : (micro + 1) * bs]
-            index = epoch * micro_per_epoch + micro
-            losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx],
-                                                  noise_for(index, len(idx)), optimizers, index))
-            step_losses = torch.stack([losses[k].double() for k in names])
-            sums += step_losses
-            state.micro_in_epoch = micro + 1
-            images_seen += len(idx) * acc.num_processes
-            if not acc.sync_gradients:
-                continue
-            state.step += 1
-            # one small all-reduce per step: the losses, and whether any rank saw a non-finite loss or a signal
-            totals = reduce_sum(acc, {**dict(zip(names, step_losses, strict=True)),
-                                      "nonfinite": (~torch.isfinite(step_losses).all()).double(),
-                                      "stop": torch.tensor(float(stop.requested), device=device)})
-            mean_losses = {k: (totals[k] / acc.num_processes).item() for k in names}
-            bar.update()
-            if acc.is_main_process:
-                bar.set_postfix(loss=f"{mean_losses[names[0]]:.2f}", refresh=False)
-                metrics_log.write(json.dumps({"step": state.step, "epoch": epoch, **mean_losses}) + "\n")
-            if totals["nonfinite"] > 0:
-                bar.close()
-                last = ckpt.latest()
-                acc.print(f"mrgen-train: non-finite loss at step {state.step} (epoch {epoch + 1}); stopping. "
-                          f"Last good checkpoint: {last or 'none'}. Lower optim.lr or set optim.grad_clip.")
-                status = EXIT_NONFINITE
-                break
-            if totals["stop"] > 0:
-                bar.close()
-                path = checkpoint(sums)
-                acc.print(f"mrgen-train: {stop.received or 'stop signal on another rank'} at step {state.step}: "
-                          f"checkpoint {path}")
+        try:  # the bar is closed on an error too, so that the error's line is the last one on stderr
+            for micro in range(first, micro_per_epoch):
+                idx = order[micro * bs : (micro + 1) * bs]
+                index = epoch * micro_per_epoch + micro
+                losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx],
+                                                      noise_for(index, len(idx)), optimizers, index))
+                step_losses = torch.stack([losses[k].double() for k in names])
+                sums += step_losses
+                state.micro_in_epoch = micro + 1
+                images_seen += len(idx) * acc.num_processes
+                if not acc.sync_gradients:
+                    continue
+                state.step += 1
+                # one small all-reduce per step: the losses, and whether any rank saw a non-finite loss or a signal
+                totals = reduce_sum(acc, {**dict(zip(names, step_losses, strict=True)),
+                                          "nonfinite": (~torch.isfinite(step_losses).all()).double(),
+                                          "stop": torch.tensor(float(stop.requested), device=device)})
+                mean_losses = {k: (totals[k] / acc.num_processes).item() for k in names}
+                bar.update()
                 if acc.is_main_process:
-                    acc.print(f"mrgen-train: {requeue()}")
-                status = EXIT_PREEMPTED
-                break
-            if state.step >= total_steps and micro + 1 < micro_per_epoch:  # max_steps inside the epoch
-                checkpoint(sums)
-                epoch_done = False
-                break
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                checkpoint(sums)
-        bar.close()
+                    bar.set_postfix(loss=f"{mean_losses[names[0]]:.2f}", refresh=False)
+                    metrics_log.write({"step": state.step, "epoch": epoch, **mean_losses})
+                if totals["nonfinite"] > 0:
+                    bar.close()
+                    last = ckpt.latest()
+                    if acc.is_main_process:
+                        print(f"mrgen-train: non-finite loss at step {state.step} (epoch {epoch + 1}); stopping. "
+                              f"Last good checkpoint: {last or 'none'}. Lower optim.lr or set optim.grad_clip.",
+                              file=sys.stderr)
+                    status = EXIT_NONFINITE
+                    break
+                if totals["stop"] > 0:
+                    bar.close()
+                    path = checkpoint(sums)
+                    acc.print(f"mrgen-train: {stop.received or 'stop signal on another rank'} at step {state.step}: "
+                              f"checkpoint {path}")
+                    if acc.is_main_process:
+                        acc.print(f"mrgen-train: {requeue()}")
+                    status = EXIT_PREEMPTED
+                    break
+                if state.step >= total_steps and micro + 1 < micro_per_epoch:  # max_steps inside the epoch
+                    checkpoint(sums)
+                    epoch_done = False
+                    break
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    checkpoint(sums)
+        finally:
+            bar.close()
         if status != EXIT_OK or not epoch_done:
             break
 
@@ -362,13 +431,16 @@ def train(args: argparse.Namespace) -> int:
         if acc.is_main_process:
             from mrgen_dist.plots import loss_curves
 
-            tracker.log_image("loss curves", loss_curves(state.history, names, out / "loss_curves.png"), epoch + 1)
+            with writing(out / "loss_curves.png"):
+                curves = loss_curves(state.history, names, out / "loss_curves.png")
+            tracker.log_image("loss curves", curves, epoch + 1)
             if (epoch + 1) % cfg.train.sample_every == 0 or epoch + 1 == cfg.train.epochs:
                 from mrgen_dist.plots import scanner_grid
 
                 rows, shown = family.preview(acc.unwrap_model(model), test_images, test_scanner, store.vocabulary)
-                path = scanner_grid(rows, out / f"samples_{epoch + 1:03d}.png",
-                                    f"{family.title} {shown} after epoch {epoch + 1}")
+                with writing(out / f"samples_{epoch + 1:03d}.png"):
+                    path = scanner_grid(rows, out / f"samples_{epoch + 1:03d}.png",
+                                        f"{family.title} {shown} after epoch {epoch + 1}")
                 tracker.log_image("samples", path, epoch + 1)
         state.epoch, state.micro_in_epoch = epoch + 1, 0
         checkpoint(torch.zeros(len(names), dtype=torch.float64, device=device))
@@ -426,9 +498,9 @@ def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, 
     from safetensors.torch import save_file
 
     state = {k: v.float().contiguous() for k, v in acc.get_state_dict(model).items()}
-    with atomic_path(out / "model.safetensors") as tmp:
+    with writing(out / "model.safetensors"), atomic_path(out / "model.safetensors") as tmp:
         save_file(state, tmp)
-    RunRecord(
+    record = RunRecord(
         family=family.name,
         model=dataclasses.asdict(cfg.model),
         image_shape=list(store.manifest.params["slice_shape"]),
@@ -440,7 +512,9 @@ def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, 
         package_version=__version__,
         training=training,
         slice_params={k: store.manifest.params[k] for k in SLICE_PARAM_KEYS if k in store.manifest.params},
-    ).write(out / RunRecord.NAME)
+    )
+    with writing(out / RunRecord.NAME):
+        record.write(out / RunRecord.NAME)
     return out / "model.safetensors"
 
 

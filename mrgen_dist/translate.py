@@ -42,13 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from mrgen_dist.artifacts import ModelMetadata
-from mrgen_dist.atomic import atomic_path
 from mrgen_dist.cli import UserError, positive, run
+from mrgen_dist.outputs import check_output, folder_output, h5_bytes, write_file
 from mrgen_dist.sample import (
     SampleError,
     _write_nifti,
     _write_pngs,
-    atomic_folder,
+    check_finite,
     check_graph,
     check_writable,
     device_of,
@@ -57,6 +57,7 @@ from mrgen_dist.sample import (
 )
 from mrgen_dist.scanners import UnknownScannerError, Vocabulary
 
+PROG = "mrgen-translate"
 BATCH = 16  # slices per onnxruntime call: the 10 slices of a volume go in one
 
 
@@ -114,6 +115,10 @@ class Translator:
             chunk = images[start : start + batch_size, None]
             (result,) = self.session.run(["translated"], {"image": chunk,
                                                           "scanner": target[start : start + batch_size]})
+            try:
+                check_finite([result], ["translated"], self.path, "slice", start)
+            except SampleError as e:
+                raise TranslateError(str(e)) from None
             out[start : start + len(chunk)] = result[:, 0]
         return out
 
@@ -184,7 +189,12 @@ def read_pngs(path: Path) -> Slices:
     files = sorted(path.glob("*.png")) if path.is_dir() else [path]
     if not files:
         raise TranslateError(f"{path}: no .png files")
-    return Slices(np.stack([read_png(f) for f in files]), [f.stem for f in files])
+    images = [read_png(f) for f in files]
+    if len({i.shape for i in images}) > 1:
+        first = next(f for f, i in zip(files, images, strict=True) if i.shape != images[0].shape)
+        raise TranslateError(f"{path}: the PNGs differ in size ({files[0].name} is {images[0].shape[1]}x"
+                             f"{images[0].shape[0]}, {first.name} is not)")
+    return Slices(np.stack(images), [f.stem for f in files])
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -210,6 +220,9 @@ def read_png(path: Path) -> np.ndarray:
         raise TranslateError(f"{path}: unsupported PNG (colour type {colour}, {depth} bits, interlace {interlace}); "
                              "use 8- or 16-bit greyscale or RGB, not interlaced")
     step = channels * depth // 8
+    if len(raw) != height * (width * step + 1):
+        raise TranslateError(f"{path}: corrupt PNG (its header says {width}x{height}, {depth}-bit, {channels} "
+                             f"channel(s): {height * (width * step + 1)} bytes of rows; its data holds {len(raw)})")
     rows = _unfilter(np.frombuffer(raw, dtype=np.uint8).reshape(height, width * step + 1), step)
     pixels = rows.view(">u2") if depth == 16 else rows
     pixels = pixels.reshape(height, width, channels).astype(np.float32) / (2**depth - 1)
@@ -253,33 +266,36 @@ def _unfilter(rows: np.ndarray, step: int) -> np.ndarray:
 # -- outputs ------------------------------------------------------------------------------------------------------
 
 
+def _fill_h5(f, slices: Slices, translated: np.ndarray, translator: Translator, target: str) -> None:
+    import h5py
+
+    f.create_dataset("input", data=slices.images, chunks=(1, *slices.images.shape[1:]))
+    f.create_dataset("translated", data=translated, chunks=(1, *translated.shape[1:]))
+    f.create_dataset("name", data=slices.names, dtype=h5py.string_dtype("utf-8"))
+    if slices.scanner is not None:
+        f.create_dataset("scanner", data=slices.scanner)
+    f.attrs.update(translator.metadata.to_props())
+    f.attrs["target"] = target
+    f.attrs["synthetic"] = "real slices translated by an mrgen-dist translator"
+
+
 def write(out: Path, slices: Slices, translated: np.ndarray, translator: Translator, target: str) -> list[Path]:
-    """Write atomically; the paths written."""
+    """Write atomically (outputs.py); the paths written."""
     kind = output_kind(out, 1)
     if kind == "png":
-        with atomic_folder(out) as tmp:
+        with folder_output(out, PROG) as tmp:
             written = _write_pngs(tmp, {"input": slices.images, "translated": translated}, slices.names)
         return [out / p.relative_to(tmp) for p in written]
-    with atomic_path(out) as tmp:
-        if kind == "nifti":
-            _write_nifti(tmp, {target: translated}, f"mrgen-dist translation to {target}")
-        else:
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("input", data=slices.images, chunks=(1, *slices.images.shape[1:]))
-                f.create_dataset("translated", data=translated, chunks=(1, *translated.shape[1:]))
-                f.create_dataset("name", data=slices.names, dtype=h5py.string_dtype("utf-8"))
-                if slices.scanner is not None:
-                    f.create_dataset("scanner", data=slices.scanner)
-                f.attrs.update(translator.metadata.to_props())
-                f.attrs["target"] = target
-                f.attrs["synthetic"] = "real slices translated by an mrgen-dist translator"
+    if kind == "nifti":
+        write_file(out, lambda tmp: _write_nifti(tmp, {target: translated}, f"{PROG}: translation to {target}"))
+    else:
+        image = h5_bytes(lambda f: _fill_h5(f, slices, translated, translator, target), PROG)
+        write_file(out, lambda tmp: tmp.write_bytes(image))
     return [out]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mrgen-translate", description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="translator exported by `mrgen-export onnx`")
     ap.add_argument("input", type=Path, help="NIfTI volume on the MNI grid, slice store, PNG file or folder of PNGs")
@@ -289,12 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", help="of a store INPUT: the slices of this scanner only")
     ap.add_argument("--batch-size", type=positive(), default=BATCH, help="slices per onnxruntime call (> 0)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "tensorrt", "cpu"))
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of mrgen-translate")
     args = ap.parse_args(argv)
 
     def translate() -> None:
-        if args.out.exists() and not args.overwrite:
-            raise TranslateError(f"{args.out} exists; pass --overwrite to replace it")
+        check_output(args.out, PROG, args.overwrite, inputs=[args.input, args.model])
         translator = Translator(args.model, args.device)
         translator.target_id(args.to)
         output_kind(args.out, 1)
@@ -312,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(translated)} slices translated to {args.to} on {translator.device} in {seconds:.2f} s -> "
               f"{args.out} ({len(written)} file{'s' if len(written) != 1 else ''})")
 
-    return run("mrgen-translate", translate)
+    return run(PROG, translate)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ def test_overrides_and_saved_copy(tmp_path: Path) -> None:
         ("train.batch_size=0", "train.batch_size must be >= 1"),
         ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers b with 0 <= b < 1"),
         ("model.latent=0", "model.latent and model.hidden widths must be >= 1"),
+        ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+        ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+        ("optim.lr=inf", "optim.lr: expected a finite number, got inf"),
+        ("optim.weight_decay=.inf", "optim.weight_decay: expected a finite number, got inf"),
+        ("optim.grad_clip=.nan", "optim.grad_clip: expected a finite number, got nan"),
+        ("optim.betas=[0.9, .nan]", "optim.betas: expected a finite number, got [0.9, nan]"),
+        ("model.kl_weight=.inf", "model.kl_weight: expected a finite number, got inf"),
+        ("train.seed=-1", "train.seed must be an integer from 0 to 4294967295, got -1"),
+        ("data.seed=-1", "data.seed must be an integer from 0 to 4294967295, got -1"),
+        ("train.seed=4294967296", "train.seed must be an integer from 0 to 4294967295, got 4294967296"),
     ],
 )
 def test_bad_keys_and_values(override: str, message: str) -> None:

@@ -64,6 +64,10 @@ def test_errors_are_clear_and_write_nothing(decoder: Path, tmp_path: Path, capsy
     out.write_bytes(b"keep")
     assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(out)]) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(out), "--overwrite"]) == 1
+    assert "is not an earlier output of mrgen-sample" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    out.unlink()
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(out)]) == 0
     assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(out), "--overwrite"]) == 0
     assert h5py.is_hdf5(out)
     bare = onnx.load(str(decoder))
@@ -218,3 +222,45 @@ print("OK")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-2000:]
+
+
+def test_overwrite_never_empties_the_working_folder(decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The defect: `cd d; mrgen-sample ... --out . --overwrite` deleted the user's files."""
+    work = tmp_path / "d"
+    work.mkdir()
+    (work / "keep").write_text("x")
+    monkeypatch.chdir(work)
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", ".", "--overwrite"]) == 1
+    assert "never replaces the current directory" in capsys.readouterr().err
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", str(work), "--overwrite"]) == 1
+    assert sorted(p.name for p in work.iterdir()) == ["keep"]
+    monkeypatch.chdir(tmp_path)
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", "d", "--overwrite"]) == 1
+    assert "d holds keep, which mrgen-sample did not write" in capsys.readouterr().err
+    assert (work / "keep").read_text() == "x"
+    assert main([str(decoder), "--scanner", "Intera", "--n", "2", "--out", "pngs"]) == 0
+    assert main([str(decoder), "--scanner", "Intera", "--n", "3", "--out", "pngs", "--overwrite"]) == 0
+    assert len(list((tmp_path / "pngs" / "Intera").glob("*.png"))) == 3
+
+
+def test_negative_seed_is_a_usage_error(decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(decoder), "--scanner", "Intera", "--n", "2", "--seed", "-1", "--out", str(tmp_path / "x.h5")])
+    assert exit_info.value.code == 2 and "--seed: must be >= 0, got -1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_non_finite_output_is_named_and_nothing_is_written(decoder: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    proto = onnx.load(str(decoder))
+    bias = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
+    broken = onnx.numpy_helper.to_array(bias).copy()
+    broken[:] = np.nan
+    bias.CopyFrom(onnx.numpy_helper.from_array(broken, bias.name))
+    onnx.save(proto, str(tmp_path / "nan.onnx"))
+    assert main([str(tmp_path / "nan.onnx"), "--scanner", "all", "--n", "3", "--out", str(tmp_path / "s.h5")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"mrgen-sample: error: .*nan\.onnx: the model's output 'image' is not finite "
+                        r"\(first at Gyroscan Intera draw 0\).*", err[-1])
+    assert not (tmp_path / "s.h5").exists()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mrgen_dist.checkpoint import seal
 from mrgen_dist.preemption import EXIT_PREEMPTED
 from tests.launch import (
     REPO,
@@ -117,8 +118,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(store_dir: Path, tm
     out = tmp_path / "run"
     done = run(train_cmd(store_dir, out, "optim.lr=1e12", "train.checkpoint_every=1", "model.loss=mse"))
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
-    text = done.stdout + done.stderr
-    assert "non-finite loss at step" in text and "Last good checkpoint:" in text
+    assert "non-finite loss at step" in done.stderr and "Last good checkpoint:" in done.stderr  # a warning: stderr
+    assert "non-finite loss" not in done.stdout
     for ckpt in (out / "checkpoints").glob("step-*"):
         meta = json.loads((ckpt / "meta.json").read_text())
         assert set(meta["epoch_sums"]) == {"loss", "reconstruction", "kl"}
@@ -236,10 +237,11 @@ def test_damaged_checkpoints_are_refused_or_skipped(store_dir: Path, tmp_path: P
     assert f"{weights}: sha256" in explicit.stderr and "(modified or truncated)" in explicit.stderr
     auto = run(train_cmd(store_dir, out, "train.max_steps=6", resume="auto"))
     assert auto.returncode == 0, auto.stderr[-3000:]
-    text = auto.stdout + auto.stderr
-    assert "skipping a damaged checkpoint" in text and f"resumed from {older}" in text
+    assert f"mrgen-train: skipping a damaged checkpoint: {weights}: sha256" in auto.stderr
+    assert "skipping" not in auto.stdout and f"resumed from {older}" in auto.stdout
 
-    # a pickle payload in the RNG states, with the checksums rewritten to match: loading must fail the resume
+    # a pickle payload in the RNG states, with every checksum rewritten to match (meta.json's own too): loading
+    # must fail the resume in one line, and run no code
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
@@ -249,10 +251,23 @@ def test_damaged_checkpoints_are_refused_or_skipped(store_dir: Path, tmp_path: P
     torch.save({"payload": Payload()}, rng)
     meta = json.loads((latest / "meta.json").read_text())
     meta["files"]["random_states_0.pkl"] = _sha(rng)
-    (latest / "meta.json").write_text(json.dumps(meta))
+    (latest / "meta.json").write_text(json.dumps(seal(meta)))
     forged = run(train_cmd(store_dir, out, "train.max_steps=8", resume=str(latest)))
-    assert forged.returncode == 1 and f"{rng}: cannot be loaded" in forged.stderr
+    assert forged.returncode == 1 and "Traceback" not in forged.stderr
+    assert forged.stderr.strip().splitlines()[-1].startswith(f"mrgen-train: error: {rng}: cannot be loaded")
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=.nan", "optim.lr=-1e-3", "optim.betas=[0.9, .inf]",
+                                      "train.seed=-1", "data.seed=-1"])
+def test_unusable_numbers_are_refused_before_anything_is_written(override: str, store_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run(train_cmd(store_dir, out, override))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mrgen-train: error: {override.split('=')[0]}")
+    assert not out.exists()
 
 
 def test_init_from_starts_a_run_from_a_finished_one(store_dir: Path, trained_run: Path, atlas_run: Path,

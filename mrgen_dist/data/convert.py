@@ -14,10 +14,21 @@ second one refuses at once naming the holder (pid@host). The lock dies with its 
 
 Staged: the new store is built in `STORE/.staging/` (shards, their records, rejected.csv, manifest) and
 replaces the store in STORE only once it is complete and every shard matches the sha256 of its record; a
-conversion that fails leaves the store in STORE as it was. The replacement removes the old manifest first,
-moves the new shards, rejected.csv and, last, the new manifest in, so that an interruption during it leaves
-a folder without a manifest (an unfinished conversion that the reader refuses and a re-run finishes), never
-a manifest over shards it does not describe.
+conversion that fails leaves the store in STORE as it was, byte for byte. The replacement (`_replace`):
+
+* Where it can (Linux, a file system with `renameat2(RENAME_EXCHANGE)`: ext4, xfs, btrfs, tmpfs, ...; STORE a
+  plain folder of this converter's files, not the working folder), the complete staging folder is renamed
+  beside STORE, to `.STORE.mrgen-swap`, with a hard link of the lock file in it, and the two folders are
+  exchanged in one atomic step: STORE then holds the new store (and the same, still held, lock file), the
+  sibling the old store, which is then removed. A failure before the exchange undoes what was done; a crash
+  at any point leaves a complete store in STORE (old or new) and, at most, the sibling, which the next
+  conversion removes.
+* Elsewhere (NFS, Lustre, ...) the old store's files are moved into `STORE/.staging/replaced/` and the new
+  ones into STORE, the manifest last; a failure undoes every move, newest first. A crash in between leaves a
+  folder without a manifest (an unfinished conversion the reader refuses), and the next conversion into
+  STORE first puts the old store back (or, if the new manifest was in place, finishes the replacement).
+
+A failure to remove the old store once the new one is in place is a warning, not an error.
 
 Resumable: shards hold a fixed number of accepted volumes (`--shard-volumes`, the last one fewer). Each shard
 is written under a temporary name and renamed, then a small record `shard-NNNNN.json` (its sha256 and the
@@ -32,12 +43,17 @@ needs `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import ctypes
+import errno
+import functools
 import hashlib
 import io
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -53,7 +69,7 @@ from tqdm import tqdm
 from mrgen_dist import __version__
 from mrgen_dist.artifacts import ArtifactError, StoreManifest
 from mrgen_dist.atomic import atomic_write
-from mrgen_dist.cli import EXIT_ERROR, UserError, positive, run, with_default_command
+from mrgen_dist.cli import EXIT_ERROR, UserError, non_negative_int, positive, run, with_default_command
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.inputs import InputError, InputVolume, Rejection, discover_directory, read_manifest, screen
 from mrgen_dist.data.lock import LOCK_NAME, FolderLock
@@ -67,7 +83,16 @@ from mrgen_dist.scanners import Vocabulary
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 2, 3
 SHARD_DIR = "shards"
 STAGING = ".staging"
-_REPLACED = "replaced-shards"  # inside the staging folder, the old store's shards while they are replaced
+_PARKED = "replaced"  # inside the staging folder: the old store's files during an in-place replacement
+_LEGACY_PARKED = "replaced-shards"  # the old store's shards, left by an earlier version's interrupted replacement
+_SWAP_SUFFIX = ".mrgen-swap"  # `.STORE.mrgen-swap` beside STORE: the new store before the exchange, the old after
+#: What a conversion puts in STORE: the names a replacement moves.
+_STORE_NAMES = (StoreManifest.NAME, PREVIEW_NAME, REJECTED_NAME, SHARD_DIR)
+#: Errors of the exchange's preparation that mean "not possible here" (another file system, no renameat2, no
+#: hard links, no write permission on STORE's parent): the in-place replacement is used instead.
+_NO_EXCHANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
+                          errno.EACCES, errno.EEXIST, errno.ENOTEMPTY, errno.EMLINK})
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 class ConvertError(UserError):
@@ -75,7 +100,8 @@ class ConvertError(UserError):
 
 
 class _ReplaceError(ConvertError):
-    """The new store was complete but could not be moved into place; the old one is no longer whole."""
+    """The new store could not be moved into place and undoing the replacement failed as well; the message says
+    where the old store's files are."""
 
 
 class StoreExists(UserError):
@@ -320,24 +346,179 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(out: Path, staging: Path) -> None:
-    """Replace the store in `out` by the complete one in `staging` (see the module doc for the order)."""
+def _reason(e: OSError) -> str:
+    if e.errno:
+        return e.strerror or os.strerror(e.errno)
+    return str(e) or type(e).__name__
+
+
+def _swap_folder(out: Path) -> Path:
+    """`.STORE.mrgen-swap` beside STORE: the new store just before the exchange, the old one just after it."""
+    return out.parent / f".{out.name}{_SWAP_SUFFIX}"
+
+
+@functools.cache
+def _renameat2() -> ctypes._CFuncPtr | None:
     try:
-        (out / StoreManifest.NAME).unlink(missing_ok=True)
-        _fsync_dir(out)
-        (out / PREVIEW_NAME).unlink(missing_ok=True)  # it shows the old store
-        if (out / SHARD_DIR).exists():
-            os.replace(out / SHARD_DIR, staging / _REPLACED)
-        os.replace(staging / SHARD_DIR, out / SHARD_DIR)
-        os.replace(staging / REJECTED_NAME, out / REJECTED_NAME)
-        os.replace(staging / StoreManifest.NAME, out / StoreManifest.NAME)
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the entries at `a` and `b` in one atomic step (renameat2 with RENAME_EXCHANGE)."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(a), None, str(b))
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _can_exchange(out: Path, staging: Path) -> bool:
+    """Whether STORE can be replaced by exchanging folders: it is a plain folder (not a link, not the working
+    folder or above it) holding only this converter's files, owned like the staging folder."""
+    if out.name in ("", ".", "..") or out.is_symlink() or _renameat2() is None:
+        return False
+    try:
+        real, cwd = out.resolve(), Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            return False
+        if {p.name for p in out.iterdir()} - {*_STORE_NAMES, STAGING, LOCK_NAME}:
+            return False  # a file of the user's: it stays where it is (in-place replacement)
+        if {p.name for p in staging.iterdir()} - {SHARD_DIR, REJECTED_NAME, StoreManifest.NAME, LOCK_NAME}:
+            return False
+        a, b = out.stat(), staging.stat()
+    except OSError:
+        return False
+    return (a.st_uid, a.st_gid) == (b.st_uid, b.st_gid)
+
+
+def _remove(path: Path, what: str, warnings: list[str]) -> None:
+    """Remove `path` (a folder or file); a failure only leaves it behind, with a warning."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        warnings.append(f"{what} could not be removed from {path} ({_reason(e)}); delete it (the next conversion "
+                        "into this store does)")
+
+
+def _replace_by_exchange(out: Path, staging: Path, lock: FolderLock, warnings: list[str]) -> bool:
+    """Replace the store in `out` by the complete one in `staging` by exchanging the folders (module doc).
+
+    False, with nothing changed, where this file system cannot; ConvertError when a step failed (the store in
+    `out` untouched); _ReplaceError when undoing a failed step failed too."""
+    swap = _swap_folder(out)
+    lock_link = staging / LOCK_NAME
+    done: list[str] = []
+    try:
+        for folder in (staging / SHARD_DIR, staging):  # the new store's names on disk before it goes in
+            _fsync_dir(folder)
+        os.chmod(staging, stat.S_IMODE(out.stat().st_mode))  # the folder keeps its permissions
+        lock_link.unlink(missing_ok=True)
+        os.link(lock.path, lock_link)  # the lock file, still held, goes with the new store
+        done.append("link")
+        os.rename(staging, swap)
+        done.append("rename")
+        _exchange(swap, out)
+    except OSError as e:
+        if "rename" in done:
+            try:
+                os.rename(swap, staging)
+            except OSError:
+                raise _ReplaceError(
+                    f"cannot exchange {swap} with {out}: {_reason(e)}, and cannot move it back to {staging}; the "
+                    f"store in {out} is unchanged; the new one is left in {swap}, which the next conversion removes"
+                ) from None
+        if "link" in done:
+            with contextlib.suppress(OSError):
+                lock_link.unlink()  # else a stray link of the lock file in the staging folder: harmless
+        if e.errno in _NO_EXCHANGE:
+            return False
+        raise ConvertError(f"cannot move the new store into {out}: {_reason(e)}") from None
+    # the new store is in place: what is left only tidies up
+    lock.follow()
+    try:
+        _fsync_dir(out.parent)
+    except OSError as e:
+        warnings.append(f"cannot flush {out.parent} to disk ({_reason(e)})")
+    _remove(swap, "the replaced store", warnings)
+    return True
+
+
+def _replace_in_place(out: Path, staging: Path, warnings: list[str]) -> None:
+    """Replace the store in `out` by the complete one in `staging` by moving the old store's files into
+    `staging/replaced` and the new ones into `out`, the manifest last (module doc); every move is undone,
+    newest first, when one fails: ConvertError, the store in `out` as it was; _ReplaceError when undoing failed."""
+    parked = staging / _PARKED
+    moves = [(out / name, parked / name) for name in _STORE_NAMES if os.path.lexists(out / name)]
+    moves += [(staging / name, out / name) for name in (SHARD_DIR, REJECTED_NAME, StoreManifest.NAME)]
+    done: list[tuple[Path, Path]] = []
+    try:
+        parked.mkdir()
+        for src, dst in moves:
+            os.rename(src, dst)
+            done.append((src, dst))
+    except OSError as e:
+        for src, dst in reversed(done):
+            try:
+                os.rename(dst, src)
+            except OSError as undo_error:
+                raise _ReplaceError(
+                    f"cannot move the new store into {out}: {_reason(e)}, and undoing the replacement failed as "
+                    f"well ({_reason(undo_error)}): the old store's files are in {parked}; the next conversion "
+                    f"into {out} puts them back"
+                ) from None
+        try:
+            parked.rmdir()
+        except OSError:
+            pass  # an empty folder: the next conversion removes it
+        raise ConvertError(f"cannot move the new store into {out}: {_reason(e)}") from None
+    try:
         _fsync_dir(out)
     except OSError as e:
-        raise _ReplaceError(
-            f"cannot move the new store from {staging} into {out}: {e.strerror or e}; {out} is now an unfinished "
-            "conversion: re-run to finish it"
-        ) from None
-    shutil.rmtree(staging, ignore_errors=True)
+        warnings.append(f"cannot flush {out} to disk ({_reason(e)})")
+    _remove(staging, "the replaced store", warnings)
+
+
+def _replace(out: Path, staging: Path, lock: FolderLock) -> list[str]:
+    """Replace the store in `out` by the complete one in `staging`; the warnings of tidying up after."""
+    warnings: list[str] = []
+    if not (_can_exchange(out, staging) and _replace_by_exchange(out, staging, lock, warnings)):
+        _replace_in_place(out, staging, warnings)
+    return warnings
+
+
+def _recover(out: Path, staging: Path) -> None:
+    """Finish a replacement that was interrupted (killed, power cut) before it tidied up, or undo it."""
+    swap = _swap_folder(out)
+    if swap.is_dir() and not swap.is_symlink():  # STORE holds a complete store (old or new) either way
+        shutil.rmtree(swap, ignore_errors=True)
+    shutil.rmtree(staging / _LEGACY_PARKED, ignore_errors=True)
+    parked = staging / _PARKED
+    if not parked.is_dir():
+        return
+    try:
+        if (staging / StoreManifest.NAME).exists():  # the new manifest never went in: put the old store back
+            for name in (SHARD_DIR, REJECTED_NAME):
+                if not os.path.lexists(staging / name) and os.path.lexists(out / name):
+                    os.rename(out / name, staging / name)
+            for name in _STORE_NAMES:
+                if os.path.lexists(parked / name) and not os.path.lexists(out / name):
+                    os.rename(parked / name, out / name)
+            parked.rmdir()
+        else:  # the new store was in place: only the old one's files were left
+            shutil.rmtree(parked)
+    except OSError as e:
+        raise ConvertError(f"cannot finish the interrupted replacement of the store in {out} ({parked}): "
+                           f"{_reason(e)}") from None
 
 
 def _has_shards(staging: Path) -> int:
@@ -367,8 +548,9 @@ def convert(
     except OSError as e:
         raise InputError(f"cannot create the store folder {out}: {e.strerror or e}") from None
     try:
-        with FolderLock(out, "mrgen-convert"):
-            return _convert_locked(volumes, vocabulary, out, options, synthetic, description, overwrite, preview)
+        with FolderLock(out, "mrgen-convert") as lock:
+            return _convert_locked(volumes, vocabulary, out, lock, options, synthetic, description, overwrite,
+                                   preview)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed conversion into a new folder leaves no folder behind
@@ -378,6 +560,7 @@ def _convert_locked(
     volumes: list[InputVolume],
     vocabulary: Vocabulary,
     out: Path,
+    lock: FolderLock,
     options: ConvertOptions,
     synthetic: bool,
     description: str,
@@ -386,6 +569,7 @@ def _convert_locked(
 ) -> ConversionResult:
     t0 = time.perf_counter()
     staging = out / STAGING
+    _recover(out, staging)
     old, unreadable = _finished_store(out)
     if unreadable and not overwrite:
         raise StoreExists(f"{out} holds a store whose manifest cannot be read ({unreadable}); add --overwrite "
@@ -406,7 +590,6 @@ def _convert_locked(
 
     staged = staging / SHARD_DIR
     try:
-        shutil.rmtree(staging / _REPLACED, ignore_errors=True)  # left by an interrupted replacement
         with _writing(staged):
             staged.mkdir(parents=True, exist_ok=True)
             records, cursor = _resume(staged, out / SHARD_DIR, kept, params_key)
@@ -434,9 +617,10 @@ def _convert_locked(
                 manifest.write(staging / StoreManifest.NAME)
             if StoreManifest.read(staging / StoreManifest.NAME) != manifest:
                 raise ConvertError(f"{staging / StoreManifest.NAME}: reads back differently from what was written")
-            _commit(out, staging)
+            warnings = _replace(out, staging, lock)
             replaced = old is not None or bool(unreadable)
-            result = ConversionResult(out, rejected, shards_written, shards_kept, 0.0, replaced=replaced)
+            result = ConversionResult(out, rejected, shards_written, shards_kept, 0.0, replaced=replaced,
+                                      warnings=warnings)
     except NothingAccepted:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -449,7 +633,7 @@ def _convert_locked(
         state = f"the store in {out} is unchanged" if old is not None or unreadable else "no store was written"
         raise ConvertError(f"{e}; {state}{kept_note}") from None
     finally:
-        if staging.is_dir() and not _has_shards(staging):
+        if staging.is_dir() and not _has_shards(staging) and not (staging / _PARKED).exists():
             shutil.rmtree(staging, ignore_errors=True)
 
     if preview and not (result.unchanged and (out / PREVIEW_NAME).is_file()):
@@ -635,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-volumes", type=positive(int), default=ConvertOptions.shard_volumes, help="volumes per shard")
     c.add_argument("--split", choices=SPLIT_UNITS, default="subject", help="split unit (slice = the thesis's protocol)")
     c.add_argument("--test-fraction", type=_fraction, default=0.1, help="share of the test side, in [0, 1) (default 0.1)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the split")
+    c.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split (an integer >= 0)")
     c.add_argument(
         "--vocabulary",
         default="method",

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from mrgen_dist.atomic import atomic_path, atomic_write
-from mrgen_dist.cli import UserError, positive, require, run, with_default_command
+from mrgen_dist.cli import UserError, non_negative_int, positive, require, run, with_default_command
 from mrgen_dist.data.volume import MNI_AFFINE, MNI_SHAPE
 from mrgen_dist.scanners import METHOD_SCANNERS, Scanner
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("out", type=Path, help="output folder")
     w.add_argument("--subjects-per-scanner", type=positive(int), default=8, help="volumes per scanner (default 8)")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=non_negative_int, default=0, help="seed of the cohort (an integer >= 0)")
     w.add_argument("--workers", type=positive(int), default=1, help="parallel processes")
     w.set_defaults(body=run_write)
     return ap

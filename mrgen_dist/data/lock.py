@@ -9,6 +9,9 @@ unlike `flock`, it is not inherited by forked worker processes, which could othe
 their parent was killed. The file holds `pid@host` and the start time of the holder, for the message the
 refused process prints; it is removed when the lock is released (a lock file left by a killed process is
 simply taken over). A second `FolderLock` on the same folder in the same process is refused as well.
+A holder that replaces the folder by another one carrying a hard link of the lock file (mrgen-convert's
+atomic exchange) keeps the lock: the file at `FOLDER/.mrgen-convert.lock` is still the one it holds, and
+`follow()` makes the in-process check follow the new folder.
 """
 
 from __future__ import annotations
@@ -88,8 +91,13 @@ class FolderLock:
                 pass
             os.close(fd)
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()} since {since}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()} since {since}\n".encode(), 0)
+        except OSError as e:  # a full disk: take nothing, leave nothing
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise LockError(f"cannot write the lock file {self.path}: {e.strerror or e}") from None
         self._fd, self._key = fd, key
         _HELD_HERE.add(key)
         return self
@@ -103,6 +111,19 @@ class FolderLock:
             os.close(self._fd)  # drops the lock
             _HELD_HERE.discard(self._key)
             self._fd = self._key = None
+
+    def follow(self) -> None:
+        """The folder at the path was exchanged for another one holding a hard link of the held lock file (an
+        atomic replacement of the folder): from now on this lock is the one of the folder now at the path."""
+        if self._fd is None:
+            return
+        try:
+            st = self.folder.stat()
+        except OSError:
+            return
+        _HELD_HERE.discard(self._key)
+        self._key = (st.st_dev, st.st_ino)
+        _HELD_HERE.add(self._key)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -50,7 +50,7 @@ import numpy as np
 
 from mrgen_dist import __version__
 from mrgen_dist.atomic import atomic_path, atomic_write
-from mrgen_dist.cli import UserError, positive, run, with_default_command
+from mrgen_dist.cli import UserError, non_negative_int, positive, run, with_default_command
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.fid.inception import InceptionFeatures, load_inception
 from mrgen_dist.fid.metrics import FeatureStats, frechet_distance, kernel_inception_distance
@@ -305,7 +305,7 @@ def _common_options(ap: argparse.ArgumentParser) -> None:
 def _model_options(ap: argparse.ArgumentParser) -> None:
     _common_options(ap)
     ap.add_argument("--model", type=Path, required=True, help="decoder exported by mrgen-export onnx")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for the sampler and Inception")
     ap.add_argument("--n-generated", type=positive(), default=None, metavar="N",
                     help="generated slices per scanner and repeat (default: as many as its real test slices)")

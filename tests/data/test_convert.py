@@ -277,6 +277,8 @@ def test_cli_default_and_verify_sub_commands(cohort_dir: Path, tmp_path: Path, c
         ("--workers", "two", "expected an integer"),
         ("--test-fraction", "1", r"must be in \[0, 1\)"),
         ("--test-fraction", "-0.1", r"must be in \[0, 1\)"),
+        ("--seed", "-1", "must be >= 0"),
+        ("--seed", "1.5", "expected an integer"),
     ],
 )
 def test_cli_rejects_bad_numbers_at_parse_time(
@@ -287,6 +289,18 @@ def test_cli_rejects_bad_numbers_at_parse_time(
     assert exit_.value.code == EXIT_USAGE
     assert re.search(f"argument {option}: .*{message}", capsys.readouterr().err)
     assert not (tmp_path / "s").exists()
+
+
+def test_demo_data_seed_must_be_non_negative(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`mrgen-demo-data --seed -1` is a usage error at parse time (numpy would refuse it mid-run)."""
+    from mrgen_dist.data.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exit_:
+        demo_main([str(tmp_path / "cohort"), "--seed", "-1"])
+    assert exit_.value.code == EXIT_USAGE
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == ["mrgen-demo-data write: error: argument --seed: must be >= 0, got -1"]
+    assert not (tmp_path / "cohort").exists()
 
 
 def test_store_hash_and_file_modes(store_dir: Path) -> None:

@@ -7,12 +7,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -326,3 +329,185 @@ def test_a_full_file_system_is_one_line_keeps_the_old_store_and_spares_the_previ
     assert "preview:" not in stdout
     assert r["verify"][0] == EXIT_OK, r["verify"][2]
     assert not [f for f in r["files"] if ".tmp" in f or "preview" in f or "staging" in f or "lock" in f]
+
+
+# -- a failure while the new store is switched in ------------------------------------------------------------
+
+
+_SWAP_SYSCALLS = "rename,renameat,renameat2,link,linkat,unlink,unlinkat,rmdir,mkdir,mkdirat,chmod,fchmodat"
+_TRACE_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(.*)$")
+
+
+@dataclass(frozen=True)
+class _Call:
+    pid: str
+    name: str
+    nth: int  # its number among the calls of this syscall by this process: strace's `when=`
+    text: str  # name(arguments)
+    result: str
+
+
+def _strace_prefix() -> list[str] | None:
+    """`strace -f ...` that can inject a failure into this machine's processes; None where it cannot."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    probe = "import os\ntry:\n    os.rename('no-such-file', 'x')\nexcept OSError as e:\n    raise SystemExit(e.errno != 5)"
+    for fast in (["--seccomp-bpf"], []):  # stop only at the traced calls where strace can
+        prefix = [strace, "-f", "-qq", "-s", "4096", *fast]
+        done = subprocess.run([*prefix, "-o", os.devnull, "-e", "inject=rename,renameat,renameat2:error=EIO:when=1",
+                               sys.executable, "-c", probe], capture_output=True, timeout=60)
+        if done.returncode == 0:
+            return prefix
+    return None
+
+
+def _traced_calls(log: Path) -> list[_Call]:
+    counts: Counter[tuple[str, str]] = Counter()
+    calls = []
+    for line in log.read_text().splitlines():
+        m = _TRACE_LINE.match(line)
+        if m:
+            pid, name, args, result = m.groups()
+            counts[pid, name] += 1
+            calls.append(_Call(pid, name, counts[pid, name], f"{name}({args})", result))
+    return calls
+
+
+def _swap_window(calls: list[_Call], out: Path) -> list[_Call]:
+    """The calls of the replacement: after the new manifest is staged, before the new preview is written."""
+    start = next(i for i, c in enumerate(calls) if c.name.startswith("rename")
+                 and c.text.endswith(f'"{out}/.staging/manifest.json")'))
+    pid = calls[start].pid
+    end = next(i for i, c in enumerate(calls) if i > start and c.pid == pid and c.text.endswith(f'"{out}/preview.png")'))
+    return [c for c in calls[start + 1 : end] if c.pid == pid and ".tmp" not in c.text]  # not the manifest's temporary
+
+
+def _mrgen_convert() -> list[str]:
+    script = Path(sys.executable).parent / "mrgen-convert"  # the installed command line
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mrgen_dist.data.convert"]
+
+
+def _without_staging(snapshot: dict[str, tuple]) -> dict[str, tuple]:
+    return {k: v for k, v in snapshot.items() if not k.startswith(".staging") and k != LOCK_NAME}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "in-place"])
+def test_a_failure_at_any_step_of_the_replacement_keeps_the_old_store(
+    exchange: bool, cohort_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`mrgen-convert IN --out OUT --slices 8 --overwrite` over a store of 10 slices a volume, under strace,
+    which makes one system call of the replacement fail (EIO), each in turn: every one up to the point where
+    the new store is in place fails in one line and leaves the old store byte-identical (same bytes, inodes
+    and mtimes) and sound for `verify`, and a plain re-run then finishes; a failure after it, while the old
+    store is removed, is a warning, and the next run removes what was left. `exchange`: the folders are
+    exchanged (renameat2 RENAME_EXCHANGE); in-place: strace makes the exchange fail with EINVAL, as a file
+    system without it (NFS, Lustre) does, and the old files are moved out and the new ones in. Last, the
+    process is killed at the step that puts the new store in place (and, exchanging, just after it): the next
+    run finds the old store as it was (in-place: after putting it back), or the new one complete."""
+    prefix = _strace_prefix()
+    if prefix is None:
+        pytest.skip("strace is missing or cannot trace here")
+    inputs = _inputs(cohort_dir, tmp_path / "in", n=4)
+    old = tmp_path / "old"
+    assert main([str(inputs), "--out", str(old)]) == EXIT_OK
+    out, swap = tmp_path / "OUT", tmp_path / ".OUT.mrgen-swap"
+    args = [str(inputs), "--out", str(out), "--slices", "8", "--overwrite"]
+    env = {**ENV, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc written: the same calls in every run
+    before: dict[str, tuple] = {}
+
+    def traced(log: Path, *injections: str, kill: bool = False) -> subprocess.CompletedProcess:
+        """The command under strace, from a fresh copy of the old store in OUT (its snapshot in `before`)."""
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(swap, ignore_errors=True)
+        shutil.copytree(old, out)
+        before.clear()
+        before.update(_without_staging(_snapshot(out)))
+        inject = [x for spec in injections for x in ("-e", f"inject={spec}")]
+        strace = [x for x in prefix if x != "--seccomp-bpf"] if kill else prefix  # it drops signal= (strace 6.1)
+        return subprocess.run([*strace, "-o", str(log), "-e", f"trace={_SWAP_SYSCALLS}", *inject, *_mrgen_convert(),
+                               *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+    # a run without a failure (but for the exchange in-place): which calls the replacement makes
+    done = traced(tmp_path / "reference.log")
+    assert done.returncode == EXIT_OK, done.stderr
+    window = _swap_window(_traced_calls(tmp_path / "reference.log"), out)
+    exchange_call = next((c for c in window if c.name == "renameat2" and "RENAME_EXCHANGE" in c.text), None)
+    can_exchange = exchange_call is not None and exchange_call.result == "0"
+    if exchange and not can_exchange:
+        pytest.skip("folders cannot be exchanged here (no renameat2 RENAME_EXCHANGE on this file system)")
+    base: tuple[str, ...] = ()
+    if not exchange:
+        if exchange_call is not None:
+            base = (f"renameat2:error=EINVAL:when={exchange_call.nth}",)
+            done = traced(tmp_path / "reference.log", *base)
+            assert done.returncode == EXIT_OK, done.stderr
+        assert "previous store replaced" in done.stdout
+        reference = _traced_calls(tmp_path / "reference.log")
+        window = _swap_window(reference, out)
+        window = window[next(i for i, c in enumerate(window) if c.text.startswith("mkdir(") and "replaced" in c.text):]
+        commit = next(i for i, c in enumerate(window)
+                      if c.text == f'rename("{out}/.staging/manifest.json", "{out}/manifest.json")')
+        undo = next((c for c in reference if c.text == f'rename("{swap}", "{out}/.staging")'), None)
+    else:
+        commit = window.index(exchange_call)
+        assert [c.name for c in window[: commit + 1]] == ["chmod", "unlink", "link", "rename", "renameat2"]
+    assert window[commit + 1].name in ("unlinkat", "unlink"), window[commit + 1]  # the old store being removed
+
+    cases = [(c, True) for c in window[: commit + 1]] + [(window[commit + 1], False)]
+    for call, before_commit in cases:
+        if not exchange and call.name == "renameat2":
+            continue  # one injection per system call: cannot happen where rename(2) is renameat2
+        log = tmp_path / f"{call.name}-{call.nth}.log"
+        done = traced(log, *base, f"{call.name}:error=EIO:when={call.nth}")
+        injected = next(c for c in _traced_calls(log) if "(INJECTED)" in c.result and "EIO" in c.result)
+        assert injected.text == call.text, (injected, call)  # the failure hit the call it was meant for
+        what = f"{call.text} failing"
+        if before_commit:
+            assert done.returncode == EXIT_ERROR, (what, done.stderr)
+            line = _one_line_error(done.stderr)
+            assert "Input/output error" in line and f"the store in {out} is unchanged" in line, (what, line)
+            assert _without_staging(_snapshot(out)) == before, what
+            assert main(["verify", str(out)]) == EXIT_OK, what
+            assert not swap.exists(), what
+        else:
+            assert done.returncode == EXIT_OK, (what, done.stderr)
+            lines = [s for s in done.stderr.splitlines() if s.strip()]
+            assert len(lines) == 1 and lines[0].startswith("mrgen-convert: warning: the replaced store could not be "
+                                                           "removed from "), (what, done.stderr)
+            assert "(Input/output error); delete it (the next conversion into this store does)" in lines[0]
+            assert SliceStore(out).verify() == [] and SliceStore(out).manifest.params["slices_per_volume"] == 8
+        capsys.readouterr()
+        assert main(args) == EXIT_OK, (what, capsys.readouterr().err)  # a plain re-run finishes (or keeps) it
+        assert ("store unchanged" in capsys.readouterr().out) is not before_commit, what
+        assert SliceStore(out).verify() == [] and SliceStore(out).manifest.params["slices_per_volume"] == 8, what
+        assert not swap.exists() and not (out / ".staging").exists(), what
+
+    if not exchange and undo is not None:  # the exchange fails, and so does moving the staged store back
+        done = traced(tmp_path / "undo.log", *base, f"rename:error=EIO:when={undo.nth}")
+        assert done.returncode == EXIT_ERROR, done.stderr
+        line = _one_line_error(done.stderr)
+        assert line.endswith(f"the store in {out} is unchanged; the new one is left in {swap}, which the next "
+                             "conversion removes"), line
+        assert main(["verify", str(out)]) == EXIT_OK and swap.is_dir()
+        assert main(args) == EXIT_OK and not swap.exists()
+
+    # killed (SIGKILL) in the middle: at the commit step itself, and (exchange) just after it
+    old_args = [str(inputs), "--out", str(out)]  # the conversion that made the old store: no work if it is intact
+    for call, committed in [(window[commit], False)] + ([(window[commit + 1], True)] if exchange else []):
+        done = traced(tmp_path / "killed.log", *base, f"{call.name}:error=EIO:signal=SIGKILL:when={call.nth}",
+                      kill=True)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        what = f"killed at {call.text}"
+        if exchange:  # a complete store in OUT at every moment, old or new
+            assert SliceStore(out).verify() == [], what
+            assert SliceStore(out).manifest.params["slices_per_volume"] == (8 if committed else 10), what
+        else:  # an unfinished conversion until the next run puts the old store back
+            assert main(["verify", str(out)]) == EXIT_ERROR, what
+        capsys.readouterr()
+        assert main(args if committed else old_args) == EXIT_OK, what
+        assert "store unchanged" in capsys.readouterr().out, what
+        if not committed:
+            assert _without_staging(_snapshot(out)) == before, what  # the old store, as it was
+            assert main(["verify", str(out)]) == EXIT_OK, what
+        assert not swap.exists() and not (out / ".staging" / "replaced").exists(), what

@@ -254,3 +254,23 @@ def test_png_reader_takes_every_filter_depth_and_colour_type(tmp_path: Path) -> 
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(TranslateError, match="not a PNG file"):
         read_png(tmp_path / "bad.png")
+
+
+def test_png_whose_header_and_data_disagree_is_refused_in_one_line(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    small = _png(np.zeros((5, 5), dtype=np.float32))
+    ihdr = small.index(b"IHDR")
+    header = struct.pack(">IIBBBBB", 10, 10, 8, 0, 0, 0, 0)  # says 10 x 10; its rows hold 5 x 5
+    lying = small[: ihdr + 4] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + small[ihdr + 4 + 17 :]
+    (tmp_path / "lying.png").write_bytes(lying)
+    with pytest.raises(TranslateError, match=r"lying.png: corrupt PNG \(its header says 10x10, 8-bit, 1 channel"):
+        read_png(tmp_path / "lying.png")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(small)
+    (tmp_path / "a" / "2.png").write_bytes(_png(np.zeros((6, 5), dtype=np.float32)))
+    from mrgen_dist.translate import read_pngs
+
+    with pytest.raises(TranslateError, match="the PNGs differ in size"):
+        read_pngs(tmp_path / "a")
