@@ -13,7 +13,7 @@ WORKERS    ?= 2
 # DeepSpeed JIT-compiles its ops on first use; keep them with the venv so that later runs reuse them
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -47,10 +47,16 @@ demo: $(STAMP)
 	$(BIN)/mrgen-fid diagnose --store $(DEMO_DIR)/store --run $(DEMO_DIR)/run --noise --out $(DEMO_DIR)/fid
 	$(BIN)/mrgen-fid report $(DEMO_DIR)/fid
 
+# every test: the unit tier and the integration tier (processes, cohorts, training, the local Slurm); CI runs this
 test: $(STAMP)
 	bash tests/tools/ensure-qemu.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the unit tier only (tests/conftest.py): no subprocess, no cohort, no training run; about a minute on 2 cores
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest --fast -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/store.py

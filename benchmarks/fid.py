@@ -16,8 +16,8 @@ import time
 import numpy as np
 from scipy import linalg
 
-from mrgen_dist.fid.inception import WeightsNotFound, load_inception
-from mrgen_dist.fid.metrics import FeatureStats, frechet_distance
+from mrgen_dist.eval.fid import FeatureStats, frechet_distance
+from mrgen_dist.eval.inception import WeightsNotFound, load_inception
 
 
 def scipy_fid(a: FeatureStats, b: FeatureStats) -> float:

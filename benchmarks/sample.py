@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.cli import UserError
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models.cvae import CVAE, FAMILY, CVAEConfig
-from mrgen_dist.sample import Sampler, cpu_description
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.runtime.session import cpu_description
 
 VOCAB = ["Gyroscan Intera", "Intera", "Unspecified", "Magnetom TrioTim"]
 

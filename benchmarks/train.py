@@ -25,7 +25,7 @@ from mrgen_dist.config import RunConfig, load_config
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.scanners import Vocabulary
-from mrgen_dist.train import make_optimizer
+from mrgen_dist.training import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "hpc/configs/thesis.yaml", *(REPO / "hpc/configs/compare" / f"{name}.yaml"

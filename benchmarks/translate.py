@@ -30,11 +30,11 @@ from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.config import load_config
 from mrgen_dist.data.demo import make_volume, template_on_fsl_grid
 from mrgen_dist.data.volume import MNI_AFFINE, SLICE_PARAM_KEYS, SliceParams
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import get_family
-from mrgen_dist.sample import cpu_description
+from mrgen_dist.runtime.session import cpu_description
+from mrgen_dist.runtime.translator import Translator, read_volume
 from mrgen_dist.scanners import Vocabulary
-from mrgen_dist.translate import Translator, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0

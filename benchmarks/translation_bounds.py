@@ -1,6 +1,6 @@
 """Translation bounds: what can any translator reach on the demo cohort, and what must it change to get there?
 
-`mrgen-fid translation` scores a translator against the targets of the README (translated slices recognised as
+`mrgen-fid translation` scores a translator against mrgen_dist/eval/targets.py (translated slices recognised as
 the target >= 0.95, cycle SSIM >= 0.90). On the demo cohort the truth is known: mrgen_dist.data.demo renders a
 subject (`subject_anatomy`) through a scanner's appearance (`acquire`). This benchmark renders new synthetic
 subjects on every scanner and scores *perfect* translations with the same classifier and the same SSIM:
@@ -37,15 +37,15 @@ import torch
 from tqdm import tqdm
 
 from mrgen_dist import plots
-from mrgen_dist.cli import positive
-from mrgen_dist.compare_translation import TARGET_CONDITIONING, TARGET_CYCLE_SSIM
+from mrgen_dist.commands.options import positive
 from mrgen_dist.data.demo import APPEARANCE, Appearance, acquire, subject_anatomy, template_on_fsl_grid
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import SliceParams, central_slices
-from mrgen_dist.fid.conditioning import scanner_classifier
-from mrgen_dist.fid.inception import load_inception
-from mrgen_dist.fid.translation import ssim
-from mrgen_dist.sample import cpu_description
+from mrgen_dist.eval import targets
+from mrgen_dist.eval.conditioning import scanner_classifier
+from mrgen_dist.eval.inception import load_inception
+from mrgen_dist.eval.translation import ssim
+from mrgen_dist.runtime.session import cpu_description
 
 SEED_BASE = 10**9  # above the cohort's subject seeds (seed * 100_003 + 901 + ...) for any --seed below 9,999
 TRAITS = {"tone curve": "gamma", "point-spread": "blur_mm", "noise level": "noise"}
@@ -133,7 +133,7 @@ def main() -> int:
         "scanners": names, "truth_conditioning": truth, "fresh_noise_cycle_ssim": fresh,
         "fresh_noise_cycle_ssim_mean": float(np.mean(fresh)), "one_trait_kept": traits,
         "blur_left": {str(b): v for b, v in blur_left.items()},
-        "targets": {"conditioning": TARGET_CONDITIONING, "cycle_ssim": TARGET_CYCLE_SSIM},
+        "targets": {"conditioning": targets.TRANSLATION_CONDITIONING, "cycle_ssim": targets.CYCLE_SSIM},
         "seconds": time.perf_counter() - t0, "cpu": cpu_description(),
     }
     short = [n.replace("Magnetom TrioTim", "Magnetom").replace("Gyroscan Intera", "Gyroscan") for n in names]
@@ -145,8 +145,8 @@ def main() -> int:
                [[truth[s], fresh[s]] for s in range(k)]),
         "",
         f"Mean cap on the cycle SSIM of a translator that draws fresh noise: **{np.mean(fresh):.3f}** "
-        f"(target ≥ {TARGET_CYCLE_SSIM}); the truth is read as its scanner at {np.mean(truth):.3f} "
-        f"(target for translations ≥ {TARGET_CONDITIONING}).",
+        f"(target ≥ {targets.CYCLE_SSIM}); the truth is read as its scanner at {np.mean(truth):.3f} "
+        f"(target for translations ≥ {targets.TRANSLATION_CONDITIONING}).",
     ]
     for trait, m in traits.items():
         text += ["", f"The target's appearance with the source's {trait} (rows: source, columns: target), read as "

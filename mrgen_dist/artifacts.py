@@ -214,7 +214,7 @@ class ModelMetadata:
     #: The parity check made at export: max |onnxruntime - torch fp32| over the check batches (`max_error`),
     #: its limit (`tolerance`), the CPU and onnxruntime that measured it, and for int8 files `draws`: a few
     #: prior draws with their float32 reference images, which the sampler re-checks on the CPU it runs on
-    #: (mrgen_dist.sample). Absent (empty) in files exported before it existed.
+    #: (mrgen_dist.runtime.sampler). Absent (empty) in files exported before it existed.
     parity: dict = field(default_factory=dict)
     #: one of NOISE_KINDS when the graph has the second output `sigma`, the learned observation noise around
     #: `image` that `mrgen-sample --noise` draws ("gaussian": image + sigma n; "rician": the magnitude

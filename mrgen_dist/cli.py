@@ -1,10 +1,8 @@
-"""One convention for every `mrgen-*` command: argparse, sub-commands, one error path, extras named.
+"""One convention for every `mrgen-*` command: one error path, extras named (argparse pieces: commands/options.py).
 
 * `UserError` is the base of every error a user can fix (bad input, bad config, a missing file or extra).
   `run()` prints it as one line `PROG: error: MESSAGE` on stderr (once, from rank 0 under a multi-process
   launch) and returns its exit status; anything else is a bug and keeps its traceback.
-* `with_default_command()` lets a command with sub-commands keep a default one, so that
-  `mrgen-convert INPUT --out S` and `mrgen-convert verify S` are both plain argparse.
 * `require()` imports a module of an optional extra, or says which extra to install.
 
 Stdlib only: the torch-free sampler uses it.
@@ -12,13 +10,12 @@ Stdlib only: the torch-free sampler uses it.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import ModuleType
 
 EXIT_ERROR = 1
@@ -88,39 +85,3 @@ def run(prog: str, command: Callable[[], int | None]) -> int:
         return report(prog, UserError(f"{e.filename or 'a file'}: {e.strerror}"))
 
 
-def with_default_command(argv: Sequence[str] | None, parser: argparse.ArgumentParser, default: str) -> list[str]:
-    """`argv` with `default` put in front when its first word is not one of `parser`'s sub-commands."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = next(
-        (set(a.choices) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), set()
-    )
-    if not argv or argv[0] not in commands | {"-h", "--help"}:
-        argv.insert(0, default)
-    return argv
-
-
-def positive(kind: type = int) -> Callable[[str], int | float]:
-    """argparse `type=` for a number that must be > 0."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def non_negative_int(text: str) -> int:
-    """argparse `type=` for an integer that must be >= 0 (a seed, a count that may be zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value

@@ -21,32 +21,32 @@ def _launch(prog: str, module: str, extra: str | None) -> int:
 
 
 def convert() -> int:
-    return _launch("mrgen-convert", "mrgen_dist.data.convert", "train")
+    return _launch("mrgen-convert", "mrgen_dist.commands.convert", "train")
 
 
 def demo_data() -> int:
-    return _launch("mrgen-demo-data", "mrgen_dist.data.demo", "train")
+    return _launch("mrgen-demo-data", "mrgen_dist.commands.demo_data", "train")
 
 
 def train() -> int:
-    return _launch("mrgen-train", "mrgen_dist.train", "train")
+    return _launch("mrgen-train", "mrgen_dist.commands.train", "train")
 
 
 def export() -> int:
-    return _launch("mrgen-export", "mrgen_dist.export", "train")
+    return _launch("mrgen-export", "mrgen_dist.commands.export", "train")
 
 
 def sample() -> int:
-    return _launch("mrgen-sample", "mrgen_dist.sample", None)
+    return _launch("mrgen-sample", "mrgen_dist.commands.sample", None)
 
 
 def translate() -> int:
-    return _launch("mrgen-translate", "mrgen_dist.translate", None)
+    return _launch("mrgen-translate", "mrgen_dist.commands.translate", None)
 
 
 def fid() -> int:
-    return _launch("mrgen-fid", "mrgen_dist.fid.evaluate", "fid")
+    return _launch("mrgen-fid", "mrgen_dist.commands.fid", "fid")
 
 
 def compare() -> int:
-    return _launch("mrgen-compare", "mrgen_dist.compare", "fid")
+    return _launch("mrgen-compare", "mrgen_dist.commands.compare", "fid")

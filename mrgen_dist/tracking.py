@@ -171,19 +171,3 @@ def make_tracker(cfg, out: Path, enabled: bool) -> Tracker:
     return ClearMLTracker(cfg.train.project, name, tags=["train"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mrgen_dist.tracking parent --project P --name N`: create a parent task, print its id."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m mrgen_dist.tracking")
-    sub = ap.add_subparsers(dest="command", required=True)
-    parent = sub.add_parser("parent", help="create a pipeline's parent task and print its id")
-    parent.add_argument("--project", default="mrgen-dist")
-    parent.add_argument("--name", required=True)
-    args = ap.parse_args(argv)
-    print(create_parent(args.project, args.name))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,9 @@
-"""Shared fixtures: a small real cohort of NIfTI files and the store converted from it."""
+"""Shared fixtures: a small real cohort of NIfTI files and the store converted from it; the two test tiers.
+
+`make test-fast` (`pytest --fast`) runs the unit tier: no subprocess (spawning one fails the test), no fixture
+that writes a cohort or trains a run. Every other test is in the integration tier, marked `integration` here
+when it uses such a fixture, is marked `slow`, or is marked `integration` by hand; `make test` runs both.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,35 @@ from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.scanners import Vocabulary
 
 SUBJECTS_PER_SCANNER = 3
+#: Fixtures that write a cohort, convert it or train: a test that uses one is an integration test.
+HEAVY_FIXTURES = {"cohort_dir", "store_dir", "trained_run", "atlas_run", "translator_run", "translator_onnx"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true", help="the unit tier only: no subprocess, no cohort, no training")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    fast = config.getoption("--fast")
+    for item in items:
+        heavy = HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if heavy or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+        if fast and item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.skip(reason="integration tier (make test)"))
+
+
+@pytest.fixture(autouse=True)
+def _no_subprocess_in_the_fast_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In `--fast`, spawning a process fails the test: a test that needs one belongs to the integration tier."""
+    if not request.config.getoption("--fast"):
+        return
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test spawned a process: mark it pytest.mark.integration")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +74,7 @@ def trained_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("trained") / "run"
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-m", "mrgen_dist.train", "--config", str(repo / "hpc/configs/tiny.yaml"),
+        [sys.executable, "-m", "mrgen_dist.commands.train", "--config", str(repo / "hpc/configs/tiny.yaml"),
          f"data.store={store_dir}", f"train.out={out}", "train.max_steps=30", "train.sample_every=100"],
         capture_output=True, text=True, timeout=300, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -73,6 +107,6 @@ def translator_run(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def translator_onnx(translator_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`translator_run` exported (fp32, the mrgen-translator contract)."""
-    from mrgen_dist.export import export_onnx
+    from mrgen_dist.export.exporter import export_onnx
 
     return export_onnx(translator_run, "fp32", tmp_path_factory.mktemp("translator-onnx") / "translator.onnx").path

@@ -24,7 +24,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(store: Path, out: Path, *overrides: str, resume: str = "none", config: Path = TINY) -> list[str]:
-    return [sys.executable, "-m", "mrgen_dist.train", "--config", str(config), "--resume", resume,
+    return [sys.executable, "-m", "mrgen_dist.commands.train", "--config", str(config), "--resume", resume,
             f"data.store={store}", f"train.out={out}", *overrides]
 
 
@@ -40,7 +40,7 @@ def two_cpu_processes(mixed_precision: str = "no") -> list[str]:
 
 def launch(store: Path, out: Path, launcher: list[str], *overrides: str, config: Path = TINY, **extra: str
            ) -> subprocess.CompletedProcess:
-    """`accelerate launch LAUNCHER -m mrgen_dist.train --config CONFIG ...`; `extra` goes into the environment."""
-    cmd = [ACCELERATE, "launch", *launcher, "-m", "mrgen_dist.train", "--config", str(config),
+    """`accelerate launch LAUNCHER -m mrgen_dist.commands.train --config CONFIG ...`; `extra` goes into the environment."""
+    cmd = [ACCELERATE, "launch", *launcher, "-m", "mrgen_dist.commands.train", "--config", str(config),
            f"data.store={store}", f"train.out={out}", *overrides]
     return run(cmd, timeout=400, **extra)

@@ -99,6 +99,7 @@ def test_model_metadata_round_trip_and_errors() -> None:
     assert ModelMetadata.from_props(old, "m.onnx").family == "cvae"
 
 
+@pytest.mark.integration
 def test_stdlib_only() -> None:
     """The sampler reads these without torch, yaml or any other third-party package."""
     code = ("import sys; import mrgen_dist.artifacts, mrgen_dist.cli, mrgen_dist.atomic, mrgen_dist.scanners; "

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mrgen_dist.atomic import atomic_path, atomic_write
-from mrgen_dist.cli import EXTRAS, MissingExtra, UserError, positive, require, require_extra, run, with_default_command
+from mrgen_dist.cli import EXTRAS, MissingExtra, UserError, require, require_extra, run
+from mrgen_dist.commands.options import positive, with_default_command
 
 
 def test_default_sub_command() -> None:

@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mrgen_dist.compare import (
-    CompareError,
-    MismatchError,
-    compare,
-    default_names,
-    human_count,
-    main,
-    verdict,
-)
+from mrgen_dist.commands.compare import main
+from mrgen_dist.eval.compare import compare, default_names, verdict
+from mrgen_dist.eval.table import CompareError, MismatchError, human_count
 
 SCANNERS = ["Gyroscan Intera", "Intera", "Unspecified", "Magnetom TrioTim"]
 STORE = "ab12cd34ef56ab78" + "0" * 48
@@ -302,6 +296,7 @@ def test_cli_errors(two_models: list[Path], tmp_path: Path, capsys: pytest.Captu
     assert "--names has 2 name(s) for 1 RESULTS folder(s)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_console_script(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "mrgen-compare"
     done = subprocess.run([str(script), str(tmp_path / "nope")], capture_output=True, text=True, timeout=60,

@@ -11,8 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mrgen_dist import export
-from mrgen_dist.export import ExportError, export_onnx, load_trained, main
+from mrgen_dist.commands.export import main
+from mrgen_dist.export import exporter as export
+from mrgen_dist.export.exporter import ExportError, export_onnx
+from mrgen_dist.runs import load_trained
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def _commands(earlier: dict[str, Path], root: Path, store: Path, translator: Pat
     return {
         "convert": ("store", [BIN / "mrgen-convert", cohort, "--out", root / "store", "--slices", "2",
                               "--test-fraction", "0.34", "--overwrite"]),
-        "train": ("run", [sys.executable, "-m", "mrgen_dist.train", "--config", TINY, "--resume", "auto",
+        "train": ("run", [sys.executable, "-m", "mrgen_dist.commands.train", "--config", TINY, "--resume", "auto",
                           f"data.store={store}", f"train.out={root / 'run'}", "train.max_steps=40",
                           "train.sample_every=100"]),
         "export": ("export", [BIN / "mrgen-export", "onnx", "--model", earlier["run"], "--out",

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "accelerate", "deepspeed", "transformers", "clearml", "scipy", "scikit-learn", "matplotlib", "nilearn"}

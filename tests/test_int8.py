@@ -21,7 +21,8 @@ import onnx
 import pytest
 import torch
 
-from mrgen_dist.export import TOLERANCE, export_onnx, load_trained
+from mrgen_dist.export.exporter import TOLERANCE, export_onnx
+from mrgen_dist.runs import load_trained
 
 QEMU = shutil.which("qemu-x86_64")
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ CHECK = """
 import sys
 import numpy as np
 sys.modules["torch"] = None  # as on a sampling machine: no torch
-from mrgen_dist.sample import Sampler
+from mrgen_dist.runtime.sampler import Sampler
 sampler = Sampler(sys.argv[1], device="cpu")
 ref = np.load(sys.argv[2])
 (got,) = sampler.session.run(["image"], {"z": ref["z"], "scanner": ref["scanner"]})
@@ -119,6 +120,7 @@ def test_int8_accurate(emulated: bool, int8: Path, reference: Path, request: pyt
     assert stored <= TOLERANCE["int8"] and fresh <= TOLERANCE["int8"], (stored, fresh)
 
 
+@pytest.mark.integration
 def test_emulated_cpu_takes_the_avx2_kernels(haswell: None) -> None:
     """The emulation is meaningful: uint8 x int8 products saturate there, as on a real AVX2-only CPU."""
     done = _run(True, code=PROBE)
@@ -149,7 +151,7 @@ def test_sampler_refuses_a_u8s8_file_on_avx2(haswell: None, trained_run: Path, i
     onnx.save(old, str(tmp_path / "old.onnx"))
     assert json.loads({p.key: p.value for p in old.metadata_props}["mrgen.parity"])["draws"]
 
-    code = "import sys; from mrgen_dist.sample import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mrgen_dist.commands.sample import main; sys.exit(main(sys.argv[1:]))"
     done = _run(True, str(tmp_path / "old.onnx"), "--scanner", "Intera", "--n", "2", "--out", str(tmp_path / "o.h5"),
                 code=code)
     lines = [line for line in done.stderr.splitlines() if not line.startswith("qemu-x86_64: warning")]

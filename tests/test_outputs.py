@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from mrgen_dist.outputs import MARKER, OutputError, OutputRecord, check_output, folder_output, h5_bytes, write_file
+from mrgen_dist.runtime.outputs import MARKER, OutputError, OutputRecord, check_output, folder_output, h5_bytes, write_file
 
 TOOL = "mrgen-sample"
 

@@ -15,10 +15,13 @@ import numpy as np
 import onnx
 import pytest
 
-from mrgen_dist import sample
 from mrgen_dist.artifacts import ArtifactError
-from mrgen_dist.export import export_onnx
-from mrgen_dist.sample import SampleError, Sampler, decode_draws, encode_draws, main
+from mrgen_dist.commands.sample import main
+from mrgen_dist.export.exporter import export_onnx
+from mrgen_dist.runtime import sampler as sample
+from mrgen_dist.runtime.parity import decode_draws, encode_draws
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.runtime.session import SampleError
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +216,8 @@ def test_sampler_runs_where_torch_cannot_be_imported(decoder: Path, tmp_path: Pa
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from mrgen_dist.sample import Sampler, main
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.commands.sample import main
 assert main([{str(decoder)!r}, "--scanner", "all", "--n", "2", "--out", {str(tmp_path / "o.h5")!r}]) == 0
 images = Sampler({str(decoder)!r}).sample("Intera", 3, seed=0)
 assert images.shape == (3, 218, 182)

@@ -31,6 +31,7 @@ def _tracker_script(body: str, env: dict[str, str], cache: Path) -> subprocess.C
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=full_env)
 
 
+@pytest.mark.integration
 def test_offline_session_holds_scalars_params_images_and_artifacts(tmp_path: Path) -> None:
     png = tmp_path / "curve.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
@@ -65,6 +66,7 @@ print("DIR", t.offline_dir)
     assert list(session.rglob("loss curves_curve_*.png"))
 
 
+@pytest.mark.integration
 def test_unreachable_server_is_reported_fast_and_recorded_offline(tmp_path: Path) -> None:
     env = {"CLEARML_API_HOST": "http://127.0.0.1:9", "CLEARML_API_ACCESS_KEY": "k", "CLEARML_API_SECRET_KEY": "s"}
     t0 = time.perf_counter()
@@ -88,7 +90,7 @@ def test_training_reports_epoch_scalars_offline(config: str, terms: tuple[str, .
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEARML")}
     env.update(CLEARML_CACHE_DIR=str(cache), HOME=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "mrgen_dist.train", "--config", str(REPO / config), "--tracker", "clearml",
+        [sys.executable, "-m", "mrgen_dist.commands.train", "--config", str(REPO / config), "--tracker", "clearml",
          f"data.store={store_dir}", f"train.out={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )

@@ -194,7 +194,7 @@ def test_losses_follow_the_reference_curve(store_dir: Path, tmp_path: Path) -> N
 
 def test_options_and_overrides_in_any_order(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    done = run([sys.executable, "-m", "mrgen_dist.train", "--config", str(TINY), f"data.store={store_dir}",
+    done = run([sys.executable, "-m", "mrgen_dist.commands.train", "--config", str(TINY), f"data.store={store_dir}",
                 "--tracker", "none", f"train.out={out}", "train.max_steps=2", "--resume", "none"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").is_file()

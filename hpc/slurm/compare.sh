@@ -111,10 +111,7 @@ model_task() {
   echo "array task $task: $name ($config${noise[*]:+, sampled with noise}), outputs in $dir"
   # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
   run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES
-  local contract
-  contract=$(run python -c 'import json, sys; from mrgen_dist.models import get_family
-print(get_family(json.load(open(sys.argv[1]))["family"]).contract)' "$dir/run/config.json")
-  if [ "$contract" = mrgen-translator ]; then
+  if [ "$(run mrgen-export kind --model "$dir/run")" = translator ]; then
     [ ${#noise[@]} -eq 0 ] || { echo "compare.sh: $config is a translator: :noise is for generators" >&2; exit 1; }
     run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/translator.onnx"
     run mrgen-fid translation --store "$store" --model "$dir/translator.onnx" --out "$dir/results"

@@ -15,7 +15,7 @@ export MRGEN_HOME=$PWD MRGEN_INPUT MRGEN_WORK MRGEN_STORE MRGEN_RUN MRGEN_ONNX M
   MRGEN_GPUS_PER_NODE MRGEN_CPU_PROCS MRGEN_MODULES MRGEN_ACCELERATE_CONFIG
 
 # the ClearML parent task of this run; array tasks and the report link to it
-MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.tracking parent --project "$MRGEN_CLEARML_PROJECT" \
+MRGEN_CLEARML_PARENT=$(python -m mrgen_dist.commands.clearml_parent --project "$MRGEN_CLEARML_PROJECT" \
   --name "pipeline $(basename "$MRGEN_WORK")" | tail -n 1)
 export MRGEN_CLEARML_PARENT
 

@@ -29,7 +29,7 @@ fi
 world=$((nodes * per_node))
 master=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 port=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
-train=(-m mrgen_dist.train --config "$MRGEN_CONFIG" --resume auto "data.store=$MRGEN_STORE" "train.out=$MRGEN_RUN"
+train=(-m mrgen_dist.commands.train --config "$MRGEN_CONFIG" --resume auto "data.store=$MRGEN_STORE" "train.out=$MRGEN_RUN"
        "train.world_size=$world" $MRGEN_TRAIN_OVERRIDES)
 if [ "$world" -eq 1 ]; then
   cmd=(python "${train[@]}")

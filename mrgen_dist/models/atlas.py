@@ -3,10 +3,10 @@
 Why: every fully connected decoder here has a blurry mean image: its last layer mixes a few hundred basis
 images, and anatomy that moves by millimetres between subjects averages out. Blur is what the conditioning
 classifier reads as *Unspecified*, so the reconstructions of real slices by those decoders are recognised as
-their scanner only 0.47-0.58 of the time, and no prior can lift samples above that ceiling. Slices registered
-to MNI differ between subjects mostly by small residual deformations and a smooth intensity bias, and
-scanners differ by contrast, resolution and noise (method.md's scanner traits). The decoder follows those
-lines, so that its images stay sharp and the label has a physical job:
+their scanner only about half the time (docs/results/generation.md), and no prior can lift samples above that
+ceiling. Slices registered to MNI differ between subjects mostly by small residual deformations and a smooth
+intensity bias, and scanners differ by contrast, resolution and noise (docs/method.md's scanner traits). The
+decoder follows those lines, so that its images stay sharp and the label has a physical job:
 
 * **anatomy(z)**, the same for every scanner: a learned atlas, a base image plus `templates` learned basis
   images mixed by z (for the change between the slice levels), warped by a smooth displacement field from z
@@ -25,13 +25,11 @@ head, where MR noise is classically measured (Sijbers et al., "Estimation of the
 images", MRI 1998). x is detached there, so the image model trains as without the noise fit.
 
 Keeping the scanner out of z: the anatomy decoder has no use for the scanner, but an encoder that sees it in
-every slice still writes it into z (a standardised linear probe read it at 0.94 on the comparison cohort).
-Two parts keep it out: the encoder sees the slices with their scanner's tone curve undone (`encoder_input`;
-probe 0.82), and `scanner_penalty` x `scanner_share`, the share of the batch variance of the posterior means
-that the scanner explains, summed over z's dimensions (probe 0.31 at weight 10). Measured and not kept: a
-weight of 15 (probe 0.42 and 0.31 over two seeds, conditioning 0.94), 20 (0.33, conditioning 0.85), 30 (the
-latent collapsed, KL 0.1); a gradient-reversal probe (`adversary`, as the cVAE's: 0.82; on standardised
-means: 0.69); the encoder's input also cleared of the noise floor and blurred to the blurriest scanner (0.74).
+every slice still writes it into z. Two parts keep it out: the encoder sees the slices with their scanner's
+tone curve undone (`encoder_input`), and `scanner_penalty` x `scanner_share`, the share of the batch variance
+of the posterior means that the scanner explains, summed over z's dimensions. What each part did to the
+z-probe, the weights and alternatives measured and not kept, and the commands that reproduce them:
+docs/results/generation.md ("The atlas cVAE: keeping the scanner out of z").
 
 The exported graph gives the noise-free image and sigma (`mrgen.noise` = rician): samples of the scanner's
 look are `mrgen-sample --noise` (and `mrgen-fid --noise`), which draw |x + sigma (n1 + i n2)|.
@@ -59,7 +57,7 @@ from mrgen_dist.models.cvae import (
     reconstruction_loss,
     reverse_gradient,
 )
-from mrgen_dist.sample import add_noise
+from mrgen_dist.runtime.noise import add_noise
 from mrgen_dist.scanners import Vocabulary
 
 ENCODER_INPUTS = ("untoned", "raw")

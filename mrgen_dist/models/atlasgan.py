@@ -5,17 +5,13 @@ Rician noise*, |x + sigma (n1 + i n2)| (the slices `mrgen-sample --noise` makes)
 to fool its real/fake score and to have its scanner head read the asked scanner.
 
 Why a second hybrid: the convolutional cVAE-GAN's small generator never got the pixel-scale texture right
-(its reconstructions of real slices were read as their scanner 0.25 of the time), while the atlas decoder gets
-it right by construction (sharp warped atlas, each scanner's point-spread function and noise) and reaches 0.97.
+(its reconstructions of real slices were read as the blurry scanner whatever their own), while the atlas
+decoder gets it right by construction (sharp warped atlas, each scanner's point-spread function and noise).
 What the atlas cVAE lacks is what an adversary gives: its anatomy is a warped, biased mean, so its samples sit
-far from real slices in Inception space (precision 0.23, recall 0.08 on the comparison cohort). Here the
-discriminator sees the whole sample and pushes the anatomy and the acquisition toward the real slices.
-
-Measured on the comparison cohort (20 epochs, batch 16; hpc/configs/compare/atlasgan.yaml): at weights 3 and 3,
-0.953 of the samples are read as the asked scanner (seeds 1 and 2: 0.928 and 0.792), KID 115 x 10^-3 as the
-atlas cVAE's 113, with a little more variety (recall 0.10 against 0.08) and the z-probe at chance; at weight 10
-conditioning fell to 0.80-0.88 in three runs, at 50 a run diverged; `adversarial_parts: anatomy` (the adversary
-leaves the acquisition to the reconstruction) gave 0.907 and 0.846 at weights 3 and 10.
+far from real slices in Inception space (low precision and recall). Here the discriminator sees the whole
+sample and pushes the anatomy and the acquisition toward the real slices. `adversarial_parts: anatomy` leaves
+the acquisition to the reconstruction. What it measured at each weight, seed and setting, with the commands:
+docs/results/adversarial.md.
 
 The reconstruction uses the fitted point-spread functions, as in the atlas cVAE; the prior draws use the
 sampling ones (`AtlasVAE.psf_sigma`), since those are what is exported. The noise sigma stays fitted by the
@@ -32,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrgen_dist.models.adversarial import TwoPlayerConfig
 from mrgen_dist.models.atlas import FAMILY as ATLAS
 from mrgen_dist.models.atlas import AtlasConfig, AtlasOutput, AtlasVAE, atlas_objective
 from mrgen_dist.models.base import Family, Step
 from mrgen_dist.models.cvae import Decoder
 from mrgen_dist.models.dcgan import DCGANFamily
-from mrgen_dist.models.networks import ConvDiscriminator, DiscriminatorOutput, centre_crop, multiply_accumulates
+from mrgen_dist.models.parts.adversarial import TwoPlayerConfig
+from mrgen_dist.models.parts.networks import ConvDiscriminator, DiscriminatorOutput, centre_crop, multiply_accumulates
+from mrgen_dist.models.parts.noise import rician_draw
 from mrgen_dist.scanners import Vocabulary
 
 ADVERSARIAL_PARTS = ("anatomy", "all")
@@ -82,14 +79,6 @@ class AtlasGANPlayers(nn.Module):
         self.generator = AtlasVAE(tuple(image_shape), n_scanners, config.hidden, config.latent, True, config)
         self.discriminator = ConvDiscriminator(n_scanners, config.discriminator, tuple(config.size), config.head,
                                                True, config.spectral_norm)
-
-
-def rician_draw(clean: torch.Tensor, sigma: torch.Tensor, real: torch.Tensor, imaginary: torch.Tensor
-                ) -> torch.Tensor:
-    """|clean + sigma (real + i imaginary)| clipped to [0, 1], as sample.add_noise draws it, differentiable in
-    `clean` (a floor of 1e-12 under the root keeps its gradient finite where the magnitude is 0)."""
-    magnitude = ((clean + sigma * real).square() + (sigma * imaginary).square() + 1e-12).sqrt()
-    return magnitude.clamp(max=1.0)
 
 
 class AtlasGANFamily(DCGANFamily):

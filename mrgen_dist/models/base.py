@@ -103,7 +103,31 @@ class PlainAccelerator:
         return model
 
 
-class SamplingGraph(nn.Module):
+class ExportGraph(nn.Module):
+    """What a family exports (`Family.export_graph`): a module of its kind's contract, which says the exporter's
+    inputs, outputs and metadata, so that the exporter needs no knowledge of the kinds."""
+
+    latent: int = 0  # the z size of a decoder; 0 for a translator
+    has_noise: bool = False
+    noise_kind: str = ""
+
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """Inputs of the contract, by name, for the export trace and the parity check."""
+        raise NotImplementedError
+
+    def output_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def target_names(self, vocabulary: list[str]) -> list[str] | None:
+        """The scanners a translator translates to (metadata `mrgen.targets`); None for a decoder."""
+        return None
+
+    def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
+
+
+class SamplingGraph(ExportGraph):
     """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W].
 
     A graph with `has_noise` also gives `noise_sigma(scanner)`, float32 [B, 1, H, W]: the standard deviation of
@@ -112,20 +136,39 @@ class SamplingGraph(nn.Module):
     Gaussian around the image."""
 
     latent: int
-    has_noise: bool = False
-    noise_kind: str = ""
 
-    def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """Prior draws, and every scanner in turn."""
+        return {"z": rng.standard_normal((batch, self.latent), dtype=np.float32),
+                "scanner": np.arange(batch, dtype=np.int64) % n_scanners}
+
+    def output_names(self) -> list[str]:
+        return ["image", "sigma"] if self.has_noise else ["image"]
 
 
-class TranslationGraph(nn.Module):
+class TranslationGraph(ExportGraph):
     """The `mrgen-translator` contract: (image float32 [B, 1, H, W] in [0, 1], scanner int64 [B], the target
     scanner of each image) -> image float32 [B, 1, H, W] in [0, 1]. `targets` are the scanner ids it can
     translate to (all of them, or a CycleGAN's pair)."""
 
     targets: list[int]
 
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """Random images, and every target in turn."""
+        return {"image": rng.random((batch, 1, *image_shape), dtype=np.float32),
+                "scanner": np.asarray(self.targets, dtype=np.int64)[np.arange(batch) % len(self.targets)]}
+
+    def output_names(self) -> list[str]:
+        return ["translated"]
+
+    def target_names(self, vocabulary: list[str]) -> list[str] | None:
+        return [vocabulary[i] for i in self.targets]
+
+
+#: The kinds of family, and the contract of the file each exports (what `mrgen-sample` / `mrgen-translate` run).
+KINDS = {"decoder": ModelMetadata.DECODER, "translator": ModelMetadata.TRANSLATOR}
 
 #: Columns of the per-epoch figure.
 PREVIEW_COLUMNS = 6
@@ -135,12 +178,23 @@ class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
     loss_names: ClassVar[tuple[str, ...]]
-    contract: ClassVar[str] = ModelMetadata.DECODER
+    kind: ClassVar[str] = "decoder"  # what it exports: "decoder" ((z, scanner) -> image) or "translator"
     title: ClassVar[str] = ""  # how logs and plots name the family, e.g. "cVAE"
     accumulates: ClassVar[bool] = True  # whether train_step supports gradient accumulation (train.grad_accum > 1)
 
     @abstractmethod
     def build(self, config: ModelConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> nn.Module: ...
+
+    @property
+    def contract(self) -> str:
+        """The exported file's contract (export/README.md), from the family's kind."""
+        return KINDS[self.kind]
+
+    def connect(self, model: nn.Module, load_run: Callable[[str], nn.Module]) -> None:
+        """Give a built model the way to load another finished run's model by its folder (`runs.load_trained`),
+        for a family that learns from one (a teacher); models live below the run reader, so it is handed down.
+        Most families need none."""
+        return None
 
     @abstractmethod
     def noise_dim(self, config: ModelConfig) -> int: ...

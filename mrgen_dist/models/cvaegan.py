@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrgen_dist.models.adversarial import AdversarialConfig, Players, z_width
 from mrgen_dist.models.base import Step
 from mrgen_dist.models.cvae import LOSSES, kl_divergence, reconstruction_loss
 from mrgen_dist.models.dcgan import DCGANFamily
-from mrgen_dist.models.networks import ConvEncoder, DiscriminatorOutput, multiply_accumulates
+from mrgen_dist.models.parts.adversarial import AdversarialConfig, Players, z_width
+from mrgen_dist.models.parts.networks import ConvEncoder, DiscriminatorOutput, multiply_accumulates
 from mrgen_dist.scanners import Vocabulary
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mrgen_dist.models.base import Step
-from mrgen_dist.models.networks import ConvDiscriminator, ConvTranslator, DiscriminatorOutput
+from mrgen_dist.models.parts.networks import ConvDiscriminator, ConvTranslator, DiscriminatorOutput
 from mrgen_dist.models.stargan import StarGANConfig, StarGANFamily
 from mrgen_dist.scanners import Vocabulary
 

@@ -1,5 +1,5 @@
 """Conditional DCGAN (family `dcgan`): the convolutional generator and discriminator of
-mrgen_dist.models.networks, trained with the non-saturating GAN loss (Goodfellow et al. 2014; Radford et al.
+mrgen_dist.models.parts.networks, trained with the non-saturating GAN loss (Goodfellow et al. 2014; Radford et al.
 2016), conditioned on the scanner through the generator's scanner norms and the discriminator's scanner head
 (`model.head`: projection or auxiliary classifier). The exported graph is the generator: (z, scanner) -> slice.
 """
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mrgen_dist.models.adversarial import AdversarialConfig, AdversarialFamily, Judged, Players
 from mrgen_dist.models.base import Step
-from mrgen_dist.models.networks import DiscriminatorOutput
+from mrgen_dist.models.parts.adversarial import AdversarialConfig, AdversarialFamily, Judged, Players
+from mrgen_dist.models.parts.networks import DiscriminatorOutput
 
 
 @dataclass

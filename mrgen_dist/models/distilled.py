@@ -1,12 +1,12 @@
 """A translator distilled from a trained atlas cVAE (family `distilled`).
 
 Why: the adversarial translators fail the conditioning target on what benchmarks/translation_bounds.py
-measured a translator must do. To be read as its target a slice from *Unspecified* must be deblurred by 0.8-1.6
-mm under noise, and a slice to *Magnetom TrioTim* must lose most of its noise while keeping its edges; and to
-meet the cycle target it must carry its own noise draw to the target's level, deterministically (a perfect
-translator that draws fresh noise comes back at SSIM 0.70). The StarGAN's discriminator never asked for either
-(translations from Unspecified read 0.00). The atlas cVAE (mrgen_dist/models/atlas.py) models exactly these
-traits: an anatomy decoded from z, and each scanner's tone curve, point-spread function and Rician noise sigma.
+measured a translator must do. To be read as its target a slice from *Unspecified* must be deblurred under
+noise, and a slice to *Magnetom TrioTim* must lose most of its noise while keeping its edges; and to meet the
+cycle target it must carry its own noise draw to the target's level, deterministically (a perfect translator
+that draws fresh noise does not come back to the slice). The StarGAN's discriminator never asked for either.
+The atlas cVAE (mrgen_dist/models/atlas.py) models exactly these traits: an anatomy decoded from z, and each
+scanner's tone curve, point-spread function and Rician noise sigma.
 It can show one anatomy on two scanners with the *same* noise draw, |acquire_s(a) + sigma_s (n1 + i n2)| and
 |acquire_t(a) + sigma_t (n1 + i n2)|: a paired example of what a translation from s to t should do, which the
 real data (no subject scanned twice) cannot give.
@@ -23,24 +23,18 @@ scanner s' from the whole slice (trained on the batch's real slices) and each la
 per (s', t): in training the pairs' true s' is given, translating the head's reading. The teacher is frozen and
 is not part of the run's weights: a trained run exports and translates without it.
 
-Measured on the comparison cohort (README, "A translator distilled from the atlas cVAE"; width 32): with
-`identify` (655 s on an H200) conditioning 0.87, cycle SSIM 0.98, KID 54 x 10^-3; without it (690 s on an
-H100) 0.59, 0.97, 73; the StarGAN's 0.44, 0.95, 123. The head reads every real test slice's scanner right.
-What still fails is to Magnetom TrioTim (0.60-0.89), even on the teacher's own renders with the true source
-given (measured without `identify`: its translations there kept much of the source's noise; an L1 fit also
-averages away the detail that a sharp, quiet scanner shows). Two options address that and are not shown to
-help yet: `detail_weight`, an error on the log local energy of the finest detail (`detail_energy`), and
-`context`, the layers' scales and shifts also from a pool of the first layer's maps over the head
-(`DilatedTranslator`).
+Two options address the detail that an L1 fit averages away on a sharp, quiet scanner: `detail_weight`, an
+error on the log local energy of the finest detail (`detail_energy`), and `context`, the layers' scales and
+shifts also from a pool of the first layer's maps over the head (`DilatedTranslator`).
 
 `carry_noise` (on in the comparison config) takes the denoising out of the student: the student translates the
-slice's non-local means x^ (mrgen_dist/models/nonlocal_means.py, weighed by the source's sigma as the source
+slice's non-local means x^ (mrgen_dist/models/parts/nonlocal_means.py, weighed by the source's sigma as the source
 head reads it), and the rest, x - x^, the slice's own noise draw, is added back times sigma_t / sigma_s, the
 teacher's Rician sigmas (a buffer of the run's weights). Carried deterministically, the round trip comes back
-to the same draw. Measured (README, "Carrying the slice's own noise"), trained on 2 CPU cores for 2 hours
-(9,852 steps): conditioning 0.974, cycle SSIM 0.986, KID 33 x 10^-3, the own scanner the smallest change: the
-translation targets are met. To Magnetom TrioTim from Gyroscan Intera and Intera now reads 0.96 and 0.95; the
-weakest pair is from Unspecified, which must also be deblurred (0.83).
+to the same draw.
+
+What each option did on the comparison cohort, the runs, and the commands that reproduce them:
+docs/results/translation.md.
 
 The exported graph is the translator, contract `mrgen-translator` (export/README.md), as the StarGAN's.
 """
@@ -57,12 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrgen_dist.artifacts import ModelMetadata, RunRecord
-from mrgen_dist.models.adversarial import uniform_from_normal
-from mrgen_dist.models.atlasgan import rician_draw
+from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.models.base import Family, ModelConfig, Step
-from mrgen_dist.models.networks import multiply_accumulates
-from mrgen_dist.models.nonlocal_means import nonlocal_means
+from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.networks import multiply_accumulates
+from mrgen_dist.models.parts.noise import rician_draw
+from mrgen_dist.models.parts.nonlocal_means import nonlocal_means
 from mrgen_dist.models.stargan import TranslatorGraph, translation_preview
 from mrgen_dist.scanners import Vocabulary
 
@@ -267,6 +261,7 @@ class DistilledTranslator(nn.Module):
         self.window = (config.crop, config.crop) if config.crop else self.image_shape  # of the training pairs
         self.renders = config.renders
         self._teacher: list[nn.Module] = []
+        self.load_run: Callable[[str], nn.Module] | None = None  # set by DistilledFamily.connect
 
     def forward(self, image: torch.Tensor, scanner: torch.Tensor, source: torch.Tensor | None = None,
                 real: torch.Tensor | None = None) -> torch.Tensor | StudentFit:
@@ -284,9 +279,9 @@ class DistilledTranslator(nn.Module):
     def teacher(self, device: torch.device) -> nn.Module:
         """The teacher's atlas cVAE on `device`, frozen, in eval mode."""
         if not self._teacher:
-            from mrgen_dist.export import load_trained
-
-            _, model, _ = load_trained(self.teacher_dir)
+            if self.load_run is None:
+                raise RuntimeError("the distilled translator has no run loader: connect it (Family.connect) first")
+            model = self.load_run(self.teacher_dir)
             vae = getattr(model, "generator", model)  # the atlas cVAE-GAN's generator is the atlas cVAE
             self._teacher.append(vae.requires_grad_(False).eval())
             if self.generator.carry_noise:
@@ -355,12 +350,15 @@ class DistilledFamily(Family):
     name = "distilled"
     title = "distilled translator"
     Config = DistilledConfig
-    contract = ModelMetadata.TRANSLATOR
+    kind = "translator"
     loss_names = ("loss", "l1", "detail", "source")
 
     def build(self, config: DistilledConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]
               ) -> DistilledTranslator:
         return DistilledTranslator(config, len(vocabulary), image_shape)
+
+    def connect(self, model: DistilledTranslator, load_run: Callable[[str], nn.Module]) -> None:
+        model.load_run = load_run
 
     def noise_dim(self, config: DistilledConfig) -> int:
         return 1  # the first slice's number seeds the step's draws (z, scanners, noise, windows)

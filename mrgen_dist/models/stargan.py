@@ -10,8 +10,8 @@ them all. Its losses, per training slice x of scanner s and a target t drawn uni
   G(x, t) as a slice of t. With the `projection` head (the default) its real/fake score is itself conditional
   on t, so a slice with t's contrast but the source's noise and sharpness is judged fake; with the
   `auxiliary` head (StarGAN's) the score is unconditional and a classifier, learned from real slices only,
-  must read t (`scanner_weight`). On the comparison cohort the auxiliary head was satisfied by contrast alone
-  and its translations kept the source's texture (conditioning 0.00), where the projection head reached 0.44;
+  must read t (`scanner_weight`), which contrast alone can satisfy while the translation keeps the source's
+  texture (the two heads compared: docs/results/translation.md);
 * cycle: |G(G(x, t), s) - x|, mean absolute error (`cycle_weight`, 10 as in StarGAN and CycleGAN): the anatomy
   must survive the round trip;
 * identity: |G(x, s) - x| (`identity_weight`, CycleGAN's identity loss): translating to the slice's own
@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrgen_dist.artifacts import ModelMetadata
-from mrgen_dist.models.adversarial import TwoPlayerConfig, uniform_from_normal
 from mrgen_dist.models.base import PREVIEW_COLUMNS, Step, TranslationGraph
 from mrgen_dist.models.dcgan import DCGANFamily
-from mrgen_dist.models.networks import ConvDiscriminator, ConvTranslator, DiscriminatorOutput, multiply_accumulates
+from mrgen_dist.models.parts.adversarial import TwoPlayerConfig, uniform_from_normal
+from mrgen_dist.models.parts.networks import ConvDiscriminator, ConvTranslator, DiscriminatorOutput, multiply_accumulates
 from mrgen_dist.scanners import Vocabulary
 
 
@@ -102,7 +101,7 @@ class StarGANFamily(DCGANFamily):
     name = "stargan"
     title = "StarGAN translator"
     Config = StarGANConfig
-    contract = ModelMetadata.TRANSLATOR
+    kind = "translator"
     patch = True
     player_losses = ("generator", "discriminator", "cycle", "identity")
 

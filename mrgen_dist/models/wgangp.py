@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrgen_dist.models.adversarial import (
+from mrgen_dist.models.base import Step
+from mrgen_dist.models.parts.adversarial import (
     AdversarialConfig,
     AdversarialFamily,
     Judged,
@@ -23,8 +24,7 @@ from mrgen_dist.models.adversarial import (
     uniform_from_normal,
     z_width,
 )
-from mrgen_dist.models.base import Step
-from mrgen_dist.models.networks import ConvDiscriminator, DiscriminatorOutput
+from mrgen_dist.models.parts.networks import ConvDiscriminator, DiscriminatorOutput
 
 
 @dataclass

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from mrgen_dist.artifacts import StoreManifest
-from mrgen_dist.cli import with_default_command
-from mrgen_dist.data.convert import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConvertOptions, convert, main
+from mrgen_dist.cli import EXIT_ERROR
+from mrgen_dist.commands.convert import main
+from mrgen_dist.commands.options import with_default_command
+from mrgen_dist.data.convert import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import MNI_AFFINE, MNI_SHAPE, SliceParams, central_slices
@@ -246,7 +248,7 @@ def test_verify_reports_count_and_manifest_problems(store_dir: Path, tmp_path: P
 
 
 def test_cli_default_and_verify_sub_commands(cohort_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from mrgen_dist.data.convert import build_parser
+    from mrgen_dist.commands.convert import build_parser
 
     ap = build_parser()
     implicit = ap.parse_args(with_default_command([str(cohort_dir), "--out", "s"], ap, "convert"))
@@ -293,7 +295,7 @@ def test_cli_rejects_bad_numbers_at_parse_time(
 
 def test_demo_data_seed_must_be_non_negative(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`mrgen-demo-data --seed -1` is a usage error at parse time (numpy would refuse it mid-run)."""
-    from mrgen_dist.data.demo import main as demo_main
+    from mrgen_dist.commands.demo_data import main as demo_main
 
     with pytest.raises(SystemExit) as exit_:
         demo_main([str(tmp_path / "cohort"), "--seed", "-1"])

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mrgen_dist.data.convert import EXIT_ERROR, EXIT_OK, main
+from mrgen_dist.cli import EXIT_ERROR
+from mrgen_dist.commands.convert import main
+from mrgen_dist.data.convert import EXIT_OK
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.lock import LOCK_NAME, FolderBusy, FolderLock
 from mrgen_dist.data.store import SliceStore

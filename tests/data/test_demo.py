@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mrgen_dist.cli import with_default_command
+from mrgen_dist.commands.demo_data import build_parser, main
+from mrgen_dist.commands.options import with_default_command
 from mrgen_dist.data.demo import (
     APPEARANCE,
     DESCRIP,
     MARKER_FILE,
     acquire,
-    build_parser,
     cohort_plan,
-    main,
     make_volume,
     subject_anatomy,
     template_on_fsl_grid,

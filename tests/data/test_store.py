@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrgen_dist.cli import UserError
-from mrgen_dist.data.convert import main as convert_main
+from mrgen_dist.commands.convert import main as convert_main
 from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.store import SliceStore, StoreError
 from mrgen_dist.data.summary import store_summary, write_preview

@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mrgen_dist.commands.fid import main as fid_main
 from mrgen_dist.config import ConfigError, load_config
-from mrgen_dist.export import export_onnx
-from mrgen_dist.fid.evaluate import main as fid_main
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import family_names, get_family
-from mrgen_dist.models.adversarial import average_gradients, uniform_from_normal
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.networks import ConvDiscriminator, centre_crop, centre_pad, multiply_accumulates
+from mrgen_dist.models.parts.adversarial import average_gradients, uniform_from_normal
+from mrgen_dist.models.parts.networks import ConvDiscriminator, centre_crop, centre_pad, multiply_accumulates
 from mrgen_dist.models.wgangp import gradient_penalty
-from mrgen_dist.sample import Sampler
+from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.scanners import Vocabulary
 from tests.launch import REPO, TINY_GANS, TINY_TRANSLATORS, launch, run, train_cmd, two_cpu_processes
 from tests.models.players import SHAPE, TINY, built, tiny
@@ -162,6 +162,7 @@ def _average_in_two_processes(rank: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_average_gradients_over_two_real_processes(tmp_path: Path) -> None:
     mp.spawn(_average_in_two_processes, args=(str(tmp_path / "avg"),), nprocs=2)
     for rank in (0, 1):
@@ -231,10 +232,10 @@ def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, 
     assert diagnostics["encoder"] is False and diagnostics["z_probe"] is None and "no encoder" in diagnostics["reason"]
 
 
-@pytest.mark.parametrize(("config", "lr"), [(TINY["wgangp"], "1e12"), (TINY_TRANSLATORS["stargan"], ".inf")],
+@pytest.mark.parametrize(("config", "lr"), [(TINY["wgangp"], "1e12"), (TINY_TRANSLATORS["stargan"], "1e300")],
                          ids=["wgangp", "stargan"])
 def test_nonfinite_losses_stop_two_players(config: Path, lr: str, store_dir: Path, tmp_path: Path) -> None:
-    # spectral norm keeps the translator's discriminator finite at any finite step size: an infinite one does not
+    # spectral norm keeps the translator's discriminator finite at moderate step sizes: one beyond float32 does not
     done = run(train_cmd(store_dir, tmp_path / "nan", f"optim.lr={lr}", "train.checkpoint_every=1", config=config))
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "non-finite loss at step" in done.stdout + done.stderr

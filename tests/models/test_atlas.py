@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from mrgen_dist.config import load_config
-from mrgen_dist.export import export_onnx
-from mrgen_dist.fid.diagnostics import decode_means
-from mrgen_dist.fid.evaluate import FidError
+from mrgen_dist.eval.diagnostics import decode_means
+from mrgen_dist.eval.features import FidError
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import get_family
 from mrgen_dist.models.atlas import FAMILY, PARAM_SCALE, _filter_axis, rician_mean, rician_nll, scanner_share
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.sample import Sampler
+from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.scanners import Vocabulary
 from tests.launch import REPO, TINY_ATLAS, launch, run, train_cmd, two_cpu_processes
 

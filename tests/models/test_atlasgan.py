@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from mrgen_dist.config import ConfigError, load_config
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models.atlas import atlas_objective
-from mrgen_dist.models.atlasgan import rician_draw
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.sample import Sampler, add_noise
+from mrgen_dist.models.parts.noise import rician_draw
+from mrgen_dist.runtime.noise import add_noise
+from mrgen_dist.runtime.sampler import Sampler
 from tests.launch import TINY_GANS, launch, run, train_cmd, two_cpu_processes
 from tests.models.players import SHAPE, built
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mrgen_dist.config import load_config
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.export import export_onnx, load_trained
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.distilled import (
@@ -26,9 +26,10 @@ from mrgen_dist.models.distilled import (
     render_pairs,
     teacher_sigma,
 )
-from mrgen_dist.models.nonlocal_means import nonlocal_means
+from mrgen_dist.models.parts.nonlocal_means import nonlocal_means
+from mrgen_dist.runs import load_model, load_trained
+from mrgen_dist.runtime.translator import Translator
 from mrgen_dist.scanners import Vocabulary
-from mrgen_dist.translate import Translator
 from tests.launch import TINY_DISTILLED, launch, run, train_cmd, two_cpu_processes
 from tests.models.players import SHAPE
 
@@ -141,6 +142,7 @@ def test_the_detail_term_reads_blur_and_the_losses_follow_the_config(atlas_run: 
         cfg = config(f"model.teacher={atlas_run}", f"model.detail_weight={weight}", f"model.identify={identify}",
                      f"model.carry_noise={identify}")
         model = family.build(cfg, Vocabulary.method(), SHAPE)
+        family.connect(model, load_model)
         torch.nn.init.normal_(model.generator.last.weight, std=0.1)
         step = Step(PlainAccelerator(), cfg, model, {}, images, scanner, torch.randn(4, family.noise_dim(cfg)))
         losses = family.losses(step)
@@ -227,7 +229,7 @@ def test_two_processes_in_bf16_each_with_its_teacher_and_the_nan_stop(store_dir:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in records)
     assert (out / "model.safetensors").is_file()
-    nan = run(train_cmd(store_dir, tmp_path / "nan", f"model.teacher={atlas_run}", "optim.lr=.inf",
+    nan = run(train_cmd(store_dir, tmp_path / "nan", f"model.teacher={atlas_run}", "optim.lr=1e300",
                         "train.checkpoint_every=1", config=TINY_DISTILLED))
     assert nan.returncode == 3 and "non-finite loss at step" in nan.stdout + nan.stderr
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.models.nonlocal_means import nonlocal_means
+from mrgen_dist.models.parts.nonlocal_means import nonlocal_means
 
 
 def test_it_takes_most_of_the_noise_out_of_a_slice(store_dir: Path) -> None:

@@ -16,17 +16,19 @@ import pytest
 import torch
 
 from mrgen_dist.artifacts import ArtifactError
+from mrgen_dist.commands.translate import main as translate_main
 from mrgen_dist.config import ConfigError, load_config
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.volume import SliceParams, central_slices, load_volume
-from mrgen_dist.export import TOLERANCE, ExportError, export_onnx, load_trained
+from mrgen_dist.export.exporter import TOLERANCE, ExportError, export_onnx
 from mrgen_dist.models import family_names, get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.networks import ConvTranslator, ScannerNorm
-from mrgen_dist.sample import Sampler
+from mrgen_dist.models.parts.networks import ConvTranslator, ScannerNorm
+from mrgen_dist.runs import load_trained
+from mrgen_dist.runtime.png import PngError, read_png
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.runtime.translator import TranslateError, Translator
 from mrgen_dist.scanners import Vocabulary
-from mrgen_dist.translate import TranslateError, Translator, read_png
-from mrgen_dist.translate import main as translate_main
 from tests.launch import TINY_TRANSLATORS, run, train_cmd
 from tests.models.players import SHAPE, TINY, built
 
@@ -221,7 +223,7 @@ def test_translate_runs_where_torch_cannot_be_imported(cohort_dir: Path, store_d
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from mrgen_dist.translate import main
+from mrgen_dist.commands.translate import main
 assert main([{str(translator_onnx)!r}, {str(volume)!r}, "--to", "Intera", "--out", {str(tmp_path / "v.nii.gz")!r}]) == 0
 assert main([{str(translator_onnx)!r}, {str(store_dir)!r}, "--to", "Intera", "--out", {str(tmp_path / "s.h5")!r}]) == 0
 assert sys.modules["torch"] is None
@@ -232,9 +234,9 @@ print("OK")
 
 
 def _png(image: np.ndarray) -> bytes:
-    from mrgen_dist.sample import _png_bytes
+    from mrgen_dist.runtime.png import png_bytes
 
-    return _png_bytes(image)
+    return png_bytes(image)
 
 
 def test_png_reader_takes_every_filter_depth_and_colour_type(tmp_path: Path) -> None:
@@ -252,7 +254,7 @@ def test_png_reader_takes_every_filter_depth_and_colour_type(tmp_path: Path) -> 
     (tmp_path / "own.png").write_bytes(_png(x))  # the sampler's own writer: filter None
     np.testing.assert_allclose(read_png(tmp_path / "own.png"), u8 / 255, atol=1e-6)
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(TranslateError, match="not a PNG file"):
+    with pytest.raises(PngError, match="not a PNG file"):
         read_png(tmp_path / "bad.png")
 
 
@@ -265,12 +267,12 @@ def test_png_whose_header_and_data_disagree_is_refused_in_one_line(tmp_path: Pat
     header = struct.pack(">IIBBBBB", 10, 10, 8, 0, 0, 0, 0)  # says 10 x 10; its rows hold 5 x 5
     lying = small[: ihdr + 4] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + small[ihdr + 4 + 17 :]
     (tmp_path / "lying.png").write_bytes(lying)
-    with pytest.raises(TranslateError, match=r"lying.png: corrupt PNG \(its header says 10x10, 8-bit, 1 channel"):
+    with pytest.raises(PngError, match=r"lying.png: corrupt PNG \(its header says 10x10, 8-bit, 1 channel"):
         read_png(tmp_path / "lying.png")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1.png").write_bytes(small)
     (tmp_path / "a" / "2.png").write_bytes(_png(np.zeros((6, 5), dtype=np.float32)))
-    from mrgen_dist.translate import read_pngs
+    from mrgen_dist.runtime.translator import read_pngs
 
     with pytest.raises(TranslateError, match="the PNGs differ in size"):
         read_pngs(tmp_path / "a")

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import torch
 
 from mrgen_dist.config import load_config
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import family_names, get_family
 from mrgen_dist.models.vae import FAMILY
-from mrgen_dist.sample import Sampler
+from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.scanners import Vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,8 @@ def test_the_label_does_not_enter_the_model() -> None:
 def test_trained_exported_and_sampled_with_the_shared_commands(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "vae"
     done = subprocess.run(
-        [sys.executable, "-m", "mrgen_dist.train", "--config", str(REPO / "hpc/configs/vae.yaml"), f"data.store={store_dir}",
+        [sys.executable, "-m", "mrgen_dist.commands.train", "--config", str(REPO / "hpc/configs/vae.yaml"),
+         f"data.store={store_dir}",
          f"train.out={out}", "model.hidden=[16]", "model.latent=4", "train.max_steps=12", "train.batch_size=4",
          "--tracker", "none"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from mrgen_dist.commands.sample import main as sample_main
 from mrgen_dist.config import ConfigError, load_config
-from mrgen_dist.export import export_onnx
+from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.models import get_family
 from mrgen_dist.models.cvae import CVAEConfig, gaussian_nll, kl_divergence, reverse_gradient
-from mrgen_dist.sample import SampleError, Sampler
-from mrgen_dist.sample import main as sample_main
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.runtime.session import SampleError
 from mrgen_dist.scanners import Vocabulary
 from tests.launch import TINY, launch, two_cpu_processes
 

@@ -1,0 +1,32 @@
+"""`mrgen-export onnx --model RUN --precision fp32|fp16|int8 --out FILE`: a trained run as an ONNX file that the
+torch-free runtime samples (mrgen_dist.export.exporter). `mrgen-export kind --model RUN` prints what the run
+exports, `decoder` or `translator`, for scripts that treat the two differently (hpc/slurm/compare.sh)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mrgen_dist.cli import run
+from mrgen_dist.export.exporter import PRECISIONS, export_onnx
+from mrgen_dist.runs import run_family
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mrgen-export", description="Export a trained model.")
+    sub = ap.add_subparsers(dest="format", required=True)
+    p = sub.add_parser("onnx", help="the decoder (or translator) as ONNX, for onnxruntime (see export/README.md)")
+    p.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train (model.safetensors, config.json)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--out", type=Path, default=Path("export/decoder.onnx"))
+    k = sub.add_parser("kind", help="print what the run exports: decoder or translator")
+    k.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train")
+    args = ap.parse_args(argv)
+    if args.format == "kind":
+        return run("mrgen-export kind", lambda: print(run_family(args.model).kind))
+    return run("mrgen-export", lambda: print(export_onnx(args.model, args.precision, args.out).line()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

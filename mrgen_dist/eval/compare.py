@@ -1,0 +1,455 @@
+"""The comparison of models (`mrgen-compare`): one row per results folder of `mrgen-fid`, the verdict against
+`targets.py`, written as OUT/compare.md (table and footnotes), OUT/compare.csv (unrounded) and OUT/compare.png.
+
+A folder with `translation.json` is a translator's and gets a row in the translators' table
+(`compare_translation.py`). Values averaged over scanners are plain means over the scanners that have them;
+"(k/n)" marks a mean over k of the n scanners. Results from different stores (`store_sha256`) or scanner lists
+are refused. Reads JSON only: no torch, no model, no store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mrgen_dist.atomic import atomic_write
+from mrgen_dist.eval import targets
+from mrgen_dist.eval.table import (
+    MISSING,
+    SIDE_FILES,
+    TRANSLATION_FILE,
+    CompareError,
+    MismatchError,
+    Number,
+    Results,
+    Summary,
+    _bars,
+    _escape,
+    _fixed,
+    _get,
+    _num,
+    _rate,
+    _sig,
+    conditioning_per_scanner,
+    human_count,
+    read_results,
+    run_footnote,
+)
+from mrgen_dist.scanners import slug
+
+UNBIASED_N = 2048  # FID needs at least this many samples per set (the feature dimension)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+
+
+def _scanners_in(file_name: str, content: dict) -> list[str] | None:
+    """The scanner list a result file records: `scanners`, or in fid_*.json the model's `mrgen.scanners`."""
+    if isinstance(content.get("scanners"), list):
+        return [str(s) for s in content["scanners"]]
+    text = (content.get("model") or {}).get("mrgen.scanners") if isinstance(content.get("model"), dict) else None
+    if isinstance(text, str):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return [str(s) for s in names] if isinstance(names, list) else None
+    return None
+
+
+def _agreed(results: Results, what: str, value_of: Callable[[str, dict], Any]) -> tuple[Any, str | None]:
+    """The one value of `what` that the files of a folder record (None when none does), and the file it came
+    from; two files that disagree are refused."""
+    found: tuple[Any, str] | None = None
+    for file_name, content in results.files.items():
+        value = value_of(file_name, content)
+        if value is None:
+            continue
+        if found is None:
+            found = (value, file_name)
+        elif value != found[0]:
+            raise MismatchError(f"{results.folder}: {found[1]} has {what} {found[0]!r} but {file_name} has {value!r}")
+    return found if found is not None else (None, None)
+
+
+def store_of(results: Results) -> str | None:
+    return _agreed(results, "store_sha256", lambda _, c: c.get("store_sha256"))[0]
+
+
+def scanners_of(results: Results) -> list[str] | None:
+    return _agreed(results, "scanners", _scanners_in)[0]
+
+
+def check_comparable(runs: Sequence[Results]) -> tuple[str | None, list[str]]:
+    """The common store sha256 and scanner list of the runs; different stores or scanner lists are refused."""
+    common: dict[str, tuple[Any, Results] | None] = {"store_sha256": None, "scanners": None}
+    for r in runs:
+        for what, value in (("store_sha256", store_of(r)), ("scanners", scanners_of(r))):
+            if value is None:
+                continue
+            first = common[what]
+            if first is None:
+                common[what] = (value, r)
+            elif value != first[0]:
+                raise MismatchError(f"{first[1].folder} and {r.folder} come from different {what}: "
+                                    f"{first[0]!r} vs {value!r}; compare results of one store and scanner list")
+    store = common["store_sha256"][0] if common["store_sha256"] else None
+    if common["scanners"]:
+        scanners = list(common["scanners"][0])
+    else:  # no file names the list: the scanners that have FID results, in name order
+        scanners = sorted({s for r in runs for s in r.per_scanner})
+    return store, scanners
+
+
+def default_names(folders: Sequence[Path]) -> list[str]:
+    """Each folder's name; names that two folders share get their parent folders until they differ
+    (`cvae/results`, `vae/results`, `other`)."""
+    parts = [Path(f).resolve().parts for f in folders]
+    if len(set(parts)) < len(parts):
+        dup = next(f for f, p in zip(folders, parts, strict=True) if parts.count(p) > 1)
+        raise CompareError(f"results folder {dup} is given twice")
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        shared = [i for i, n in enumerate(names) if names.count(n) > 1]
+        if not shared:
+            return names
+        for i in shared:
+            depth[i] = min(depth[i] + 1, len(parts[i]))
+
+
+# -- values -----------------------------------------------------------------------------------------------------
+
+
+def _gap(record: dict, key: str) -> Number:
+    """|generated - real| of a signature measure of one scanner."""
+    generated, real = _num(_get(record, "signature", f"{key}_generated")), _num(_get(record, "signature", f"{key}_real"))
+    return None if generated is None or real is None else abs(generated - real)
+
+
+#: Per-scanner measures averaged over scanners: column -> value of one fid_<scanner>.json.
+SCANNER_MEANS: dict[str, Callable[[dict], Number]] = {
+    "fid": lambda r: _num(r.get("fid_mean")),
+    "kid": lambda r: _num(r.get("kid_mean")),
+    "precision": lambda r: _num(r.get("precision")),
+    "recall": lambda r: _num(r.get("recall")),
+    "density": lambda r: _num(r.get("density")),
+    "coverage": lambda r: _num(r.get("coverage")),
+    "ms_ssim": lambda r: _num(r.get("ms_ssim")),
+    "ms_ssim_real": lambda r: _num(r.get("ms_ssim_real")),
+    "intensity_w1": lambda r: _num(_get(r, "signature", "intensity_w1")),
+    "noise_gap": lambda r: _gap(r, "noise"),
+    "sharpness_gap": lambda r: _gap(r, "sharpness"),
+}
+
+
+def _biased(record: dict) -> bool:
+    """FID at n < 2048: the file's `fid_biased`, or from its sample sizes when the key is missing."""
+    if isinstance(record.get("fid_biased"), bool):
+        return record["fid_biased"]
+    sizes = [_num(record.get(k)) for k in ("n_real", "n_generated")]
+    return any(n is not None and n < UNBIASED_N for n in sizes)
+
+
+def _n_generated(run: Results, scanners: Sequence[str]) -> list[int]:
+    """Generated slices per scanner: generation.json's list, else the fid_*.json's `n_generated`."""
+    listed = _get(run.generation, "n_generated")
+    if isinstance(listed, list) and all(_num(n) is not None for n in listed):
+        return [int(n) for n in listed]
+    return [int(n) for s in scanners if (n := _num(_get(run.per_scanner.get(s), "n_generated"))) is not None]
+
+
+def _model_title(run: Results) -> str | None:
+    title = _get(run.diagnostics, "title") or _get(run.diagnostics, "family")
+    if not title:
+        title = next((f for r in run.per_scanner.values() if (f := _get(r, "model", "mrgen.family"))), None)
+    return str(title) if title else None
+
+
+def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
+            z_reason: str | None = None, encoder: bool | None = None) -> str:
+    """Whether a model meets the targets (conditioning >= 0.90, z-probe <= 0.40) and, if not, why. A model
+    without an encoder (`encoder` False: a GAN) has no posterior that could carry the scanner into z: its z
+    is N(0, I) by construction, so the z-probe target holds without a probe."""
+    notes = []
+    if conditioning is None:
+        notes.append("conditioning not measured")
+    elif conditioning < targets.GENERATION_CONDITIONING:
+        if reconstruction is not None and reconstruction < targets.GENERATION_CONDITIONING:
+            notes.append(f"reconstruction ceiling {reconstruction:.2f}")
+        else:
+            notes.append(f"conditioning {conditioning:.2f} < {targets.GENERATION_CONDITIONING:.2f}")
+    z_holds = False
+    if encoder is False and z_probe is None:
+        z_holds = True
+        notes.append("no encoder: z carries no scanner")
+    elif z_probe is None:
+        notes.append("z-probe not measured" + (f" ({z_reason})" if z_reason else ""))
+    elif z_probe > targets.Z_PROBE:
+        notes.append(f"scanner in z (probe {z_probe:.2f})")
+    else:
+        z_holds = True
+    if label_ratio is not None and label_ratio < targets.LABEL_EFFECT_FLOOR:
+        notes.append("decoder ignores the label")
+    if conditioning is not None and conditioning >= targets.GENERATION_CONDITIONING:
+        notes.insert(0, "meets targets" if z_holds else f"conditioning ≥ {targets.GENERATION_CONDITIONING:.2f}")
+    return "; ".join(notes)
+
+
+def _scanner_means(run: Results, scanners: Sequence[str], summary: Summary) -> None:
+    for column, value_of in SCANNER_MEANS.items():
+        values = [v for s in scanners if s in run.per_scanner and (v := value_of(run.per_scanner[s])) is not None]
+        summary.values[column] = sum(values) / len(values) if values else None
+        if values and len(values) < len(scanners):
+            summary.partial[column] = len(values)
+    summary.values["fid_biased"] = any(_biased(run.per_scanner[s]) for s in scanners if s in run.per_scanner
+                                       and _num(run.per_scanner[s].get("fid_mean")) is not None)
+    for s in scanners:
+        summary.values[f"fid_{slug(s)}"] = _num(_get(run.per_scanner.get(s), "fid_mean"))
+        summary.values[f"kid_{slug(s)}"] = _num(_get(run.per_scanner.get(s), "kid_mean"))
+    for s, rate in conditioning_per_scanner(run.conditioning, scanners).items():
+        summary.values[f"conditioning_{slug(s)}"] = rate
+
+
+def _run_notes(run: Results, scanners: Sequence[str], summary: Summary) -> None:
+    unscored = [s for s in scanners if s not in run.per_scanner]
+    if unscored:
+        summary.notes.append("no fid_*.json" + ("" if len(unscored) == len(scanners) else " for " + ", ".join(unscored)))
+    missing = [f for f in SIDE_FILES if f not in run.files]
+    if missing:
+        summary.notes.append("no " + ", ".join(missing))
+    for what in ("z_probe", "reconstruction"):
+        reason = _get(run.diagnostics, "reason")
+        if run.diagnostics is not None and _get(run.diagnostics, what) is None and reason:
+            summary.notes.append(f"{what.replace('_', '-')} n/a: {reason}")
+            break
+
+
+def summarise(run: Results, scanners: Sequence[str]) -> Summary:
+    """The comparison row of one run."""
+    diag, gen, cond = run.diagnostics, run.generation, run.conditioning
+    n_gen = _n_generated(run, scanners)
+    v: dict[str, Any] = {
+        "run": run.name,
+        "folder": str(run.folder),
+        "model": _model_title(run),
+        "family": _get(diag, "family") or next((f for r in run.per_scanner.values()
+                                               if (f := _get(r, "model", "mrgen.family"))), None),
+        "parameters": _num(_get(diag, "parameters")),
+        "train_seconds": _num(_get(diag, "training", "seconds")),
+        "train_images_per_s": _num(_get(diag, "training", "images_per_s")),
+        "train_steps": _num(_get(diag, "training", "steps")),
+        "train_epochs": _num(_get(diag, "training", "epochs")),
+        "sample_images_per_s": _num(_get(gen, "sampling_images_per_s")),
+        "sampler_device": _get(gen, "sampler_device"),
+        "noise": _get(gen, "noise") if isinstance(_get(gen, "noise"), bool) else None,
+        "n_generated_min": min(n_gen) if n_gen else None,
+        "n_generated_max": max(n_gen) if n_gen else None,
+        "scanners_scored": sum(s in run.per_scanner for s in scanners),
+        "conditioning": _num(_get(cond, "generated_accuracy")),
+        "real_test_accuracy": _num(_get(cond, "real_test_accuracy")),
+        "z_probe": _num(_get(diag, "z_probe", "accuracy")),
+        "z_probe_chance": _num(_get(diag, "z_probe", "chance")),
+        "reconstruction": _num(_get(diag, "reconstruction", "accuracy")),
+        "label_effect_ratio": _num(_get(gen, "label_effect", "ratio")),
+        "label_between_scanners": _num(_get(gen, "label_effect", "between_scanners")),
+        "label_between_draws": _num(_get(gen, "label_effect", "between_draws")),
+    }
+    summary = Summary(run.name, v)
+    _scanner_means(run, scanners, summary)
+    _run_notes(run, scanners, summary)
+    z_reason = _get(diag, "reason") if diag is not None and v["z_probe"] is None else None
+    v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
+                           _get(diag, "encoder"))
+    return summary
+
+
+# -- formatting -------------------------------------------------------------------------------------------------
+
+
+def _mean_cell(s: Summary, column: str, fmt: Callable[[Number], str], n_scanners: int) -> str:
+    text = fmt(s.values[column])
+    return f"{text} ({s.partial[column]}/{n_scanners})" if column in s.partial else text
+
+
+def _model_cell(s: Summary) -> str:
+    title = s.values["model"] or MISSING
+    return f"{title} + noise" if s.values["noise"] else title
+
+
+def _n_cell(s: Summary) -> str:
+    lo, hi = s.values["n_generated_min"], s.values["n_generated_max"]
+    return MISSING if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _z_cell(s: Summary) -> str:
+    z, chance = s.values["z_probe"], s.values["z_probe_chance"]
+    if z is None:
+        return MISSING
+    return f"{z:.2f} ({chance:.2f})" if chance is not None else f"{z:.2f}"
+
+
+def _ms_ssim_cell(s: Summary, n: int) -> str:
+    return f"{_mean_cell(s, 'ms_ssim', _fixed(3), n)} / {_mean_cell(s, 'ms_ssim_real', _fixed(3), n)}"
+
+
+def _fid_cell(s: Summary, n: int) -> str:
+    text = _mean_cell(s, "fid", _fixed(2), n)
+    return text + " †" if s.values["fid_biased"] else text
+
+
+#: The markdown table: header -> cell of a run's Summary (given the number of scanners).
+COLUMNS: dict[str, Callable[[Summary, int], str]] = {
+    "run": lambda s, n: s.name,
+    "model": lambda s, n: _model_cell(s),
+    "parameters": lambda s, n: human_count(s.values["parameters"]),
+    "train s": lambda s, n: _rate(s.values["train_seconds"]),
+    "train img/s": lambda s, n: _rate(s.values["train_images_per_s"]),
+    "sample img/s (ORT)": lambda s, n: _rate(s.values["sample_images_per_s"]),
+    "n gen/scanner": lambda s, n: _n_cell(s),
+    "FID": _fid_cell,
+    "KID ×10³": lambda s, n: _mean_cell(s, "kid", _fixed(2, 1e3), n),
+    "precision": lambda s, n: _mean_cell(s, "precision", _fixed(3), n),
+    "recall": lambda s, n: _mean_cell(s, "recall", _fixed(3), n),
+    "density": lambda s, n: _mean_cell(s, "density", _fixed(3), n),
+    "coverage": lambda s, n: _mean_cell(s, "coverage", _fixed(3), n),
+    "MS-SSIM gen / real": _ms_ssim_cell,
+    "conditioning": lambda s, n: _fixed(2)(s.values["conditioning"]),
+    "z-probe (chance)": lambda s, n: _z_cell(s),
+    "recon. conditioning": lambda s, n: _fixed(2)(s.values["reconstruction"]),
+    "label effect": lambda s, n: _sig(s.values["label_effect_ratio"]),
+    "intensity W1": lambda s, n: _mean_cell(s, "intensity_w1", _sig, n),
+    "Δ noise": lambda s, n: _mean_cell(s, "noise_gap", _sig, n),
+    "Δ sharpness": lambda s, n: _mean_cell(s, "sharpness_gap", _sig, n),
+    "verdict": lambda s, n: s.values["verdict"],
+}
+
+
+def table_rows(summaries: Sequence[Summary], n_scanners: int) -> list[list[str]]:
+    """The markdown table's cells, header first."""
+    return [list(COLUMNS)] + [[fn(s, n_scanners) for fn in COLUMNS.values()] for s in summaries]
+
+
+def _footnotes(summaries: Sequence[Summary], store: str | None, scanners: Sequence[str]) -> list[str]:
+    n = len(scanners)
+    notes = []
+    if any(s.values["fid_biased"] for s in summaries):
+        notes.append(f"† FID at n < {UNBIASED_N} is biased upwards; compare at equal n (or use KID, which is unbiased).")
+    notes += [
+        f"FID, KID, precision, recall, density, coverage, MS-SSIM and the signature are means over the {n} scanners; "
+        f"(k/{n}) marks a mean over the k scanners that have the value. {MISSING}: not measured (file or key missing).",
+        "KID ×10³: KID times 1000. MS-SSIM gen / real: mean pairwise MS-SSIM of generated slices / of real slices "
+        "within a scanner (diversity; lower is more diverse).",
+        f"Targets: conditioning ≥ {targets.GENERATION_CONDITIONING:.2f} (generated slices recognised as the scanner "
+        "asked for), "
+        f"z-probe ≤ {targets.Z_PROBE:.2f} (accuracy of a scanner classifier on the encoder's z; chance in brackets). "
+        "Recon. conditioning: the same classifier on reconstructions of real slices, the ceiling of conditioning.",
+        "Label effect: decoder output variation between scanners / between latent draws; below "
+        f"{targets.LABEL_EFFECT_FLOOR} "
+        "the decoder ignores the label.",
+        "Signature: intensity W1 = Wasserstein-1 distance of real and generated intensity histograms; Δ noise and "
+        "Δ sharpness = |generated − real| of the noise level and sharpness.",
+        "+ noise: the samples drew the learned observation noise.",
+    ]
+    notes += [note for s in summaries if (note := run_footnote(s, "sampler_device", "sampled"))]
+    notes.append(f"Store {store[:16] if store else 'unknown (no store_sha256 in the results)'}; "
+                 f"scanners (vocabulary order): {', '.join(scanners)}.")
+    return notes
+
+
+def table_markdown(summaries: Sequence[Summary], store: str | None, scanners: Sequence[str]) -> str:
+    rows = table_rows(summaries, len(scanners))
+    lines = ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines + [""] + [f"- {note}" for note in _footnotes(summaries, store, scanners)]) + "\n"
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and not math.isinf(value):
+        return int(value) if abs(value) < 2**53 else value
+    return value
+
+
+def table_csv(summaries: Sequence[Summary]) -> str:
+    """One row per run, every value unrounded ('' = not measured); per-scanner columns last."""
+    columns = list(summaries[0].values)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\r\n")
+    writer.writerow(columns)
+    for s in summaries:
+        writer.writerow([_csv_value(s.values.get(c)) for c in columns])
+    return text.getvalue()
+
+
+# -- figure -----------------------------------------------------------------------------------------------------
+
+
+def compare_figure(summaries: Sequence[Summary], scanners: Sequence[str], path: Path) -> Path:
+    """One row per run: conditioning / z-probe / reconstruction with the targets and chance, KID ×10³ per scanner,
+    precision / recall / density / coverage."""
+    from mrgen_dist.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(summaries), 3, figsize=(14, 0.5 + max(2.0, 0.45 * len(scanners)) * len(summaries)),
+                             squeeze=False, sharex="col")
+    for row, s in zip(axes, summaries, strict=True):
+        v = s.values
+        _bars(row[0], ["conditioning", "z-probe", "recon. cond."], [v["conditioning"], v["z_probe"], v["reconstruction"]],
+              ["tab:blue", "tab:orange", "tab:green"])
+        row[0].axvline(targets.GENERATION_CONDITIONING, color="tab:blue", ls="--", lw=1)
+        row[0].axvline(targets.Z_PROBE, color="tab:orange", ls="--", lw=1)
+        chance = v["z_probe_chance"] if v["z_probe_chance"] is not None else 1 / max(1, len(scanners))
+        row[0].axvline(chance, color="grey", ls=":", lw=1)
+        row[0].set_xlim(0, 1)
+        row[0].set_ylabel(f"{s.name}\n{_model_cell(s)}", fontsize=9)
+        kids = [v[f"kid_{slug(n)}"] for n in scanners]
+        _bars(row[1], list(scanners), [None if k is None else 1e3 * k for k in kids], "tab:purple")
+        _bars(row[2], ["precision", "recall", "density", "coverage"],
+              [v["precision"], v["recall"], v["density"], v["coverage"]], "tab:cyan")
+        for ax in row:
+            ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_title("conditioning, z-probe, reconstruction\ndashed: targets (conditioning ≥ "
+                         f"{targets.GENERATION_CONDITIONING:.2f}, z-probe ≤ {targets.Z_PROBE:.2f}); dotted: chance",
+                         fontsize=9)
+    axes[0, 1].set_title("KID ×10³ per scanner", fontsize=9)
+    axes[0, 2].set_title("precision / recall / density / coverage (means)", fontsize=9)
+    return _save(fig, path, dpi=90)
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+
+
+def compare(folders: Sequence[Path], out: Path, names: Sequence[str] | None = None) -> list[Path]:
+    """Read, check and compare the results folders; writes OUT/compare.md with the generators' table (and
+    compare.csv, compare.png) and the translators' (compare-translation.csv, .png); returns the paths."""
+    from mrgen_dist.eval import compare_translation
+
+    folders = [Path(f) for f in folders]
+    names = list(names) if names is not None else default_names(folders)
+    runs = [read_results(folder, name) for folder, name in zip(folders, names, strict=True)]
+    store, scanners = check_comparable(runs)
+    generators = [summarise(r, scanners) for r in runs if TRANSLATION_FILE not in r.files]
+    translators = [compare_translation.summarise_translation(r, scanners) for r in runs if TRANSLATION_FILE in r.files]
+    out.mkdir(parents=True, exist_ok=True)
+    text = table_markdown(generators, store, scanners) if generators else ""
+    if translators:
+        text += ("\n" if text else "") + compare_translation.table_markdown(translators)
+        if not generators:
+            text += f"\n- Store {store[:16] if store else 'unknown'}; scanners (vocabulary order): {', '.join(scanners)}.\n"
+    written = [atomic_write(out / "compare.md", text)]
+    if generators:
+        written += [atomic_write(out / "compare.csv", table_csv(generators)),
+                    compare_figure(generators, scanners, out / "compare.png")]
+    if translators:
+        written += [atomic_write(out / "compare-translation.csv", table_csv(translators)),
+                    compare_translation.figure(translators, scanners, out / "compare-translation.png")]
+    return written
+
+

@@ -1,0 +1,197 @@
+"""`mrgen-fid diagnose`: where a trained run keeps the scanner, and what its decoder can reach at best.
+
+    mrgen-fid diagnose --store STORE --run RUN --out results/fid/ [--device auto|cuda|cpu] [--inception-weights W]
+                       [--noise]
+
+Needs torch and the trained run folder (model.safetensors + config.json, rebuilt by its family through
+`mrgen_dist.export.load_trained`, so the 'train' extra), and the store it was trained on: a run whose
+store_sha256 or scanners differ from the store's is refused. Two probes, written to OUT/diagnostics.json:
+
+* **z probe**: the posterior means of the real train slices (`Family.encode_mean`, mapped into the z space the
+  sampling graph takes, where the prior is N(0, I)) train a scanner classifier (the conditioning check's
+  standardised logistic regression, `conditioning.fit_classifier`), scored on the posterior means of the real
+  test slices. Near chance (1 / number of scanners): z holds no scanner, so a prior draw with a label loses
+  nothing. Well above chance: the encoder writes the scanner into z and the decoder may take the scanner's
+  look from z instead of from the label; z ~ N(0, I) at sampling time then carries a random one.
+* **reconstruction**: the posterior means of the real test slices decoded with their own labels (the sampling
+  graph's mean image; with `--noise`, a draw of the model's learned noise around it, as `mrgen-fid --noise`
+  draws samples), recognised by the conditioning check's classifier (`conditioning.scanner_classifier`,
+  Inception features of the real train slices, cached in OUT/cache/ like the other real features). The rate
+  at which they are recognised as their scanner is the decoder's ceiling: generated slices are not expected to
+  be recognised better than reconstructions of real ones. `real_test_accuracy` is the same classifier on the
+  real test slices themselves.
+
+A family without an encoder (`encode_mean` returns None) gets null for both, and `reason` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrgen_dist import __version__
+from mrgen_dist.atomic import atomic_write
+from mrgen_dist.data.store import SliceStore
+from mrgen_dist.eval.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
+from mrgen_dist.eval.features import FidError, cache_dir, real_features
+from mrgen_dist.runtime.noise import add_noise
+
+#: Images per encoder / decoder call.
+BATCH = 256
+Z_CLASSIFIER = ("multinomial logistic regression (as the conditioning check's) on standardised posterior means "
+                "of real train slices")
+
+
+def check_run_fits_store(store: SliceStore, record, run: Path) -> None:
+    """The run must have been trained on this store: same store_sha256 and scanners (names and order)."""
+    names, trained = list(store.vocabulary.names), list(record.vocabulary)
+    if record.store_sha256 != store.sha256 or trained != names:
+        raise FidError(f"the run {run} was trained on the store with store_sha256 {record.store_sha256} and scanners "
+                       f"{trained}, not on {store.root} (store_sha256 {store.sha256}, scanners {names}); diagnose a "
+                       "run with the store it was trained on")
+
+
+def torch_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FidError("--device cuda: this torch sees no CUDA GPU (a CPU build, or no GPU visible)")
+    return torch.device(device)
+
+
+def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, device: torch.device, desc: str
+                 ) -> np.ndarray | None:
+    """Posterior means (n, latent) in the sampling z space, float32; None for a family without an encoder."""
+    from tqdm import tqdm
+
+    out = []
+    for start in tqdm(range(0, len(images), BATCH), desc=desc, unit="batch", file=sys.stderr):
+        x = torch.as_tensor(images[start : start + BATCH]).to(device).float()
+        s = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
+        with torch.no_grad():
+            z = family.encode_mean(model, x, s)
+        if z is None:
+            return None
+        out.append(z.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device, noise: bool = False
+                 ) -> np.ndarray:
+    """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches; with `noise`, a
+    draw of the graph's learned observation noise around them (`sample.add_noise`, of the graph's
+    `noise_kind`) from streams seeded 0."""
+    graph = family.export_graph(model).eval()
+    if noise and not graph.has_noise:
+        raise FidError(f"--noise: the {family.title or family.name} run has no learned observation noise; diagnose "
+                       "its mean images without --noise")
+    rngs = [np.random.default_rng([0, part]) for part in (1, 2)]
+    out = []
+    for start in range(0, len(z), BATCH):
+        labels = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
+        with torch.no_grad():
+            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu().numpy()
+            if noise:
+                images = add_noise(images, graph.noise_sigma(labels).float().cpu().numpy(), graph.noise_kind, *rngs)
+        out.append(images[:, 0])
+    return np.concatenate(out)
+
+
+def confusion(truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """Counts (k, k): rows the true scanner, columns the predicted one."""
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (truth, predicted), 1)
+    return counts
+
+
+def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: str | Path | None = None,
+             device: str = "auto", noise: bool = False) -> dict:
+    """The z probe and the reconstruction check of a trained run on its store; writes and returns
+    OUT/diagnostics.json."""
+    from mrgen_dist.eval.inception import load_inception
+    from mrgen_dist.runs import load_trained
+
+    run = Path(run)
+    family, model, record = load_trained(run)
+    check_run_fits_store(store, record, run)
+    names = list(store.vocabulary.names)
+    missing = [f"{name} ({side})" for side in ("train", "test") for name in names
+               if store.expected_count(side, name) == 0]
+    if missing:
+        raise FidError(f"no real slices of {', '.join(missing)} in {store.root}; the diagnostics need train and test "
+                       "slices of every scanner")
+    dev = torch_device(device)
+    model = model.to(dev).eval()
+    result = {
+        "scanners": names,
+        "store_sha256": store.sha256,
+        "run": str(run),
+        "family": family.name,
+        "title": family.title or family.name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": record.training,
+        "encoder": None,  # whether the family has an encoder (posterior means to probe)
+        "z_probe": None,
+        "reconstruction": None,
+        "reason": None,
+        "extractor": None,
+        "device": str(dev),
+        "package_version": __version__,
+    }
+    test = store.load_split("test")
+    z_test = encode_means(family, model, test.images, test.scanner, dev, "encode test")
+    result["encoder"] = z_test is not None
+    if z_test is None:
+        result["reason"] = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to "
+                            "probe or to reconstruct from")
+    else:
+        train = store.load_split("train")
+        z_train = encode_means(family, model, train.images, train.scanner, dev, "encode train")
+        y_train = np.asarray(train.scanner)
+        del train  # the largest array here
+        probe = fit_classifier(z_train, y_train)
+        z_confusion = confusion(np.asarray(test.scanner), probe.predict(z_test), len(names))
+        result["z_probe"] = {
+            "accuracy": float(np.trace(z_confusion) / z_confusion.sum()),
+            "chance": 1.0 / len(names),
+            "confusion": z_confusion.tolist(),  # rows: true scanner, columns: predicted from z
+            "n_train": np.bincount(y_train, minlength=len(names)).tolist(),
+            "n_test": np.bincount(np.asarray(test.scanner), minlength=len(names)).tolist(),
+            "latent": int(z_train.shape[1]),
+            "classifier": Z_CLASSIFIER,
+        }
+
+        extractor = load_inception(inception_weights, None if device == "auto" else device)
+        result["extractor"] = extractor.identity
+        cache = cache_dir(out)
+        classifier = scanner_classifier(store, extractor, cache)
+        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise)
+        r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))
+        real_correct = sum(int((classifier.predict(real_features(store, name, "test", extractor, cache)[0]) == k).sum())
+                           for k, name in enumerate(names))
+        result["reconstruction"] = {
+            "accuracy": float(np.trace(r_confusion) / r_confusion.sum()),
+            "confusion": r_confusion.tolist(),  # rows: true scanner (decoded with its label), columns: recognised
+            "real_test_accuracy": real_correct / len(test.scanner),
+            "n_test": int(len(test.scanner)),
+            "noise": noise,  # whether the reconstructions drew the model's learned noise (--noise)
+            "classifier": CLASSIFIER,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "diagnostics.json", json.dumps(result, indent=1))
+    return result
+
+
+def summary(result: dict, out: Path) -> str:
+    """One line for the terminal."""
+    head = f"diagnostics ({result['title']}, {result['parameters']:,} parameters)"
+    if result["z_probe"] is None:
+        return f"{head}: {result['reason']} -> {out / 'diagnostics.json'}"
+    z, rec = result["z_probe"], result["reconstruction"]
+    return (f"{head}: scanner read from z with accuracy {z['accuracy']:.3f} (chance {z['chance']:.3f}); "
+            f"reconstructions recognised as their scanner {rec['accuracy']:.3f} (real test slices "
+            f"{rec['real_test_accuracy']:.3f}) -> {out / 'diagnostics.json'}")

@@ -1,0 +1,13 @@
+"""The targets a model is judged by, defined once: the verdicts of `mrgen-compare` and the reports of
+`mrgen-fid` read them from here."""
+
+from __future__ import annotations
+
+# generators (mrgen-decoder)
+GENERATION_CONDITIONING = 0.90  # generated slices recognised as the scanner asked for, at least
+Z_PROBE = 0.40  # scanner predicted from the encoder's z, at most
+LABEL_EFFECT_FLOOR = 0.1  # between-scanner / between-draw variation below this: the label does nothing
+
+# translators (mrgen-translator)
+TRANSLATION_CONDITIONING = 0.95  # translated slices recognised as the target scanner, at least
+CYCLE_SSIM = 0.90  # SSIM between a slice and its round trip, at least

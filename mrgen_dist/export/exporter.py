@@ -1,0 +1,219 @@
+"""`mrgen-export onnx`: a trained generator as a self-describing ONNX file, checked before it is written.
+
+    mrgen-export onnx --model RUN_DIR [--precision fp32|fp16|int8] [--out export/decoder.onnx]
+
+Any model family works: the run's config.json names the family, which rebuilds the model and gives the graph
+of its contract (mrgen_dist/models/). The `mrgen-decoder` contract (the generators): inputs `z` float32
+[batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the graph); output `image` float32
+[batch, 1, 218, 182] in [0, 1]. The `mrgen-translator` contract (the translators): inputs `image` float32
+[batch, 1, 218, 182] in [0, 1] and `scanner` int64 [batch], the target scanner; output `translated` of the
+image's shape. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
+static QDQ quantization (`quantize_int8`): uint8 activations with ranges calibrated on draws from the prior
+N(0, I) and uint8 per-channel weights rounded by GPTQ, the first layer in float. The contract, including the
+metadata keys, is in export/README.md.
+
+Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch graph in
+onnxruntime at batch 1, 7 and 64 within the precision's tolerance (a translator is checked on random images).
+The measured error goes into the file's metadata (`mrgen.parity`); an int8 file also carries a few prior draws
+with their float32 reference images, which the sampler checks again on the CPU it runs on.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from mrgen_dist import __version__
+from mrgen_dist.artifacts import ModelMetadata, RunRecord
+from mrgen_dist.atomic import atomic_path
+from mrgen_dist.export import ExportError
+from mrgen_dist.export.quantize import quantize_int8
+from mrgen_dist.models.base import ExportGraph, SamplingGraph
+from mrgen_dist.runs import load_trained
+from mrgen_dist.runtime.parity import encode_draws
+from mrgen_dist.runtime.sampler import Sampler
+from mrgen_dist.runtime.session import SampleError, cpu_description
+
+PRECISIONS = ("fp32", "fp16", "int8")
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "int8": 1 / 255}  # max |onnxruntime - torch fp32| on [0, 1] pixels
+CHECK_BATCHES = (1, 7, 64)
+PARITY_DRAWS = 4  # draws (the worst of the parity check) stored in an int8 file for the sampler's re-check
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    precision: str
+    bytes: int
+    max_error: float
+    tolerance: float
+    seconds: float
+
+    def line(self) -> str:
+        return (f"{self.path}: {self.precision}, {self.bytes / 2**20:.1f} MiB, max |onnxruntime - torch fp32| "
+                f"{self.max_error:.2e} (limit {self.tolerance:.1e}) at batch {'/'.join(map(str, CHECK_BATCHES))}, "
+                f"{self.seconds:.1f} s")
+
+
+def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: str = "",
+             contract: str = ModelMetadata.DECODER, targets: list[str] | None = None) -> ModelMetadata:
+    """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
+    return ModelMetadata(
+        format=f"{contract}/{ModelMetadata.VERSION}",
+        scanners=record.vocabulary,
+        latent=latent,
+        image_shape=record.image_shape,
+        intensity=record.intensity,
+        precision=precision,
+        store_sha256=record.store_sha256,
+        config=record.config,
+        package_version=__version__,
+        family=record.family,
+        parity=parity or {},
+        noise=noise,
+        targets=targets or [],
+        slice_params=record.slice_params,
+    )
+
+
+# -- int8: static QDQ quantization --------------------------------------------------------------------------
+#
+# onnxruntime's dynamic quantization (uint8 activations x int8 weights) runs on the u8s8 kernels, whose 16-bit
+# intermediate sums saturate on x86-64 CPUs without VNNI (AVX2, AVX512 without VNNI): the same file that
+# matched the torch decoder to 3e-3 on a VNNI CPU was off by 0.13 on an AVX2 one. Here both operands are
+# uint8 (u8u8 kernels, exact int32 sums on every x86-64 and ARM CPU), activation ranges are fixed (static,
+# calibrated on the prior N(0, I), so an image does not depend on the batch it is computed in), weights are
+# rounded by GPTQ against the calibration activations (half the error of rounding to nearest), and the first
+# layer, whose input is the latent itself and which holds a negligible share of the arithmetic, stays float.
+
+
+class _WithNoise(torch.nn.Module):
+    """The graph with its learned observation noise as a second output, `sigma`."""
+
+    def __init__(self, decoder: SamplingGraph) -> None:
+        super().__init__()
+        self.decoder = decoder  # not `graph`: torch.export's GraphModule has an attribute of that name
+
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder(z, scanner), self.decoder.noise_sigma(scanner)
+
+
+def _torch_export(graph: ExportGraph, inputs: dict[str, np.ndarray], path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        _WithNoise(graph).eval() if graph.has_noise else graph,
+        tuple(torch.from_numpy(x) for x in inputs.values()),
+        input_names=list(inputs),
+        output_names=graph.output_names(),
+        dynamic_shapes={name: {0: batch} for name in inputs},
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+@dataclass
+class Parity:
+    """The outcome of the parity check: the worst error and, per checked image, its inputs, reference and
+    error."""
+
+    max_error: float
+    inputs: dict[str, np.ndarray]
+    reference: np.ndarray
+    errors: np.ndarray
+
+    def record(self, tolerance: float, draws: int) -> dict:
+        """`mrgen.parity`; with `draws` > 0, the worst `draws` images with their prior draws and references
+        (float16)."""
+        parity = {"max_error": self.max_error, "tolerance": tolerance, "batches": list(CHECK_BATCHES),
+                  "cpu": cpu_description(), "onnxruntime": ort.__version__}
+        if draws:
+            worst = np.sort(np.argsort(self.errors)[::-1][:draws])
+            parity["draws"] = encode_draws(self.inputs["z"][worst], self.inputs["scanner"][worst],
+                                           self.reference[worst])
+        return parity
+
+
+def _check(path: Path, reference: ExportGraph, n_scanners: int, image_shape: tuple[int, int], precision: str) -> Parity:
+    """onnx.checker, then onnxruntime (CPU) against the float32 torch graph at each CHECK_BATCHES size."""
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    seen: list[dict[str, np.ndarray]] = []
+    wants, errors = [], []
+    for batch in CHECK_BATCHES:
+        inputs = reference.example_inputs(batch, rng, n_scanners, image_shape)
+        outputs = session.run(None, inputs)
+        got = outputs[0]
+        with torch.no_grad():
+            want = reference(*(torch.from_numpy(x) for x in inputs.values())).numpy()
+            if reference.has_noise:  # the noise level is one learned table: exact up to rounding
+                sigma = reference.noise_sigma(torch.from_numpy(inputs["scanner"])).numpy()
+                if len(outputs) != 2 or not np.allclose(outputs[1], sigma, rtol=TOLERANCE[precision], atol=0):
+                    raise ExportError(f"batch {batch}: the exported sigma output differs from the model's noise level")
+        if got.shape != want.shape or got.dtype != np.float32:
+            raise ExportError(f"batch {batch}: output {got.shape} {got.dtype}, expected {want.shape} float32")
+        seen.append(inputs), wants.append(want)
+        errors.append(np.abs(got - want).reshape(batch, -1).max(1))
+    parity = Parity(float(np.concatenate(errors).max()), {k: np.concatenate([x[k] for x in seen]) for k in seen[0]},
+                    np.concatenate(wants), np.concatenate(errors))
+    tolerance = TOLERANCE[precision]
+    if not parity.max_error <= tolerance:
+        hint = "; int8 accuracy depends on the trained weights: export with --precision fp16" if precision == "int8" else ""
+        raise ExportError(f"parity check failed: max |onnxruntime - torch fp32| = {parity.max_error:.3e} > "
+                          f"{tolerance:.1e}{hint}")
+    return parity
+
+
+def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
+    """Export, check, then move into place; raises ExportError leaving `out` untouched."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    t0 = time.perf_counter()
+    family, model, record = load_trained(run_dir)
+    if precision == "int8" and family.kind != "decoder":
+        raise ExportError(f"int8 is for the fully connected {ModelMetadata.DECODER} graphs; this {family.contract} "
+                          "is convolutional: export it with --precision fp32 or fp16")
+    reference = family.export_graph(copy.deepcopy(model)).eval()
+    n_scanners, tolerance = len(record.vocabulary), TOLERANCE[precision]
+    latent = reference.latent
+    image_shape = tuple(record.image_shape)
+    targets = reference.target_names(record.vocabulary)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # intermediate graphs in a scratch folder; the final file through atomic_path, renamed once it passed
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch, atomic_path(out) as final:
+        path = Path(scratch) / "model.onnx"
+        graph = family.export_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
+        _torch_export(graph, graph.example_inputs(2, np.random.default_rng(0), n_scanners, image_shape), path)
+        if precision == "int8":
+            plain = onnx.load(str(path))
+            del plain.graph.value_info[:]  # shapes of the float weights, which quantization replaces
+            onnx.save(plain, str(path))
+            quantize_int8(path, Path(scratch) / "model.int8.onnx", latent, n_scanners)
+            path = Path(scratch) / "model.int8.onnx"
+        parity = _check(path, reference, n_scanners, image_shape, precision)
+        proto = onnx.load(str(path))
+        parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
+        props = metadata(record, latent, precision, parity_record, graph.noise_kind,
+                         family.contract, targets).to_props()
+        onnx.helper.set_model_props(proto, props)
+        onnx.save(proto, str(final))
+        onnx.checker.check_model(str(final), full_check=True)
+        if precision == "int8":  # the check the sampler makes, on the file as written (float16 references)
+            try:
+                Sampler(final, device="cpu")
+            except SampleError as e:
+                raise ExportError(f"the stored parity draws fail: {e}") from None
+    return ExportReport(out, precision, out.stat().st_size, parity.max_error, tolerance, time.perf_counter() - t0)
+
+

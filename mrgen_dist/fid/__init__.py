@@ -1,1 +1,0 @@
-"""FID and KID per scanner (see `metrics`)."""

@@ -1,0 +1,144 @@
+"""`Sampler`: synthetic slices from an exported decoder with onnxruntime. No torch.
+
+    from mrgen_dist.runtime.sampler import Sampler
+    images = Sampler("export/decoder.onnx").sample("Intera", n=100, seed=0)   # float32 (100, 218, 182)
+
+Latents are drawn for all n images before batching, from a generator seeded by (seed, scanner id): the images do
+not depend on the batch size, and each scanner has its own stream.
+
+An int8 file carries a few prior draws with their float32 reference images (metadata `mrgen.parity`): on first
+use in a process, `Sampler` runs them on this machine and refuses the file (SampleError) when the error exceeds
+the tolerance of the export check, since integer kernels differ between CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mrgen_dist.artifacts import ModelMetadata
+from mrgen_dist.runtime.noise import add_noise
+from mrgen_dist.runtime.parity import decode_draws
+from mrgen_dist.runtime.session import SampleError, check_finite, check_graph, cpu_description, device_of, open_session
+from mrgen_dist.scanners import UnknownScannerError, Vocabulary
+
+#: The parity error measured per (file, size, mtime, provider) in this process: each file is checked once.
+_PARITY_ERRORS: dict[tuple[str, int, int, str], float] = {}
+
+
+class Sampler:
+    """`inaccurate`: what to do with an int8 file whose stored parity draws fail on this machine: "error"
+    (a SampleError) or "warn"."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto", threads: int = 0,
+                 inaccurate: str = "error") -> None:
+        path = self.path = Path(model_path)
+        if inaccurate not in ("error", "warn"):
+            raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
+        self.session, self.provider = open_session(path, device, threads)
+        self.device = device_of(self.provider)
+        self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
+        self.latent = self.metadata.latent
+        self.image_shape = tuple(self.metadata.image_shape)
+        self._check_graph(path)
+        self.parity_error = self._check_parity(path, inaccurate)
+
+    def _check_graph(self, path: Path) -> None:
+        """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape."""
+        contract = f"{ModelMetadata.DECODER} graph (inputs z float32 [batch, {self.latent}], scanner int64 " \
+                   f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
+        expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
+                    "image": ("tensor(float)", [None, 1, *self.image_shape])}
+        if self.has_noise:
+            contract = contract[:-1] + f" and sigma float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
+            expected["sigma"] = expected["image"]
+        check_graph(self.session, path, contract, expected, ("z", "scanner"))
+
+    def _check_parity(self, path: Path, inaccurate: str) -> float | None:
+        """Max |this machine's output - float32 reference| on the draws stored in an int8 file (None for other
+        precisions); once per file per process."""
+        if self.metadata.precision != "int8":
+            return None
+        parity = self.metadata.parity
+        if not parity.get("draws"):
+            warnings.warn(f"{path}: int8 file without parity draws (exported before mrgen-dist recorded them): its "
+                          "accuracy on this CPU is not checked; export it again", stacklevel=3)
+            return None
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider)
+        if key not in _PARITY_ERRORS:
+            z, scanner, reference = decode_draws(parity["draws"], self.latent, self.image_shape, str(path))
+            (got,) = self.session.run(["image"], {"z": z, "scanner": scanner})
+            _PARITY_ERRORS[key] = float(np.abs(got - reference).max())
+        error, tolerance = _PARITY_ERRORS[key], float(parity.get("tolerance", 1 / 255))
+        if not error <= tolerance:
+            message = (
+                f"{path}: this int8 model is inaccurate on this machine ({cpu_description()}, {self.provider}): max "
+                f"|onnxruntime - float32 reference| = {error:.2e} on the {len(parity['draws']['scanner'])} draws stored "
+                f"in the file, over the tolerance {tolerance:.1e} (measured {parity.get('max_error', float('nan')):.2e} "
+                f"at export on {parity.get('cpu', 'an unrecorded CPU')}); sample from a float export instead: "
+                "mrgen-export onnx --model RUN --precision fp16")
+            if inaccurate == "error":
+                raise SampleError(message)
+            warnings.warn(message, stacklevel=3)
+        return error
+
+    def scanner_id(self, name: str) -> int:
+        return self.vocabulary.index(self.resolve(name)[0])
+
+    def resolve(self, selection: str) -> list[str]:
+        """`"all"` or one scanner name -> the names, checked against this model's vocabulary."""
+        try:
+            return self.vocabulary.resolve(selection)
+        except UnknownScannerError as e:
+            raise SampleError(f"this model: {e}") from None
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the model has a learned observation noise (the graph's `sigma` output) to sample from."""
+        return self.metadata.noise in ModelMetadata.NOISE_KINDS
+
+    def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
+        if n <= 0:
+            raise SampleError(f"n must be positive, got {n}")
+        rng = np.random.default_rng([seed, self.scanner_id(scanner)])
+        return rng.standard_normal((n, self.latent), dtype=np.float32)
+
+    def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256, noise: bool = False) -> np.ndarray:
+        """float32 (n, H, W) in [0, 1], the same for any batch size: the decoder's mean image, or with `noise`
+        a draw from the model's learned observation noise around it (clipped to [0, 1]; Gaussian or Rician, as
+        the file's `mrgen.noise` says), from streams of its own seeded by (seed, scanner id, component), so
+        that the latents are those of the mean images."""
+        if noise and not self.has_noise:
+            raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it was trained "
+                              "without model.observation_noise); sample its mean, without --noise")
+        z = self.latents(scanner, n, seed)
+        sid = self.scanner_id(scanner)
+        # one stream per noise component, so that a draw does not depend on the batch size
+        rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2)] if noise else None
+        out = np.empty((n, *self.image_shape), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            chunk = z[start : start + batch_size]
+            labels = np.full(len(chunk), sid, dtype=np.int64)
+            outputs = self.session.run(["image", "sigma"] if rngs else ["image"], {"z": chunk, "scanner": labels})
+            check_finite(outputs, ["image", "sigma"], self.path, f"{scanner} draw", start)
+            images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, *rngs)
+            out[start : start + len(chunk)] = images[:, 0]
+        return out
+
+    def sample_on_device(self, scanner: str, n: int, seed: int = 0) -> ort.OrtValue:
+        """On CUDA: the images as an OrtValue that stays in GPU memory (IOBinding), for a GPU consumer such as
+        the FID stage; on the CPU the same call returns a CPU OrtValue."""
+        z = self.latents(scanner, n, seed)
+        labels = np.full(n, self.scanner_id(scanner), dtype=np.int64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("z", z)
+        binding.bind_cpu_input("scanner", labels)
+        binding.bind_output("image", "cuda" if self.device == "cuda" else "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
