@@ -81,7 +81,8 @@ def test_only_commands_parse_arguments() -> None:
     # a model never reads a cohort generator or what sits above it
     ("mrgen_dist.models", ("mrgen_dist.data.demo", "mrgen_dist.training", "mrgen_dist.export", "mrgen_dist.eval",
                            "mrgen_dist.runs", "mrgen_dist.config")),
-    ("mrgen_dist.data", ("mrgen_dist.models", "mrgen_dist.training", "mrgen_dist.export", "mrgen_dist.eval")),
+    ("mrgen_dist.data", ("mrgen_dist.runtime", "mrgen_dist.models", "mrgen_dist.training", "mrgen_dist.export",
+                         "mrgen_dist.eval", "mrgen_dist.runs", "mrgen_dist.config")),
     ("mrgen_dist.eval", ("mrgen_dist.training", "mrgen_dist.export")),
     ("mrgen_dist.export", ("mrgen_dist.training", "mrgen_dist.eval")),
 ])

@@ -1,6 +1,6 @@
 """The translation families (stargan, cyclegan): the translator network, the targets, the losses, the shared
 commands (train, export) and `mrgen-translate` on what they export. Resume per family is in tests/test_train.py;
-the evaluation (`mrgen-fid translation`) in tests/fid/test_translation.py."""
+the evaluation (`mrgen-fid translation`) in tests/eval/test_translation.py."""
 
 from __future__ import annotations
 
