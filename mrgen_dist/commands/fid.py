@@ -173,14 +173,14 @@ def _score(args: argparse.Namespace) -> None:
             if tracker:
                 tracker.close()
         results.append(r)
-        print(f"{name}: FID {r['fid_mean']:.2f} ± {r['fid_std']:.2f}{' (biased: n < 2048)' if r['fid_biased'] else ''}"
-              f", KID {r['kid_mean']:.4f} ± {r['kid_std']:.4f} (n = {r['n_real']} real, {r['n_generated']} generated, "
-              f"{args.repeats} repeats); MS-SSIM {r['ms_ssim']:.3f} (real {r['ms_ssim_real']:.3f})")
+        print(f"{name}: FID {r.fid_mean:.2f} ± {r.fid_std:.2f}{' (biased: n < 2048)' if r.fid_biased else ''}"
+              f", KID {r.kid_mean:.4f} ± {r.kid_std:.4f} (n = {r.n_real} real, {r.n_generated} generated, "
+              f"{args.repeats} repeats); MS-SSIM {r.ms_ssim:.3f} (real {r.ms_ssim_real:.3f})")
     if args.scanner == "all":
         gen = generation(store, sampler, names, results, args.noise, args.seed, args.out)
-        effect = gen["label_effect"]
-        print(f"sampling: {gen['sampling_images_per_s']:.0f} images/s on {gen['sampler_device']}"
-              + (f"; label effect {effect['between_scanners']:.4f} between scanners vs {effect['between_draws']:.4f} "
+        effect = gen.label_effect
+        print(f"sampling: {gen.sampling_images_per_s:.0f} images/s on {gen.sampler_device}"
+              + (f"; label effect {effect.between_scanners:.4f} between scanners vs {effect.between_draws:.4f} "
                  f"between draws" if effect else ""))
     if args.scanner == "all" and not args.no_conditioning:
         if len(store.vocabulary) > 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,10 +18,20 @@ from typing import Any
 
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.eval import targets
+from mrgen_dist.eval.results import (
+    Conditioning,
+    Diagnostics,
+    Generation,
+    LabelEffect,
+    Reconstruction,
+    ResultFile,
+    ScannerScore,
+    Signature,
+    ZProbe,
+)
 from mrgen_dist.eval.table import (
     MISSING,
     SIDE_FILES,
-    TRANSLATION_FILE,
     CompareError,
     MismatchError,
     Number,
@@ -31,8 +40,6 @@ from mrgen_dist.eval.table import (
     _bars,
     _escape,
     _fixed,
-    _get,
-    _num,
     _rate,
     _sig,
     conditioning_per_scanner,
@@ -48,26 +55,12 @@ UNBIASED_N = 2048  # FID needs at least this many samples per set (the feature d
 # -- reading ----------------------------------------------------------------------------------------------------
 
 
-def _scanners_in(file_name: str, content: dict) -> list[str] | None:
-    """The scanner list a result file records: `scanners`, or in fid_*.json the model's `mrgen.scanners`."""
-    if isinstance(content.get("scanners"), list):
-        return [str(s) for s in content["scanners"]]
-    text = (content.get("model") or {}).get("mrgen.scanners") if isinstance(content.get("model"), dict) else None
-    if isinstance(text, str):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        return [str(s) for s in names] if isinstance(names, list) else None
-    return None
-
-
-def _agreed(results: Results, what: str, value_of: Callable[[str, dict], Any]) -> tuple[Any, str | None]:
+def _agreed(results: Results, what: str, value_of: Callable[[ResultFile], Any]) -> tuple[Any, str | None]:
     """The one value of `what` that the files of a folder record (None when none does), and the file it came
     from; two files that disagree are refused."""
     found: tuple[Any, str] | None = None
-    for file_name, content in results.files.items():
-        value = value_of(file_name, content)
+    for file_name, record in results.files.items():
+        value = value_of(record)
         if value is None:
             continue
         if found is None:
@@ -78,11 +71,12 @@ def _agreed(results: Results, what: str, value_of: Callable[[str, dict], Any]) -
 
 
 def store_of(results: Results) -> str | None:
-    return _agreed(results, "store_sha256", lambda _, c: c.get("store_sha256"))[0]
+    return _agreed(results, "store_sha256", lambda r: r.store_sha256)[0]
 
 
 def scanners_of(results: Results) -> list[str] | None:
-    return _agreed(results, "scanners", _scanners_in)[0]
+    """The scanner list the files record: `scanners`, or in fid_*.json the model's (ScannerScore.scanners)."""
+    return _agreed(results, "scanners", lambda r: r.scanners)[0]
 
 
 def check_comparable(runs: Sequence[Results]) -> tuple[str | None, list[str]]:
@@ -126,49 +120,54 @@ def default_names(folders: Sequence[Path]) -> list[str]:
 # -- values -----------------------------------------------------------------------------------------------------
 
 
-def _gap(record: dict, key: str) -> Number:
+def _gap(generated: Number, real: Number) -> Number:
     """|generated - real| of a signature measure of one scanner."""
-    generated, real = _num(_get(record, "signature", f"{key}_generated")), _num(_get(record, "signature", f"{key}_real"))
     return None if generated is None or real is None else abs(generated - real)
 
 
+def _signature(r: ScannerScore) -> Signature:
+    return r.signature or Signature()  # all None: not measured
+
+
 #: Per-scanner measures averaged over scanners: column -> value of one fid_<scanner>.json.
-SCANNER_MEANS: dict[str, Callable[[dict], Number]] = {
-    "fid": lambda r: _num(r.get("fid_mean")),
-    "kid": lambda r: _num(r.get("kid_mean")),
-    "precision": lambda r: _num(r.get("precision")),
-    "recall": lambda r: _num(r.get("recall")),
-    "density": lambda r: _num(r.get("density")),
-    "coverage": lambda r: _num(r.get("coverage")),
-    "ms_ssim": lambda r: _num(r.get("ms_ssim")),
-    "ms_ssim_real": lambda r: _num(r.get("ms_ssim_real")),
-    "intensity_w1": lambda r: _num(_get(r, "signature", "intensity_w1")),
-    "noise_gap": lambda r: _gap(r, "noise"),
-    "sharpness_gap": lambda r: _gap(r, "sharpness"),
+SCANNER_MEANS: dict[str, Callable[[ScannerScore], Number]] = {
+    "fid": lambda r: r.fid_mean,
+    "kid": lambda r: r.kid_mean,
+    "precision": lambda r: r.precision,
+    "recall": lambda r: r.recall,
+    "density": lambda r: r.density,
+    "coverage": lambda r: r.coverage,
+    "ms_ssim": lambda r: r.ms_ssim,
+    "ms_ssim_real": lambda r: r.ms_ssim_real,
+    "intensity_w1": lambda r: _signature(r).intensity_w1,
+    "noise_gap": lambda r: _gap(_signature(r).noise_generated, _signature(r).noise_real),
+    "sharpness_gap": lambda r: _gap(_signature(r).sharpness_generated, _signature(r).sharpness_real),
 }
 
 
-def _biased(record: dict) -> bool:
-    """FID at n < 2048: the file's `fid_biased`, or from its sample sizes when the key is missing."""
-    if isinstance(record.get("fid_biased"), bool):
-        return record["fid_biased"]
-    sizes = [_num(record.get(k)) for k in ("n_real", "n_generated")]
-    return any(n is not None and n < UNBIASED_N for n in sizes)
+def _biased(record: ScannerScore) -> bool:
+    """FID at n < 2048: the file's `fid_biased`, or from its sample sizes when it lacks it."""
+    if record.fid_biased is not None:
+        return record.fid_biased
+    return any(n is not None and n < UNBIASED_N for n in (record.n_real, record.n_generated))
 
 
 def _n_generated(run: Results, scanners: Sequence[str]) -> list[int]:
     """Generated slices per scanner: generation.json's list, else the fid_*.json's `n_generated`."""
-    listed = _get(run.generation, "n_generated")
-    if isinstance(listed, list) and all(_num(n) is not None for n in listed):
-        return [int(n) for n in listed]
-    return [int(n) for s in scanners if (n := _num(_get(run.per_scanner.get(s), "n_generated"))) is not None]
+    if run.generation is not None and run.generation.n_generated is not None:
+        return run.generation.n_generated
+    return [r.n_generated for s in scanners if (r := run.per_scanner.get(s)) and r.n_generated is not None]
+
+
+def _family(run: Results) -> str | None:
+    """The model's family: diagnostics.json's, else the one in the fid_*.json's model metadata."""
+    if run.diagnostics is not None and run.diagnostics.family:
+        return run.diagnostics.family
+    return next((r.family for r in run.per_scanner.values() if r.family), None)
 
 
 def _model_title(run: Results) -> str | None:
-    title = _get(run.diagnostics, "title") or _get(run.diagnostics, "family")
-    if not title:
-        title = next((f for r in run.per_scanner.values() if (f := _get(r, "model", "mrgen.family"))), None)
-    return str(title) if title else None
+    return (run.diagnostics.title if run.diagnostics is not None else None) or _family(run)
 
 
 def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
@@ -207,11 +206,12 @@ def _scanner_means(run: Results, scanners: Sequence[str], summary: Summary) -> N
         summary.values[column] = sum(values) / len(values) if values else None
         if values and len(values) < len(scanners):
             summary.partial[column] = len(values)
-    summary.values["fid_biased"] = any(_biased(run.per_scanner[s]) for s in scanners if s in run.per_scanner
-                                       and _num(run.per_scanner[s].get("fid_mean")) is not None)
+    scored = [run.per_scanner[s] for s in scanners if s in run.per_scanner]
+    summary.values["fid_biased"] = any(_biased(r) for r in scored if r.fid_mean is not None)
     for s in scanners:
-        summary.values[f"fid_{slug(s)}"] = _num(_get(run.per_scanner.get(s), "fid_mean"))
-        summary.values[f"kid_{slug(s)}"] = _num(_get(run.per_scanner.get(s), "kid_mean"))
+        r = run.per_scanner.get(s)
+        summary.values[f"fid_{slug(s)}"] = r.fid_mean if r else None
+        summary.values[f"kid_{slug(s)}"] = r.kid_mean if r else None
     for s, rate in conditioning_per_scanner(run.conditioning, scanners).items():
         summary.values[f"conditioning_{slug(s)}"] = rate
 
@@ -223,49 +223,56 @@ def _run_notes(run: Results, scanners: Sequence[str], summary: Summary) -> None:
     missing = [f for f in SIDE_FILES if f not in run.files]
     if missing:
         summary.notes.append("no " + ", ".join(missing))
-    for what in ("z_probe", "reconstruction"):
-        reason = _get(run.diagnostics, "reason")
-        if run.diagnostics is not None and _get(run.diagnostics, what) is None and reason:
-            summary.notes.append(f"{what.replace('_', '-')} n/a: {reason}")
-            break
+    diag = run.diagnostics
+    if diag is not None and diag.reason:
+        absent = [what for what, part in (("z-probe", diag.z_probe), ("reconstruction", diag.reconstruction))
+                  if part is None]
+        if absent:
+            summary.notes.append(f"{absent[0]} n/a: {diag.reason}")
+
+
+def _training(diag: Diagnostics, key: str) -> Number:
+    """A number of the run's training record (RunRecord.training, a free-form dict); None when absent."""
+    value = (diag.training or {}).get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def summarise(run: Results, scanners: Sequence[str]) -> Summary:
-    """The comparison row of one run."""
-    diag, gen, cond = run.diagnostics, run.generation, run.conditioning
+    """The comparison row of one run; a file the folder lacks counts as one with nothing measured."""
+    diag, gen, cond = run.diagnostics or Diagnostics(), run.generation or Generation(), run.conditioning or Conditioning()
+    z, rec, effect = diag.z_probe or ZProbe(), diag.reconstruction or Reconstruction(), gen.label_effect or LabelEffect()
     n_gen = _n_generated(run, scanners)
     v: dict[str, Any] = {
         "run": run.name,
         "folder": str(run.folder),
         "model": _model_title(run),
-        "family": _get(diag, "family") or next((f for r in run.per_scanner.values()
-                                               if (f := _get(r, "model", "mrgen.family"))), None),
-        "parameters": _num(_get(diag, "parameters")),
-        "train_seconds": _num(_get(diag, "training", "seconds")),
-        "train_images_per_s": _num(_get(diag, "training", "images_per_s")),
-        "train_steps": _num(_get(diag, "training", "steps")),
-        "train_epochs": _num(_get(diag, "training", "epochs")),
-        "sample_images_per_s": _num(_get(gen, "sampling_images_per_s")),
-        "sampler_device": _get(gen, "sampler_device"),
-        "noise": _get(gen, "noise") if isinstance(_get(gen, "noise"), bool) else None,
+        "family": _family(run),
+        "parameters": diag.parameters,
+        "train_seconds": _training(diag, "seconds"),
+        "train_images_per_s": _training(diag, "images_per_s"),
+        "train_steps": _training(diag, "steps"),
+        "train_epochs": _training(diag, "epochs"),
+        "sample_images_per_s": gen.sampling_images_per_s,
+        "sampler_device": gen.sampler_device,
+        "noise": gen.noise,
         "n_generated_min": min(n_gen) if n_gen else None,
         "n_generated_max": max(n_gen) if n_gen else None,
         "scanners_scored": sum(s in run.per_scanner for s in scanners),
-        "conditioning": _num(_get(cond, "generated_accuracy")),
-        "real_test_accuracy": _num(_get(cond, "real_test_accuracy")),
-        "z_probe": _num(_get(diag, "z_probe", "accuracy")),
-        "z_probe_chance": _num(_get(diag, "z_probe", "chance")),
-        "reconstruction": _num(_get(diag, "reconstruction", "accuracy")),
-        "label_effect_ratio": _num(_get(gen, "label_effect", "ratio")),
-        "label_between_scanners": _num(_get(gen, "label_effect", "between_scanners")),
-        "label_between_draws": _num(_get(gen, "label_effect", "between_draws")),
+        "conditioning": cond.generated_accuracy,
+        "real_test_accuracy": cond.real_test_accuracy,
+        "z_probe": z.accuracy,
+        "z_probe_chance": z.chance,
+        "reconstruction": rec.accuracy,
+        "label_effect_ratio": effect.ratio,
+        "label_between_scanners": effect.between_scanners,
+        "label_between_draws": effect.between_draws,
     }
     summary = Summary(run.name, v)
     _scanner_means(run, scanners, summary)
     _run_notes(run, scanners, summary)
-    z_reason = _get(diag, "reason") if diag is not None and v["z_probe"] is None else None
+    z_reason = diag.reason if v["z_probe"] is None else None
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
-                           _get(diag, "encoder"))
+                           diag.encoder)
     return summary
 
 
@@ -435,8 +442,8 @@ def compare(folders: Sequence[Path], out: Path, names: Sequence[str] | None = No
     names = list(names) if names is not None else default_names(folders)
     runs = [read_results(folder, name) for folder, name in zip(folders, names, strict=True)]
     store, scanners = check_comparable(runs)
-    generators = [summarise(r, scanners) for r in runs if TRANSLATION_FILE not in r.files]
-    translators = [compare_translation.summarise_translation(r, scanners) for r in runs if TRANSLATION_FILE in r.files]
+    generators = [summarise(r, scanners) for r in runs if r.translation is None]
+    translators = [compare_translation.summarise_translation(r, scanners) for r in runs if r.translation is not None]
     out.mkdir(parents=True, exist_ok=True)
     text = table_markdown(generators, store, scanners) if generators else ""
     if translators:

@@ -16,26 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from mrgen_dist.eval import targets
-from mrgen_dist.eval.report import MISSING
+from mrgen_dist.eval.results import Kid
 from mrgen_dist.eval.table import (
+    MISSING,
     Number,
     Results,
     Summary,
     _bars,
     _escape,
     _fixed,
-    _get,
-    _num,
     _rate,
     conditioning_per_scanner,
     run_footnote,
 )
 from mrgen_dist.scanners import slug
 
-FILE = "translation.json"
 
-
-def translation_verdict(conditioning: Number, cycle: Number, identity: Any, misses: Any) -> str:
+def translation_verdict(conditioning: Number, cycle: Number, identity: bool | None, misses: list[str] | None) -> str:
     notes = []
     if conditioning is None:
         notes.append("conditioning not measured")
@@ -46,38 +43,39 @@ def translation_verdict(conditioning: Number, cycle: Number, identity: Any, miss
     elif cycle < targets.CYCLE_SSIM:
         notes.append(f"cycle SSIM {cycle:.2f} < {targets.CYCLE_SSIM:.2f}")
     if identity is False:
-        notes.append("identity not the smallest change for " + (", ".join(map(str, misses)) if misses else "some scanner"))
+        notes.append("identity not the smallest change for " + (", ".join(misses) if misses else "some scanner"))
     elif identity is None:
         notes.append("identity not measured")
     return "; ".join(notes) or "meets targets"
 
 
 def summarise_translation(run: Results, scanners: Sequence[str]) -> Summary:
-    t = run.files[FILE]
-    sizes = [n for n in (_num(v) for v in (_get(t, "n_per_source") or {}).values()) if n is not None]
+    """The translators' table row of one run (a folder with translation.json)."""
+    t = run.translation
+    sizes = list((t.n_per_source or {}).values())
+    kid = t.kid or {}
     v: dict[str, Any] = {
         "run": run.name,
         "folder": str(run.folder),
-        "family": _get(t, "family"),
-        "targets": ", ".join(map(str, _get(t, "targets") or [])) or None,
-        "precision": _get(t, "precision"),
+        "family": t.family,
+        "targets": ", ".join(t.targets or []) or None,
+        "precision": t.precision,
         "n_per_source_min": min(sizes) if sizes else None,
         "n_per_source_max": max(sizes) if sizes else None,
-        "translate_images_per_s": _num(_get(t, "translate_images_per_s")),
-        "translator_device": _get(t, "translator_device"),
-        "conditioning": _num(_get(t, "conditioning")),
-        "real_test_accuracy": _num(_get(t, "real_test_accuracy")),
-        "ssim_matched": _num(_get(t, "ssim_matched")),
-        "cycle_ssim": _num(_get(t, "cycle_ssim")),
-        "kid": _num(_get(t, "kid_mean")),
-        "identity_smallest": _get(t, "identity_smallest") if isinstance(_get(t, "identity_smallest"), bool) else None,
+        "translate_images_per_s": t.translate_images_per_s,
+        "translator_device": t.translator_device,
+        "conditioning": t.conditioning,
+        "real_test_accuracy": t.real_test_accuracy,
+        "ssim_matched": t.ssim_matched,
+        "cycle_ssim": t.cycle_ssim,
+        "kid": t.kid_mean,
+        "identity_smallest": t.identity_smallest,
     }
     for s, rate in conditioning_per_scanner(t, scanners).items():
         v[f"conditioning_to_{slug(s)}"] = rate
     for s in scanners:
-        v[f"kid_to_{slug(s)}"] = _num(_get(t, "kid", s, "mean"))
-    v["verdict"] = translation_verdict(v["conditioning"], v["cycle_ssim"], v["identity_smallest"],
-                                       _get(t, "identity_misses"))
+        v[f"kid_to_{slug(s)}"] = kid.get(s, Kid()).mean
+    v["verdict"] = translation_verdict(v["conditioning"], v["cycle_ssim"], v["identity_smallest"], t.identity_misses)
     return Summary(run.name, v)
 
 

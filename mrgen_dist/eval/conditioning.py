@@ -16,18 +16,17 @@ reconstructions of the real test slices.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import require
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
 from mrgen_dist.eval.inception import InceptionFeatures
+from mrgen_dist.eval.results import Conditioning
 from mrgen_dist.runtime.sampler import Sampler
 
 #: L2 weight per training slice (on the weights, not the intercepts).
@@ -72,7 +71,7 @@ def scanner_classifier(store: SliceStore, extractor: InceptionFeatures, cache: P
 
 def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, seed: int, out: Path,
                  n_generated: int | None = None, noise: bool = False, generated: dict[str, np.ndarray] | None = None
-                 ) -> dict:
+                 ) -> Conditioning:
     """Fit the classifier, score real test slices and `n_generated` generated slices per scanner (default: as
     many as its real test slices); writes and returns OUT/conditioning.json. `generated`: Inception features of
     sets already drawn (by `mrgen-fid score`'s first repeat, seed `seed`), scored instead of new draws."""
@@ -102,26 +101,26 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
             features = extractor(sampler.sample(name, n, seed=seed + SEED_OFFSET, noise=noise))
         np.add.at(confusion[asked], classifier.predict(features), 1)
         drawn.append(len(features))
-    result = {
-        "scanners": names,
-        "n_train": [store.expected_count("train", name) for name in names],
-        "n_test": [len(f) for f in test],
-        "n_generated": drawn,
-        "generated_seed": seed if generated is not None else seed + SEED_OFFSET,
-        "noise": noise,
-        "real_test_accuracy": real_correct / sum(len(f) for f in test),
-        "generated_accuracy": float(np.trace(confusion) / confusion.sum()),
-        "confusion": confusion.tolist(),  # rows: scanner asked for, columns: scanner recognised
-        "classifier": CLASSIFIER,
-        "extractor": extractor.identity,
-        "store_sha256": store.sha256,
-    }
+    record = Conditioning(
+        scanners=names,
+        n_train=[store.expected_count("train", name) for name in names],
+        n_test=[len(f) for f in test],
+        n_generated=drawn,
+        generated_seed=seed if generated is not None else seed + SEED_OFFSET,
+        noise=noise,
+        real_test_accuracy=real_correct / sum(len(f) for f in test),
+        generated_accuracy=float(np.trace(confusion) / confusion.sum()),
+        confusion=confusion.tolist(),  # rows: scanner asked for, columns: scanner recognised
+        classifier=CLASSIFIER,
+        extractor=extractor.identity,
+        store_sha256=store.sha256,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "conditioning.json", json.dumps(result, indent=1))
-    return result
+    record.write(out / record.file_name)
+    return record
 
 
-def summary(result: dict, out: Path) -> str:
+def summary(record: Conditioning, out: Path) -> str:
     """One line for the terminal."""
-    return (f"conditioning: real test accuracy {result['real_test_accuracy']:.3f}, generated recognised as asked "
-            f"{result['generated_accuracy']:.3f} -> {out / 'conditioning.json'}")
+    return (f"conditioning: real test accuracy {record.real_test_accuracy:.3f}, generated recognised as asked "
+            f"{record.generated_accuracy:.3f} -> {out / record.file_name}")

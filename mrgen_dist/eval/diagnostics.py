@@ -26,7 +26,6 @@ A family without an encoder (`encode_mean` returns None) gets null for both, and
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,10 +33,10 @@ import numpy as np
 import torch
 
 from mrgen_dist import __version__
-from mrgen_dist.atomic import atomic_write
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
+from mrgen_dist.eval.results import Diagnostics, Reconstruction, ZProbe
 from mrgen_dist.runtime.noise import add_noise
 
 #: Images per encoder / decoder call.
@@ -109,7 +108,7 @@ def confusion(truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
 
 
 def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: str | Path | None = None,
-             device: str = "auto", noise: bool = False) -> dict:
+             device: str = "auto", noise: bool = False) -> Diagnostics:
     """The z probe and the reconstruction check of a trained run on its store; writes and returns
     OUT/diagnostics.json."""
     from mrgen_dist.eval.inception import load_inception
@@ -126,28 +125,12 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
                        "slices of every scanner")
     dev = torch_device(device)
     model = model.to(dev).eval()
-    result = {
-        "scanners": names,
-        "store_sha256": store.sha256,
-        "run": str(run),
-        "family": family.name,
-        "title": family.title or family.name,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "training": record.training,
-        "encoder": None,  # whether the family has an encoder (posterior means to probe)
-        "z_probe": None,
-        "reconstruction": None,
-        "reason": None,
-        "extractor": None,
-        "device": str(dev),
-        "package_version": __version__,
-    }
     test = store.load_split("test")
     z_test = encode_means(family, model, test.images, test.scanner, dev, "encode test")
-    result["encoder"] = z_test is not None
+    z_probe = reconstruction = extractor = reason = None
     if z_test is None:
-        result["reason"] = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to "
-                            "probe or to reconstruct from")
+        reason = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to probe or "
+                  "to reconstruct from")
     else:
         train = store.load_split("train")
         z_train = encode_means(family, model, train.images, train.scanner, dev, "encode train")
@@ -155,43 +138,58 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
         del train  # the largest array here
         probe = fit_classifier(z_train, y_train)
         z_confusion = confusion(np.asarray(test.scanner), probe.predict(z_test), len(names))
-        result["z_probe"] = {
-            "accuracy": float(np.trace(z_confusion) / z_confusion.sum()),
-            "chance": 1.0 / len(names),
-            "confusion": z_confusion.tolist(),  # rows: true scanner, columns: predicted from z
-            "n_train": np.bincount(y_train, minlength=len(names)).tolist(),
-            "n_test": np.bincount(np.asarray(test.scanner), minlength=len(names)).tolist(),
-            "latent": int(z_train.shape[1]),
-            "classifier": Z_CLASSIFIER,
-        }
+        z_probe = ZProbe(
+            accuracy=float(np.trace(z_confusion) / z_confusion.sum()),
+            chance=1.0 / len(names),
+            confusion=z_confusion.tolist(),  # rows: true scanner, columns: predicted from z
+            n_train=np.bincount(y_train, minlength=len(names)).tolist(),
+            n_test=np.bincount(np.asarray(test.scanner), minlength=len(names)).tolist(),
+            latent=int(z_train.shape[1]),
+            classifier=Z_CLASSIFIER,
+        )
 
         extractor = load_inception(inception_weights, None if device == "auto" else device)
-        result["extractor"] = extractor.identity
         cache = cache_dir(out)
         classifier = scanner_classifier(store, extractor, cache)
         recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise)
         r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))
         real_correct = sum(int((classifier.predict(real_features(store, name, "test", extractor, cache)[0]) == k).sum())
                            for k, name in enumerate(names))
-        result["reconstruction"] = {
-            "accuracy": float(np.trace(r_confusion) / r_confusion.sum()),
-            "confusion": r_confusion.tolist(),  # rows: true scanner (decoded with its label), columns: recognised
-            "real_test_accuracy": real_correct / len(test.scanner),
-            "n_test": int(len(test.scanner)),
-            "noise": noise,  # whether the reconstructions drew the model's learned noise (--noise)
-            "classifier": CLASSIFIER,
-        }
+        reconstruction = Reconstruction(
+            accuracy=float(np.trace(r_confusion) / r_confusion.sum()),
+            confusion=r_confusion.tolist(),  # rows: true scanner (decoded with its label), columns: recognised
+            real_test_accuracy=real_correct / len(test.scanner),
+            n_test=int(len(test.scanner)),
+            noise=noise,  # whether the reconstructions drew the model's learned noise (--noise)
+            classifier=CLASSIFIER,
+        )
+    result = Diagnostics(
+        scanners=names,
+        store_sha256=store.sha256,
+        run=str(run),
+        family=family.name,
+        title=family.title or family.name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        training=record.training,
+        encoder=z_test is not None,
+        z_probe=z_probe,
+        reconstruction=reconstruction,
+        reason=reason,
+        extractor=extractor.identity if extractor is not None else None,
+        device=str(dev),
+        package_version=__version__,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "diagnostics.json", json.dumps(result, indent=1))
+    result.write(out / result.file_name)
     return result
 
 
-def summary(result: dict, out: Path) -> str:
+def summary(result: Diagnostics, out: Path) -> str:
     """One line for the terminal."""
-    head = f"diagnostics ({result['title']}, {result['parameters']:,} parameters)"
-    if result["z_probe"] is None:
-        return f"{head}: {result['reason']} -> {out / 'diagnostics.json'}"
-    z, rec = result["z_probe"], result["reconstruction"]
-    return (f"{head}: scanner read from z with accuracy {z['accuracy']:.3f} (chance {z['chance']:.3f}); "
-            f"reconstructions recognised as their scanner {rec['accuracy']:.3f} (real test slices "
-            f"{rec['real_test_accuracy']:.3f}) -> {out / 'diagnostics.json'}")
+    head = f"diagnostics ({result.title}, {result.parameters:,} parameters)"
+    if result.z_probe is None:
+        return f"{head}: {result.reason} -> {out / result.file_name}"
+    z, rec = result.z_probe, result.reconstruction
+    return (f"{head}: scanner read from z with accuracy {z.accuracy:.3f} (chance {z.chance:.3f}); "
+            f"reconstructions recognised as their scanner {rec.accuracy:.3f} (real test slices "
+            f"{rec.real_test_accuracy:.3f}) -> {out / result.file_name}")

@@ -22,13 +22,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
+from mrgen_dist.artifacts import ArtifactError
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import UserError
+from mrgen_dist.eval.results import (
+    Conditioning,
+    Diagnostics,
+    Generation,
+    ResultFile,
+    ScannerScore,
+    Signature,
+    read_folder,
+)
 from mrgen_dist.scanners import Vocabulary
 
 PRDC = ("precision", "recall", "density", "coverage")
@@ -46,100 +55,89 @@ class NoResults(ReportError, FileNotFoundError):
     """No fid_*.json in the results folder."""
 
 
-def _read(path: Path) -> dict:
+def read_results(results: Path) -> tuple[list[ScannerScore], dict[str, ResultFile]]:
+    """The per-scanner results in the model's label order, and every result file of the folder by name."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: unreadable ({e})") from None
-
-
-def read_side(results: Path, name: str) -> dict | None:
-    """One of the files beside the fid_*.json (conditioning.json, generation.json, diagnostics.json), or None."""
-    path = Path(results) / name
-    return _read(path) if path.is_file() else None
-
-
-def read_results(results: Path) -> tuple[list[dict], dict | None]:
-    """The per-scanner results in the model's label order, and the conditioning result (None when absent)."""
-    per_scanner = [_read(p) for p in sorted(results.glob("fid_*.json"))]
+        files = read_folder(results)
+    except ArtifactError as e:
+        raise ReportError(str(e)) from None
+    per_scanner = [r for r in files.values() if isinstance(r, ScannerScore)]
     if not per_scanner:
         raise NoResults(f"no fid_*.json in {results}; run mrgen-fid first")
     try:
-        order = Vocabulary.from_names(json.loads(per_scanner[0]["model"]["mrgen.scanners"]))
-    except (KeyError, TypeError, ValueError) as e:
+        order = Vocabulary.from_names(per_scanner[0].scanners)
+    except (TypeError, ValueError) as e:
         raise ReportError(f"{results}: the fid_*.json do not name the model's scanners ({e!r}); "
                           "run mrgen-fid again") from None
-    per_scanner.sort(key=lambda r: order.index(r["scanner"]) if r["scanner"] in order else len(order))
-    return per_scanner, read_side(results, "conditioning.json")
+    per_scanner.sort(key=lambda r: order.index(r.scanner) if r.scanner in order else len(order))
+    return per_scanner, files
 
 
-def _signature(r: dict) -> dict:
-    return r.get("signature") if isinstance(r.get("signature"), dict) else {}
+def _prdc(r: ScannerScore) -> tuple[float | None, ...]:
+    return r.precision, r.recall, r.density, r.coverage
 
 
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+def _signature(r: ScannerScore) -> tuple[float | None, ...]:
+    """The signature's measures in SIGNATURE order (None: not measured)."""
+    sig = r.signature or Signature()
+    return sig.intensity_w1, sig.noise_real, sig.noise_generated, sig.sharpness_real, sig.sharpness_generated
 
 
-def _fmt(value: object, digits: int) -> str:
-    number = _number(value)
-    return MISSING if number is None else f"{number:.{digits}f}"
+def _fmt(value: float | None, digits: int, scale: float = 1.0) -> str:
+    return MISSING if value is None else f"{scale * value:.{digits}f}"
 
 
-def _pair(a: object, b: object, digits: int) -> str:
+def _pair(a: float | None, b: float | None, digits: int) -> str:
     return f"{_fmt(a, digits)} / {_fmt(b, digits)}"
 
 
-def has_quality(per_scanner: list[dict]) -> bool:
+def has_quality(per_scanner: list[ScannerScore]) -> bool:
     """Whether any result carries the measures beyond FID and KID (results of older versions do not)."""
-    return any(key in r for r in per_scanner for key in (*PRDC, "ms_ssim", "signature"))
+    return any(v is not None for r in per_scanner for v in (*_prdc(r), r.ms_ssim, r.signature))
 
 
-def table_csv(per_scanner: list[dict]) -> str:
+def table_csv(per_scanner: list[ScannerScore]) -> str:
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\r\n")
     w.writerow(CSV_COLUMNS)
     for r in per_scanner:
-        sig = _signature(r)
-        extra = [r.get("fid_biased"), *(r.get(k) for k in PRDC), r.get("ms_ssim"), r.get("ms_ssim_real"),
-                 *(sig.get(k) for k in SIGNATURE)]
-        w.writerow([r["scanner"], r["fid_mean"], r["fid_std"], r["kid_mean"], r["kid_std"], r["n_real"],
-                    r["n_generated"], len(r["repeats"]), *("" if v is None else v for v in extra)])
+        row = [r.scanner, r.fid_mean, r.fid_std, r.kid_mean, r.kid_std, r.n_real, r.n_generated,
+               None if r.repeats is None else len(r.repeats), r.fid_biased, *_prdc(r), r.ms_ssim, r.ms_ssim_real,
+               *_signature(r)]
+        w.writerow(["" if v is None else v for v in row])
     return text.getvalue()
 
 
-def _fid_table(per_scanner: list[dict]) -> list[str]:
+def _fid_table(per_scanner: list[ScannerScore]) -> list[str]:
     lines = ["| scanner | FID (mean ± std) | KID × 10³ (mean ± std) | n real / generated | repeats |",
              "|---|---|---|---|---|"]
     for r in per_scanner:
-        dagger = " †" if r.get("fid_biased") is True else ""
-        lines.append(f"| {r['scanner']} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f}{dagger} | "
-                     f"{1e3 * r['kid_mean']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['n_real']} / {r['n_generated']} | "
-                     f"{len(r['repeats'])} |")
-    if any(r.get("fid_biased") is True for r in per_scanner):
-        fid_n = sorted({r.get("fid_n_generated", r["n_real"]) for r in per_scanner})
+        dagger = " †" if r.fid_biased else ""
+        lines.append(f"| {r.scanner} | {_fmt(r.fid_mean, 2)} ± {_fmt(r.fid_std, 2)}{dagger} | "
+                     f"{_fmt(r.kid_mean, 2, 1e3)} ± {_fmt(r.kid_std, 2, 1e3)} | {r.n_real} / {r.n_generated} | "
+                     f"{len(r.repeats or ())} |")
+    if any(r.fid_biased for r in per_scanner):
+        fid_n = sorted({r.fid_n_generated if r.fid_n_generated is not None else r.n_real for r in per_scanner})
         lines += ["", f"† FID on fewer than 2,048 slices per set (here {', '.join(map(str, fid_n))} generated vs as "
                   "many real test slices): biased upwards; FIDs compare only at equal n. KID uses every generated "
                   "slice."]
-    notes = sorted({w for r in per_scanner for w in r["warnings"]})
+    notes = sorted({w for r in per_scanner for w in r.warnings or ()})
     if notes:
         lines += ["", "Note: " + notes[0].split(":")[0] + " (and similar): FID is biased upwards at these sample "
                   "sizes; compare FIDs only at equal n, or use KID."]
     return lines
 
 
-def _quality_table(per_scanner: list[dict]) -> list[str]:
+def _quality_table(per_scanner: list[ScannerScore]) -> list[str]:
     lines = ["", "| scanner | precision | recall | density | coverage | MS-SSIM gen / real | noise real / gen | "
              "sharpness real / gen | intensity W1 |", "|---" * 9 + "|"]
     for r in per_scanner:
-        sig = _signature(r)
-        lines.append(f"| {r['scanner']} | " + " | ".join(_fmt(r.get(k), 3) for k in PRDC) + " | "
-                     f"{_pair(r.get('ms_ssim'), r.get('ms_ssim_real'), 3)} | "
-                     f"{_pair(sig.get('noise_real'), sig.get('noise_generated'), 4)} | "
-                     f"{_pair(sig.get('sharpness_real'), sig.get('sharpness_generated'), 4)} | "
-                     f"{_fmt(sig.get('intensity_w1'), 4)} |")
-    k = next((r["prdc_k"] for r in per_scanner if "prdc_k" in r), 5)
-    pairs = next((r["ms_ssim_pairs"] for r in per_scanner if "ms_ssim_pairs" in r), 200)
+        w1, noise_real, noise_generated, sharpness_real, sharpness_generated = _signature(r)
+        lines.append(f"| {r.scanner} | " + " | ".join(_fmt(v, 3) for v in _prdc(r)) + " | "
+                     f"{_pair(r.ms_ssim, r.ms_ssim_real, 3)} | {_pair(noise_real, noise_generated, 4)} | "
+                     f"{_pair(sharpness_real, sharpness_generated, 4)} | {_fmt(w1, 4)} |")
+    k = next((r.prdc_k for r in per_scanner if r.prdc_k is not None), 5)
+    pairs = next((r.ms_ssim_pairs for r in per_scanner if r.ms_ssim_pairs is not None), 200)
     lines += ["", f"Precision, recall, density, coverage (k = {k}) on Inception features of the first repeat's "
               "generated slices vs the real test slices; MS-SSIM: mean over "
               f"{pairs} random pairs within a set (lower = more diverse); signature in intensity units of [0, 1], "
@@ -148,60 +146,60 @@ def _quality_table(per_scanner: list[dict]) -> list[str]:
     return lines
 
 
-def _generation_lines(gen: dict) -> list[str]:
+def _generation_lines(gen: Generation) -> list[str]:
     lines = []
-    effect = gen.get("label_effect")
-    if isinstance(effect, dict):
-        draws = gen.get("label_effect_draws", "the same")
+    effect = gen.label_effect
+    if effect is not None:
+        draws = "the same" if gen.label_effect_draws is None else gen.label_effect_draws
         lines += ["", f"Label effect: the same {draws} latent draws decoded for every scanner (the decoder's mean) "
-                  f"differ by {_fmt(effect.get('between_scanners'), 4)} between scanners and "
-                  f"{_fmt(effect.get('between_draws'), 4)} between draws (mean |difference| per pixel; ratio "
-                  f"{_fmt(effect.get('ratio'), 3)}; 0 between scanners: the decoder ignores its label)."]
-    speed = _number(gen.get("sampling_images_per_s"))
-    if speed is not None:
-        noise = ", with the learned observation noise" if gen.get("noise") is True else ""
-        lines += ["", f"Sampling: {speed:,.0f} images/s (onnxruntime on {gen.get('sampler_device', '?')}{noise})."]
+                  f"differ by {_fmt(effect.between_scanners, 4)} between scanners and "
+                  f"{_fmt(effect.between_draws, 4)} between draws (mean |difference| per pixel; ratio "
+                  f"{_fmt(effect.ratio, 3)}; 0 between scanners: the decoder ignores its label)."]
+    if gen.sampling_images_per_s is not None:
+        noise = ", with the learned observation noise" if gen.noise else ""
+        lines += ["", f"Sampling: {gen.sampling_images_per_s:,.0f} images/s (onnxruntime on "
+                  f"{gen.sampler_device or '?'}{noise})."]
     return lines
 
 
-def _conditioning_lines(cond: dict | None, diag: dict | None) -> list[str]:
+def _conditioning_lines(cond: Conditioning | None, diag: Diagnostics | None) -> list[str]:
     lines = []
     if cond:
         lines += ["", f"Conditioning: a scanner classifier on Inception features recognises real test slices with "
-                  f"accuracy {cond['real_test_accuracy']:.3f} and generated slices as the scanner asked for with "
-                  f"accuracy {cond['generated_accuracy']:.3f}."]
+                  f"accuracy {_fmt(cond.real_test_accuracy, 3)} and generated slices as the scanner asked for with "
+                  f"accuracy {_fmt(cond.generated_accuracy, 3)}."]
     if diag:
-        title = diag.get("title") or diag.get("family") or "the model"
-        z, rec = diag.get("z_probe"), diag.get("reconstruction")
-        if isinstance(z, dict) and isinstance(rec, dict):
+        title = diag.title or diag.family or "the model"
+        z, rec = diag.z_probe, diag.reconstruction
+        if z is not None and rec is not None:
             lines += ["", f"Diagnostics ({title}): the scanner is read from the posterior means (z-probe) with "
-                      f"accuracy {_fmt(z.get('accuracy'), 3)} (chance {_fmt(z.get('chance'), 3)}); reconstructions of "
+                      f"accuracy {_fmt(z.accuracy, 3)} (chance {_fmt(z.chance, 3)}); reconstructions of "
                       f"the real test slices are recognised as their scanner with accuracy "
-                      f"{_fmt(rec.get('accuracy'), 3)} (the decoder's ceiling)."]
-        elif diag.get("reason"):
-            lines += ["", f"Diagnostics ({title}): {diag['reason']}."]
+                      f"{_fmt(rec.accuracy, 3)} (the decoder's ceiling)."]
+        elif diag.reason:
+            lines += ["", f"Diagnostics ({title}): {diag.reason}."]
     rows = []
     if cond:
-        rows += [("real test slices", cond["real_test_accuracy"]),
-                 ("generated slices, as the scanner asked for", cond["generated_accuracy"])]
-    if diag and isinstance(diag.get("reconstruction"), dict):
-        rows.append(("reconstructions of real test slices (decoder ceiling)", diag["reconstruction"].get("accuracy")))
-    if diag and isinstance(diag.get("z_probe"), dict):
-        z = diag["z_probe"]
-        rows.append((f"z-probe: scanner from posterior means (chance {_fmt(z.get('chance'), 3)})", z.get("accuracy")))
+        rows += [("real test slices", cond.real_test_accuracy),
+                 ("generated slices, as the scanner asked for", cond.generated_accuracy)]
+    if diag and diag.reconstruction is not None:
+        rows.append(("reconstructions of real test slices (decoder ceiling)", diag.reconstruction.accuracy))
+    if diag and diag.z_probe is not None:
+        z = diag.z_probe
+        rows.append((f"z-probe: scanner from posterior means (chance {_fmt(z.chance, 3)})", z.accuracy))
     if len(rows) > 1:
         lines += ["", "| recognised as its scanner | accuracy |", "|---|---|"]
         lines += [f"| {what} | {_fmt(value, 3)} |" for what, value in rows]
-    if cond:
-        lines += ["", "| asked for \\ recognised as | " + " | ".join(cond["scanners"]) + " |",
-                  "|---" * (len(cond["scanners"]) + 1) + "|"]
+    if cond and cond.scanners is not None and cond.confusion is not None:
+        lines += ["", "| asked for \\ recognised as | " + " | ".join(cond.scanners) + " |",
+                  "|---" * (len(cond.scanners) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(map(str, row)) + " |"
-                  for name, row in zip(cond["scanners"], cond["confusion"], strict=True)]
+                  for name, row in zip(cond.scanners, cond.confusion, strict=True)]
     return lines
 
 
-def table_markdown(per_scanner: list[dict], cond: dict | None, generation: dict | None = None,
-                   diagnostics: dict | None = None) -> str:
+def table_markdown(per_scanner: list[ScannerScore], cond: Conditioning | None, generation: Generation | None = None,
+                   diagnostics: Diagnostics | None = None) -> str:
     lines = _fid_table(per_scanner)
     if has_quality(per_scanner):
         lines += _quality_table(per_scanner)
@@ -211,25 +209,25 @@ def table_markdown(per_scanner: list[dict], cond: dict | None, generation: dict 
     return "\n".join(lines) + "\n"
 
 
-def quality_figure(per_scanner: list[dict], path: Path) -> Path:
+def quality_figure(per_scanner: list[ScannerScore], path: Path) -> Path:
     """Precision, recall, density, coverage per scanner, and MS-SSIM of generated vs real slices."""
     from mrgen_dist.plots import _pyplot, _save
 
     plt = _pyplot()
-    names = [r["scanner"] for r in per_scanner]
+    names = [r.scanner for r in per_scanner]
     x = np.arange(len(names))
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 3.8),
                                       gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(PRDC)
+    prdc = [_prdc(r) for r in per_scanner]
     for i, key in enumerate(PRDC):
-        values = [_number(r.get(key)) for r in per_scanner]
-        left.bar(x + (i - 1.5) * width, [np.nan if v is None else v for v in values], width, label=key)
+        left.bar(x + (i - 1.5) * width, [np.nan if row[i] is None else row[i] for row in prdc], width, label=key)
     left.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     left.set_ylabel("generated vs real (k-NN manifolds)")
     left.axhline(1.0, color="grey", lw=0.8, ls=":")
     left.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    for i, (key, label) in enumerate((("ms_ssim", "generated"), ("ms_ssim_real", "real"))):
-        values = [_number(r.get(key)) for r in per_scanner]
+    for i, (label, values) in enumerate((("generated", [r.ms_ssim for r in per_scanner]),
+                                         ("real", [r.ms_ssim_real for r in per_scanner]))):
         right.bar(x + (i - 0.5) * 0.4, [np.nan if v is None else v for v in values], 0.4, label=label)
     right.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     right.set_ylabel("MS-SSIM within the set (lower: more diverse)")
@@ -244,13 +242,14 @@ def write_report(results: Path) -> list[Path]:
     from mrgen_dist.plots import confusion_matrix, fid_boxplot
 
     results = Path(results)
-    per_scanner, cond = read_results(results)
-    generation, diagnostics = read_side(results, "generation.json"), read_side(results, "diagnostics.json")
+    per_scanner, files = read_results(results)
+    cond = files.get(Conditioning.NAME)
+    generation, diagnostics = files.get(Generation.NAME), files.get(Diagnostics.NAME)
     written = [atomic_write(results / "fid_table.md", table_markdown(per_scanner, cond, generation, diagnostics)),
                atomic_write(results / "fid_table.csv", table_csv(per_scanner)),
-               fid_boxplot(per_scanner, results / "fid_boxplot.png")]
+               fid_boxplot([r.to_dict() for r in per_scanner], results / "fid_boxplot.png")]
     if has_quality(per_scanner):
         written.append(quality_figure(per_scanner, results / "quality.png"))
-    if cond:
-        written.append(confusion_matrix(np.array(cond["confusion"]), cond["scanners"], results / "conditioning.png"))
+    if cond and cond.confusion is not None:
+        written.append(confusion_matrix(np.array(cond.confusion), cond.scanners, results / "conditioning.png"))
     return written

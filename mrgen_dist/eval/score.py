@@ -18,7 +18,6 @@ label compared with between draws.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -28,13 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from mrgen_dist import __version__
-from mrgen_dist.atomic import atomic_write
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import MS_SSIM_PAIRS, MS_SSIM_SEED, FidError, cache_dir, real_features, real_ms_ssim
 from mrgen_dist.eval.fid import FeatureStats, frechet_distance, kernel_inception_distance
 from mrgen_dist.eval.inception import InceptionFeatures
+from mrgen_dist.eval.results import Generation, LabelEffect, Repeat, ScannerScore, Signature
 from mrgen_dist.runtime.sampler import Sampler
-from mrgen_dist.scanners import slug
 from mrgen_dist.tracking import Tracker
 
 #: Neighbours of precision, recall, density and coverage.
@@ -75,7 +73,8 @@ def quality_measures(
     generated_images: np.ndarray, cache: Path,
 ) -> tuple[dict, list[str]]:
     """Precision/recall/density/coverage, MS-SSIM of both sets and the signature of one scanner's generated set
-    against its real test slices (features and images of each); notes on what could not be computed."""
+    against its real test slices (features and images of each), as fields of its `ScannerScore` (a measure
+    not computed is left out: None); notes on what could not be computed."""
     from mrgen_dist.eval import quality
 
     measures: dict = {"prdc_k": PRDC_K, "ms_ssim_pairs": MS_SSIM_PAIRS}
@@ -83,16 +82,15 @@ def quality_measures(
     if min(len(real), len(generated)) > PRDC_K:
         measures.update(quality.prdc(real, generated, k=PRDC_K))
     else:
-        measures.update(dict.fromkeys(("precision", "recall", "density", "coverage")))
         notes.append(f"precision, recall, density and coverage need more than k = {PRDC_K} real and generated "
                      f"slices; {len(real)} real, {len(generated)} generated")
     measures["ms_ssim"] = quality.ms_ssim_diversity(generated_images, pairs=MS_SSIM_PAIRS, seed=MS_SSIM_SEED)
     measures["ms_ssim_real"] = real_ms_ssim(store, scanner, real_images, cache)
     try:
         brain, background = quality.head_masks(real_images)
-        measures["signature"] = quality.signature_distances(real_images, generated_images, brain, background)
+        measures["signature"] = Signature(**quality.signature_distances(real_images, generated_images, brain,
+                                                                        background))
     except ValueError as e:  # slices without a head or without air around it: no masks to measure in
-        measures["signature"] = None
         notes.append(f"no scanner signature: {e}")
     return measures, notes
 
@@ -101,10 +99,11 @@ def evaluate_scanner(
     store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, scanner: str, repeats: int, seed: int, out: Path,
     tracker: Tracker | None = None, n_generated: int | None = None, noise: bool = False,
     first_features: dict[str, np.ndarray] | None = None,
-) -> dict:
+) -> ScannerScore:
     """`repeats` generated sets of `n_generated` slices (default: as many as the real test slices) of one scanner
-    scored against its real test slices; writes and returns OUT/fid_<scanner>.json. The Inception features of
-    the first repeat's set go into `first_features[scanner]` when given (the conditioning check reuses them)."""
+    scored against its real test slices; writes OUT/fid_<scanner>.json and returns the record, which
+    `mrgen-fid` prints from and `generation` sums. The Inception features of the first repeat's
+    set go into `first_features[scanner]` when given (the conditioning check reuses them)."""
     from tqdm import tqdm
 
     require_test_slices(store, scanner)
@@ -135,46 +134,46 @@ def evaluate_scanner(
             warnings.simplefilter("ignore")  # the small-sample warning is recorded once, above
             fid = frechet_distance(FeatureStats.of(generated[:n_fid]), real_stats)
         kid = kernel_inception_distance(generated, real, subsets=50, subset_size=min(1000, n), seed=seed + r)
-        rows.append({"seed": seed + r, "fid": fid, "kid": kid.mean, "kid_std": kid.std})
+        rows.append(Repeat(seed=seed + r, fid=fid, kid=kid.mean, kid_std=kid.std))
         if tracker:
             tracker.log_scalars({f"FID/{scanner}": fid, f"KID/{scanner}": kid.mean}, step=r)
     measures, notes = quality_measures(store, scanner, real, real_images, first[1], first[0], cache_dir(out))
-    fids = np.array([row["fid"] for row in rows])
-    kids = np.array([row["kid"] for row in rows])
-    result = {
-        "scanner": scanner,
-        "n_real": n,
-        "n_generated": n_gen,
-        "fid_n_generated": n_fid,
-        "fid_biased": n_fid < real.shape[1],  # FID biased upwards below 2,048 (the feature dimension)
-        "noise": noise,
-        "repeats": rows,
-        "fid_mean": float(fids.mean()),
-        "fid_std": float(fids.std(ddof=1)) if repeats > 1 else 0.0,
-        "kid_mean": float(kids.mean()),
-        "kid_std": float(kids.std(ddof=1)) if repeats > 1 else 0.0,
+    fids = np.array([row.fid for row in rows])
+    kids = np.array([row.kid for row in rows])
+    record = ScannerScore(
+        scanner=scanner,
+        n_real=n,
+        n_generated=n_gen,
+        fid_n_generated=n_fid,
+        fid_biased=n_fid < real.shape[1],  # FID biased upwards below 2,048 (the feature dimension)
+        noise=noise,
+        repeats=rows,
+        fid_mean=float(fids.mean()),
+        fid_std=float(fids.std(ddof=1)) if repeats > 1 else 0.0,
+        kid_mean=float(kids.mean()),
+        kid_std=float(kids.std(ddof=1)) if repeats > 1 else 0.0,
         **measures,
-        "warnings": small + notes,
-        "sampling_seconds": sampling_seconds,
-        "sampling_images_per_s": n_gen * repeats / sampling_seconds if sampling_seconds > 0 else None,
-        "real_features_cached": cached,
-        "extractor": extractor.identity,
-        "store_sha256": store.sha256,
-        "model": {k: v for k, v in sampler.metadata.to_props().items() if k != "mrgen.config"},
-        "package_version": __version__,
-    }
+        warnings=small + notes,
+        sampling_seconds=sampling_seconds,
+        sampling_images_per_s=n_gen * repeats / sampling_seconds if sampling_seconds > 0 else None,
+        real_features_cached=cached,
+        extractor=extractor.identity,
+        store_sha256=store.sha256,
+        model={k: v for k, v in sampler.metadata.to_props().items() if k != "mrgen.config"},
+        package_version=__version__,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    path = atomic_write(out / f"fid_{slug(scanner)}.json", json.dumps(result, indent=1))
+    path = record.write(out / record.file_name)
     if tracker:
         tracker.log_params({"scanner": scanner, "repeats": repeats, "seed": seed, "n": n, "n_generated": n_gen,
                             "noise": noise, "store_sha256": store.sha256})
-        scalars = {"FID mean/" + scanner: result["fid_mean"], "KID mean/" + scanner: result["kid_mean"],
-                   "MS-SSIM/" + scanner: result["ms_ssim"]}
-        scalars.update({f"{key}/{scanner}": result[key] for key in ("precision", "recall", "density", "coverage")
-                        if result[key] is not None})
-        tracker.log_scalars(scalars, step=0)
+        scalars = {"FID mean/" + scanner: record.fid_mean, "KID mean/" + scanner: record.kid_mean,
+                   "MS-SSIM/" + scanner: record.ms_ssim, "precision/" + scanner: record.precision,
+                   "recall/" + scanner: record.recall, "density/" + scanner: record.density,
+                   "coverage/" + scanner: record.coverage}
+        tracker.log_scalars({key: value for key, value in scalars.items() if value is not None}, step=0)
         tracker.log_artifact(path.name, path, copy=True)
-    return result
+    return record
 
 
 def label_grid(sampler: Sampler, names: list[str], draws: int = LABEL_EFFECT_DRAWS, seed: int = 0) -> np.ndarray:
@@ -190,36 +189,38 @@ def label_grid(sampler: Sampler, names: list[str], draws: int = LABEL_EFFECT_DRA
     return grid
 
 
-def generation(store: SliceStore, sampler: Sampler, names: list[str], results: list[dict], noise: bool, seed: int,
-               out: Path) -> dict:
-    """OUT/generation.json: what the sampler did for the scored sets (speed, device) and the label effect."""
+def generation(store: SliceStore, sampler: Sampler, names: list[str], scores: list[ScannerScore], noise: bool,
+               seed: int, out: Path) -> Generation:
+    """OUT/generation.json: what the sampler did for the scored sets (speed, device) and the label effect.
+    `scores`: what `evaluate_scanner` returned for each scanner; returns the record, which `mrgen-fid` prints
+    from."""
     from mrgen_dist.eval.quality import label_effect
 
-    seconds = sum(r["sampling_seconds"] for r in results)
-    images = sum(r["n_generated"] * len(r["repeats"]) for r in results)
+    seconds = sum(s.sampling_seconds for s in scores)
+    images = sum(s.n_generated * len(s.repeats) for s in scores)
     effect = None
     if len(names) >= 2:
-        effect = finite_or_none(label_effect(label_grid(sampler, names, LABEL_EFFECT_DRAWS, seed)))
-    result = {
-        "scanners": names,
-        "store_sha256": store.sha256,
-        "noise": noise,
-        "n_generated": [r["n_generated"] for r in results],
-        "repeats": len(results[0]["repeats"]),
-        "sampled_images": images,
-        "sampling_seconds": seconds,
-        "sampling_images_per_s": images / seconds if seconds > 0 else None,
-        "sampler_device": sampler.device,
-        "sampler_provider": sampler.provider,
-        "label_effect": effect,  # None with one scanner
-        "label_effect_draws": LABEL_EFFECT_DRAWS,
-        "label_effect_seed": seed,
-        "model": {k: v for k, v in sampler.metadata.to_props().items() if k != "mrgen.config"},
-        "package_version": __version__,
-    }
+        effect = LabelEffect(**finite_or_none(label_effect(label_grid(sampler, names, LABEL_EFFECT_DRAWS, seed))))
+    record = Generation(
+        scanners=names,
+        store_sha256=store.sha256,
+        noise=noise,
+        n_generated=[s.n_generated for s in scores],
+        repeats=len(scores[0].repeats),
+        sampled_images=images,
+        sampling_seconds=seconds,
+        sampling_images_per_s=images / seconds if seconds > 0 else None,
+        sampler_device=sampler.device,
+        sampler_provider=sampler.provider,
+        label_effect=effect,  # None with one scanner
+        label_effect_draws=LABEL_EFFECT_DRAWS,
+        label_effect_seed=seed,
+        model={k: v for k, v in sampler.metadata.to_props().items() if k != "mrgen.config"},
+        package_version=__version__,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "generation.json", json.dumps(result, indent=1))
-    return result
+    record.write(out / record.file_name)
+    return record
 
 
 # -- command line ---------------------------------------------------------------------------------------------

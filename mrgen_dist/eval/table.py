@@ -3,21 +3,30 @@ formatting of cells and bars. Used by eval/compare.py (generators) and eval/comp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrgen_dist.artifacts import ArtifactError
 from mrgen_dist.cli import UserError
+from mrgen_dist.eval.results import (
+    Conditioning,
+    Diagnostics,
+    Generation,
+    ResultFile,
+    ScannerScore,
+    TranslationScore,
+    read_folder,
+)
 
 MISSING = "—"
 
 
-SIDE_FILES = ("conditioning.json", "generation.json", "diagnostics.json")
+SIDE_FILES = (Conditioning.NAME, Generation.NAME, Diagnostics.NAME)
 
 
-TRANSLATION_FILE = "translation.json"
+TRANSLATION_FILE = TranslationScore.NAME
 
 
 Number = float | None
@@ -33,80 +42,60 @@ class MismatchError(CompareError):
 
 @dataclass
 class Results:
-    """One model's results folder."""
+    """One model's results folder, its files read through `mrgen_dist.eval.results`."""
 
     name: str
     folder: Path
-    per_scanner: dict[str, dict] = field(default_factory=dict)  # scanner -> its fid_<slug>.json
-    files: dict[str, dict] = field(default_factory=dict)  # file name -> content, fid_*.json and the side files
+    files: dict[str, ResultFile]  # file name -> record: the fid_*.json and the side files
+    per_scanner: dict[str, ScannerScore]  # scanner -> its fid_<slug>.json
 
     @property
-    def conditioning(self) -> dict | None:
-        return self.files.get("conditioning.json")
+    def conditioning(self) -> Conditioning | None:
+        return self.files.get(Conditioning.NAME)
 
     @property
-    def generation(self) -> dict | None:
-        return self.files.get("generation.json")
+    def generation(self) -> Generation | None:
+        return self.files.get(Generation.NAME)
 
     @property
-    def diagnostics(self) -> dict | None:
-        return self.files.get("diagnostics.json")
+    def diagnostics(self) -> Diagnostics | None:
+        return self.files.get(Diagnostics.NAME)
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompareError(f"{path}: unreadable ({e})") from None
-    if not isinstance(content, dict):
-        raise CompareError(f"{path}: not a JSON object")
-    return content
+    @property
+    def translation(self) -> TranslationScore | None:
+        return self.files.get(TranslationScore.NAME)
 
 
 def read_results(folder: Path, name: str) -> Results:
-    """The result files of one folder; a folder that is missing or holds none of them is an error."""
+    """The result files of one folder; a folder that is missing or holds none of them is an error, and so is a
+    result file that cannot be read."""
     if not folder.is_dir():
         raise CompareError(f"results folder {folder} does not exist" if not folder.exists()
                            else f"results folder {folder} is not a folder")
-    results = Results(name, folder)
-    for path in sorted(folder.glob("fid_*.json")):
-        record = _read_json(path)
-        results.files[path.name] = record
-        results.per_scanner[str(record.get("scanner", path.stem.removeprefix("fid_")))] = record
-    for file_name in (*SIDE_FILES, TRANSLATION_FILE):
-        if (folder / file_name).is_file():
-            results.files[file_name] = _read_json(folder / file_name)
-    if not results.files:
+    try:
+        files = read_folder(folder)
+    except ArtifactError as e:
+        raise CompareError(str(e)) from None
+    if not files:
         raise CompareError(f"results folder {folder} holds no result file (fid_*.json, {', '.join(SIDE_FILES)}, "
                            f"{TRANSLATION_FILE}); run mrgen-fid score / diagnose / translation into it first")
-    return results
+    per_scanner = {r.scanner: r for r in files.values() if isinstance(r, ScannerScore)}
+    return Results(name, folder, files, per_scanner)
 
 
-def _get(content: dict | None, *keys: str) -> Any:
-    """content[k1][k2]...; None when a level is missing or not a dict."""
-    value: Any = content
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def _num(value: Any) -> Number:
-    """A JSON number as float; None for anything else (missing, null, text, booleans)."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def conditioning_per_scanner(cond: dict | None, scanners: Sequence[str]) -> dict[str, Number]:
-    """Per scanner asked for: the fraction of its generated slices recognised as it (confusion diagonal / row)."""
-    names, confusion = _get(cond, "scanners"), _get(cond, "confusion")
+def conditioning_per_scanner(record: Conditioning | TranslationScore | None, scanners: Sequence[str]
+                             ) -> dict[str, Number]:
+    """Per scanner asked for (of a translator: per target): the fraction of its slices recognised as it (the
+    confusion matrix's diagonal / its row); None where the record has no such row."""
     out: dict[str, Number] = dict.fromkeys(scanners)
-    if not isinstance(names, list) or not isinstance(confusion, list) or len(confusion) != len(names):
+    if record is None or record.scanners is None or record.confusion is None:
+        return out
+    names, confusion = record.scanners, record.confusion
+    if len(confusion) != len(names):
         return out
     for i, (name, row) in enumerate(zip(names, confusion, strict=True)):
-        counts = [_num(c) for c in row] if isinstance(row, list) and len(row) == len(names) else []
-        if counts and None not in counts and sum(counts) > 0 and name in out:
-            out[name] = counts[i] / sum(counts)
+        if len(row) == len(names) and sum(row) > 0 and name in out:
+            out[name] = row[i] / sum(row)
     return out
 
 

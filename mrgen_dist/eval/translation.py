@@ -20,7 +20,6 @@ test subject of each scanner (a central slice) translated to every scanner.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from mrgen_dist.eval.conditioning import CLASSIFIER, scanner_classifier
 from mrgen_dist.eval.features import FidError, real_features
 from mrgen_dist.eval.fid import kernel_inception_distance
 from mrgen_dist.eval.inception import InceptionFeatures
+from mrgen_dist.eval.results import Kid, TranslationScore
 from mrgen_dist.runtime.translator import Translator
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
@@ -72,8 +72,9 @@ def _figure_subjects(subject: np.ndarray, slice_index: np.ndarray, scanner: np.n
 
 
 def evaluate_translation(store: SliceStore, translator: Translator, extractor: InceptionFeatures, out: Path,
-                         cache: Path, n_per_scanner: int | None = None) -> dict:
-    """Translate the test slices of each scanner to each target; the measures of the module docstring."""
+                         cache: Path, n_per_scanner: int | None = None) -> TranslationScore:
+    """Translate the test slices of each scanner to each target; the measures of the module docstring, written
+    to OUT/translation.json (with translation.md and translation.png) and returned."""
     from tqdm import tqdm
 
     names = list(store.vocabulary.names)
@@ -121,7 +122,7 @@ def evaluate_translation(store: SliceStore, translator: Translator, extractor: I
     for t in targets:
         if translated_features[t] and t in real:  # a target without test slices has nothing to compare with
             value = kernel_inception_distance(np.concatenate(translated_features[t]), real[t])
-            kid[names[t]] = {"mean": value.mean, "std": value.std, "subset_size": value.subset_size}
+            kid[names[t]] = Kid(mean=value.mean, std=value.std, subset_size=value.subset_size)
     identity_misses = [names[s] for s in sources
                        if not all(change[s, s] < change[s, t] for t in targets if t != s)]
     truth = np.concatenate([np.full(len(f), s) for s, f in real.items()])
@@ -130,34 +131,34 @@ def evaluate_translation(store: SliceStore, translator: Translator, extractor: I
     def matrix(m: np.ndarray) -> list[list[float | None]]:
         return [[None if np.isnan(v) else float(v) for v in row] for row in m]
 
-    result = {
-        "store_sha256": store.sha256,
-        "scanners": names,
-        "model": str(translator.path),
-        "family": translator.metadata.family,
-        "precision": translator.metadata.precision,
-        "targets": [names[t] for t in targets],
-        "n_per_source": n_source,
-        "classifier": CLASSIFIER,
-        "real_test_accuracy": real_test_accuracy,
-        "conditioning": float(rate[off].mean()),
-        "conditioning_per_pair": matrix(rate),
-        "confusion": counts.tolist(),
-        "ssim_matched": float(np.nanmean(ssim_matched[off])),
-        "ssim_matched_per_pair": matrix(ssim_matched),
-        "cycle_ssim": float(np.nanmean(ssim_cycle[off])),
-        "cycle_ssim_per_pair": matrix(ssim_cycle),
-        "kid": kid,
-        "kid_mean": float(np.mean([v["mean"] for v in kid.values()])) if kid else None,
-        "change": matrix(change),
-        "identity_smallest": not identity_misses,
-        "identity_misses": identity_misses,
-        "translate_images_per_s": translated_count / seconds if seconds else None,
-        "translator_device": f"{translator.device} ({translator.provider})",
-        "rows_columns": "per-pair matrices: rows source scanner, columns target scanner (vocabulary order)",
-    }
+    result = TranslationScore(
+        store_sha256=store.sha256,
+        scanners=names,
+        model=str(translator.path),
+        family=translator.metadata.family,
+        precision=translator.metadata.precision,
+        targets=[names[t] for t in targets],
+        n_per_source=n_source,
+        classifier=CLASSIFIER,
+        real_test_accuracy=real_test_accuracy,
+        conditioning=float(rate[off].mean()),
+        conditioning_per_pair=matrix(rate),
+        confusion=counts.tolist(),
+        ssim_matched=float(np.nanmean(ssim_matched[off])),
+        ssim_matched_per_pair=matrix(ssim_matched),
+        cycle_ssim=float(np.nanmean(ssim_cycle[off])),
+        cycle_ssim_per_pair=matrix(ssim_cycle),
+        kid=kid,
+        kid_mean=float(np.mean([v.mean for v in kid.values()])) if kid else None,
+        change=matrix(change),
+        identity_smallest=not identity_misses,
+        identity_misses=identity_misses,
+        translate_images_per_s=translated_count / seconds if seconds else None,
+        translator_device=f"{translator.device} ({translator.provider})",
+        rows_columns="per-pair matrices: rows source scanner, columns target scanner (vocabulary order)",
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "translation.json", json.dumps(result, indent=2) + "\n")
+    result.write(out / result.file_name)
     atomic_write(out / "translation.md", table_markdown(result))
     figure(store, translator, test, out / "translation.png")
     return result
@@ -178,19 +179,19 @@ def figure(store: SliceStore, translator: Translator, test, path: Path) -> Path:
                         "each scanner", captions)
 
 
-def table_markdown(result: dict) -> str:
+def table_markdown(result: TranslationScore) -> str:
     """Per (source, target): conditioning, SSIM after histogram matching, cycle SSIM, change; and the summary."""
-    names = result["scanners"]
-    lines = [f"# Translation: {result['family']} ({result['model']})", "",
-             f"- translated slices recognised as the target: **{result['conditioning']:.3f}** "
+    names = result.scanners
+    lines = [f"# Translation: {result.family} ({result.model})", "",
+             f"- translated slices recognised as the target: **{result.conditioning:.3f}** "
              f"(target ≥ {targets.TRANSLATION_CONDITIONING}); the classifier reads real test slices right "
-             f"{result['real_test_accuracy']:.3f} of the time",
-             f"- SSIM input vs translation (histogram-matched): {result['ssim_matched']:.3f}; cycle SSIM: "
-             f"**{result['cycle_ssim']:.3f}** (target ≥ {targets.CYCLE_SSIM})",
-             f"- KID ×10³ vs real slices of the target, mean over targets: {1e3 * result['kid_mean']:.2f}"
-             if result["kid_mean"] is not None else "- KID: —",
+             f"{result.real_test_accuracy:.3f} of the time",
+             f"- SSIM input vs translation (histogram-matched): {result.ssim_matched:.3f}; cycle SSIM: "
+             f"**{result.cycle_ssim:.3f}** (target ≥ {targets.CYCLE_SSIM})",
+             f"- KID ×10³ vs real slices of the target, mean over targets: {1e3 * result.kid_mean:.2f}"
+             if result.kid_mean is not None else "- KID: —",
              "- identity: translating to the own scanner changes least for "
-             + ("every scanner" if result["identity_smallest"] else "all but " + ", ".join(result["identity_misses"])),
+             + ("every scanner" if result.identity_smallest else "all but " + ", ".join(result.identity_misses)),
              "", "| source → target | conditioning | SSIM (matched) | cycle SSIM | mean abs. change |",
              "|---|---|---|---|---|"]
 
@@ -199,12 +200,12 @@ def table_markdown(result: dict) -> str:
         return "—" if v is None else f"{v:.3f}"
 
     for s, source in enumerate(names):
-        if source not in result["n_per_source"]:
+        if source not in result.n_per_source:
             continue
         for t, target in enumerate(names):
-            if target not in result["targets"]:
+            if target not in result.targets:
                 continue
             lines.append(f"| {source} → {target}{' (identity)' if s == t else ''} | "
-                         f"{cell(result['conditioning_per_pair'], s, t)} | {cell(result['ssim_matched_per_pair'], s, t)} "
-                         f"| {cell(result['cycle_ssim_per_pair'], s, t)} | {cell(result['change'], s, t)} |")
+                         f"{cell(result.conditioning_per_pair, s, t)} | {cell(result.ssim_matched_per_pair, s, t)} "
+                         f"| {cell(result.cycle_ssim_per_pair, s, t)} | {cell(result.change, s, t)} |")
     return "\n".join(lines) + "\n"

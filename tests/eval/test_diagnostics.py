@@ -13,6 +13,7 @@ from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
+from mrgen_dist.eval.results import Diagnostics
 from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.scanners import Vocabulary
 
@@ -42,6 +43,7 @@ def test_conditioning_draws_n_generated(diagnosed: Path) -> None:
 
 def test_diagnose_tiny_cvae(diagnosed: Path, store_dir: Path, trained_run: Path, capsys: pytest.CaptureFixture) -> None:
     d = json.loads((diagnosed / "diagnostics.json").read_text())
+    assert Diagnostics.read(diagnosed / "diagnostics.json").to_dict() == d and d["kind"] == Diagnostics.KIND
     scanners = list(SliceStore(store_dir).vocabulary.names)
     assert d["scanners"] == scanners and d["store_sha256"] == SliceStore(store_dir).sha256
     assert (d["family"], d["title"], d["reason"], d["encoder"]) == ("cvae", "cVAE", None, True)

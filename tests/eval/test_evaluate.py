@@ -14,6 +14,7 @@ from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.inception import FID_HELPER_FILE, load_inception, package_file
+from mrgen_dist.eval.results import Conditioning, Generation, ScannerScore
 from mrgen_dist.eval.score import evaluate_scanner
 from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.runtime.sampler import Sampler
@@ -37,6 +38,8 @@ def test_repeats_json_and_cache(store_dir: Path, decoder: Path, extractor, cohor
     store, sampler = SliceStore(store_dir), Sampler(decoder)
     first = evaluate_scanner(store, sampler, extractor, "Intera", repeats=2, seed=5, out=tmp_path)
     saved = json.loads((tmp_path / "fid_Intera.json").read_text())
+    assert (saved["kind"], saved["version"]) == (ScannerScore.KIND, ScannerScore.VERSION)  # written by results.py
+    assert ScannerScore.read(tmp_path / "fid_Intera.json").to_dict() == saved == first
     assert saved["n_real"] == saved["n_generated"] == 10 and [r["seed"] for r in saved["repeats"]] == [5, 6]
     fids = [r["fid"] for r in saved["repeats"]]
     assert saved["fid_mean"] == pytest.approx(np.mean(fids)) and saved["fid_std"] == pytest.approx(np.std(fids, ddof=1))
@@ -79,6 +82,7 @@ def test_conditioning_and_report(scored: Path, store_dir: Path, decoder: Path, t
     results = tmp_path / "results"
     shutil.copytree(scored, results)
     cond = json.loads((results / "conditioning.json").read_text())
+    assert Conditioning.read(results / "conditioning.json").to_dict() == cond and cond["kind"] == Conditioning.KIND
     assert np.array(cond["confusion"]).sum(axis=1).tolist() == [12, 12, 12, 12]
     assert cond["n_generated"] == [12, 12, 12, 12] and cond["noise"] is False
     assert cond["n_train"] == [20, 20, 20, 20] and cond["n_test"] == [10, 10, 10, 10]
@@ -154,6 +158,7 @@ def test_more_generated_than_real_quality_measures(scored: Path, store_dir: Path
     assert r["repeats"][0]["fid"] == pytest.approx(expected, rel=1e-6)
 
     gen = json.loads((scored / "generation.json").read_text())
+    assert Generation.read(scored / "generation.json").to_dict() == gen and gen["kind"] == Generation.KIND
     assert gen["scanners"] == SCANNERS and gen["store_sha256"] == SliceStore(store_dir).sha256
     assert gen["n_generated"] == [12, 12, 12, 12] and gen["noise"] is False
     assert gen["repeats"] == 2 and gen["sampled_images"] == 2 * 4 * 12

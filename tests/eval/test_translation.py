@@ -14,6 +14,7 @@ from mrgen_dist.commands.fid import main
 from mrgen_dist.eval.compare import compare
 from mrgen_dist.eval.compare_translation import translation_verdict
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
+from mrgen_dist.eval.results import TranslationScore
 from mrgen_dist.eval.table import MismatchError
 from mrgen_dist.eval.translation import match_histograms, ssim
 from tests.test_compare import SCANNERS, STORE, _table, write_results
@@ -53,6 +54,8 @@ def test_ssim_is_one_for_the_same_image_and_falls_with_blur() -> None:
 @needs_inception
 def test_translation_results(evaluated: Path, store_dir: Path) -> None:
     r = json.loads((evaluated / "translation.json").read_text())
+    assert (r["kind"], r["version"]) == (TranslationScore.KIND, TranslationScore.VERSION)  # written by results.py
+    assert TranslationScore.read(evaluated / "translation.json").to_dict() == r
     assert r["scanners"] == SCANNERS and r["targets"] == SCANNERS and r["family"] == "stargan"
     assert r["n_per_source"] == dict.fromkeys(SCANNERS, 3)
     confusion = np.array(r["confusion"])
