@@ -52,13 +52,24 @@ APPEARANCE: dict[str, Appearance] = {
 }
 
 
-def template_on_fsl_grid() -> np.ndarray:
-    """nilearn's MNI152 2009 T1 template (197x233x189, RAS) re-indexed onto the FSL grid, float32 in [0, 1].
+#: The nilearn MNI152 2009 images on the template grid that `template_on_fsl_grid` can re-index.
+MNI152_IMAGES = {
+    "t1": "load_mni152_template",
+    "gm": "load_mni152_gm_template",
+    "wm": "load_mni152_wm_template",
+    "brain_mask": "load_mni152_brain_mask",
+}
+
+
+def template_on_fsl_grid(image: str = "t1") -> np.ndarray:
+    """nilearn's MNI152 2009 T1 template (197x233x189, RAS) re-indexed onto the FSL grid, float32 in [0, 1];
+    `image` names another MNI152 image on the same grid (`MNI152_IMAGES`: the GM and WM probability templates,
+    the brain mask), each divided by its maximum likewise.
 
     FSL voxel (i, j, k) is world (90 - i, j - 126, k - 72), which is template voxel (188 - i, j + 8, k).
     """
     datasets = require("nilearn.datasets", "the demo cohort (the MNI152 template)")
-    tpl = datasets.load_mni152_template(resolution=1)
+    tpl = getattr(datasets, MNI152_IMAGES[image])(resolution=1)
     if tpl.shape != (197, 233, 189) or not np.allclose(tpl.affine[:3, 3], (-98, -134, -72)):
         raise RuntimeError(f"unexpected MNI152 template grid {tpl.shape}; nilearn >= 0.10 ships 197x233x189")
     data = tpl.get_fdata(dtype=np.float32)
