@@ -51,7 +51,7 @@ def _inputs(cohort_dir: Path, folder: Path, n: int | None = None) -> Path:
 
 def _cli(*args: str, fsize_limit: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`mrgen-convert ARGS` in a fresh process, optionally with RLIMIT_FSIZE (writes past it fail, EFBIG)."""
-    code = "import sys; from mrgen_dist.data.convert import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mrgen_dist.commands.convert import main; sys.exit(main(sys.argv[1:]))"
     if fsize_limit is not None:
         code = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize_limit}, {fsize_limit})); " + code
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
@@ -82,7 +82,7 @@ def test_a_second_conversion_refuses_while_the_first_runs_and_a_killed_one_does_
         (inputs / f"IXI{i}-Guys-{i}-T1.nii.gz").symlink_to(source)
     out = tmp_path / "store"
     args = [str(inputs), "--out", str(out), "--shard-volumes", "4"]
-    code = "import sys; from mrgen_dist.data.convert import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from mrgen_dist.commands.convert import main; sys.exit(main(sys.argv[1:]))"
     first = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -248,7 +248,7 @@ inputs, store_kb, preview_kb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 results = {}
 
 def cli(*args):
-    done = subprocess.run([sys.executable, "-m", "mrgen_dist.data.convert", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "mrgen_dist.commands.convert", *args], capture_output=True, text=True)
     return [done.returncode, done.stdout, done.stderr]
 
 def snapshot(folder):
@@ -387,7 +387,7 @@ def _swap_window(calls: list[_Call], out: Path) -> list[_Call]:
 
 def _mrgen_convert() -> list[str]:
     script = Path(sys.executable).parent / "mrgen-convert"  # the installed command line
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "mrgen_dist.data.convert"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mrgen_dist.commands.convert"]
 
 
 def _without_staging(snapshot: dict[str, tuple]) -> dict[str, tuple]:
