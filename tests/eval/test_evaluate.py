@@ -39,24 +39,24 @@ def test_repeats_json_and_cache(store_dir: Path, decoder: Path, extractor, cohor
     first = evaluate_scanner(store, sampler, extractor, "Intera", repeats=2, seed=5, out=tmp_path)
     saved = json.loads((tmp_path / "fid_Intera.json").read_text())
     assert (saved["kind"], saved["version"]) == (ScannerScore.KIND, ScannerScore.VERSION)  # written by results.py
-    assert ScannerScore.read(tmp_path / "fid_Intera.json").to_dict() == saved == first
+    assert ScannerScore.read(tmp_path / "fid_Intera.json") == first and first.to_dict() == saved
     assert saved["n_real"] == saved["n_generated"] == 10 and [r["seed"] for r in saved["repeats"]] == [5, 6]
     fids = [r["fid"] for r in saved["repeats"]]
     assert saved["fid_mean"] == pytest.approx(np.mean(fids)) and saved["fid_std"] == pytest.approx(np.std(fids, ddof=1))
     assert all(f > 0 for f in fids) and fids[0] != fids[1]  # a fresh generated set per repeat
     assert "10 samples for 2048-d features" in saved["warnings"][0]
-    assert first["real_features_cached"] is False
+    assert first.real_features_cached is False
     assert len(list((tmp_path / "cache").glob("real-*.npy"))) == 1
 
     again = evaluate_scanner(store, sampler, extractor, "Intera", repeats=2, seed=5, out=tmp_path)
-    assert again["real_features_cached"] is True and again["repeats"] == first["repeats"]
+    assert again.real_features_cached is True and again.repeats == first.repeats
 
     # another store (another split seed: another store_sha256) must not reuse the cached features
     other = tmp_path / "other-store"
     options = ConvertOptions(shard_volumes=12, test_fraction=0.34, seed=1)
     convert(discover_directory(cohort_dir), Vocabulary.method(), other, options)
     changed = evaluate_scanner(SliceStore(other), sampler, extractor, "Intera", repeats=1, seed=5, out=tmp_path)
-    assert changed["real_features_cached"] is False
+    assert changed.real_features_cached is False
     assert len(list((tmp_path / "cache").glob("real-*.npy"))) == 2
     assert saved["model"]["mrgen.scanners"] == json.dumps(list(sampler.vocabulary.names))
     assert "mrgen.config" not in saved["model"] and saved["model"]["mrgen.format"] == "mrgen-decoder/1"
