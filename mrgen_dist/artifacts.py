@@ -188,18 +188,23 @@ class ModelMetadata:
     `format` is `<contract>/<version>`; the contract `mrgen-decoder` is (z float32 [B, latent], scanner
     int64 [B]) -> image float32 [B, 1, H, W] in [0, 1] (and sigma float32 [B, 1, H, W] where `noise` is set);
     `mrgen-translator` is (image float32 [B, 1, H, W] in [0, 1], scanner int64 [B], the target) -> image
-    float32 [B, 1, H, W] in [0, 1], with `latent` 0 and the scanners it translates to in `targets`.
+    float32 [B, 1, H, W] in [0, 1], with `latent` 0 and the scanners it translates to in `targets`;
+    `mrgen-denoiser` is (x float32 [B, 1, H, W], t float32 [B], scanner int64 [B], the null label allowed) ->
+    out float32 [B, 1, H, W], a diffusion model's prediction, sampled as `sampler` says (a DDIM run), with
+    `latent` H * W (the initial noise that the deterministic DDIM run maps to a slice).
     """
 
     PREFIX: ClassVar[str] = "mrgen."
     DECODER: ClassVar[str] = "mrgen-decoder"
     TRANSLATOR: ClassVar[str] = "mrgen-translator"
+    DENOISER: ClassVar[str] = "mrgen-denoiser"
     GAUSSIAN_NOISE: ClassVar[str] = "gaussian"  # image + sigma * n
     RICIAN_NOISE: ClassVar[str] = "rician"  # |image + sigma * (n1 + i n2)|, the noise of a magnitude MR image
     NOISE_KINDS: ClassVar[tuple[str, ...]] = (GAUSSIAN_NOISE, RICIAN_NOISE)
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
-    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params")
+    _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params",
+                                        "sampler")
 
     format: str
     scanners: list
@@ -225,6 +230,10 @@ class ModelMetadata:
     #: how the training store cut and scaled its slices (mrgen_dist.data.volume.SliceParams): mrgen-translate
     #: takes a NIfTI volume's slices by the same rule. Empty in files exported before it existed.
     slice_params: dict = field(default_factory=dict)
+    #: mrgen-denoiser: how to sample it (mrgen_dist.runtime.diffusion.SamplerSettings), e.g. {"name": "ddim",
+    #: "steps": 50, "guidance": 3.0, "prediction": "v", "schedule": "cosine", "timesteps": 1000,
+    #: "null_label": 4}; empty for the other contracts (and in files exported before it existed).
+    sampler: dict = field(default_factory=dict)
 
     @property
     def contract(self) -> str:
@@ -238,17 +247,25 @@ class ModelMetadata:
         return props
 
     @classmethod
-    def from_props(cls, props: dict[str, str], source: str, contract: str = DECODER) -> ModelMetadata:
-        """Parse and check the metadata of `source`; refuses another contract or a newer version."""
+    def from_props(cls, props: dict[str, str], source: str, contract: str | tuple[str, ...] = DECODER
+                   ) -> ModelMetadata:
+        """Parse and check the metadata of `source`; refuses another contract (`contract`: the one the reader
+        takes, or a tuple of those it takes, e.g. the sampler's decoder and denoiser) or a newer version."""
         key = cls.PREFIX + "format"
         if key not in props:
             raise ArtifactError(f"{source} is not an mrgen-dist model (no {key} metadata); export one with "
                                 "`mrgen-export onnx`")
         kind, _, version = props[key].rpartition("/")
         tools = {cls.DECODER: "it samples slices from z: use mrgen-sample",
+                 cls.DENOISER: "it samples slices by denoising: use mrgen-sample",
                  cls.TRANSLATOR: "it translates real slices: use mrgen-translate"}
-        if kind in tools and contract in tools and kind != contract:
-            raise ArtifactError(f"{source} is an {kind} model, not an {contract} ({tools[kind]})")
+        accepted = (contract,) if isinstance(contract, str) else tuple(contract)
+        if kind in accepted:
+            contract = kind
+        elif kind in tools and all(c in tools for c in accepted):
+            raise ArtifactError(f"{source} is an {kind} model, not an {' or '.join(accepted)} ({tools[kind]})")
+        else:
+            contract = accepted[0]
         _check_version(source, kind, contract, int(version) if version.isdigit() else version, cls.VERSION, key)
         values: dict[str, Any] = {}
         hints = typing.get_type_hints(cls)

@@ -44,10 +44,10 @@ def test_family_trains_exports_and_runs_through_the_shared_commands(
     family = FAMILIES[name]
     onnx_file = tmp_path / f"{family.kind}.onnx"
     assert export_main(["onnx", "--model", str(run), "--out", str(onnx_file)]) == 0
-    if family.kind == "decoder":
-        sampler = Sampler(onnx_file, device="cpu")
-        images = sampler.sample(sampler.vocabulary.names[0], n=2, seed=0)
-    else:
+    if family.kind == "translator":
         translator = Translator(onnx_file, device="cpu")
         images = translator.translate(np.full((2, *translator.image_shape), 0.5, np.float32), translator.targets[0])
+    else:  # a decoder or a diffusion denoiser: both sampled by Sampler
+        sampler = Sampler(onnx_file, device="cpu")
+        images = sampler.sample(sampler.vocabulary.names[0], n=2, seed=0)
     assert images.shape[0] == 2 and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1

@@ -1,6 +1,7 @@
 """`mrgen-export onnx --model RUN --precision fp32|fp16|int8 --out FILE`: a trained run as an ONNX file that the
 torch-free runtime samples (mrgen_dist.export.exporter). `mrgen-export kind --model RUN` prints what the run
-exports, `decoder` or `translator`, for scripts that treat the two differently (hpc/slurm/compare.sh)."""
+exports, `decoder`, `translator` or `diffusion` (sampled like a decoder), for scripts that treat them differently
+(hpc/slurm/compare.sh)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from mrgen_dist.runs import run_family
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mrgen-export", description="Export a trained model.")
     sub = ap.add_subparsers(dest="format", required=True)
-    p = sub.add_parser("onnx", help="the decoder (or translator) as ONNX, for onnxruntime (see export/README.md)")
+    p = sub.add_parser("onnx", help="the decoder (translator, denoiser) as ONNX, for onnxruntime (see export/README.md)")
     p.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train (model.safetensors, config.json)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--out", type=Path, default=Path("export/decoder.onnx"))
-    k = sub.add_parser("kind", help="print what the run exports: decoder or translator")
+    k = sub.add_parser("kind", help="print what the run exports: decoder, translator or diffusion")
     k.add_argument("--model", required=True, type=Path, help="run folder of mrgen-train")
     args = ap.parse_args(argv)
     if args.format == "kind":

@@ -38,7 +38,7 @@ PROG = "mrgen-sample"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path, help="decoder exported by `mrgen-export onnx`")
+    ap.add_argument("model", type=Path, help="decoder (or diffusion denoiser) exported by `mrgen-export onnx`")
     ap.add_argument("--scanner", required=True, help="scanner name (from the model's metadata) or 'all'")
     ap.add_argument("--n", type=positive(), required=True, help="images per scanner (> 0)")
     ap.add_argument("--seed", type=non_negative_int, default=0)

@@ -183,9 +183,7 @@ def label_grid(sampler: Sampler, names: list[str], draws: int = LABEL_EFFECT_DRA
     z = rng.standard_normal((draws, sampler.latent), dtype=np.float32)
     grid = np.empty((len(names), draws, *sampler.image_shape), dtype=np.float32)
     for k, name in enumerate(names):
-        labels = np.full(draws, sampler.scanner_id(name), dtype=np.int64)
-        (images,) = sampler.session.run(["image"], {"z": z, "scanner": labels})
-        grid[k] = images[:, 0]
+        grid[k] = sampler.decode(z, np.full(draws, sampler.scanner_id(name), dtype=np.int64))[:, 0]
     return grid
 
 

@@ -7,7 +7,9 @@ of its contract (mrgen_dist/models/). The `mrgen-decoder` contract (the generato
 [batch, latent] and `scanner` int64 [batch] (the one-hot is made inside the graph); output `image` float32
 [batch, 1, 218, 182] in [0, 1]. The `mrgen-translator` contract (the translators): inputs `image` float32
 [batch, 1, 218, 182] in [0, 1] and `scanner` int64 [batch], the target scanner; output `translated` of the
-image's shape. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
+image's shape. The `mrgen-denoiser` contract (diffusion): inputs `x` float32 [batch, 1, 218, 182], `t`
+float32 [batch] and `scanner` int64 [batch] (the null label allowed); output `out` of x's shape, with the DDIM
+settings in `mrgen.sampler`. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
 static QDQ quantization (`quantize_int8`): uint8 activations with ranges calibrated on draws from the prior
 N(0, I) and uint8 per-channel weights rounded by GPTQ, the first layer in float. The contract, including the
 metadata keys, is in export/README.md.
@@ -64,7 +66,8 @@ class ExportReport:
 
 
 def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: str = "",
-             contract: str = ModelMetadata.DECODER, targets: list[str] | None = None) -> ModelMetadata:
+             contract: str = ModelMetadata.DECODER, targets: list[str] | None = None,
+             sampler: dict | None = None) -> ModelMetadata:
     """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
     return ModelMetadata(
         format=f"{contract}/{ModelMetadata.VERSION}",
@@ -81,6 +84,7 @@ def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None
         noise=noise,
         targets=targets or [],
         slice_params=record.slice_params,
+        sampler=sampler or {},
     )
 
 
@@ -205,7 +209,7 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
         props = metadata(record, latent, precision, parity_record, graph.noise_kind,
-                         family.contract, targets).to_props()
+                         family.contract, targets, graph.sampler_metadata()).to_props()
         onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(final))
         onnx.checker.check_model(str(final), full_check=True)

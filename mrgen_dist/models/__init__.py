@@ -1,8 +1,8 @@
 """Model families, registered by name in `FAMILIES`; `model.family: <name>` in a run's YAML picks one.
 
 Each family module defines `FAMILY`, an instance of `mrgen_dist.models.base.Family` with its `kind` (what it
-exports: a decoder or a translator). Adding a family is writing its module and one line here (and a YAML
-config); the shared parts that families are built from live in `models/parts/`.
+exports: a decoder, a translator or a diffusion denoiser). Adding a family is writing its module and one line
+here (and a YAML config); the shared parts that families are built from live in `models/parts/`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from mrgen_dist.models import (
     cvaegan,
     cyclegan,
     dcgan,
+    diffusion,
     distilled,
     gmvae,
     stargan,
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (
     cvae, vae, gmvae, atlas,  # variational autoencoders
     dcgan, wgangp, cvaegan, atlasgan,  # adversarial generators
     stargan, cyclegan, distilled,  # translators
+    diffusion,  # denoisers
 )}
 
 

@@ -12,7 +12,8 @@ A family supplies
   * `export_graph(model)`: the exportable module of its `contract` (export/README.md): `(z, scanner) -> image`
     for `mrgen-decoder` (a `SamplingGraph`; any learned prior lives inside it; a graph with `has_noise` also
     gives its learned observation noise, `noise_sigma(scanner)`), or `(image, target scanner) -> image` for
-    `mrgen-translator` (a `TranslationGraph`);
+    `mrgen-translator` (a `TranslationGraph`), or `(x_t, t, scanner) -> prediction` for `mrgen-denoiser` (a
+    `DenoiserGraph`, whose `sampler_metadata()` says how to sample it);
   * `preview(model, images, scanner, vocabulary)`: the grid of the per-epoch figure (samples, translations);
   * `encode_mean(model, images, scanner)`: posterior means in the sampling graph's z space, for the
     diagnostics (z-probe, reconstructions); None for a family without an encoder.
@@ -126,6 +127,10 @@ class ExportGraph(nn.Module):
     def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
 
+    def sampler_metadata(self) -> dict:
+        """How a runtime samples the file (metadata `mrgen.sampler`): a denoiser's DDIM settings; {} otherwise."""
+        return {}
+
 
 class SamplingGraph(ExportGraph):
     """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W].
@@ -167,8 +172,32 @@ class TranslationGraph(ExportGraph):
         return [vocabulary[i] for i in self.targets]
 
 
+class DenoiserGraph(ExportGraph):
+    """The `mrgen-denoiser` contract: (x float32 [B, 1, H, W], the noisy slice in the model's space, t float32
+    [B], the timestep in [0, T), scanner int64 [B], a scanner id or the null label `n_scanners`) -> out float32
+    [B, 1, H, W], the network's prediction (v or eps, as `sampler_metadata()` says). Its latent is x_T, H * W
+    numbers; `mrgen-sample` runs the DDIM loop of mrgen_dist/runtime/diffusion.py around it."""
+
+    timesteps: int
+    settings: dict
+
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """Noise, timesteps over [0, T), and every label in turn, the null label included."""
+        return {"x": rng.standard_normal((batch, 1, *image_shape), dtype=np.float32),
+                "t": rng.integers(0, self.timesteps, batch).astype(np.float32),
+                "scanner": np.arange(batch, dtype=np.int64) % (n_scanners + 1)}
+
+    def output_names(self) -> list[str]:
+        return ["out"]
+
+    def sampler_metadata(self) -> dict:
+        return dict(self.settings)
+
+
 #: The kinds of family, and the contract of the file each exports (what `mrgen-sample` / `mrgen-translate` run).
-KINDS = {"decoder": ModelMetadata.DECODER, "translator": ModelMetadata.TRANSLATOR}
+KINDS = {"decoder": ModelMetadata.DECODER, "translator": ModelMetadata.TRANSLATOR,
+         "diffusion": ModelMetadata.DENOISER}
 
 #: Columns of the per-epoch figure.
 PREVIEW_COLUMNS = 6
@@ -178,7 +207,7 @@ class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
     loss_names: ClassVar[tuple[str, ...]]
-    kind: ClassVar[str] = "decoder"  # what it exports: "decoder" ((z, scanner) -> image) or "translator"
+    kind: ClassVar[str] = "decoder"  # what it exports: "decoder" ((z, scanner) -> image), "translator" or "diffusion"
     title: ClassVar[str] = ""  # how logs and plots name the family, e.g. "cVAE"
     accumulates: ClassVar[bool] = True  # whether train_step supports gradient accumulation (train.grad_accum > 1)
 
@@ -204,7 +233,7 @@ class Family(ABC):
         """The named losses of `step`'s batch (in training and, under no_grad in eval mode, on the test split)."""
 
     @abstractmethod
-    def export_graph(self, model: nn.Module) -> SamplingGraph | TranslationGraph: ...
+    def export_graph(self, model: nn.Module) -> SamplingGraph | TranslationGraph | DenoiserGraph: ...
 
     @torch.no_grad()
     def preview(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary

@@ -1,4 +1,4 @@
-"""`Sampler`: synthetic slices from an exported decoder with onnxruntime. No torch.
+"""`Sampler`: synthetic slices from an exported decoder or denoiser with onnxruntime. No torch.
 
     from mrgen_dist.runtime.sampler import Sampler
     images = Sampler("export/decoder.onnx").sample("Intera", n=100, seed=0)   # float32 (100, 218, 182)
@@ -9,6 +9,10 @@ not depend on the batch size, and each scanner has its own stream.
 An int8 file carries a few prior draws with their float32 reference images (metadata `mrgen.parity`): on first
 use in a process, `Sampler` runs them on this machine and refuses the file (SampleError) when the error exceeds
 the tolerance of the export check, since integer kernels differ between CPUs.
+
+A `mrgen-denoiser` file (a diffusion model) is served through the same API: its latent is the initial noise
+x_T (H * W numbers per image, drawn the same way), which the guided DDIM run of runtime/diffusion.py, with the
+steps and guidance scale of the file's `mrgen.sampler`, maps to a slice.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mrgen_dist.artifacts import ModelMetadata
+from mrgen_dist.artifacts import ArtifactError, ModelMetadata
+from mrgen_dist.runtime.diffusion import DiffusionDraw, SamplerSettings
 from mrgen_dist.runtime.noise import add_noise
 from mrgen_dist.runtime.parity import decode_draws
 from mrgen_dist.runtime.session import SampleError, check_finite, check_graph, cpu_description, device_of, open_session
@@ -41,15 +46,28 @@ class Sampler:
             raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
         self.session, self.provider = open_session(path, device, threads)
         self.device = device_of(self.provider)
-        self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path),
+                                                 contract=(ModelMetadata.DECODER, ModelMetadata.DENOISER))
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
         self.latent = self.metadata.latent
         self.image_shape = tuple(self.metadata.image_shape)
+        self.diffusion: DiffusionDraw | None = None  # the DDIM sampler of a denoiser file
+        if self.metadata.contract == ModelMetadata.DENOISER:
+            try:
+                settings = SamplerSettings.from_metadata(self.metadata.sampler, str(path))
+            except ValueError as e:
+                raise ArtifactError(str(e)) from None
+            self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
+            self.latent = self.image_shape[0] * self.image_shape[1]
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
 
     def _check_graph(self, path: Path) -> None:
-        """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape."""
+        """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape (or
+        those of the mrgen-denoiser contract)."""
+        if self.diffusion is not None:
+            check_graph(self.diffusion.session, path, *self.diffusion.expected_graph())
+            return
         contract = f"{ModelMetadata.DECODER} graph (inputs z float32 [batch, {self.latent}], scanner int64 " \
                    f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
         expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
@@ -62,7 +80,7 @@ class Sampler:
     def _check_parity(self, path: Path, inaccurate: str) -> float | None:
         """Max |this machine's output - float32 reference| on the draws stored in an int8 file (None for other
         precisions); once per file per process."""
-        if self.metadata.precision != "int8":
+        if self.metadata.precision != "int8" or self.diffusion is not None:
             return None
         parity = self.metadata.parity
         if not parity.get("draws"):
@@ -103,6 +121,14 @@ class Sampler:
         """Whether the model has a learned observation noise (the graph's `sigma` output) to sample from."""
         return self.metadata.noise in ModelMetadata.NOISE_KINDS
 
+    def decode(self, z: np.ndarray, scanner: np.ndarray) -> np.ndarray:
+        """The images (B, 1, H, W) of latents `z` (B, latent) and scanner ids (B,), in one batch: the decoder's
+        mean image, or the DDIM run from x_T = z of a denoiser."""
+        if self.diffusion is not None:
+            return self.diffusion.images(z, np.asarray(scanner, dtype=np.int64))[:, None]
+        (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64)})
+        return images
+
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
             raise SampleError(f"n must be positive, got {n}")
@@ -119,6 +145,13 @@ class Sampler:
                               "without model.observation_noise); sample its mean, without --noise")
         z = self.latents(scanner, n, seed)
         sid = self.scanner_id(scanner)
+        if self.diffusion is not None:
+            out = np.empty((n, *self.image_shape), dtype=np.float32)
+            for start in range(0, n, batch_size):
+                chunk = z[start : start + batch_size]
+                out[start : start + len(chunk)] = self.diffusion.images(
+                    chunk, np.full(len(chunk), sid, dtype=np.int64), f"{scanner} draw", start)
+            return out
         # one stream per noise component, so that a draw does not depend on the batch size
         rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2)] if noise else None
         out = np.empty((n, *self.image_shape), dtype=np.float32)
@@ -133,7 +166,10 @@ class Sampler:
 
     def sample_on_device(self, scanner: str, n: int, seed: int = 0) -> ort.OrtValue:
         """On CUDA: the images as an OrtValue that stays in GPU memory (IOBinding), for a GPU consumer such as
-        the FID stage; on the CPU the same call returns a CPU OrtValue."""
+        the FID stage; on the CPU the same call returns a CPU OrtValue. A denoiser's images are made on the
+        host (the DDIM loop is numpy) and returned as a CPU OrtValue (n, 1, H, W)."""
+        if self.diffusion is not None:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.sample(scanner, n, seed)[:, None]))
         z = self.latents(scanner, n, seed)
         labels = np.full(n, self.scanner_id(scanner), dtype=np.int64)
         binding = self.session.io_binding()

@@ -1,0 +1,248 @@
+"""Conditional diffusion in pixel space with classifier-free guidance on the scanner (family `diffusion`).
+
+Why pixel space: the acquisition noise and texture that carry much of a scanner's signature are what latent
+autoencoders smooth away (/work/shared/diffusion-notes.md); a pixel-space denoiser models them directly.
+
+Training: a slice x in [0, 1] is mapped to x0 = 2 x - 1, a timestep t ~ U{0 .. T-1} and eps ~ N(0, I) give
+x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (a_t: alpha_bar of the schedule in mrgen_dist/runtime/diffusion.py,
+the one the sampler uses), and the UNet (mrgen_dist/models/parts/unet.py) is fitted by the mean squared error
+to v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (`prediction: v`, why: runtime/diffusion.py) or to eps. With
+probability `label_dropout` the scanner is replaced by the null label (id = number of scanners), so one
+network is both the conditional and the unconditional model that guidance combines. Every random number
+of a step (eps, t, the label drop) comes from the loop's `step.noise` (size[0] * size[1] + 2 numbers per
+image: eps on the padded map, cropped to the slice, and two numbers turned into uniforms), so a resumed run
+makes the same steps as an uninterrupted one.
+
+EMA: after every optimizer step the `ema` copy of the UNet moves toward the weights,
+ema <- d ema + (1 - d) w with d = min(ema_decay, (1 + n) / (10 + n)) after n updates (the warm-up keeps a
+short run's average from being mostly its initialisation). The copy is a submodule whose parameters do not
+require grad, and the update count a buffer: both are in the model's state_dict, so checkpoints, resume and
+model.safetensors carry them. The export and the preview use the EMA weights. The EMA is kept in the weights'
+dtype: train with bf16 autocast over float32 weights (DDP); under DeepSpeed bf16 the weights, and so the EMA,
+are bf16, whose resolution (2**-8) is coarser than a 0.999-decay update.
+
+Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner) -> prediction, with the DDIM settings
+(`sample_steps`, `guidance`, the schedule) in the file's `mrgen.sampler`; `mrgen-sample` runs the guided
+DDIM loop around it with numpy and onnxruntime (runtime/diffusion.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, Family, ModelConfig, Step
+from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.networks import multiply_accumulates
+from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.runtime.diffusion import (
+    PREDICTIONS,
+    SCHEDULES,
+    SamplerSettings,
+    alphas_cumprod,
+    ddim_sample,
+    to_image,
+)
+from mrgen_dist.scanners import Vocabulary
+
+#: Updates after which the EMA's warm-up decay (1 + n) / (10 + n) reaches 0.9.
+EMA_WARMUP = 10
+
+
+@dataclass
+class DiffusionConfig(ModelConfig):
+    family: str = "diffusion"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet channels per level
+    size: list[int] = field(default_factory=lambda: [224, 192])  # the slices centre-padded to it in the UNet
+    blocks: int = 1  # residual blocks per level
+    attention: int = 1  # how many of the lowest levels have self-attention (0: none)
+    schedule: str = "cosine"  # cosine | linear
+    prediction: str = "v"  # v | eps
+    timesteps: int = 1000  # T
+    label_dropout: float = 0.15  # probability of the null label in training (classifier-free guidance)
+    ema_decay: float = 0.999
+    sample_steps: int = 50  # DDIM steps of the exported sampler
+    guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
+
+    def validate(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"model.widths must be a non-empty list of numbers >= 1, got {self.widths}")
+        if len(self.size) != 2 or any(s % 2 ** (len(self.widths) - 1) or s < 1 for s in self.size):
+            raise ValueError(f"model.size {self.size} must be two sizes divisible by {2 ** (len(self.widths) - 1)}: "
+                             f"the UNet halves them {len(self.widths) - 1} times (model.widths)")
+        if self.blocks < 1:
+            raise ValueError(f"model.blocks must be >= 1, got {self.blocks}")
+        if not 0 <= self.attention <= len(self.widths):
+            raise ValueError(f"model.attention must be in 0 .. {len(self.widths)} (levels), got {self.attention}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.timesteps < 2:
+            raise ValueError(f"model.timesteps must be >= 2, got {self.timesteps}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"model.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 1 <= self.sample_steps <= self.timesteps:
+            raise ValueError(f"model.sample_steps must be in 1 .. model.timesteps ({self.timesteps}), got "
+                             f"{self.sample_steps}")
+        if self.guidance < 0:
+            raise ValueError(f"model.guidance must be >= 0, got {self.guidance}")
+        if self.guidance != 1 and self.label_dropout == 0:
+            raise ValueError("model.guidance other than 1 needs model.label_dropout > 0: guidance combines the "
+                             "unconditional model, which only the dropped labels train")
+
+    def validate_shape(self, image_shape: tuple[int, int]) -> None:
+        if self.size[0] < image_shape[0] or self.size[1] < image_shape[1]:
+            raise ValueError(f"model.size {self.size} is smaller than the store's slices {list(image_shape)}: "
+                             "the UNet works on slices centre-padded to it, never cropped")
+
+    def settings(self, n_scanners: int) -> SamplerSettings:
+        return SamplerSettings(self.sample_steps, float(self.guidance), self.prediction, self.schedule,
+                               self.timesteps, n_scanners)
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of the EMA's update after `updates` earlier ones: `decay`, less during the warm-up."""
+    return min(decay, (1 + updates) / (EMA_WARMUP + updates))
+
+
+class Diffusion(nn.Module):
+    """The UNet that trains (`net`), its EMA copy (`ema`, no gradients) and the schedule (a buffer of the
+    run's weights, float32 alpha_bar); `forward` is the training network's prediction."""
+
+    def __init__(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.n_scanners, self.image_shape = n_scanners, tuple(image_shape)
+        self.net = ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, config.attention,
+                                   tuple(config.size))
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.register_buffer("alphas_cumprod", torch.from_numpy(
+            alphas_cumprod(config.schedule, config.timesteps)).float())
+        self.register_buffer("ema_updates", torch.zeros(()))  # float32: exact up to 2**24 updates
+        self.settings = config.settings(n_scanners)
+        self.ema_target = config.ema_decay
+
+    @property
+    def null_label(self) -> int:
+        return self.n_scanners
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, scanner)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- d ema + (1 - d) net, d = ema_decay(ema_decay, updates so far)."""
+        d = ema_decay(self.ema_target, int(self.ema_updates.item()))
+        for e, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        for e, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+            e.copy_(b)
+        self.ema_updates += 1
+
+
+class Denoiser(DenoiserGraph):
+    """The EMA UNet under the `mrgen-denoiser` contract, computed in its own dtype, float32 out."""
+
+    def __init__(self, model: Diffusion) -> None:
+        super().__init__()
+        self.unet = model.ema
+        self.timesteps = model.settings.timesteps
+        self.settings = model.settings.to_metadata()
+        self.latent = model.image_shape[0] * model.image_shape[1]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, scanner).float()
+
+
+def split_noise(noise: torch.Tensor, size: tuple[int, int], image_shape: tuple[int, int], timesteps: int,
+                dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loop's noise (B, size[0] * size[1] + 2) -> eps (B, 1, H, W) (the top left of the map), t int64 (B,)
+    uniform over 0 .. T-1, and whether each label is dropped (B,) bool, with probability `dropout`."""
+    n = size[0] * size[1]
+    eps = noise[:, :n].float().reshape(-1, 1, *size)[:, :, : image_shape[0], : image_shape[1]]
+    u = uniform_from_normal(noise[:, n : n + 2].float())
+    t = (u[:, 0] * timesteps).long().clamp(0, timesteps - 1)
+    return eps, t, u[:, 1] < dropout
+
+
+def targets(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t and the network's target (v or eps), float32, for alpha_bar `a` (B,)."""
+    sa, sb = a.sqrt()[:, None, None, None], (1 - a).sqrt()[:, None, None, None]
+    x_t = sa * x0 + sb * eps
+    return x_t, (sa * eps - sb * x0) if prediction == "v" else eps
+
+
+class DiffusionFamily(Family):
+    name = "diffusion"
+    title = "diffusion"
+    Config = DiffusionConfig
+    kind = "diffusion"
+    loss_names = ("loss",)
+
+    def build(self, config: DiffusionConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> Diffusion:
+        return Diffusion(config, len(vocabulary), image_shape)
+
+    def noise_dim(self, config: DiffusionConfig) -> int:
+        """eps on a map of `size` (cropped to the slice: noise_dim knows only the config), then one number for
+        t and one for the label drop: the loop draws all of a step's randomness."""
+        return config.size[0] * config.size[1] + 2
+
+    def optimizers(self, model: Diffusion, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+                   ) -> dict[str, torch.optim.Optimizer]:
+        return {"model": make(model.net.parameters())}
+
+    def losses(self, step: Step) -> dict[str, torch.Tensor]:
+        config: DiffusionConfig = step.config
+        model: Diffusion = step.accelerator.unwrap_model(step.model)
+        eps, t, drop = split_noise(step.noise, tuple(config.size), model.image_shape, config.timesteps,
+                                   config.label_dropout)
+        x0 = 2 * step.images.float()[:, None] - 1
+        x_t, target = targets(x0, eps, model.alphas_cumprod.float()[t], config.prediction)
+        scanner = torch.where(drop, torch.full_like(step.scanner, model.null_label), step.scanner)
+        with step.autocast():
+            out = step.model(x_t.to(step.images.dtype), t.float(), scanner)
+        return {"loss": F.mse_loss(out.float(), target)}
+
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        losses = super().train_step(step)
+        if step.accelerator.sync_gradients:
+            step.accelerator.unwrap_model(step.model).update_ema()
+        return losses
+
+    def export_graph(self, model: Diffusion) -> Denoiser:
+        return Denoiser(model)
+
+    @torch.no_grad()
+    def preview(self, model: Diffusion, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
+                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+        """Samples of each scanner from the same x_T in every row: the EMA UNet in the runtime's DDIM loop."""
+        graph = Denoiser(model).eval()
+        device = next(graph.parameters()).device
+        settings = model.settings
+        x_t = np.random.default_rng(1234).standard_normal((PREVIEW_COLUMNS, 1, *model.image_shape), dtype=np.float32)
+
+        def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray) -> np.ndarray:
+            out = graph(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device), torch.from_numpy(s).to(device))
+            return out.float().cpu().numpy()
+
+        rows = [(name, to_image(ddim_sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings))[:, 0])
+                for sid, name in enumerate(vocabulary.names)]
+        return rows, f"samples (same x_T in every row; DDIM {settings.steps} steps, guidance {settings.guidance:g})"
+
+    def flops_per_image(self, model: Diffusion) -> int:
+        """6 x the UNet's multiply-accumulates of one forward (forward + backward), convolutions and linear
+        layers (attention's products not counted)."""
+        h, w = model.image_shape
+        x = torch.zeros(1, 1, h, w)
+        return 6 * multiply_accumulates(model.net, x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+FAMILY = DiffusionFamily()

@@ -1,0 +1,157 @@
+"""A small conditional UNet for pixel-space diffusion: (x (B, 1, H, W), t (B,), label (B,)) -> (B, 1, H, W).
+
+The timestep goes through a sinusoidal embedding and an MLP; the label (a scanner id, or the null label
+`n_labels - 1` of classifier-free guidance) through an embedding added to it. Each level has `blocks`
+residual blocks (GroupNorm, SiLU, 3x3 convolution, the embedding added per channel) at its width, then a
+stride-2 convolution down (not after the last); the way up mirrors it with the skips concatenated, and
+nearest-neighbour upsampling and a 3x3 convolution. The lowest `attention` levels have single-layer
+self-attention (heads of 64 channels, or one head below 64) after their blocks. The input is centre-padded
+(zeros) to `size`, which the downsamplings divide (218 x 182 -> 224 x 192), and the output cropped back
+inside `forward`, so the graph's input and output are the slice's shape. Attention is written with matmul and
+softmax, which every ONNX runtime runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Channels per attention head (one head when a level is narrower).
+HEAD_CHANNELS = 64
+
+
+def groups_for(channels: int, most: int = 32) -> int:
+    """The largest number of GroupNorm groups <= `most` that divides `channels`."""
+    return max(g for g in range(1, min(most, channels) + 1) if channels % g == 0)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of float timesteps (B,) (Vaswani et al.; the DDPM UNet's)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups_for(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb, c_out)
+        self.norm2 = nn.GroupNorm(groups_for(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (its skip)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None].to(h.dtype)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // HEAD_CHANNELS) if channels % HEAD_CHANNELS == 0 else 1
+        self.norm = nn.GroupNorm(groups_for(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        weights = torch.softmax(torch.einsum("bhci,bhcj->bhij", q, k) * (c // self.heads) ** -0.5, dim=-1)
+        out = torch.einsum("bhij,bhcj->bhci", weights, v).reshape(b, c, h, w)
+        return x + self.out(out)
+
+
+class ConditionalUNet(nn.Module):
+    """`widths`: channels per level (len = levels); `blocks`: residual blocks per level; `attention`: how many
+    of the lowest levels have self-attention; `n_labels`: the label embedding's entries (scanners + null)."""
+
+    def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
+                 attention: int = 1, size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        levels = len(widths)
+        multiple = 2 ** (levels - 1)
+        self.size = tuple(size) if size else tuple(-(-n // multiple) * multiple for n in image_shape)
+        if any(s % multiple or s < n for s, n in zip(self.size, self.image_shape, strict=True)):
+            raise ValueError(f"UNet size {list(self.size)} must hold the slices {list(self.image_shape)} and be "
+                             f"divisible by {multiple} ({levels} levels)")
+        self.time_dim = widths[0]
+        emb = 4 * widths[0]
+        self.time_mlp = nn.Sequential(nn.Linear(widths[0], emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label = nn.Embedding(n_labels, emb)
+        self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.down_attn = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skips, c = [widths[0]], widths[0]
+        for i, width in enumerate(widths):
+            for _ in range(blocks):
+                self.down.append(ResBlock(c, width, emb))
+                c = width
+                skips.append(c)
+            self.down_attn.append(SelfAttention(c) if i >= levels - attention else nn.Identity())
+            if i < levels - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid1, self.mid_attn, self.mid2 = ResBlock(c, c, emb), (
+            SelfAttention(c) if attention > 0 else nn.Identity()), ResBlock(c, c, emb)
+        self.up = nn.ModuleList()
+        self.up_attn = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            for _ in range(blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), width, emb))
+                c = width
+            self.up_attn.append(SelfAttention(c) if i >= levels - attention else nn.Identity())
+            if i > 0:
+                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+        self.blocks, self.levels = blocks, levels
+        self.head_norm = nn.GroupNorm(groups_for(c), c)
+        self.head = nn.Conv2d(c, 1, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def offsets(self) -> tuple[int, int]:
+        """Rows and columns of padding above and left of the slice (the rest goes below and right)."""
+        return (self.size[0] - self.image_shape[0]) // 2, (self.size[1] - self.image_shape[1]) // 2
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        dtype = self.stem.weight.dtype
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(dtype)) + self.label(label)
+        top, left = self.offsets()
+        (h_in, w_in), (h_out, w_out) = self.image_shape, self.size
+        h = F.pad(x.to(dtype), (left, w_out - w_in - left, top, h_out - h_in - top))
+        h = self.stem(h)
+        hs = [h]
+        blocks = iter(self.down)
+        for i in range(self.levels):
+            for _ in range(self.blocks):
+                h = next(blocks)(h, emb)
+                hs.append(h)
+            h = self.down_attn[i](h)
+            if i < self.levels - 1:
+                h = self.downsample[i](h)
+                hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        blocks = iter(self.up)
+        for j in range(self.levels):
+            for _ in range(self.blocks + 1):
+                h = next(blocks)(torch.cat([h, hs.pop()], dim=1), emb)
+            h = self.up_attn[j](h)
+            if j < self.levels - 1:
+                h = self.upsample[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        out = self.head(F.silu(self.head_norm(h)))
+        return out[:, :, top : top + h_in, left : left + w_in]

@@ -1,0 +1,190 @@
+"""Sampling an exported denoiser (contract `mrgen-denoiser`): the noise schedule, DDIM with classifier-free
+guidance, written in numpy. No torch.
+
+The same functions define the schedule the family trains with (mrgen_dist/models/diffusion.py imports them),
+so that training and sampling cannot disagree on alpha_bar(t).
+
+* Schedule: `alphas_cumprod(schedule, timesteps)`, alpha_bar_t for t = 0 .. T-1 (float64): `cosine` (Nichol &
+  Dhariwal 2021, betas clipped at 0.999) or `linear` (Ho et al. 2020: betas from 1e-4 to 0.02, rescaled for
+  T other than 1000).
+* Timesteps of a DDIM run of N steps: `ddim_timesteps`, "trailing" spacing (t_0 = T - 1, the step where the
+  input really is N(0, I); the "leading" spacing starts N-step runs at T - T/N, on noise the model never saw
+  there: Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
+* Prediction: `v` (recommended, the default of the family) or `eps`. With v = sqrt(a) eps - sqrt(1 - a) x0 the
+  target has unit variance at every t, and x0 = sqrt(a) x_t - sqrt(1 - a) v stays well-conditioned where
+  alpha_bar is close to 0 (the first steps of the cosine schedule), where eps-prediction divides by sqrt(a)
+  and a small error of the network becomes a large error of x0; with few sampling steps and guidance scales
+  above 1, which extrapolate the network's output, that matters most.
+* The DDIM update with eta = 0 (Song et al. 2021), deterministic: x0 = f(x_t, out), x0 clipped to [-1, 1]
+  (the images in the model's space are 2 image - 1), eps = g(x_t, out) from the unclipped output, and
+  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, with a_prev = 1 after the last step (x_prev = x0): the
+  same as diffusers' DDIMScheduler with timestep_spacing="trailing", set_alpha_to_one=True,
+  clip_sample=True.
+* Guidance: one onnxruntime call per step on the 2B batch [unconditional; conditional] (the null label is
+  the last embedding, `null_label` = the number of scanners), out = u + w (c - u). w = 1 is the conditional
+  model (one call on B), w = 0 the unconditional one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mrgen_dist.runtime.session import check_finite
+
+SCHEDULES = ("cosine", "linear")
+PREDICTIONS = ("v", "eps")
+#: The cosine schedule's offset s (Nichol & Dhariwal) and the largest beta it allows.
+COSINE_OFFSET, MAX_BETA = 0.008, 0.999
+
+#: out = denoise(x (B, 1, H, W) float32, t (B,) float32, scanner (B,) int64): the network's prediction.
+Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def betas(schedule: str, timesteps: int) -> np.ndarray:
+    """beta_t, t = 0 .. T-1, float64."""
+    if schedule == "cosine":
+        s = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+        f = np.cos((s + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+        return np.minimum(1 - f[1:] / f[:-1], MAX_BETA)
+    if schedule == "linear":
+        scale = 1000 / timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def alphas_cumprod(schedule: str, timesteps: int) -> np.ndarray:
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), t = 0 .. T-1, float64, decreasing in (0, 1)."""
+    return np.cumprod(1 - betas(schedule, timesteps))
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
+    """The N = `steps` timesteps of a DDIM run, decreasing from T - 1 ("trailing" spacing), int64."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must be in 1 .. {timesteps}, got {steps}")
+    return (np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1)[:steps]
+
+
+def predicted_x0_eps(x: np.ndarray, out: np.ndarray, a: np.ndarray | float, prediction: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, eps) of x_t = sqrt(a) x0 + sqrt(1 - a) eps from the network's output `out` (v or eps)."""
+    sa, sb = np.sqrt(a), np.sqrt(1 - a)
+    if prediction == "v":
+        return sa * x - sb * out, sa * out + sb * x
+    if prediction == "eps":
+        return (x - sb * out) / sa, out
+    raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+
+
+def ddim_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, prediction: str, clip: bool = True
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One DDIM step (eta = 0) from x_t (alpha_bar `a`) to x_prev (alpha_bar `a_prev`): (x_prev, x0)."""
+    x0, eps = predicted_x0_eps(x.astype(np.float64), out.astype(np.float64), a, prediction)
+    if clip:
+        x0 = np.clip(x0, -1, 1)
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x_prev.astype(np.float32), x0.astype(np.float32)
+
+
+def guide(unconditional: np.ndarray, conditional: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance: u + w (c - u)."""
+    return unconditional + np.float32(scale) * (conditional - unconditional)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a denoiser file is sampled: the `mrgen.sampler` metadata (export/README.md)."""
+
+    steps: int
+    guidance: float
+    prediction: str
+    schedule: str
+    timesteps: int
+    null_label: int
+    name: str = "ddim"
+
+    @classmethod
+    def from_metadata(cls, values: dict, source: str = "the model") -> SamplerSettings:
+        """Read and check `mrgen.sampler`; a ValueError naming the key that is missing or wrong."""
+        keys = ("steps", "guidance", "prediction", "schedule", "timesteps", "null_label")
+        missing = [k for k in keys if k not in values]
+        if missing:
+            raise ValueError(f"{source}: metadata mrgen.sampler lacks {', '.join(missing)}")
+        settings = cls(int(values["steps"]), float(values["guidance"]), str(values["prediction"]),
+                       str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
+                       str(values.get("name", "ddim")))
+        if settings.name != "ddim":
+            raise ValueError(f"{source}: mrgen.sampler name {settings.name!r} is not one this mrgen-dist runs (ddim)")
+        if settings.prediction not in PREDICTIONS or settings.schedule not in SCHEDULES:
+            raise ValueError(f"{source}: mrgen.sampler prediction {settings.prediction!r} / schedule "
+                             f"{settings.schedule!r}: expected one of {PREDICTIONS} / {SCHEDULES}")
+        if not 1 <= settings.steps <= settings.timesteps:
+            raise ValueError(f"{source}: mrgen.sampler steps {settings.steps} not in 1 .. {settings.timesteps}")
+        return settings
+
+    def to_metadata(self) -> dict:
+        return {"name": self.name, "steps": self.steps, "guidance": self.guidance, "prediction": self.prediction,
+                "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label}
+
+
+def ddim_sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings) -> np.ndarray:
+    """The DDIM loop with guidance from x_T = `x` (B, 1, H, W) float32 ~ N(0, I) for the labels `scanner`
+    (B,): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
+    a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
+    ts = ddim_timesteps(settings.timesteps, settings.steps)
+    b = len(x)
+    w = settings.guidance
+    labels = scanner.astype(np.int64)
+    if w != 1:  # [unconditional; conditional] in one call
+        labels = np.concatenate([np.full(b, settings.null_label, dtype=np.int64), labels])
+    x0 = x
+    for i, t in enumerate(ts):
+        a = float(a_bar[t])
+        a_prev = float(a_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        if w != 1:
+            out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels)
+            out = guide(out[:b], out[b:], w)
+        else:
+            out = denoise(x, np.full(b, t, dtype=np.float32), labels)
+        x, x0 = ddim_step(x, out, a, a_prev, settings.prediction)
+    return x0
+
+
+def to_image(x0: np.ndarray) -> np.ndarray:
+    """The model's space [-1, 1] -> slices in [0, 1], float32."""
+    return np.clip((x0 + 1) / 2, 0, 1).astype(np.float32)
+
+
+class DiffusionDraw:
+    """What `Sampler` does with a `mrgen-denoiser` file: x_T ~ N(0, I) for all n images from a generator
+    seeded by (seed, scanner id) (so that images do not depend on the batch size, as for a decoder), then the
+    guided DDIM loop batch by batch. Its latent is x_T, flattened: H * W numbers (`mrgen.latent`)."""
+
+    def __init__(self, session, path: Path, image_shape: tuple[int, int], settings: SamplerSettings) -> None:
+        self.session, self.path, self.image_shape, self.settings = session, path, image_shape, settings
+
+    def expected_graph(self) -> tuple[str, dict[str, tuple[str, list]], tuple[str, ...]]:
+        """The contract's description, inputs and output (for `session.check_graph`)."""
+        shape = [None, 1, *self.image_shape]
+        text = (f"mrgen-denoiser graph (inputs x float32 [batch, 1, {', '.join(map(str, self.image_shape))}], "
+                "t float32 [batch], scanner int64 [batch]; output out float32 of x's shape)")
+        expected = {"x": ("tensor(float)", shape), "t": ("tensor(float)", [None]),
+                    "scanner": ("tensor(int64)", [None]), "out": ("tensor(float)", shape)}
+        return text, expected, ("x", "t", "scanner")
+
+    def denoise(self, what: str, offset: int) -> Denoise:
+        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
+            (out,) = self.session.run(["out"], {"x": x, "t": t, "scanner": scanner})
+            check_finite([out], ["out"], self.path, what, offset)
+            return out
+
+        return run
+
+    def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0) -> np.ndarray:
+        """Slices (B, H, W) in [0, 1] of the latents `z` (B, H * W) (x_T) and labels `scanner` (B,)."""
+        x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.image_shape)
+        return to_image(ddim_sample(self.denoise(what, offset), x, scanner, self.settings))[:, 0]

@@ -1,0 +1,345 @@
+"""The diffusion family: the numpy schedule and DDIM (runtime/diffusion.py), guidance, the training step's
+draws from the loop's noise, the EMA, and the exported denoiser run by `Sampler`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrgen_dist.artifacts import ModelMetadata, RunRecord
+from mrgen_dist.models import FAMILIES
+from mrgen_dist.models.base import KINDS, PlainAccelerator, Step
+from mrgen_dist.models.diffusion import DiffusionConfig, ema_decay
+from mrgen_dist.runtime.diffusion import (
+    SamplerSettings,
+    alphas_cumprod,
+    ddim_sample,
+    ddim_step,
+    ddim_timesteps,
+    guide,
+    to_image,
+)
+from mrgen_dist.scanners import Vocabulary
+
+SHAPE = (218, 182)
+VOCABULARY = Vocabulary.from_names(["Gyroscan Intera", "Intera", "Unspecified", "Magnetom TrioTim"])
+FAMILY = FAMILIES["diffusion"]
+
+
+def tiny(**overrides) -> DiffusionConfig:
+    config = DiffusionConfig(widths=[8, 8, 16, 16], size=[224, 192], timesteps=100, sample_steps=4, **overrides)
+    config.validate()
+    return config
+
+
+def settings(**overrides) -> SamplerSettings:
+    values = {"steps": 10, "guidance": 3.0, "prediction": "v", "schedule": "cosine", "timesteps": 1000,
+              "null_label": 4, **overrides}
+    return SamplerSettings(**values)
+
+
+# -- the schedule and DDIM, numpy -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_alphas_cumprod_decrease_inside_zero_one(schedule: str) -> None:
+    for timesteps in (100, 1000):
+        a = alphas_cumprod(schedule, timesteps)
+        assert a.shape == (timesteps,) and a.dtype == np.float64
+        assert np.all(np.diff(a) < 0) and 0 < a[-1] < a[0] < 1
+    assert alphas_cumprod("cosine", 1000)[-1] < 1e-4  # the last step is (almost) pure noise
+    with pytest.raises(ValueError, match="schedule"):
+        alphas_cumprod("sigmoid", 10)
+
+
+def test_ddim_timesteps_are_trailing() -> None:
+    assert ddim_timesteps(1000, 4).tolist() == [999, 749, 499, 249]
+    assert ddim_timesteps(100, 100).tolist() == list(range(99, -1, -1))
+    with pytest.raises(ValueError, match="steps"):
+        ddim_timesteps(10, 11)
+
+
+def test_ddim_step_is_the_formula_on_known_numbers() -> None:
+    x, out, a, a_prev = np.array([0.3, -1.2, 2.0]), np.array([0.5, 0.1, -0.7]), 0.36, 0.64  # sqrt: 0.6, 0.8
+    # v: x0 = 0.6 x - 0.8 v; eps = 0.6 v + 0.8 x; x_prev = 0.8 clip(x0) + 0.6 eps
+    x0 = 0.6 * x - 0.8 * out
+    eps = 0.6 * out + 0.8 * x
+    x_prev, got_x0 = ddim_step(x.astype(np.float32), out.astype(np.float32), a, a_prev, "v")
+    np.testing.assert_allclose(got_x0, np.clip(x0, -1, 1), rtol=1e-6)
+    np.testing.assert_allclose(x_prev, 0.8 * np.clip(x0, -1, 1) + 0.6 * eps, rtol=1e-6)
+    # eps: x0 = (x - 0.8 eps) / 0.6
+    x_prev, got_x0 = ddim_step(x.astype(np.float32), out.astype(np.float32), a, a_prev, "eps", clip=False)
+    np.testing.assert_allclose(got_x0, (x - 0.8 * out) / 0.6, rtol=1e-6)
+    np.testing.assert_allclose(x_prev, 0.8 * (x - 0.8 * out) / 0.6 + 0.6 * out, rtol=1e-6)
+
+
+def test_ddim_step_matches_diffusers_where_it_is_installed() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                        prediction_type="v_prediction", timestep_spacing="trailing",
+                                        set_alpha_to_one=True, clip_sample=True)
+    scheduler.set_timesteps(10)
+    ours = settings(guidance=1.0)
+    assert scheduler.timesteps.numpy().tolist() == ddim_timesteps(1000, 10).tolist()
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), alphas_cumprod("cosine", 1000), rtol=1e-5)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    theirs = torch.from_numpy(x)
+    a = alphas_cumprod("cosine", 1000)
+    ts = ddim_timesteps(1000, ours.steps)
+    for i, t in enumerate(ts):
+        out = np.tanh(x).astype(np.float32)  # any deterministic function of x
+        x, _ = ddim_step(x, out, a[t], a[ts[i + 1]] if i + 1 < len(ts) else 1.0, "v")
+        theirs = scheduler.step(torch.from_numpy(np.tanh(theirs.numpy())), int(t), theirs).prev_sample
+        np.testing.assert_allclose(x, theirs.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_ddim_with_an_oracle_denoiser_returns_x0(prediction: str) -> None:
+    """The denoiser that knows x0 gives the true v / eps of any x_t: every DDIM run ends at x0."""
+    rng = np.random.default_rng(1)
+    x0 = rng.uniform(-1, 1, (3, 1, 6, 5)).astype(np.float32)
+    s = settings(prediction=prediction, guidance=1.0)
+    a_bar = alphas_cumprod(s.schedule, s.timesteps)
+
+    def oracle(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
+        a = a_bar[t.astype(np.int64)][:, None, None, None]
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        return (np.sqrt(a) * eps - np.sqrt(1 - a) * x0 if prediction == "v" else eps).astype(np.float32)
+
+    got = ddim_sample(oracle, rng.standard_normal(x0.shape).astype(np.float32), np.zeros(3, np.int64), s)
+    np.testing.assert_allclose(got, x0, atol=1e-4)
+
+
+def test_guidance_is_one_call_on_unconditional_then_conditional() -> None:
+    """w = 1 is the conditional model, w = 0 the unconditional one; w != 1 asks for [null; labels] at once."""
+    calls = []
+
+    def denoise(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
+        calls.append(scanner.copy())
+        return np.tanh(x + scanner[:, None, None, None].astype(np.float32) * 0.1 + t[:, None, None, None] * 1e-3)
+
+    x = np.random.default_rng(2).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    labels = np.array([1, 3])
+    runs = {w: ddim_sample(denoise, x, labels, settings(guidance=w, steps=3)) for w in (0.0, 1.0, 2.5)}
+    assert [c.tolist() for c in calls[:3]] == [[4, 4, 1, 3]] * 3  # w = 0: 2B per step
+    assert [c.tolist() for c in calls[3:6]] == [[1, 3]] * 3  # w = 1: the conditional model alone
+    conditional = ddim_sample(denoise, x, labels, settings(guidance=1.0, steps=3))
+    unconditional = ddim_sample(denoise, x, np.full(2, 4), settings(guidance=1.0, steps=3))
+    np.testing.assert_allclose(runs[1.0], conditional)
+    np.testing.assert_allclose(runs[0.0], unconditional, atol=1e-6)
+    u, c = np.float32([0.5, -1.0]), np.float32([1.5, 1.0])
+    np.testing.assert_allclose(guide(u, c, 3.0), [3.5, 5.0])
+
+
+def test_sampler_settings_are_checked() -> None:
+    assert SamplerSettings.from_metadata(settings().to_metadata()) == settings()
+    with pytest.raises(ValueError, match="lacks steps"):
+        SamplerSettings.from_metadata({k: v for k, v in settings().to_metadata().items() if k != "steps"})
+    with pytest.raises(ValueError, match="prediction"):
+        SamplerSettings.from_metadata({**settings().to_metadata(), "prediction": "x0"})
+
+
+# -- the family ----------------------------------------------------------------------------------------------
+
+
+def test_registered_with_the_denoiser_contract() -> None:
+    assert FAMILY.kind == "diffusion" and KINDS["diffusion"] == ModelMetadata.DENOISER == FAMILY.contract
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ({"widths": []}, "model.widths"), ({"size": [218, 182]}, "model.size"), ({"attention": 5}, "model.attention"),
+    ({"schedule": "sigmoid"}, "model.schedule"), ({"prediction": "x0"}, "model.prediction"),
+    ({"label_dropout": 1.0}, "model.label_dropout"), ({"ema_decay": 1.0}, "model.ema_decay"),
+    ({"sample_steps": 101}, "model.sample_steps"), ({"guidance": -1.0}, "model.guidance"),
+    ({"label_dropout": 0.0}, "model.guidance"), ({"timesteps": 1, "sample_steps": 1}, "model.timesteps"),
+])
+def test_bad_settings_name_the_field(override: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        dataclasses.replace(tiny(), **override).validate()
+    with pytest.raises(ValueError, match="model.size"):
+        DiffusionConfig(size=[216, 176]).validate_shape(SHAPE)
+
+
+def make_step(config: DiffusionConfig, model, optimizers=None, seed: int = 0) -> Step:
+    g = torch.Generator().manual_seed(seed)
+    return Step(PlainAccelerator(), config, model, optimizers or {}, torch.rand(4, *SHAPE, generator=g),
+                torch.tensor([0, 1, 2, 3]), torch.randn(4, FAMILY.noise_dim(config), generator=g))
+
+
+def test_losses_draw_t_and_the_label_drop_from_the_loops_noise() -> None:
+    config = tiny()
+    torch.manual_seed(0)
+    model = FAMILY.build(config, VOCABULARY, SHAPE)
+    with torch.no_grad():  # a net whose output depends on x, t and the label
+        model.net.head.weight.normal_(0, 0.1)
+    assert FAMILY.noise_dim(config) == 224 * 192 + 2
+    with torch.no_grad():
+        first = FAMILY.losses(make_step(config, model, seed=3))["loss"]
+        again = FAMILY.losses(make_step(config, model, seed=3))["loss"]
+        other = FAMILY.losses(make_step(config, model, seed=4))["loss"]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    step = make_step(config, model, seed=5)
+    seen = []
+    model.net.register_forward_hook(lambda m, args, out: seen.append((args[1].clone(), args[2].clone())))
+    step.noise[:, -2] = torch.tensor([-10.0, 0.0, 10.0, 0.0])  # u -> 0, 1/2, 1, 1/2: t 0, 50, 99, 50
+    step.noise[:, -1] = torch.tensor([-10.0, 10.0, -10.0, 10.0])  # u -> 0 (dropped), 1 (kept)
+    with torch.no_grad():
+        FAMILY.losses(step)
+    t, label = seen[0]
+    assert t.tolist() == [0.0, 50.0, 99.0, 50.0] and label.tolist() == [4, 1, 4, 3]
+
+
+def test_ema_moves_toward_the_weights_and_is_in_the_state_dict() -> None:
+    config = tiny(ema_decay=0.9)
+    torch.manual_seed(0)
+    model = FAMILY.build(config, VOCABULARY, SHAPE)
+    optimizers = FAMILY.optimizers(model, lambda p: torch.optim.SGD(p, lr=0.1))
+    assert all(not p.requires_grad for p in model.ema.parameters())
+    assert {id(p) for group in optimizers["model"].param_groups for p in group["params"]} == \
+        {id(p) for p in model.net.parameters()}
+    model.ema_updates.fill_(1000)  # past the warm-up: the decay is ema_decay
+    before = [p.detach().clone() for p in model.ema.parameters()]
+    FAMILY.train_step(make_step(config, model, optimizers))
+    d = ema_decay(0.9, 1000)
+    assert d == 0.9
+    for e, e0, w in zip(model.ema.parameters(), before, model.net.parameters(), strict=True):
+        torch.testing.assert_close(e, d * e0 + (1 - d) * w.detach(), rtol=1e-5, atol=1e-7)
+    assert not all(torch.equal(e, e0) for e, e0 in zip(model.ema.parameters(), before, strict=True))
+    assert model.ema_updates.item() == 1001
+    state = model.state_dict()  # what checkpoints and model.safetensors hold: a resume restores the EMA
+    assert any(k.startswith("ema.") for k in state) and "ema_updates" in state
+    fresh = FAMILY.build(config, VOCABULARY, SHAPE)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.parameters(), model.ema.parameters(), strict=True))
+    assert ema_decay(0.999, 0) == 0.1 and math.isclose(ema_decay(0.999, 10), 11 / 20)
+
+
+# -- export and the runtime -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def denoiser_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny diffusion run (two steps, written as mrgen-train writes one), exported fp32."""
+    from safetensors.torch import save_file
+
+    from mrgen_dist.export.exporter import export_onnx
+
+    run = tmp_path_factory.mktemp("diffusion-run")
+    config = dataclasses.replace(tiny(), ema_decay=0.5)
+    torch.manual_seed(0)
+    model = FAMILY.build(config, VOCABULARY, SHAPE)
+    optimizers = FAMILY.optimizers(model, lambda p: torch.optim.Adam(p, lr=1e-2))
+    for seed in range(2):
+        FAMILY.train_step(make_step(config, model, optimizers, seed))
+    save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, run / "model.safetensors")
+    RunRecord(family="diffusion", model=dataclasses.asdict(config), image_shape=list(SHAPE),
+              vocabulary=list(VOCABULARY.names), intensity="[0, 1]", store_sha256="0" * 64, config={}, steps=2,
+              package_version="test").write(run / RunRecord.NAME)
+    return export_onnx(run, "fp32", run / "denoiser.onnx").path
+
+
+@pytest.mark.integration  # the export of the module's fixture takes ~40 s on one thread
+def test_export_matches_torch_and_carries_the_sampler(denoiser_file: Path) -> None:
+    import onnxruntime as ort
+
+    from mrgen_dist.runs import load_trained
+
+    session = ort.InferenceSession(str(denoiser_file), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "f", ModelMetadata.DENOISER)
+    assert meta.contract == ModelMetadata.DENOISER and meta.latent == 218 * 182
+    assert meta.sampler == {"name": "ddim", "steps": 4, "guidance": 3.0, "prediction": "v", "schedule": "cosine",
+                            "timesteps": 100, "null_label": 4}
+    assert meta.parity["max_error"] <= 1e-4
+    _, model, _ = load_trained(denoiser_file.parent)
+    graph = FAMILY.export_graph(model).eval()
+    inputs = graph.example_inputs(5, np.random.default_rng(7), 4, SHAPE)
+    assert inputs["scanner"].tolist() == [0, 1, 2, 3, 4]  # the null label too
+    (got,) = session.run(["out"], inputs)
+    with torch.no_grad():
+        want = graph(*(torch.from_numpy(x) for x in inputs.values())).numpy()
+        ema = model.ema(*(torch.from_numpy(x) for x in inputs.values())).numpy()
+    assert np.abs(got - want).max() < 1e-4 and np.array_equal(want, ema)  # the EMA weights are exported
+
+
+@pytest.mark.integration  # the export of the module's fixture takes ~40 s on one thread
+def test_sampler_runs_the_denoiser_independent_of_batch_size(denoiser_file: Path) -> None:
+    from mrgen_dist.runtime.sampler import Sampler
+
+    sampler = Sampler(denoiser_file, device="cpu", threads=1)
+    assert sampler.metadata.contract == ModelMetadata.DENOISER and not sampler.has_noise
+    assert sampler.image_shape == SHAPE and sampler.latent == 218 * 182
+    images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
+    assert images.shape == (3, *SHAPE) and images.dtype == np.float32
+    assert np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+    np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=2))
+    assert not np.array_equal(images, sampler.sample("Unspecified", n=3, seed=1))
+    z = sampler.latents("Intera", 3, 1)
+    np.testing.assert_array_equal(sampler.decode(z, np.full(3, 1))[:, 0], images)
+    assert sampler.sample_on_device("Intera", 2, seed=1).numpy().shape == (2, 1, *SHAPE)
+    from mrgen_dist.eval.score import label_grid
+
+    assert label_grid(sampler, ["Intera", "Unspecified"], draws=2).shape == (2, 2, *SHAPE)
+
+
+@pytest.mark.integration  # the export of the module's fixture takes ~40 s on one thread
+def test_denoiser_is_not_a_translator_and_a_broken_sampler_entry_is_refused(denoiser_file: Path, tmp_path: Path
+                                                                            ) -> None:
+    import onnx
+
+    from mrgen_dist.artifacts import ArtifactError
+    from mrgen_dist.runtime.sampler import Sampler
+    from mrgen_dist.runtime.translator import Translator
+
+    with pytest.raises(ArtifactError, match="is an mrgen-denoiser model, not an mrgen-translator .*mrgen-sample"):
+        Translator(denoiser_file, device="cpu")
+    proto = onnx.load(str(denoiser_file))
+    for prop in proto.metadata_props:
+        if prop.key == "mrgen.sampler":
+            prop.value = '{"name": "ddim"}'
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    with pytest.raises(ArtifactError, match="mrgen.sampler lacks steps"):
+        Sampler(broken, device="cpu")
+
+
+def test_to_image_maps_model_space_to_unit_range() -> None:
+    np.testing.assert_allclose(to_image(np.float32([-2, -1, 0, 1, 3])), [0, 0, 0.5, 1, 1])
+
+
+@pytest.mark.integration
+def test_resumed_run_equals_the_uninterrupted_one_ema_included(store_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """Through the shared loop: 3 steps straight, or 2 steps, a stop, and `--resume auto` to 3: the same losses
+    and the same weights, the EMA copy and its update count included (the SIGUSR1 variant of this for every
+    family with its own loop state is tests/test_train.py)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mrgen_dist.commands.train import main as train_main
+    from tests.launch import REPO
+
+    monkeypatch.chdir(REPO)
+    config = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+    common = ["--config", str(config), f"data.store={store_dir}", "train.epochs=1", "train.sample_every=100"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert train_main([*common, f"train.out={straight}", "train.max_steps=3"]) == 0
+    assert train_main([*common, f"train.out={interrupted}", "train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert train_main([*common, f"train.out={interrupted}", "train.max_steps=3", "--resume", "auto"]) == 0
+    assert "resumed from" in "".join(capsys.readouterr())
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    assert losses(straight) == losses(interrupted) and sorted(losses(straight)) == [1, 2, 3]
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["ema_updates"].item() == 3 and any(k.startswith("ema.") for k in a)
