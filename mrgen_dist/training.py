@@ -1,21 +1,11 @@
-"""Train a generator of any model family: one loop, top to bottom, that knows no family.
+"""The training loop: one loop, top to bottom, over the `Family` interface (mrgen_dist/models/base.py), that
+knows no family. `train(TrainRequest)` is what `mrgen-train` (mrgen_dist/commands/train.py) runs.
 
-    accelerate launch -m mrgen_dist.commands.train --config hpc/configs/thesis.yaml data.store=/scratch/store
-    mrgen-train --config hpc/configs/demo.yaml train.epochs=5 --resume auto
-
-The family (`model.family`, mrgen_dist/models/) builds the networks and their optimizers and makes one
-micro-step, returning named losses; this loop feeds it batches, keeps the books and checkpoints.
-The split is read from the store once and kept on the device; every rank draws its batches from it with
-seeded per-epoch indices, and the family's noise is drawn from a generator seeded by (seed, rank,
-micro-step), so an interrupted and resumed run makes exactly the steps an uninterrupted one makes.
-
-Exit status: 0 finished; 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeued under Slurm);
-3 non-finite loss (the last good checkpoint is kept); 1 a configuration, store or checkpoint error, or a file
-that cannot be written (disk full: one line naming the file; no file is left half-written under its name).
-
-`--resume auto` continues from the newest intact checkpoint, and starts afresh only in a folder that is absent,
-empty or holds no more than a start stopped before its first checkpoint (config.yaml, metrics.jsonl); a run with
-nothing to resume (a finished run whose checkpoints were removed) is refused: `--overwrite` moves it aside.
+The family builds the networks and their optimizers and makes one micro-step, returning named losses; this loop
+feeds it batches, keeps the books (metrics.jsonl, loss curves, sample grids, MFU) and checkpoints
+(mrgen_dist/checkpoint.py). The split is read from the store once and kept on the device; every rank draws its
+batches with seeded per-epoch indices, and the family's noise comes from a generator seeded by (seed, rank,
+micro-step), so that an interrupted and resumed run makes exactly the steps of an uninterrupted one.
 """
 
 from __future__ import annotations

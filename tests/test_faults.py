@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import REPO, TINY, env
+from tests.mounts import mount_namespace
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +32,6 @@ STRACE = {
 }
 FAULTS = ["ENOSPC at writes", *STRACE]
 BIN = Path(sys.executable).parent
-
-
-def _mount_namespace(probe: Path) -> list[str] | None:
-    """`unshare` options under which this user may mount a tmpfs (as root, or with user namespaces); None if
-    neither works."""
-    if shutil.which("unshare") is None:
-        return None
-    probe.mkdir(exist_ok=True)
-    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
-        done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                              capture_output=True, timeout=60)
-        if done.returncode == 0:
-            return prefix
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +87,7 @@ def test_a_storage_fault_is_one_line_and_keeps_the_earlier_output(
         cohort_dir: Path, tmp_path: Path) -> None:
     prefix = []
     if fault == "ENOSPC at writes":
-        prefix = _mount_namespace(tmp_path / "probe")
+        prefix = mount_namespace(tmp_path / "probe")
         if prefix is None:
             pytest.skip("cannot mount a tmpfs here (needs root or unprivileged user namespaces)")
     root = tmp_path / "root"

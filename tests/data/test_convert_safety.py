@@ -26,6 +26,7 @@ from mrgen_dist.data.convert import EXIT_OK
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.lock import LOCK_NAME, FolderBusy, FolderLock
 from mrgen_dist.data.store import SliceStore
+from tests.mounts import mount_namespace
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -226,20 +227,6 @@ def test_a_write_failure_is_one_line_and_keeps_the_old_store(store_dir: Path, co
     _no_temporaries(out)
 
 
-def _namespace_with_tmpfs(probe_dir: Path) -> list[str] | None:
-    """A command prefix that runs a command in a private mount namespace where it may mount a tmpfs (as root,
-    or as a user with unprivileged user namespaces); None where neither works. Mounts vanish with it."""
-    if shutil.which("unshare") is None:
-        return None
-    probe_dir.mkdir(exist_ok=True)
-    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
-        done = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe_dir}"],
-                              capture_output=True, timeout=60)
-        if done.returncode == 0:
-            return prefix
-    return None
-
-
 _ON_TMPFS = r'''
 import hashlib, json, os, subprocess, sys
 from pathlib import Path
@@ -292,7 +279,7 @@ def test_a_full_file_system_is_one_line_keeps_the_old_store_and_spares_the_previ
     """On a real tmpfs (in a private mount namespace): a conversion that fills it fails in one line naming
     the file, leaves the old store byte-identical and no temporary or empty file; a store that fits while its
     preview.png does not is written, with a warning and exit 0."""
-    prefix = _namespace_with_tmpfs(tmp_path / "probe")
+    prefix = mount_namespace(tmp_path / "probe")
     if prefix is None:
         pytest.skip("cannot mount a tmpfs here (needs root or unprivileged user namespaces)")
     inputs = _inputs(cohort_dir, tmp_path / "in", n=4)
