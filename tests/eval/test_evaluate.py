@@ -177,3 +177,21 @@ def test_noise_without_learned_noise_is_refused(store_dir: Path, decoder: Path, 
     err = capsys.readouterr().err
     assert err.startswith("mrgen-fid: error: --noise: ") and "no learned observation noise" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_non_finite_output_is_named_not_a_linear_algebra_error(
+        store_dir: Path, decoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(decoder))
+    bias = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
+    bias.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(bias).shape, np.nan, np.float32), bias.name))
+    onnx.save(proto, str(tmp_path / "nan.onnx"))
+    capsys.readouterr()
+    out = tmp_path / "results"
+    assert main(["--store", str(store_dir), "--model", str(tmp_path / "nan.onnx"), "--scanner", "Intera",
+                 "--repeats", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mrgen-fid: error: ") and "nan.onnx: the model's output 'image' is not finite" in err[-1]
+    assert not list(out.glob("fid_*.json"))
