@@ -275,6 +275,9 @@ class Conditioning(ResultFile):
     real_test_accuracy: float | None = None
     generated_accuracy: float | None = None
     confusion: list[list[int]] | None = None  # rows: scanner asked for, columns: scanner recognised
+    #: train on synthetic, test on real: a classifier fitted on the generated slices only (labelled with the
+    #: scanner asked for), scored on the real test slices; None before it was measured
+    synthetic_trained_accuracy: float | None = None
     classifier: str | None = None
     extractor: str | None = None
     store_sha256: str | None = None

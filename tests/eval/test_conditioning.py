@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrgen_dist.eval.conditioning import CLASSIFIER, L2, fit_classifier
+from mrgen_dist.eval.conditioning import CLASSIFIER, L2, fit_classifier, synthetic_trained_accuracy
 
 
 def _classes(n_per_class: int, d: int, seed: int, separation: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,3 +35,15 @@ def test_indistinguishable_classes_are_near_chance() -> None:
     x_test, y_test = _classes(200, 32, seed=3, separation=0.0)
     accuracy = (fit_classifier(x, y).predict(x_test) == y_test).mean()
     assert accuracy < 0.5  # chance is 1/3
+
+
+def test_train_on_synthetic_test_on_real() -> None:
+    """Generated sets that carry each class's traits train a classifier of the real ones; sets that swap two
+    classes' traits train one that confuses them."""
+    x, y = _classes(60, 32, seed=4, separation=1.0)
+    real, _ = _classes(60, 32, seed=5, separation=1.0)
+    generated = [x[y == k] for k in range(3)]
+    real_test = [real[np.repeat(np.arange(3), 60) == k] for k in range(3)]
+    assert synthetic_trained_accuracy(generated, real_test, [0, 1, 2]) >= 0.9
+    swapped = [generated[1], generated[0], generated[2]]
+    assert synthetic_trained_accuracy(swapped, real_test, [0, 1, 2]) <= 0.5
