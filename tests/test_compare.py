@@ -61,7 +61,7 @@ def write_results(folder: Path, *, family: str = "cvae", title: str | None = "cV
             (folder / f"fid_{_slug(s)}.json").write_text(json.dumps(_fid(i, s, family, scanners, store)))
     files = {
         "conditioning": {"scanners": scanners, "generated_accuracy": conditioning, "real_test_accuracy": 0.99,
-                         "synthetic_trained_accuracy": 0.9375,
+                         "synthetic_trained_accuracy": 0.9375, "memorisation_ratio": [1.05, 0.98, 1.1, 1.0],
                          "confusion": _confusion(list(hits)), "n_generated": [8] * len(scanners), "store_sha256": store},
         "generation": {"scanners": scanners, "store_sha256": store, "noise": noise, "n_generated": [8] * len(scanners),
                        "sampling_images_per_s": 1234.4, "sampler_device": "cpu",
@@ -103,7 +103,8 @@ def test_table_values(two_models: list[Path], tmp_path: Path) -> None:
         "run": "cvae/results", "model": "cVAE", "parameters": "1.2 M", "train s": "12.5", "train img/s": "346",
         "sample img/s (ORT)": "1,234", "n gen/scanner": "8", "FID": "25.00 †", "KID ×10³": "2.50",
         "precision": "0.688", "recall": "0.250", "density": "1.375", "coverage": "0.500",
-        "MS-SSIM gen / real": "0.375 / 0.250", "conditioning": "0.97", "TSTR": "0.94", "z-probe (chance)": "0.30 (0.25)",
+        "MS-SSIM gen / real": "0.375 / 0.250", "conditioning": "0.97", "TSTR": "0.94",
+        "NN ratio (min)": "0.98", "z-probe (chance)": "0.30 (0.25)",
         "recon. conditioning": "0.97", "label effect": "2.50", "intensity W1": "0.0250", "Δ noise": "0.125",
         "Δ sharpness": "0.500", "verdict": "meets targets",
     }
@@ -188,6 +189,8 @@ def test_verdict_asks_generated_slices_to_train_a_classifier_of_real_ones() -> N
     assert verdict(0.97, 0.3, 0.97, 2.0, synthetic_trained=0.93) == "meets targets"
     assert verdict(0.97, 0.3, 0.97, 2.0, synthetic_trained=0.60) == "conditioning ≥ 0.90; TSTR 0.60 < 0.90"
     assert verdict(0.97, 0.3, 0.97, 2.0) == "meets targets"  # results written before TSTR was measured
+    assert verdict(0.97, 0.3, 0.97, 2.0, synthetic_trained=0.93, memorisation=0.5) == (
+        "conditioning ≥ 0.90; near the training slices (NN ratio 0.50)")
 
 
 def test_verdict_without_an_encoder() -> None:

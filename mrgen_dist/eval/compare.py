@@ -171,11 +171,13 @@ def _model_title(run: Results) -> str | None:
 
 
 def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
-            z_reason: str | None = None, encoder: bool | None = None, synthetic_trained: Number = None) -> str:
-    """Whether a model meets the targets (targets.py: conditioning, z-probe and, where it was measured,
-    train-on-synthetic-test-on-real) and, if not, why. A model without an encoder (`encoder` False: a GAN) has
-    no posterior that could carry the scanner into z: its z is N(0, I) by construction, so the z-probe target
-    holds without a probe. Results written before TSTR was measured are judged without it."""
+            z_reason: str | None = None, encoder: bool | None = None, synthetic_trained: Number = None,
+            memorisation: Number = None) -> str:
+    """Whether a model meets the targets (targets.py: conditioning, z-probe and, where they were measured,
+    train-on-synthetic-test-on-real and memorisation) and, if not, why. A model without an encoder (`encoder`
+    False: a GAN) has no posterior that could carry the scanner into z: its z is N(0, I) by construction, so the
+    z-probe target holds without a probe. Results written before TSTR and memorisation were measured are judged
+    without them."""
     notes = []
     if conditioning is None:
         notes.append("conditioning not measured")
@@ -199,6 +201,9 @@ def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label
     useful = synthetic_trained is None or synthetic_trained >= targets.SYNTHETIC_TRAINED
     if not useful:
         notes.append(f"TSTR {synthetic_trained:.2f} < {targets.SYNTHETIC_TRAINED:.2f}")
+    if memorisation is not None and memorisation < targets.MEMORISATION:
+        useful = False
+        notes.append(f"near the training slices (NN ratio {memorisation:.2f})")
     if conditioning is not None and conditioning >= targets.GENERATION_CONDITIONING:
         notes.insert(0, "meets targets" if z_holds and useful else f"conditioning ≥ {targets.GENERATION_CONDITIONING:.2f}")
     return "; ".join(notes)
@@ -265,6 +270,7 @@ def summarise(run: Results, scanners: Sequence[str]) -> Summary:
         "conditioning": cond.generated_accuracy,
         "real_test_accuracy": cond.real_test_accuracy,
         "synthetic_trained": cond.synthetic_trained_accuracy,
+        "memorisation": min(cond.memorisation_ratio) if cond.memorisation_ratio else None,
         "z_probe": z.accuracy,
         "z_probe_chance": z.chance,
         "reconstruction": rec.accuracy,
@@ -277,7 +283,7 @@ def summarise(run: Results, scanners: Sequence[str]) -> Summary:
     _run_notes(run, scanners, summary)
     z_reason = diag.reason if v["z_probe"] is None else None
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
-                           diag.encoder, v["synthetic_trained"])
+                           diag.encoder, v["synthetic_trained"], v["memorisation"])
     return summary
 
 
@@ -333,6 +339,7 @@ COLUMNS: dict[str, Callable[[Summary, int], str]] = {
     "MS-SSIM gen / real": _ms_ssim_cell,
     "conditioning": lambda s, n: _fixed(2)(s.values["conditioning"]),
     "TSTR": lambda s, n: _fixed(2)(s.values["synthetic_trained"]),
+    "NN ratio (min)": lambda s, n: _fixed(2)(s.values["memorisation"]),
     "z-probe (chance)": lambda s, n: _z_cell(s),
     "recon. conditioning": lambda s, n: _fixed(2)(s.values["reconstruction"]),
     "label effect": lambda s, n: _sig(s.values["label_effect_ratio"]),
@@ -363,7 +370,9 @@ def _footnotes(summaries: Sequence[Summary], store: str | None, scanners: Sequen
         f"z-probe ≤ {targets.Z_PROBE:.2f} (accuracy of a scanner classifier on the encoder's z; chance in brackets). "
         "Recon. conditioning: the same classifier on reconstructions of real slices, the ceiling of conditioning.",
         f"TSTR: train on synthetic, test on real: the classifier fitted on the generated slices alone, its accuracy on "
-        f"the real test slices (target ≥ {targets.SYNTHETIC_TRAINED:.2f}; — where not measured).",
+        f"the real test slices (target ≥ {targets.SYNTHETIC_TRAINED:.2f}; — where not measured). NN ratio: per "
+        "scanner, median nearest-neighbour distance of generated to real training slices over that of real test "
+        f"slices (Inception features), the lowest scanner's (target ≥ {targets.MEMORISATION}: no memorisation).",
         "Label effect: decoder output variation between scanners / between latent draws; below "
         f"{targets.LABEL_EFFECT_FLOOR} "
         "the decoder ignores the label.",

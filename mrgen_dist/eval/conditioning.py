@@ -11,7 +11,9 @@ real test slices; with `--noise` drawn with the model's learned observation nois
 scanner they were asked for, and the confusion matrix (rows: asked for, columns: recognised). The same sets
 also give the utility measure train-on-synthetic, test-on-real: the same kind of classifier fitted on the
 generated slices alone (each labelled with the scanner it was asked for) and scored on the real test slices,
-which is high only when every scanner's samples carry what tells that scanner apart in real data.
+which is high only when every scanner's samples carry what tells that scanner apart in real data. Per scanner,
+the memorisation ratio: how near the generated slices lie to the real training slices (median nearest-neighbour
+distance in Inception features) compared with the real test slices.
 
 `scanner_classifier` gives the fitted classifier on its own: `mrgen-fid diagnose` applies it to a run's
 reconstructions of the real test slices.
@@ -29,6 +31,7 @@ from mrgen_dist.cli import require
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
 from mrgen_dist.eval.inception import InceptionFeatures
+from mrgen_dist.eval.quality import memorisation_ratio
 from mrgen_dist.eval.results import Conditioning
 from mrgen_dist.runtime.sampler import Sampler
 
@@ -92,7 +95,7 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
 
     confusion = np.zeros((len(names), len(names)), dtype=int)
     real_correct = 0
-    drawn, synthetic = [], []
+    drawn, synthetic, memorised = [], [], []
     for name, feats in tqdm(list(zip(names, test, strict=True)), desc="conditioning", unit="scanner",
                             file=sys.stderr):
         asked = vocabulary.index(name)
@@ -105,8 +108,11 @@ def conditioning(store: SliceStore, sampler: Sampler, extractor: InceptionFeatur
         np.add.at(confusion[asked], classifier.predict(features), 1)
         drawn.append(len(features))
         synthetic.append(features)
+        train = real_features(store, name, "train", extractor, cache)[0]  # cached by scanner_classifier
+        memorised.append(memorisation_ratio(features, feats, train))
     record = Conditioning(
         synthetic_trained_accuracy=synthetic_trained_accuracy(synthetic, test, [vocabulary.index(n) for n in names]),
+        memorisation_ratio=memorised,
         scanners=names,
         n_train=[store.expected_count("train", name) for name in names],
         n_test=[len(f) for f in test],

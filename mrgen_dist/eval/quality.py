@@ -94,6 +94,28 @@ def _features(f: np.ndarray, name: str) -> np.ndarray:
 # -- MS-SSIM diversity ----------------------------------------------------------------------------------------
 
 
+def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Euclidean distance from each row of `queries` (n, d) to its nearest row of `references` (m, d), in float64
+    (|q|² - 2 q·r + |r|² loses the small distances of near copies in float32)."""
+    queries = _features(queries, "queries").astype(np.float64)
+    references = _features(references, "references").astype(np.float64)
+    squared = np.einsum("ij,ij->i", references, references)
+    out = np.empty(len(queries))
+    for start in range(0, len(queries), chunk):
+        q = queries[start : start + chunk]
+        d2 = np.einsum("ij,ij->i", q, q)[:, None] - 2 * q @ references.T + squared[None]
+        out[start : start + len(q)] = np.sqrt(np.maximum(d2.min(axis=1), 0))
+    return out
+
+
+def memorisation_ratio(generated: np.ndarray, test: np.ndarray, train: np.ndarray) -> float:
+    """Median nearest-neighbour distance of generated samples to the training set over that of held-out real
+    samples to the same set (features). Near 1 or above: samples are no closer to the training slices than new
+    real slices are; well below 1: the model reproduces training slices."""
+    return float(np.median(nearest_neighbour_distances(generated, train))
+                 / np.median(nearest_neighbour_distances(test, train)))
+
+
 def ms_ssim_diversity(images: np.ndarray, pairs: int = 200, seed: int = 0) -> float:
     """Mean MS-SSIM over `pairs` random pairs of distinct images of one set: 1 = all alike, lower = more diverse.
 

@@ -278,6 +278,10 @@ class Conditioning(ResultFile):
     #: train on synthetic, test on real: a classifier fitted on the generated slices only (labelled with the
     #: scanner asked for), scored on the real test slices; None before it was measured
     synthetic_trained_accuracy: float | None = None
+    #: per scanner: median nearest-neighbour distance (Inception features) of the generated slices to the real
+    #: training slices over that of the real test slices (eval/quality.memorisation_ratio); below 1: closer to
+    #: the training slices than new real slices are
+    memorisation_ratio: list[float] | None = None
     classifier: str | None = None
     extractor: str | None = None
     store_sha256: str | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 GENERATION_CONDITIONING = 0.90  # generated slices recognised as the scanner asked for, at least
 Z_PROBE = 0.40  # scanner predicted from the encoder's z, at most
 LABEL_EFFECT_FLOOR = 0.1  # between-scanner / between-draw variation below this: the label does nothing
+MEMORISATION = 0.9  # median generated->train / test->train nearest-neighbour distance, at least, every scanner
 SYNTHETIC_TRAINED = 0.90  # a classifier trained on generated slices only, accuracy on real test slices, at least
 
 # translators (mrgen-translator)

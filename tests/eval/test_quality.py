@@ -194,3 +194,16 @@ def test_label_effect_needs_two_scanners_and_two_draws() -> None:
         label_effect(np.zeros((1, 3, 8, 8)))
     with pytest.raises(ValueError, match="at least 2 scanners and 2 draws"):
         label_effect(np.zeros((3, 1, 8, 8)))
+
+
+def test_memorisation_ratio_tells_copies_from_new_samples() -> None:
+    from mrgen_dist.eval.quality import memorisation_ratio, nearest_neighbour_distances
+
+    rng = np.random.default_rng(0)
+    train, test, new = (rng.standard_normal((n, 16)) for n in (200, 50, 50))
+    np.testing.assert_allclose(nearest_neighbour_distances(train[:5], train), 0, atol=1e-5)
+    brute = np.sqrt(((test[:, None] - train[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(nearest_neighbour_distances(test, train, chunk=7), brute, rtol=1e-5)
+    assert 0.8 < memorisation_ratio(new, test, train) < 1.25  # new samples of the same distribution
+    copies = train[:50] + 0.01 * rng.standard_normal((50, 16))
+    assert memorisation_ratio(copies, test, train) < 0.1
