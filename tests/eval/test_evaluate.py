@@ -89,6 +89,8 @@ def test_conditioning_and_report(scored: Path, store_dir: Path, decoder: Path, t
     assert 0.0 <= cond["generated_accuracy"] <= 1.0
     assert cond["real_test_accuracy"] >= 0.75  # the demo scanners differ clearly in Inception features
     assert "logistic regression" in cond["classifier"]
+    assert 0.0 <= cond["synthetic_trained_accuracy"] <= 1.0  # TSTR, on the same generated sets
+    assert len(cond["memorisation_ratio"]) == 4 and all(r > 0 for r in cond["memorisation_ratio"])
     # the sub-command on its own, without --n-generated: as many generated slices as real test slices; the same
     # classifier and real results (cached real features, deterministic fit); its own draws (seed + 10000), where
     # score scored the first repeat's sets (seed)
@@ -99,7 +101,8 @@ def test_conditioning_and_report(scored: Path, store_dir: Path, decoder: Path, t
     assert alone["n_generated"] == [10, 10, 10, 10]
     assert (cond["generated_seed"], alone["generated_seed"]) == (0, 10_000)
     assert np.array(alone["confusion"]).sum(axis=1).tolist() == [10, 10, 10, 10]
-    differs = {"n_generated", "confusion", "generated_accuracy", "generated_seed"}
+    differs = {"n_generated", "confusion", "generated_accuracy", "generated_seed", "synthetic_trained_accuracy",
+               "memorisation_ratio"}  # measured on the generated sets
     assert {k: v for k, v in alone.items() if k not in differs} == {k: v for k, v in cond.items() if k not in differs}
     assert main(["report", str(results)]) == 0
     table = (results / "fid_table.md").read_text()
