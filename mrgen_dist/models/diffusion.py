@@ -1,7 +1,8 @@
 """Conditional diffusion in pixel space with classifier-free guidance on the scanner (family `diffusion`).
 
 Why pixel space: the acquisition noise and texture that carry much of a scanner's signature are what latent
-autoencoders smooth away (/work/shared/diffusion-notes.md); a pixel-space denoiser models them directly.
+autoencoders smooth away (reported for brain latent diffusion, arXiv 2507.18830); a pixel-space denoiser models
+them directly.
 
 Training: a slice x in [0, 1] is mapped to x0 = 2 x - 1, a timestep t ~ U{0 .. T-1} and eps ~ N(0, I) give
 x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (a_t: alpha_bar of the schedule in mrgen_dist/runtime/diffusion.py,
