@@ -26,7 +26,6 @@ checkpoint being written is removed and the complete ones are left as they were.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from accelerate import Accelerator
 
 from mrgen_dist import __version__
 from mrgen_dist.atomic import atomic_write
-from mrgen_dist.cli import UserError
+from mrgen_dist.cli import STORAGE_ERRNOS, UserError
 
 META = "meta.json"
 META_SHA = "meta_sha256"
@@ -56,8 +55,6 @@ IDENTITY = {
 }
 #: Files that Accelerate reads with `torch.load` (weights_only), tested before loading.
 PICKLED = (".bin", ".pkl", ".pt")
-#: errnos of a write that the user can fix (space, quota, a failing disk).
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 _STEP_DIR = re.compile(r"step-\d+")
 
 
@@ -82,7 +79,7 @@ def disk_errno(e: BaseException) -> int | None:
     else:
         found = re.search(r"\(os error (\d+)\)", str(e))
         code = int(found.group(1)) if found else None
-    return code if code in DISK_ERRNOS else None
+    return code if code in STORAGE_ERRNOS else None
 
 
 @contextmanager
