@@ -200,11 +200,12 @@ class ModelMetadata:
     DENOISER: ClassVar[str] = "mrgen-denoiser"
     GAUSSIAN_NOISE: ClassVar[str] = "gaussian"  # image + sigma * n
     RICIAN_NOISE: ClassVar[str] = "rician"  # |image + sigma * (n1 + i n2)|, the noise of a magnitude MR image
-    NOISE_KINDS: ClassVar[tuple[str, ...]] = (GAUSSIAN_NOISE, RICIAN_NOISE)
+    CHI_NOISE: ClassVar[str] = "chi"  # a multi-coil magnitude with correlated noise (mrgen_dist.runtime.noise)
+    NOISE_KINDS: ClassVar[tuple[str, ...]] = (GAUSSIAN_NOISE, RICIAN_NOISE, CHI_NOISE)
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
     _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params",
-                                        "sampler")
+                                        "sampler", "noise_texture")
 
     format: str
     scanners: list
@@ -223,8 +224,12 @@ class ModelMetadata:
     parity: dict = field(default_factory=dict)
     #: one of NOISE_KINDS when the graph has the second output `sigma`, the learned observation noise around
     #: `image` that `mrgen-sample --noise` draws ("gaussian": image + sigma n; "rician": the magnitude
-    #: |image + sigma (n1 + i n2)|, with `image` the noise-free magnitude); empty for a graph without noise.
+    #: |image + sigma (n1 + i n2)|, with `image` the noise-free magnitude; "chi": the magnitude of a multi-coil
+    #: chain with correlated noise, shaped per scanner by `noise_texture`); empty for a graph without noise.
     noise: str = ""
+    #: "chi" noise: each scanner's extra degrees of freedom and correlation kernel
+    #: (mrgen_dist.runtime.noise.NoiseTexture); empty for the other kinds.
+    noise_texture: dict = field(default_factory=dict)
     #: mrgen-translator: the scanner names it translates to (all of `scanners`, or a CycleGAN's pair)
     targets: list = field(default_factory=list)
     #: how the training store cut and scaled its slices (mrgen_dist.data.volume.SliceParams): mrgen-translate

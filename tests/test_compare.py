@@ -106,7 +106,7 @@ def test_table_values(two_models: list[Path], tmp_path: Path) -> None:
         "MS-SSIM gen / real": "0.375 / 0.250", "conditioning": "0.97", "TSTR": "0.94",
         "NN ratio (min)": "0.98", "z-probe (chance)": "0.30 (0.25)",
         "recon. conditioning": "0.97", "label effect": "2.50", "intensity W1": "0.0250", "Δ noise": "0.125",
-        "Δ sharpness": "0.500", "verdict": "meets targets",
+        "Δ sharpness": "0.500", "noise/sharpness off (max)": "25%", "verdict": "meets targets",
     }
     assert b["run"] == "vae/results" and b["model"] == "VAE (unconditional) + noise"
     assert b["verdict"] == "reconstruction ceiling 0.50; scanner in z (probe 0.90); decoder ignores the label"
@@ -191,6 +191,48 @@ def test_verdict_asks_generated_slices_to_train_a_classifier_of_real_ones() -> N
     assert verdict(0.97, 0.3, 0.97, 2.0) == "meets targets"  # results written before TSTR was measured
     assert verdict(0.97, 0.3, 0.97, 2.0, synthetic_trained=0.93, memorisation=0.5) == (
         "conditioning ≥ 0.90; near the training slices (NN ratio 0.50)")
+
+
+def test_verdict_asks_the_noise_and_sharpness_of_real_slices() -> None:
+    assert verdict(0.97, 0.3, 0.97, 2.0, signature_gap=0.25) == "meets targets"
+    assert verdict(0.97, 0.3, 0.97, 2.0, signature_gap=0.40) == "conditioning ≥ 0.90; noise/sharpness off by 40% (> 25%)"
+
+
+def test_the_worst_scanners_signature_gap_decides(tmp_path: Path) -> None:
+    folder = write_results(tmp_path / "noisy")
+    record = json.loads((folder / "fid_Intera.json").read_text())
+    record["signature"]["noise_generated"] = 1.0  # twice the real background noise, on one scanner
+    (folder / "fid_Intera.json").write_text(json.dumps(record))
+    row = _table(compare([folder], tmp_path / "out")[0].read_text())[0]
+    assert row["noise/sharpness off (max)"] == "100%"
+    assert row["verdict"] == "conditioning ≥ 0.90; noise/sharpness off by 100% (> 25%)"
+
+
+def test_cohorts_a_run_meets_the_targets_only_on_every_cohort(tmp_path: Path) -> None:
+    """The same two configs on two cohorts (two stores): a cohort column, each cohort's store, and the verdict
+    of a run that meets the targets on one cohort but not on the other."""
+    other = "cd" * 32
+    folders = [write_results(tmp_path / "template" / "good"), write_results(tmp_path / "template" / "fragile"),
+               write_results(tmp_path / "physics" / "good", store=other),
+               write_results(tmp_path / "physics" / "fragile", store=other, conditioning=0.43, hits=(8, 1, 1, 4))]
+    md = compare(folders, tmp_path / "out", names=["good", "fragile"] * 2,
+                 cohorts=["template", "template", "physics", "physics"])[0].read_text()
+    rows = _table(md)
+    assert [(r["run"], r["cohort"]) for r in rows] == [("good", "template"), ("fragile", "template"),
+                                                       ("good", "physics"), ("fragile", "physics")]
+    assert rows[0]["verdict"] == rows[2]["verdict"] == "meets targets"
+    assert rows[1]["verdict"] == "meets targets here, not on every cohort (physics: conditioning 0.43 < 0.90)"
+    assert rows[3]["verdict"].startswith("conditioning 0.43 < 0.90")
+    assert f"Stores: template {STORE[:16]}, physics {other[:16]}" in md
+    # within a cohort, one store
+    with pytest.raises(MismatchError, match="one store per cohort"):
+        compare(folders, tmp_path / "out2", names=["a", "b", "c", "d"], cohorts=["t", "t", "t", "p"])
+    # a run scored on one cohort only does not meet them on every cohort
+    md = compare(folders[:3], tmp_path / "out3", names=["good", "fragile", "good"],
+                 cohorts=["template", "template", "physics"])[0].read_text()
+    assert _table(md)[1]["verdict"] == "meets targets here, not on every cohort (physics: not scored)"
+    # without cohorts there is no cohort column
+    assert "cohort" not in _table(compare(folders[:2], tmp_path / "out4")[0].read_text())[0]
 
 
 def test_verdict_without_an_encoder() -> None:
@@ -304,6 +346,12 @@ def test_cli_errors(two_models: list[Path], tmp_path: Path, capsys: pytest.Captu
             main(argv)
         assert e.value.code == 2
     assert "--names has 2 name(s) for 1 RESULTS folder(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*map(str, two_models), "--names", "a,a", "--cohorts", "t,t"])
+    assert "--names: a run name appears twice in one cohort" in capsys.readouterr().err
+    out = tmp_path / "by-cohort"
+    assert main([*map(str, two_models), "--names", "a,a", "--cohorts", "t,p", "--out", str(out)]) == 0
+    assert "| a | t |" in capsys.readouterr().out
 
 
 @pytest.mark.integration

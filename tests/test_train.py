@@ -63,12 +63,18 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
     assert "images_per_s" in history[0]
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_ATLAS, *TINY_GANS.values(), *TINY_TRANSLATORS.values(), TINY_DISTILLED],
-                         ids=["cvae", "atlas", *TINY_GANS, *TINY_TRANSLATORS, "distilled"])
-def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, store_dir: Path, tmp_path: Path,
-                                                                   request: pytest.FixtureRequest) -> None:
+TINY_DIFFUSION = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+
+
+@pytest.mark.parametrize("config, extra", [
+    (TINY, ()), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
+    *((c, ()) for c in TINY_GANS.values()), *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
+    (TINY_DIFFUSION, ()),
+], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, *TINY_TRANSLATORS, "distilled", "diffusion"])
+def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, extra: tuple[str, ...], store_dir: Path,
+                                                                   tmp_path: Path, request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
-    common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10")
+    common = ("train.batch_size=2", f"train.max_steps={steps}", "train.epochs=10", *extra)
     if config == TINY_DISTILLED:
         common += (f"model.teacher={request.getfixturevalue('atlas_run')}",)
     straight = tmp_path / "straight"

@@ -3,14 +3,22 @@
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=2
 #SBATCH --output=logs/%x-%j.out
-# Compare models: one Slurm array task per model config, then the comparison table after the whole array.
+# Compare models: one Slurm array task per model config (and cohort), then the comparison table after the
+# whole array.
 #
 #   hpc/slurm/compare.sh STORE OUT CONFIG[:noise] [CONFIG[:noise] ...]
+#   hpc/slurm/compare.sh COHORT=STORE[,COHORT=STORE ...] OUT CONFIG[:noise] [CONFIG[:noise] ...]
 #   hpc/slurm/compare.sh /scratch/store runs/compare hpc/configs/demo.yaml hpc/configs/vae.yaml
+#   hpc/slurm/compare.sh template=runs/t/store,physics=runs/p/store runs/compare hpc/configs/compare/atlas.yaml:noise
+#
+# With named cohorts (one store each), every config runs on every cohort as one array of cohorts x configs
+# tasks, with its outputs in OUT/COHORT/NAME/, and the table (mrgen-compare --cohorts) judges each config on
+# every cohort: a config "meets targets" only where it meets them on all of them. One config per family,
+# fixed before it is scored: the same file on every cohort, the same MRGEN_TRAIN_OVERRIDES.
 #
 # Run it (not sbatch it) from anywhere; it submits and prints the job ids, one per line: `models ID` (the
-# array) and `table ID`. Array task i, for the i-th CONFIG, named after its file (NAME = basename without
-# .yaml), with its outputs in OUT/NAME/:
+# array) and `table ID`. Array task i, for the i-th CONFIG (of the (i / #CONFIGs)-th cohort), named after
+# its file (NAME = basename without .yaml), with its outputs in OUT/NAME/ (OUT/COHORT/NAME/):
 #   mrgen-train --config CONFIG data.store=STORE train.out=OUT/NAME/run --overwrite $MRGEN_TRAIN_OVERRIDES
 #   mrgen-export onnx --model OUT/NAME/run --precision $MRGEN_PRECISION --out OUT/NAME/decoder.onnx
 #   mrgen-fid score --store STORE --model OUT/NAME/decoder.onnx --scanner all --repeats R --n-generated N
@@ -22,6 +30,7 @@
 #   mrgen-fid translation --store STORE --model OUT/NAME/translator.onnx --out OUT/NAME/results
 # then, once every task succeeded (afterok), one job:
 #   mrgen-compare OUT/NAME1/results OUT/NAME2/results ... --names NAME1,NAME2,... --out OUT
+#   (with cohorts: OUT/COHORT/NAME/results for every cohort and config, --cohorts COHORT,...)
 # which writes OUT/compare.md, compare.csv and compare.png (and compare-translation.csv / .png for translators).
 #
 # CONFIG:noise scores samples and reconstructions that draw the model's learned observation noise (mrgen-fid --noise;
@@ -36,9 +45,31 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 STORE OUT CONFIG[:noise] [CONFIG[:noise] ...]" >&2
+  echo "usage: $0 STORE|COHORT=STORE[,COHORT=STORE...] OUT CONFIG[:noise] [CONFIG[:noise] ...]" >&2
   exit 2
 }
+
+# parse_stores SPEC: fills COHORTS and STORES from `STORE` (one unnamed cohort) or `C1=S1,C2=S2,...`
+parse_stores() {
+  COHORTS=() STORES=()
+  local item cohort
+  if [[ "$1" != *=* ]]; then COHORTS=(""); STORES=("$1"); return; fi
+  IFS=, read -r -a items <<< "$1"
+  for item in "${items[@]}"; do
+    cohort=${item%%=*}
+    case "$cohort" in
+      ""|*/*|*" "*) echo "compare.sh: cohort name '$cohort' in '$item' must be non-empty, without / or spaces" >&2; exit 1 ;;
+    esac
+    for other in "${COHORTS[@]}"; do
+      [ "$other" != "$cohort" ] || { echo "compare.sh: cohort $cohort named twice" >&2; exit 1; }
+    done
+    COHORTS+=("$cohort")
+    STORES+=("${item#*=}")
+  done
+}
+
+# dir_of OUT COHORT NAME: a task's output folder
+dir_of() { echo "$1${2:+/$2}/$3"; }
 
 # name_of SPEC: the model's name, the config file's basename without .yaml/.yml (+ -noise for CONFIG:noise)
 name_of() {
@@ -52,11 +83,15 @@ name_of() {
 
 submit() {
   [ $# -ge 3 ] || usage
-  local store out spec config name specs=() names=()
-  store=$(realpath -m "$1")
+  local out spec config name specs=() names=() stores_spec="" i
+  parse_stores "$1"
   out=$(realpath -m "$2")
   shift 2
-  [ -f "$store/manifest.json" ] || { echo "compare.sh: no store at $store (no manifest.json)" >&2; exit 1; }
+  for i in "${!STORES[@]}"; do
+    STORES[$i]=$(realpath -m "${STORES[$i]}")
+    [ -f "${STORES[$i]}/manifest.json" ] || { echo "compare.sh: no store at ${STORES[$i]} (no manifest.json)" >&2; exit 1; }
+    stores_spec+="${stores_spec:+,}${COHORTS[$i]:+${COHORTS[$i]}=}${STORES[$i]}"
+  done
   for spec in "$@"; do
     config=${spec%:noise}
     [ -f "$config" ] || { echo "compare.sh: config $config does not exist" >&2; exit 1; }
@@ -82,33 +117,40 @@ submit() {
   if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus=1); fi
   local models table
   # MRGEN_COMPARE_PARALLEL=P: at most P models at once (e.g. 1 on a small machine, where they would share cores)
-  models=$(sbatch --parsable --job-name=mrgen-compare-model --array=0-$(($# - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
+  models=$(sbatch --parsable --job-name=mrgen-compare-model \
+    --array=0-$((${#COHORTS[@]} * $# - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
     --output=logs/%x-%A_%a.out \
-    "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$store" "$out" "${specs[@]}")
+    "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$stores_spec" "$out" "${specs[@]}")
   table=$(sbatch --parsable --job-name=mrgen-compare --dependency=afterok:"$models" --output=logs/%x-%j.out \
-    hpc/slurm/compare.sh --table "$out" "${names[@]}")
-  local i
-  for i in "${!names[@]}"; do echo "task $i: ${names[$i]} (${specs[$i]}) -> $out/${names[$i]}"; done
+    hpc/slurm/compare.sh --table "$stores_spec" "$out" "${names[@]}")
+  local c task=0
+  for c in "${!COHORTS[@]}"; do
+    for i in "${!names[@]}"; do
+      echo "task $task: ${names[$i]} (${specs[$i]}${COHORTS[$c]:+ on ${COHORTS[$c]}}) -> $(dir_of "$out" "${COHORTS[$c]}" "${names[$i]}")"
+      task=$((task + 1))
+    done
+  done
   echo "models $models"
   echo "table $table"
 }
 
-# one array task: train, export, score, diagnose and report one model
+# one array task: train, export, score, diagnose and report one model on one cohort
 model_task() {
-  local store=$1 out=$2
+  parse_stores "$1"
+  local out=$2
   shift 2
   source hpc/slurm/common.sh
   local task=${SLURM_ARRAY_TASK_ID:?compare.sh --model runs as an array task: use hpc/slurm/compare.sh STORE OUT CONFIG...}
-  [ "$task" -lt $# ] || { echo "compare.sh: array task $task, but $# config(s)" >&2; exit 1; }
+  [ "$task" -lt $((${#COHORTS[@]} * $#)) ] || { echo "compare.sh: array task $task, but ${#COHORTS[@]} cohort(s) x $# config(s)" >&2; exit 1; }
   local specs=("$@")
-  local spec=${specs[$task]}
+  local spec=${specs[$((task % $#))]} cohort=${COHORTS[$((task / $#))]} store=${STORES[$((task / $#))]}
   local config=${spec%:noise} name dir noise=()
   name=$(name_of "$spec")
-  dir=$out/$name
+  dir=$(dir_of "$out" "$cohort" "$name")
   if [ "$spec" != "$config" ]; then noise=(--noise); fi
   # one cache of real Inception features for all models (they share the store; the keys name it)
   export MRGEN_FID_CACHE=${MRGEN_FID_CACHE:-$out/fid-cache}
-  echo "array task $task: $name ($config${noise[*]:+, sampled with noise}), outputs in $dir"
+  echo "array task $task: $name ($config${noise[*]:+, sampled with noise}${cohort:+, cohort $cohort}), outputs in $dir"
   # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
   run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES
   if [ "$(run mrgen-export kind --model "$dir/run")" = translator ]; then
@@ -124,19 +166,28 @@ model_task() {
   run mrgen-fid report "$dir/results"
 }
 
-# after the array: the comparison table of every model
+# after the array: the comparison table of every model (on every cohort)
 table_task() {
-  local out=$1
-  shift
+  parse_stores "$1"
+  local out=$2
+  shift 2
   source hpc/slurm/common.sh
-  local results=() name
-  for name in "$@"; do results+=("$out/$name/results"); done
-  run mrgen-compare "${results[@]}" --names "$(IFS=,; echo "$*")" --out "$out"
+  local results=() names=() cohorts=() name cohort
+  for cohort in "${COHORTS[@]}"; do
+    for name in "$@"; do
+      results+=("$(dir_of "$out" "$cohort" "$name")/results")
+      names+=("$name")
+      cohorts+=("$cohort")
+    done
+  done
+  local by_cohort=()
+  if [ -n "${COHORTS[0]}" ]; then by_cohort=(--cohorts "$(IFS=,; echo "${cohorts[*]}")"); fi
+  run mrgen-compare "${results[@]}" --names "$(IFS=,; echo "${names[*]}")" "${by_cohort[@]}" --out "$out"
 }
 
 case "${1:-}" in
   --model) shift; [ $# -ge 3 ] || usage; model_task "$@" ;;
-  --table) shift; [ $# -ge 2 ] || usage; table_task "$@" ;;
+  --table) shift; [ $# -ge 3 ] || usage; table_task "$@" ;;
   -h|--help|"") usage ;;
   *) submit "$@" ;;
 esac

@@ -4,7 +4,9 @@
 A folder with `translation.json` is a translator's and gets a row in the translators' table
 (`compare_translation.py`). Values averaged over scanners are plain means over the scanners that have them;
 "(k/n)" marks a mean over k of the n scanners. Results from different stores (`store_sha256`) or scanner lists
-are refused. Reads JSON only: no torch, no model, no store.
+are refused, unless each names its cohort: rows of one cohort share a store, and every cohort the scanners;
+a run (by name) then "meets targets" only where it meets them on every cohort. Reads JSON only: no torch, no
+model, no store.
 """
 
 from __future__ import annotations
@@ -79,25 +81,36 @@ def scanners_of(results: Results) -> list[str] | None:
     return _agreed(results, "scanners", lambda r: r.scanners)[0]
 
 
-def check_comparable(runs: Sequence[Results]) -> tuple[str | None, list[str]]:
-    """The common store sha256 and scanner list of the runs; different stores or scanner lists are refused."""
-    common: dict[str, tuple[Any, Results] | None] = {"store_sha256": None, "scanners": None}
+def _common(runs: Sequence[Results], what: str, value_of: Callable[[Results], Any], hint: str) -> Any:
+    """The value every run that has one agrees on (None when none has it); a disagreement is refused."""
+    first: tuple[Any, Results] | None = None
     for r in runs:
-        for what, value in (("store_sha256", store_of(r)), ("scanners", scanners_of(r))):
-            if value is None:
-                continue
-            first = common[what]
-            if first is None:
-                common[what] = (value, r)
-            elif value != first[0]:
-                raise MismatchError(f"{first[1].folder} and {r.folder} come from different {what}: "
-                                    f"{first[0]!r} vs {value!r}; compare results of one store and scanner list")
-    store = common["store_sha256"][0] if common["store_sha256"] else None
-    if common["scanners"]:
-        scanners = list(common["scanners"][0])
+        value = value_of(r)
+        if value is None:
+            continue
+        if first is None:
+            first = (value, r)
+        elif value != first[0]:
+            raise MismatchError(f"{first[1].folder} and {r.folder} come from different {what}: "
+                                f"{first[0]!r} vs {value!r}; {hint}")
+    return first[0] if first else None
+
+
+def check_comparable(runs: Sequence[Results], cohorts: Sequence[str] | None = None
+                     ) -> tuple[dict[str | None, str | None], list[str]]:
+    """Each cohort's store sha256 (one cohort, None, without `cohorts`) and the common scanner list; runs of
+    one cohort from different stores, or different scanner lists, are refused."""
+    cohorts = list(cohorts) if cohorts is not None else [None] * len(runs)
+    hint = "compare results of one store per cohort" if any(cohorts) else \
+        "compare results of one store (or name each one's cohort: --cohorts)"
+    stores = {c: _common([r for r, rc in zip(runs, cohorts, strict=True) if rc == c], "store_sha256", store_of, hint)
+              for c in dict.fromkeys(cohorts)}
+    common_scanners = _common(runs, "scanners", scanners_of, "compare results of one scanner list")
+    if common_scanners:
+        scanners = list(common_scanners)
     else:  # no file names the list: the scanners that have FID results, in name order
         scanners = sorted({s for r in runs for s in r.per_scanner})
-    return store, scanners
+    return stores, scanners
 
 
 def default_names(folders: Sequence[Path]) -> list[str]:
@@ -127,6 +140,15 @@ def _gap(generated: Number, real: Number) -> Number:
 
 def _signature(r: ScannerScore) -> Signature:
     return r.signature or Signature()  # all None: not measured
+
+
+def _signature_gap(r: ScannerScore) -> Number:
+    """The larger relative gap |generated - real| / real of one scanner's background noise and sharpness."""
+    s = _signature(r)
+    gaps = [abs(g - real) / real for g, real in ((s.noise_generated, s.noise_real),
+                                                  (s.sharpness_generated, s.sharpness_real))
+            if g is not None and real is not None and real > 0]
+    return max(gaps) if len(gaps) == 2 else None
 
 
 #: Per-scanner measures averaged over scanners: column -> value of one fid_<scanner>.json.
@@ -172,12 +194,12 @@ def _model_title(run: Results) -> str | None:
 
 def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
             z_reason: str | None = None, encoder: bool | None = None, synthetic_trained: Number = None,
-            memorisation: Number = None) -> str:
+            memorisation: Number = None, signature_gap: Number = None) -> str:
     """Whether a model meets the targets (targets.py: conditioning, z-probe and, where they were measured,
-    train-on-synthetic-test-on-real and memorisation) and, if not, why. A model without an encoder (`encoder`
-    False: a GAN) has no posterior that could carry the scanner into z: its z is N(0, I) by construction, so the
-    z-probe target holds without a probe. Results written before TSTR and memorisation were measured are judged
-    without them."""
+    train-on-synthetic-test-on-real, memorisation and the noise/sharpness signature) and, if not, why. A model
+    without an encoder (`encoder` False: a GAN) has no posterior that could carry the scanner into z: its z is
+    N(0, I) by construction, so the z-probe target holds without a probe. Results written before TSTR and
+    memorisation were measured are judged without them."""
     notes = []
     if conditioning is None:
         notes.append("conditioning not measured")
@@ -204,6 +226,9 @@ def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label
     if memorisation is not None and memorisation < targets.MEMORISATION:
         useful = False
         notes.append(f"near the training slices (NN ratio {memorisation:.2f})")
+    if signature_gap is not None and signature_gap > targets.SIGNATURE:
+        useful = False
+        notes.append(f"noise/sharpness off by {signature_gap:.0%} (> {targets.SIGNATURE:.0%})")
     if conditioning is not None and conditioning >= targets.GENERATION_CONDITIONING:
         notes.insert(0, "meets targets" if z_holds and useful else f"conditioning ≥ {targets.GENERATION_CONDITIONING:.2f}")
     return "; ".join(notes)
@@ -221,6 +246,8 @@ def _scanner_means(run: Results, scanners: Sequence[str], summary: Summary) -> N
         r = run.per_scanner.get(s)
         summary.values[f"fid_{slug(s)}"] = r.fid_mean if r else None
         summary.values[f"kid_{slug(s)}"] = r.kid_mean if r else None
+    gaps = [g for s in scanners if s in run.per_scanner and (g := _signature_gap(run.per_scanner[s])) is not None]
+    summary.values["signature_gap"] = max(gaps) if gaps and len(gaps) == len(scanners) else None
     for s, rate in conditioning_per_scanner(run.conditioning, scanners).items():
         summary.values[f"conditioning_{slug(s)}"] = rate
 
@@ -246,13 +273,15 @@ def _training(diag: Diagnostics, key: str) -> Number:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def summarise(run: Results, scanners: Sequence[str]) -> Summary:
-    """The comparison row of one run; a file the folder lacks counts as one with nothing measured."""
+def summarise(run: Results, scanners: Sequence[str], cohort: str | None = None) -> Summary:
+    """The comparison row of one run (on `cohort`, when named); a file the folder lacks counts as one with
+    nothing measured."""
     diag, gen, cond = run.diagnostics or Diagnostics(), run.generation or Generation(), run.conditioning or Conditioning()
     z, rec, effect = diag.z_probe or ZProbe(), diag.reconstruction or Reconstruction(), gen.label_effect or LabelEffect()
     n_gen = _n_generated(run, scanners)
     v: dict[str, Any] = {
         "run": run.name,
+        "cohort": cohort,
         "folder": str(run.folder),
         "model": _model_title(run),
         "family": _family(run),
@@ -283,8 +312,24 @@ def summarise(run: Results, scanners: Sequence[str]) -> Summary:
     _run_notes(run, scanners, summary)
     z_reason = diag.reason if v["z_probe"] is None else None
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
-                           diag.encoder, v["synthetic_trained"], v["memorisation"])
+                           diag.encoder, v["synthetic_trained"], v["memorisation"], v["signature_gap"])
     return summary
+
+
+def judge_across_cohorts(summaries: Sequence[Summary]) -> None:
+    """A run (by name) meets the targets only where it meets them on every cohort of the comparison: each row
+    of a run that misses them on another cohort, or was not scored there, says so in its verdict."""
+    cohorts = list(dict.fromkeys(s.values["cohort"] for s in summaries))
+    if len(cohorts) < 2:
+        return
+    for s in summaries:
+        if not s.values["verdict"].startswith("meets targets"):
+            continue
+        others = {o.values["cohort"]: o.values["verdict"] for o in summaries if o.name == s.name and o is not s}
+        misses = [f"{c}: {others[c].split('; ')[0]}" if c in others else f"{c}: not scored"
+                  for c in cohorts if c != s.values["cohort"] and not others.get(c, "").startswith("meets targets")]
+        if misses:
+            s.values["verdict"] = "meets targets here, not on every cohort (" + "; ".join(misses) + ")"
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
@@ -316,6 +361,10 @@ def _ms_ssim_cell(s: Summary, n: int) -> str:
     return f"{_mean_cell(s, 'ms_ssim', _fixed(3), n)} / {_mean_cell(s, 'ms_ssim_real', _fixed(3), n)}"
 
 
+def _percent(value: Number) -> str:
+    return MISSING if value is None else f"{value:.0%}"
+
+
 def _fid_cell(s: Summary, n: int) -> str:
     text = _mean_cell(s, "fid", _fixed(2), n)
     return text + " †" if s.values["fid_biased"] else text
@@ -324,6 +373,7 @@ def _fid_cell(s: Summary, n: int) -> str:
 #: The markdown table: header -> cell of a run's Summary (given the number of scanners).
 COLUMNS: dict[str, Callable[[Summary, int], str]] = {
     "run": lambda s, n: s.name,
+    "cohort": lambda s, n: s.values["cohort"] or MISSING,
     "model": lambda s, n: _model_cell(s),
     "parameters": lambda s, n: human_count(s.values["parameters"]),
     "train s": lambda s, n: _rate(s.values["train_seconds"]),
@@ -346,16 +396,27 @@ COLUMNS: dict[str, Callable[[Summary, int], str]] = {
     "intensity W1": lambda s, n: _mean_cell(s, "intensity_w1", _sig, n),
     "Δ noise": lambda s, n: _mean_cell(s, "noise_gap", _sig, n),
     "Δ sharpness": lambda s, n: _mean_cell(s, "sharpness_gap", _sig, n),
+    "noise/sharpness off (max)": lambda s, n: _percent(s.values["signature_gap"]),
     "verdict": lambda s, n: s.values["verdict"],
 }
 
 
 def table_rows(summaries: Sequence[Summary], n_scanners: int) -> list[list[str]]:
-    """The markdown table's cells, header first."""
-    return [list(COLUMNS)] + [[fn(s, n_scanners) for fn in COLUMNS.values()] for s in summaries]
+    """The markdown table's cells, header first; the cohort column where any row names its cohort."""
+    columns = {k: fn for k, fn in COLUMNS.items() if k != "cohort" or any(s.values["cohort"] for s in summaries)}
+    return [list(columns)] + [[fn(s, n_scanners) for fn in columns.values()] for s in summaries]
 
 
-def _footnotes(summaries: Sequence[Summary], store: str | None, scanners: Sequence[str]) -> list[str]:
+def _stores_note(stores: dict[str | None, str | None]) -> str:
+    def short(sha: str | None) -> str:
+        return sha[:16] if sha else "unknown (no store_sha256 in the results)"
+    if list(stores) == [None]:
+        return f"Store {short(stores[None])}"
+    return "Stores: " + ", ".join(f"{cohort} {short(sha)}" for cohort, sha in stores.items())
+
+
+def _footnotes(summaries: Sequence[Summary], stores: dict[str | None, str | None], scanners: Sequence[str]
+               ) -> list[str]:
     n = len(scanners)
     notes = []
     if any(s.values["fid_biased"] for s in summaries):
@@ -377,20 +438,23 @@ def _footnotes(summaries: Sequence[Summary], store: str | None, scanners: Sequen
         f"{targets.LABEL_EFFECT_FLOOR} "
         "the decoder ignores the label.",
         "Signature: intensity W1 = Wasserstein-1 distance of real and generated intensity histograms; Δ noise and "
-        "Δ sharpness = |generated − real| of the noise level and sharpness.",
+        "Δ sharpness = |generated − real| of the noise level and sharpness; noise/sharpness off (max): the larger "
+        f"of their relative gaps |generated − real| / real, the worst scanner's (target ≤ {targets.SIGNATURE:.0%}).",
         "+ noise: the samples drew the learned observation noise.",
     ]
     notes += [note for s in summaries if (note := run_footnote(s, "sampler_device", "sampled"))]
-    notes.append(f"Store {store[:16] if store else 'unknown (no store_sha256 in the results)'}; "
-                 f"scanners (vocabulary order): {', '.join(scanners)}.")
+    if len({s.values["cohort"] for s in summaries}) > 1:
+        notes.append("Cohorts: a run meets the targets only where it meets them on every cohort it is compared on.")
+    notes.append(f"{_stores_note(stores)}; scanners (vocabulary order): {', '.join(scanners)}.")
     return notes
 
 
-def table_markdown(summaries: Sequence[Summary], store: str | None, scanners: Sequence[str]) -> str:
+def table_markdown(summaries: Sequence[Summary], stores: dict[str | None, str | None], scanners: Sequence[str]
+                   ) -> str:
     rows = table_rows(summaries, len(scanners))
     lines = ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
-    return "\n".join(lines + [""] + [f"- {note}" for note in _footnotes(summaries, store, scanners)]) + "\n"
+    return "\n".join(lines + [""] + [f"- {note}" for note in _footnotes(summaries, stores, scanners)]) + "\n"
 
 
 def _csv_value(value: Any) -> Any:
@@ -450,19 +514,24 @@ def compare_figure(summaries: Sequence[Summary], scanners: Sequence[str], path: 
 # -- command line -----------------------------------------------------------------------------------------------
 
 
-def compare(folders: Sequence[Path], out: Path, names: Sequence[str] | None = None) -> list[Path]:
-    """Read, check and compare the results folders; writes OUT/compare.md with the generators' table (and
-    compare.csv, compare.png) and the translators' (compare-translation.csv, .png); returns the paths."""
+def compare(folders: Sequence[Path], out: Path, names: Sequence[str] | None = None,
+            cohorts: Sequence[str] | None = None) -> list[Path]:
+    """Read, check and compare the results folders (each of its `cohorts` entry, when given); writes
+    OUT/compare.md with the generators' table (and compare.csv, compare.png) and the translators'
+    (compare-translation.csv, .png); returns the paths."""
     from mrgen_dist.eval import compare_translation
 
     folders = [Path(f) for f in folders]
     names = list(names) if names is not None else default_names(folders)
+    cohort_of = list(cohorts) if cohorts is not None else [None] * len(folders)
     runs = [read_results(folder, name) for folder, name in zip(folders, names, strict=True)]
-    store, scanners = check_comparable(runs)
-    generators = [summarise(r, scanners) for r in runs if r.translation is None]
+    stores, scanners = check_comparable(runs, cohort_of)
+    store = next(iter(stores.values()))
+    generators = [summarise(r, scanners, c) for r, c in zip(runs, cohort_of, strict=True) if r.translation is None]
+    judge_across_cohorts(generators)
     translators = [compare_translation.summarise_translation(r, scanners) for r in runs if r.translation is not None]
     out.mkdir(parents=True, exist_ok=True)
-    text = table_markdown(generators, store, scanners) if generators else ""
+    text = table_markdown(generators, stores, scanners) if generators else ""
     if translators:
         text += ("\n" if text else "") + compare_translation.table_markdown(translators)
         if not generators:

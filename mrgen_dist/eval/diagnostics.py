@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from mrgen_dist import __version__
+from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
 from mrgen_dist.eval.results import Diagnostics, Reconstruction, ZProbe
-from mrgen_dist.runtime.noise import add_noise
+from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 
 #: Images per encoder / decoder call.
 BATCH = 256
@@ -88,14 +89,16 @@ def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torc
     if noise and not graph.has_noise:
         raise FidError(f"--noise: the {family.title or family.name} run has no learned observation noise; diagnose "
                        "its mean images without --noise")
-    rngs = [np.random.default_rng([0, part]) for part in (1, 2)]
+    rngs = [np.random.default_rng([0, part]) for part in (1, 2, 3)]
+    texture = NoiseTexture(**graph.noise_texture()) if noise and graph.noise_kind == ModelMetadata.CHI_NOISE else None
     out = []
     for start in range(0, len(z), BATCH):
         labels = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
         with torch.no_grad():
             images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu().numpy()
             if noise:
-                images = add_noise(images, graph.noise_sigma(labels).float().cpu().numpy(), graph.noise_kind, *rngs)
+                images = add_noise(images, graph.noise_sigma(labels).float().cpu().numpy(), graph.noise_kind, rngs,
+                                   labels.cpu().numpy(), texture)
         out.append(images[:, 0])
     return np.concatenate(out)
 

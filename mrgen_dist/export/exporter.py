@@ -67,7 +67,7 @@ class ExportReport:
 
 def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None = None, noise: str = "",
              contract: str = ModelMetadata.DECODER, targets: list[str] | None = None,
-             sampler: dict | None = None) -> ModelMetadata:
+             sampler: dict | None = None, noise_texture: dict | None = None) -> ModelMetadata:
     """What the exported file says about itself (its `metadata_props`; export/README.md documents each key)."""
     return ModelMetadata(
         format=f"{contract}/{ModelMetadata.VERSION}",
@@ -82,6 +82,7 @@ def metadata(record: RunRecord, latent: int, precision: str, parity: dict | None
         family=record.family,
         parity=parity or {},
         noise=noise,
+        noise_texture=noise_texture or {},
         targets=targets or [],
         slice_params=record.slice_params,
         sampler=sampler or {},
@@ -209,7 +210,7 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
         props = metadata(record, latent, precision, parity_record, graph.noise_kind,
-                         family.contract, targets, graph.sampler_metadata()).to_props()
+                         family.contract, targets, graph.sampler_metadata(), graph.noise_texture()).to_props()
         onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(final))
         onnx.checker.check_model(str(final), full_check=True)

@@ -57,10 +57,13 @@ from mrgen_dist.models.cvae import (
     reconstruction_loss,
     reverse_gradient,
 )
-from mrgen_dist.runtime.noise import add_noise
+from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.noise import chi_draw, rician_draw
+from mrgen_dist.runtime.noise import NoiseTexture, white_shape
 from mrgen_dist.scanners import Vocabulary
 
 ENCODER_INPUTS = ("untoned", "raw")
+ACQUISITIONS = ("fixed", "learned")
 #: Noise-free intensities below this are background, where each scanner's noise sigma is fitted.
 BACKGROUND = 0.05
 #: The bias field multiplies the anatomy by at most exp(+-BIAS_RANGE).
@@ -77,6 +80,19 @@ MIN_PSF_VARIANCE = 0.01
 SHARE_EPS = 1e-6
 #: The atlas starts as a flat grey image of this intensity (gradients reach every pixel through the tone curve).
 ATLAS_INIT = 0.25
+#: `acquisition: learned`: each scanner's gain field multiplies its image by at most exp(+-GAIN_RANGE), and its
+#: noise level map the scanner's sigma by at most exp(+-NOISE_MAP_RANGE).
+GAIN_RANGE = 0.5
+NOISE_MAP_RANGE = 1.0
+#: Each scanner's noise floor starts as this share of its background power (d = 2/3), between the Rician
+#: draw (0) and many coils (-> 1), which the fit reaches in a few hundred steps from here.
+FLOOR_SHARE_INIT = 0.25
+#: The noise floor's share of the background power stays below this (d <= 98: about 50 coils).
+MAX_FLOOR_SHARE = 0.98
+#: The texture fit compares real and drawn background in cells of CELL x CELL pixels (each at least half
+#: background), and the correlation of their residuals at LAGS (rows, columns).
+CELL = 8
+LAGS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0))
 
 
 @dataclass
@@ -91,15 +107,27 @@ class AtlasConfig(CVAEConfig):
     tone_knots: int = 16  # linear pieces of each scanner's tone curve
     encoder_input: str = "untoned"  # untoned: the slices with their scanner's tone curve undone | raw
     scanner_penalty: float = 10.0  # weight of scanner_share, the batch variance of z's means the scanner explains
+    # fixed: tone curve, Gaussian point-spread function, white Rician noise | learned: also a smooth gain field
+    # per scanner, and "chi" noise (a sigma map, a multi-coil noise floor and a correlation kernel per scanner)
+    # fitted to the background's local level, spread and correlation (see the module doc)
+    acquisition: str = "fixed"
+    gain_grid: list[int] = field(default_factory=lambda: [6, 5])  # control points of each scanner's gain field
+    noise_grid: list[int] = field(default_factory=lambda: [6, 5])  # control points of each scanner's sigma map
+    noise_taps: int = 3  # side of each scanner's noise correlation kernel (odd)
 
     PRIORS: ClassVar[tuple[str, ...]] = ("standard",)
     OBSERVATION_NOISE: ClassVar[tuple[str, ...]] = ("rician",)
 
     def validate(self) -> None:
         super().validate()
-        for key, grid in (("warp_grid", self.warp_grid), ("bias_grid", self.bias_grid)):
+        for key, grid in (("warp_grid", self.warp_grid), ("bias_grid", self.bias_grid), ("gain_grid", self.gain_grid),
+                          ("noise_grid", self.noise_grid)):
             if len(grid) != 2 or min(grid) < 2:
                 raise ValueError(f"model.{key} must be two sizes >= 2 (rows, columns), got {grid}")
+        if self.acquisition not in ACQUISITIONS:
+            raise ValueError(f"model.acquisition must be one of {', '.join(ACQUISITIONS)}, got {self.acquisition!r}")
+        if self.noise_taps < 1 or self.noise_taps % 2 == 0:
+            raise ValueError(f"model.noise_taps must be an odd number >= 1, got {self.noise_taps}")
         if self.encoder_input not in ENCODER_INPUTS:
             raise ValueError(f"model.encoder_input must be one of {', '.join(ENCODER_INPUTS)}, got {self.encoder_input!r}")
         if self.scanner_penalty < 0:
@@ -111,7 +139,8 @@ class AtlasConfig(CVAEConfig):
                              f"{self.templates}, {self.tone_knots} and {self.max_shift}")
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:
-        for key, grid in (("warp_grid", self.warp_grid), ("bias_grid", self.bias_grid)):
+        for key, grid in (("warp_grid", self.warp_grid), ("bias_grid", self.bias_grid), ("gain_grid", self.gain_grid),
+                          ("noise_grid", self.noise_grid)):
             if any(g > n for g, n in zip(grid, image_shape, strict=True)):
                 raise ValueError(f"model.{key} {grid} is finer than the slices {list(image_shape)}")
 
@@ -154,6 +183,7 @@ class AtlasOutput(NamedTuple):
     expected: torch.Tensor  # (B, 1, H, W): the Rician mean of the noisy image (sigma detached), for the loss
     clean: torch.Tensor  # (B, 1, H, W): the noise-free image
     sigma: torch.Tensor  # (B, 1, H, W): the scanner's noise sigma
+    draw: torch.Tensor | None  # acquisition learned: a draw of the scanner's noise around `clean` (detached)
     mean: torch.Tensor  # posterior mean and log-variance (B, latent)
     logvar: torch.Tensor
     probe_logits: torch.Tensor | None  # the scanner probe on the reversed-gradient mean, with adversary > 0
@@ -184,10 +214,83 @@ class AtlasVAE(CVAE):
         self.psf_param = nn.Parameter(torch.full((self.n_scanners, 2), math.log(PSF_SIGMA_INIT) / PARAM_SCALE))
         self.psf_taps = config.psf
         self.untoned_input = config.encoder_input == "untoned"
+        self.learned = config.acquisition == "learned"
+        if self.learned:
+            self.gain_grid, self.noise_grid = tuple(config.gain_grid), tuple(config.noise_grid)
+            self.gain = nn.Parameter(torch.zeros(self.n_scanners, math.prod(self.gain_grid)))
+            self.noise_map = nn.Parameter(torch.zeros(self.n_scanners, math.prod(self.noise_grid)))
+            share = FLOOR_SHARE_INIT / MAX_FLOOR_SHARE
+            self.noise_dof = nn.Parameter(torch.full((self.n_scanners,), math.log(share / (1 - share)) / PARAM_SCALE))
+            delta = F.one_hot(torch.tensor(config.noise_taps**2 // 2), config.noise_taps**2).float()
+            self.noise_kernel = nn.Parameter(delta.repeat(self.n_scanners, 1) / PARAM_SCALE)
+
+    def smooth_field(self, params: torch.Tensor, grid: tuple[int, int], scale: float) -> torch.Tensor:
+        """exp(+-scale) fields (B, 1, H, W) from control points `params` (B, rows x columns), upsampled
+        bilinearly: a scanner's gain (receive and transmit fields) or its noise level map (coil geometry,
+        parallel imaging's g-factor), smooth over the slice."""
+        coarse = torch.tanh(PARAM_SCALE * params.float()).view(-1, 1, *grid) * scale
+        return torch.exp(F.interpolate(coarse, size=self.image_shape, mode="bilinear", align_corners=True))
 
     @property
     def noise_kind(self) -> str:
-        return ModelMetadata.RICIAN_NOISE
+        return ModelMetadata.CHI_NOISE if self.learned else ModelMetadata.RICIAN_NOISE
+
+    def sigma(self, scanner: torch.Tensor) -> torch.Tensor:
+        """Each image's noise sigma (B, 1, H, W): its scanner's; when learned, the scanner's background power
+        level sqrt(sigma^2 (2 + d) / 2) (the parameter, so that the level and the floor's share of it are fitted
+        apart: as sigma and d they trade off along one valley) times its level map."""
+        sigma = super().sigma(scanner)
+        if self.learned:
+            share = (2 / (2 + self.noise_dofs()[scanner])).sqrt().view(-1, 1, 1, 1)
+            sigma = sigma * share * self.smooth_field(self.noise_map[scanner], self.noise_grid, NOISE_MAP_RANGE)
+        return sigma
+
+    def noise_dofs(self) -> torch.Tensor:
+        """Each scanner's extra degrees of freedom of its noise floor (scanners,), float32 (learned): d = 2 f /
+        (1 - f) for the floor's share f of the background power, within [0, MAX_FLOOR_SHARE]."""
+        share = torch.sigmoid(PARAM_SCALE * self.noise_dof.float()) * MAX_FLOOR_SHARE
+        return 2 * share / (1 - share)
+
+    def noise_kernels(self) -> torch.Tensor:
+        """Each scanner's noise correlation kernel (scanners, k, k), of unit energy, float32 (learned)."""
+        kernel = self.noise_kernel.float()
+        k = math.isqrt(kernel.shape[1])
+        return (kernel / kernel.norm(dim=1, keepdim=True).clamp(min=1e-6)).view(-1, k, k)
+
+    def noise_texture(self) -> dict:
+        """The "chi" noise's per-scanner shape for the exported file (runtime.noise.NoiseTexture); {} when fixed."""
+        if not self.learned:
+            return {}
+        with torch.no_grad():
+            return NoiseTexture(self.noise_dofs().cpu().tolist(), self.noise_kernels().cpu().tolist()).to_dict()
+
+    def white_shape(self, batch: int) -> tuple[int, ...]:
+        """The white noise `observe` draws from: two (H, W) fields (Rician), or three fields a kernel's border
+        larger (learned)."""
+        if self.learned:
+            return white_shape((batch, 3, *self.image_shape), self.noise_kernel_taps)
+        return (batch, 2, *self.image_shape)
+
+    def white_from(self, seeds: torch.Tensor) -> torch.Tensor:
+        """White fields (`white_shape`) drawn from one N(0, 1) number per image (the loop draws all of a step's
+        randomness, so that a resumed run draws what an uninterrupted one does), each its own stream."""
+        shape = self.white_shape(1)[1:]
+        numbers = (uniform_from_normal(seeds.detach().double().cpu()) * 2**62).long().tolist()
+        fields = [torch.randn(shape, generator=torch.Generator().manual_seed(n)) for n in numbers]
+        return torch.stack(fields).to(seeds.device)
+
+    @property
+    def noise_kernel_taps(self) -> int:
+        return math.isqrt(self.noise_kernel.shape[1])
+
+    def observe(self, clean: torch.Tensor, scanner: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+        """A draw of each image's scanner noise around `clean` (B, 1, H, W) from white fields of `white_shape`,
+        as `mrgen-sample --noise` draws it (differentiable in the noise parameters)."""
+        sigma = self.sigma(scanner).float()
+        if not self.learned:
+            real, imaginary = white.float().split(1, dim=1)
+            return rician_draw(clean.float(), sigma, real, imaginary)
+        return chi_draw(clean.float(), sigma, self.noise_dofs()[scanner], self.noise_kernels()[scanner], white.float())
 
     def anatomy(self, z: torch.Tensor) -> torch.Tensor:
         """The scanner-free image (B, 1, H, W), float32: the mixed atlas, warped, times the bias field. The
@@ -221,6 +324,9 @@ class AtlasVAE(CVAE):
         position = anatomy.clamp(0, 1).flatten(1) * knots
         piece = position.detach().floor().clamp(max=knots - 1).long()
         toned = (starts.gather(1, piece) + (position - piece) / knots * slopes.gather(1, piece)).view_as(anatomy)
+        if self.learned:
+            gain = self.gain.detach() if frozen else self.gain
+            toned = toned * self.smooth_field(gain[scanner], self.gain_grid, GAIN_RANGE).to(toned.dtype)
         return gaussian_blur(toned, self.psf_sigma(fitted, frozen)[scanner], self.psf_taps)
 
     def tone_curve(self, scanner: torch.Tensor, dtype: torch.dtype, frozen: bool = False
@@ -231,7 +337,10 @@ class AtlasVAE(CVAE):
         return slopes, F.pad(torch.cumsum(slopes, dim=1)[:, :-1], (1, 0)) / slopes.shape[1]
 
     def untone(self, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        """`images` (B, H, W) with their scanner's tone curve undone (the curve held fixed), in [0, 1]."""
+        """`images` (B, H, W) with their scanner's gain (learned) and tone curve undone (held fixed), in [0, 1]."""
+        if self.learned:
+            gain = self.smooth_field(self.gain.detach()[scanner], self.gain_grid, GAIN_RANGE)[:, 0]
+            images = (images / gain.to(images.dtype)).clamp(0, 1)
         slopes, starts = (t.detach() for t in self.tone_curve(scanner, images.dtype))
         knots = slopes.shape[1]
         values = images.flatten(1)
@@ -255,8 +364,8 @@ class AtlasVAE(CVAE):
         plus the decoder's own error (an anatomy that is not quite in place is best fitted blurred), which is
         the same for every scanner. Training fits it; sampling applies the scanner's own part, the fitted
         variance less the smallest scanner's (per axis), so the sharpest scanner is drawn as sharp as the atlas
-        and every other one with its blur relative to it. Measured on the comparison cohort: every scanner's
-        fitted sigma was 1-2 pixels, Magnetom TrioTim's (sharp, no blur) included."""
+        and every other one with its blur relative to it (docs/results/generation.md: every fitted sigma came
+        out at 1-2 pixels, the sharpest scanner's included)."""
         psf = self.psf_param.detach() if frozen else self.psf_param
         variance = torch.exp(2 * PARAM_SCALE * psf.float())
         if not fitted:
@@ -269,13 +378,23 @@ class AtlasVAE(CVAE):
         return self.acquire(self.anatomy(z), scanner, fitted, frozen).clamp(0, 1)
 
     def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor) -> AtlasOutput:
+        """`noise`: the posterior's reparameterisation (B, latent), followed when learned by one number per image
+        that seeds the noise draw the texture fit compares with the slices (`white_from`)."""
         mean, logvar = self.encode(images, scanner)
-        z = mean + noise.to(mean.dtype) * torch.exp(0.5 * logvar)
+        z = mean + noise[:, : self.latent].to(mean.dtype) * torch.exp(0.5 * logvar)
         clean = self.decode(z, scanner, fitted=True)
         sigma = self.sigma(scanner)
+        held = sigma.detach().float()
+        draw = None
+        if self.learned:
+            # the expected magnitude with the noise floor's extra power added to the signal's (exact at d = 0)
+            dof = self.noise_dofs().detach()[scanner].view(-1, 1, 1, 1)
+            expected = rician_mean((clean.float().square() + dof * held.square()).sqrt(), held)
+            draw = self.observe(clean.detach(), scanner, self.white_from(noise[:, self.latent]))
+        else:
+            expected = rician_mean(clean.float(), held)
         return AtlasOutput(
-            expected=rician_mean(clean.float(), sigma.detach().float()), clean=clean, sigma=sigma, mean=mean,
-            logvar=logvar,
+            expected=expected, clean=clean, sigma=sigma, draw=draw, mean=mean, logvar=logvar,
             probe_logits=self.probe(reverse_gradient(mean, self.adversary)) if self.adversary > 0 else None,
         )
 
@@ -303,6 +422,51 @@ def noise_fit(out: AtlasOutput, images: torch.Tensor) -> torch.Tensor:
     return (nll * background).sum() / background.sum().clamp(min=1.0)
 
 
+def _cell_moments(images: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The mean and standard deviation of `images` (B, 1, H, W) over the `mask` of each CELL x CELL cell."""
+    mean = F.avg_pool2d(mask * images, CELL, ceil_mode=True) / count
+    square = F.avg_pool2d(mask * images.square(), CELL, ceil_mode=True) / count
+    return mean, (square - mean.square()).clamp(min=1e-10).sqrt()
+
+
+def _lag_correlations(residual: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The correlation of `residual` (B, 1, H, W) between background pixels LAGS apart, per image (B, lags)."""
+    h, w = residual.shape[-2:]
+    r = residual * mask
+    energy = r.square().sum(dim=(1, 2, 3)).clamp(min=1e-12)
+    out = []
+    for dy, dx in LAGS:
+        a = r[..., : h - dy, max(0, -dx) : w - max(0, dx)]
+        b = r[..., dy:, max(0, dx) : w - max(0, -dx) if dx < 0 else w]
+        out.append((a * b).sum(dim=(1, 2, 3)) / energy)
+    return torch.stack(out, dim=1)
+
+
+def texture_fit(out: AtlasOutput, images: torch.Tensor) -> torch.Tensor:
+    """The learned acquisition's noise fit: on the background (noise-free image below BACKGROUND, detached),
+    the squared log-ratios of the drawn to the real local mean and spread in every cell that is at least half
+    background (the level map, the noise floor's degrees of freedom), plus the squared differences of their
+    residuals' correlations at LAGS (the kernel): a fit by simulated moments, since the non-central chi of
+    correlated channels has no likelihood to write per pixel. 0 where no cell is background."""
+    clean = out.clean.detach().float()
+    observed = images.view_as(clean).float()
+    mask = (clean < BACKGROUND).float()
+    count = F.avg_pool2d(mask, CELL, ceil_mode=True)
+    cells = (count >= 0.5).float()
+    real_mean, real_spread = _cell_moments(observed, mask, count.clamp(min=1e-6))
+    draw_mean, draw_spread = _cell_moments(out.draw, mask, count.clamp(min=1e-6))
+    level = cells * ((draw_mean.clamp(min=1e-6).log() - real_mean.clamp(min=1e-6).log()).square()
+                     + (draw_spread.log() - real_spread.log()).square())
+    level = level.sum() / cells.sum().clamp(min=1.0)
+
+    def residual(x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        return x - F.interpolate(local, scale_factor=CELL, mode="nearest")[..., : x.shape[-2], : x.shape[-1]]
+
+    texture = (_lag_correlations(residual(out.draw, draw_mean), mask)
+               - _lag_correlations(residual(observed, real_mean), mask)).square().sum(dim=1).mean()
+    return level + texture
+
+
 def atlas_objective(config: AtlasConfig, out: AtlasOutput, images: torch.Tensor, scanner: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
     """The atlas cVAE's objective `loss` (per-image negative ELBO + noise fit + the probe's cross-entropy +
@@ -311,7 +475,8 @@ def atlas_objective(config: AtlasConfig, out: AtlasOutput, images: torch.Tensor,
     reconstruction = reconstruction_loss(out.expected, images, config.loss).mean()
     zeros = torch.zeros_like(out.mean, dtype=torch.float32)
     kl = kl_divergence(out.mean.float(), out.logvar.float(), zeros, zeros).mean()
-    losses = {"reconstruction": reconstruction, "kl": kl, "noise": noise_fit(out, images)}
+    noise = noise_fit(out, images) if out.draw is None else texture_fit(out, images)
+    losses = {"reconstruction": reconstruction, "kl": kl, "noise": noise}
     losses["loss"] = reconstruction + config.kl_weight * kl + losses["noise"]
     if out.probe_logits is not None:
         losses["adversary"] = F.cross_entropy(out.probe_logits.float(), scanner)
@@ -335,6 +500,10 @@ class AtlasFamily(CVAEFamily):
         optional = {"adversary": config.adversary > 0, "scanner_share": config.scanner_penalty > 0}
         return tuple(name for name in self.loss_names if optional.get(name, True))
 
+    def noise_dim(self, config: AtlasConfig) -> int:
+        """The posterior's reparameterisation, then (learned acquisition) the seed of the noise draw."""
+        return config.latent + (config.acquisition == "learned")
+
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         with step.autocast():
             out: AtlasOutput = step.model(step.images, step.scanner, step.noise)
@@ -344,14 +513,18 @@ class AtlasFamily(CVAEFamily):
     @torch.no_grad()
     def preview(self, model: AtlasVAE, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
                 ) -> tuple[list[tuple[str, np.ndarray]], str]:
-        """The samples of every family's figure, drawn with their scanner's Rician noise (as mrgen-sample
-        --noise draws them) from a fixed stream."""
+        """The samples of every family's figure, drawn with their scanner's noise (as mrgen-sample --noise draws
+        them) from a fixed stream."""
         rows, _ = super().preview(model, images, scanner, vocabulary)
-        rng = np.random.default_rng(1234)
-        sigma = model.sigma(torch.arange(len(vocabulary), device=images.device))[:, 0, 0, 0].float().cpu().numpy()
-        noisy = [(name, add_noise(clean, s, ModelMetadata.RICIAN_NOISE, rng, rng))
-                 for (name, clean), s in zip(rows, sigma, strict=True)]
-        return noisy, "samples with their scanner's Rician noise (same z in every row)"
+        g = torch.Generator().manual_seed(1234)
+        noisy = []
+        for sid, (name, clean) in enumerate(rows):
+            labels = torch.full((len(clean),), sid, dtype=torch.long, device=images.device)
+            white = torch.randn(model.white_shape(len(clean)), generator=g).to(images.device)
+            draw = model.observe(torch.from_numpy(clean)[:, None].to(images.device), labels, white)
+            noisy.append((name, draw[:, 0].float().cpu().numpy()))
+        kind = "chi" if model.learned else "Rician"
+        return noisy, f"samples with their scanner's {kind} noise (same z in every row)"
 
     def flops_per_image(self, model: AtlasVAE) -> int:
         """The Linear layers, plus the separable point-spread filter over the slice."""

@@ -63,6 +63,9 @@ class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
         if self.adversarial_parts not in ADVERSARIAL_PARTS:
             raise ValueError(f"model.adversarial_parts must be one of {', '.join(ADVERSARIAL_PARTS)}, got "
                              f"{self.adversarial_parts!r}")
+        if self.acquisition != "fixed":
+            raise ValueError("model.acquisition must be fixed for the atlasgan family (its prior draws take the "
+                             f"Rician noise), got {self.acquisition!r}")
         if self.adversarial_weight < 0:
             raise ValueError(f"model.adversarial_weight must be >= 0, got {self.adversarial_weight}")
 

@@ -127,6 +127,11 @@ class ExportGraph(nn.Module):
     def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no learned observation noise")
 
+    def noise_texture(self) -> dict:
+        """The per-scanner shape of "chi" noise (metadata `mrgen.noise_texture`, a runtime.noise.NoiseTexture);
+        {} for the other kinds."""
+        return {}
+
     def sampler_metadata(self) -> dict:
         """How a runtime samples the file (metadata `mrgen.sampler`): a denoiser's DDIM settings; {} otherwise."""
         return {}

@@ -163,6 +163,10 @@ class CVAE(nn.Module):
         """How `mrgen-sample --noise` draws around the image (ModelMetadata.noise): "gaussian", or "" for none."""
         return ModelMetadata.GAUSSIAN_NOISE if self.has_noise else ""
 
+    def noise_texture(self) -> dict:
+        """The per-scanner shape of "chi" noise (runtime.noise.NoiseTexture); {} for the other kinds."""
+        return {}
+
     def with_label(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
         """`x` with the one-hot scanner appended (a conditional model), or `x` itself."""
         if not self.conditional:
@@ -285,6 +289,9 @@ class Decoder(SamplingGraph):
 
     def noise_sigma(self, scanner: torch.Tensor) -> torch.Tensor:
         return self.model.sigma(scanner).float()
+
+    def noise_texture(self) -> dict:
+        return self.model.noise_texture()
 
 
 class CVAEFamily(Family):

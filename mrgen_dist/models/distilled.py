@@ -121,6 +121,9 @@ class DistilledConfig(ModelConfig):
         if record.family not in TEACHERS:
             raise ValueError(f"model.teacher {self.teacher} is a {record.family} run; the translator is distilled "
                              f"from one of the families {', '.join(TEACHERS)}")
+        if record.config.get("model", {}).get("acquisition", "fixed") != "fixed":
+            raise ValueError(f"model.teacher {self.teacher} has a learned acquisition; the translator is distilled "
+                             "from a teacher with Rician noise (model.acquisition: fixed)")
         return record
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:

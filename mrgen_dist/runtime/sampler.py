@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.runtime.diffusion import DiffusionDraw, SamplerSettings
-from mrgen_dist.runtime.noise import add_noise
+from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 from mrgen_dist.runtime.parity import decode_draws
 from mrgen_dist.runtime.session import SampleError, check_finite, check_graph, cpu_description, device_of, open_session
 from mrgen_dist.scanners import UnknownScannerError, Vocabulary
@@ -52,6 +52,12 @@ class Sampler:
         self.latent = self.metadata.latent
         self.image_shape = tuple(self.metadata.image_shape)
         self.diffusion: DiffusionDraw | None = None  # the DDIM sampler of a denoiser file
+        self.noise_texture: NoiseTexture | None = None  # the per-scanner shape of "chi" noise
+        if self.metadata.noise == ModelMetadata.CHI_NOISE:
+            try:
+                self.noise_texture = NoiseTexture.from_dict(self.metadata.noise_texture, len(self.vocabulary), str(path))
+            except ValueError as e:
+                raise ArtifactError(str(e)) from None
         if self.metadata.contract == ModelMetadata.DENOISER:
             try:
                 settings = SamplerSettings.from_metadata(self.metadata.sampler, str(path))
@@ -153,14 +159,15 @@ class Sampler:
                     chunk, np.full(len(chunk), sid, dtype=np.int64), f"{scanner} draw", start)
             return out
         # one stream per noise component, so that a draw does not depend on the batch size
-        rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2)] if noise else None
+        rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2, 3)] if noise else None
         out = np.empty((n, *self.image_shape), dtype=np.float32)
         for start in range(0, n, batch_size):
             chunk = z[start : start + batch_size]
             labels = np.full(len(chunk), sid, dtype=np.int64)
             outputs = self.session.run(["image", "sigma"] if rngs else ["image"], {"z": chunk, "scanner": labels})
             check_finite(outputs, ["image", "sigma"], self.path, f"{scanner} draw", start)
-            images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, *rngs)
+            images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, rngs, labels,
+                                                               self.noise_texture)
             out[start : start + len(chunk)] = images[:, 0]
         return out
 

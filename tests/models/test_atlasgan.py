@@ -28,7 +28,7 @@ def test_rician_draw_is_the_samplers_draw_and_passes_gradients_at_zero() -> None
     clean = rng.uniform(0, 1, (3, 1, 20, 30)).astype(np.float32)
     clean[0, 0, :5] = 0.0  # background, where the magnitude's root has no derivative without its floor
     sigma = np.float32(0.04)
-    reference = add_noise(clean, sigma, "rician", np.random.default_rng(1), np.random.default_rng(2))
+    reference = add_noise(clean, sigma, "rician", [np.random.default_rng(1), np.random.default_rng(2)])
     real = np.random.default_rng(1).standard_normal(clean.shape, dtype=np.float32)
     imaginary = np.random.default_rng(2).standard_normal(clean.shape, dtype=np.float32)
     x = torch.from_numpy(clean).requires_grad_(True)
