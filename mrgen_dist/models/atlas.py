@@ -92,6 +92,8 @@ MAX_FLOOR_SHARE = 0.98
 #: The texture fit compares real and drawn background in cells of CELL x CELL pixels (each at least half
 #: background), and the correlation of their residuals at LAGS (rows, columns).
 CELL = 8
+#: Weight of the noise level map's roughness (`AtlasVAE.map_roughness`) in the texture fit.
+MAP_SMOOTHNESS = 0.1
 LAGS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0))
 
 
@@ -184,6 +186,7 @@ class AtlasOutput(NamedTuple):
     clean: torch.Tensor  # (B, 1, H, W): the noise-free image
     sigma: torch.Tensor  # (B, 1, H, W): the scanner's noise sigma
     draw: torch.Tensor | None  # acquisition learned: a draw of the scanner's noise around `clean` (detached)
+    map_roughness: torch.Tensor | None  # acquisition learned: `AtlasVAE.map_roughness`
     mean: torch.Tensor  # posterior mean and log-variance (B, latent)
     logvar: torch.Tensor
     probe_logits: torch.Tensor | None  # the scanner probe on the reversed-gradient mean, with adversary > 0
@@ -244,6 +247,13 @@ class AtlasVAE(CVAE):
             share = (2 / (2 + self.noise_dofs()[scanner])).sqrt().view(-1, 1, 1, 1)
             sigma = sigma * share * self.smooth_field(self.noise_map[scanner], self.noise_grid, NOISE_MAP_RANGE)
         return sigma
+
+    def map_roughness(self) -> torch.Tensor:
+        """The squared differences between neighbouring control points of every scanner's noise level map (in
+        log units), mean: the background fits the map only around the head, and this keeps its points over the
+        head, which no background pixel reaches, an interpolation of those around it rather than their start."""
+        coarse = torch.tanh(PARAM_SCALE * self.noise_map.float()).view(-1, *self.noise_grid) * NOISE_MAP_RANGE
+        return (coarse.diff(dim=1).square().mean() + coarse.diff(dim=2).square().mean()) / 2
 
     def noise_dofs(self) -> torch.Tensor:
         """Each scanner's extra degrees of freedom of its noise floor (scanners,), float32 (learned): d = 2 f /
@@ -310,7 +320,10 @@ class AtlasVAE(CVAE):
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=shift.device),
                                 torch.linspace(-1, 1, w, device=shift.device), indexing="ij")
         grid = torch.stack([xs, ys], dim=-1)[None] + shift.permute(0, 2, 3, 1) * scale
-        warped = F.grid_sample(template.view(-1, 1, h, w), grid, mode="bilinear", padding_mode="zeros",
+        # learned: the atlas's own edge continues past a shifted border, where zeros would draw a frame into the
+        # background whose noise the texture fit reads
+        warped = F.grid_sample(template.view(-1, 1, h, w), grid, mode="bilinear",
+                               padding_mode="border" if self.learned else "zeros",
                                align_corners=True)
         bias = torch.tanh(self.to_bias(body).float()).view(-1, 1, *self.bias_grid) * BIAS_RANGE
         return warped * torch.exp(F.interpolate(bias, size=(h, w), mode="bilinear", align_corners=True))
@@ -394,7 +407,8 @@ class AtlasVAE(CVAE):
         else:
             expected = rician_mean(clean.float(), held)
         return AtlasOutput(
-            expected=expected, clean=clean, sigma=sigma, draw=draw, mean=mean, logvar=logvar,
+            expected=expected, clean=clean, sigma=sigma, draw=draw,
+            map_roughness=self.map_roughness() if self.learned else None, mean=mean, logvar=logvar,
             probe_logits=self.probe(reverse_gradient(mean, self.adversary)) if self.adversary > 0 else None,
         )
 
@@ -464,7 +478,7 @@ def texture_fit(out: AtlasOutput, images: torch.Tensor) -> torch.Tensor:
 
     texture = (_lag_correlations(residual(out.draw, draw_mean), mask)
                - _lag_correlations(residual(observed, real_mean), mask)).square().sum(dim=1).mean()
-    return level + texture
+    return level + texture + MAP_SMOOTHNESS * out.map_roughness
 
 
 def atlas_objective(config: AtlasConfig, out: AtlasOutput, images: torch.Tensor, scanner: torch.Tensor

@@ -88,7 +88,8 @@ def test_the_moment_fit_recovers_a_known_noise() -> None:
     for _ in range(300):
         real = add_noise(clean.numpy(), np.full(clean.shape, sigma, np.float32), "chi", rng, scanner.numpy(), _texture(dof))
         draw = model.observe(clean, scanner, torch.randn(model.white_shape(4)))
-        out = AtlasOutput(clean, clean, model.sigma(scanner), draw, torch.zeros(4, 4), torch.zeros(4, 4), None)
+        out = AtlasOutput(clean, clean, model.sigma(scanner), draw, model.map_roughness(), torch.zeros(4, 4),
+                          torch.zeros(4, 4), None)
         loss = texture_fit(out, torch.from_numpy(real))
         optimizer.zero_grad()
         loss.backward()
@@ -168,3 +169,17 @@ def test_the_atlas_gan_refuses_a_learned_acquisition() -> None:
     with pytest.raises(ValueError, match=r"model\.acquisition"):
         load_config(REPO / "hpc/configs/compare/atlasgan.yaml", ["data.store=/s", "model.acquisition=learned"]
                     ).model.validate()
+
+
+def test_a_shifted_atlas_keeps_its_edge_and_the_map_interpolates_over_the_head() -> None:
+    _, model = _model()
+    with torch.no_grad():
+        model.atlas.fill_(0.2)
+        model.to_warp.bias.fill_(1.0)  # every control point shifted by tanh(1) x max_shift pixels
+        anatomy = model.anatomy(torch.zeros(1, 4))
+    assert float(anatomy.min()) == pytest.approx(0.2, abs=1e-5)  # no frame of zeros where the atlas moved away
+    with torch.no_grad():
+        model.noise_map.zero_()
+        flat = float(model.map_roughness())
+        model.noise_map[0, 7] = 0.1  # one interior control point raised
+    assert flat == 0.0 and float(model.map_roughness()) > 0
