@@ -29,7 +29,7 @@ def _fid(i: int, scanner: str, family: str, scanners: list[str], store: str, **o
         "scanner": scanner, "n_real": 8, "n_generated": 8,
         "fid_mean": 10.0 * (i + 1), "fid_std": 1.0, "kid_mean": 0.001 * (i + 1), "kid_std": 0.0001,
         "fid_biased": i == 0,
-        "precision": 0.5 + 0.125 * i, "recall": 0.25, "density": 1.0 + 0.25 * i, "coverage": 0.5,
+        "precision": 0.5 + 0.125 * i, "recall": 0.375, "density": 1.0 + 0.25 * i, "coverage": 0.5,
         "ms_ssim": 0.375, "ms_ssim_real": 0.25,
         "signature": {"intensity_w1": 0.01 * (i + 1), "noise_real": 0.5, "noise_generated": 0.625,
                       "sharpness_real": 2.0, "sharpness_generated": 1.5},
@@ -102,7 +102,7 @@ def test_table_values(two_models: list[Path], tmp_path: Path) -> None:
     assert a == {
         "run": "cvae/results", "model": "cVAE", "parameters": "1.2 M", "train s": "12.5", "train img/s": "346",
         "sample img/s (ORT)": "1,234", "n gen/scanner": "8", "FID": "25.00 †", "KID ×10³": "2.50",
-        "precision": "0.688", "recall": "0.250", "density": "1.375", "coverage": "0.500",
+        "precision": "0.688", "recall": "0.375", "density": "1.375", "coverage": "0.500",
         "MS-SSIM gen / real": "0.375 / 0.250", "conditioning": "0.97", "TSTR": "0.94",
         "NN ratio (min)": "0.98", "z-probe (chance)": "0.30 (0.25)",
         "recon. conditioning": "0.97", "label effect": "2.50", "intensity W1": "0.0250", "Δ noise": "0.125",
@@ -196,6 +196,12 @@ def test_verdict_asks_generated_slices_to_train_a_classifier_of_real_ones() -> N
 def test_verdict_asks_the_noise_and_sharpness_of_real_slices() -> None:
     assert verdict(0.97, 0.3, 0.97, 2.0, signature_gap=0.25) == "meets targets"
     assert verdict(0.97, 0.3, 0.97, 2.0, signature_gap=0.40) == "conditioning ≥ 0.90; noise/sharpness off by 40% (> 25%)"
+
+
+def test_verdict_asks_precision_and_recall() -> None:
+    assert verdict(0.97, 0.3, 0.97, 2.0, precision=0.31, recall=0.30) == "meets targets"
+    assert verdict(0.97, 0.3, 0.97, 2.0, precision=0.22, recall=0.08) == (
+        "conditioning ≥ 0.90; precision 0.22 and recall 0.08 < 0.30")
 
 
 def test_the_worst_scanners_signature_gap_decides(tmp_path: Path) -> None:

@@ -194,9 +194,11 @@ def _model_title(run: Results) -> str | None:
 
 def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label_ratio: Number,
             z_reason: str | None = None, encoder: bool | None = None, synthetic_trained: Number = None,
-            memorisation: Number = None, signature_gap: Number = None) -> str:
+            memorisation: Number = None, signature_gap: Number = None, precision: Number = None,
+            recall: Number = None) -> str:
     """Whether a model meets the targets (targets.py: conditioning, z-probe and, where they were measured,
-    train-on-synthetic-test-on-real, memorisation and the noise/sharpness signature) and, if not, why. A model
+    train-on-synthetic-test-on-real, memorisation, precision and recall, and the noise/sharpness signature) and,
+    if not, why. A model
     without an encoder (`encoder` False: a GAN) has no posterior that could carry the scanner into z: its z is
     N(0, I) by construction, so the z-probe target holds without a probe. Results written before TSTR and
     memorisation were measured are judged without them."""
@@ -226,6 +228,11 @@ def verdict(conditioning: Number, z_probe: Number, reconstruction: Number, label
     if memorisation is not None and memorisation < targets.MEMORISATION:
         useful = False
         notes.append(f"near the training slices (NN ratio {memorisation:.2f})")
+    low = [f"{name} {value:.2f}" for name, value in (("precision", precision), ("recall", recall))
+           if value is not None and value < targets.PRECISION_RECALL]
+    if low:
+        useful = False
+        notes.append(f"{' and '.join(low)} < {targets.PRECISION_RECALL:.2f}")
     if signature_gap is not None and signature_gap > targets.SIGNATURE:
         useful = False
         notes.append(f"noise/sharpness off by {signature_gap:.0%} (> {targets.SIGNATURE:.0%})")
@@ -312,7 +319,8 @@ def summarise(run: Results, scanners: Sequence[str], cohort: str | None = None) 
     _run_notes(run, scanners, summary)
     z_reason = diag.reason if v["z_probe"] is None else None
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
-                           diag.encoder, v["synthetic_trained"], v["memorisation"], v["signature_gap"])
+                           diag.encoder, v["synthetic_trained"], v["memorisation"], v["signature_gap"],
+                           v["precision"], v["recall"])
     return summary
 
 
@@ -433,7 +441,8 @@ def _footnotes(summaries: Sequence[Summary], stores: dict[str | None, str | None
         f"TSTR: train on synthetic, test on real: the classifier fitted on the generated slices alone, its accuracy on "
         f"the real test slices (target ≥ {targets.SYNTHETIC_TRAINED:.2f}; — where not measured). NN ratio: per "
         "scanner, median nearest-neighbour distance of generated to real training slices over that of real test "
-        f"slices (Inception features), the lowest scanner's (target ≥ {targets.MEMORISATION}: no memorisation).",
+        f"slices (Inception features), the lowest scanner's (target ≥ {targets.MEMORISATION}: no memorisation). "
+        f"Precision and recall: target ≥ {targets.PRECISION_RECALL:.2f} each (means over scanners).",
         "Label effect: decoder output variation between scanners / between latent draws; below "
         f"{targets.LABEL_EFFECT_FLOOR} "
         "the decoder ignores the label.",
