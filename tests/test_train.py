@@ -63,14 +63,10 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
     assert "images_per_s" in history[0]
 
 
-TINY_DIFFUSION = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
-
-
 @pytest.mark.parametrize("config, extra", [
     (TINY, ()), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
     *((c, ()) for c in TINY_GANS.values()), *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
-    (TINY_DIFFUSION, ("train.sample_every=10",)),  # no DDIM preview grid in its 3 epochs: the loop is what is tested
-], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, *TINY_TRANSLATORS, "distilled", "diffusion"])
+], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, *TINY_TRANSLATORS, "distilled"])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, extra: tuple[str, ...], store_dir: Path,
                                                                    tmp_path: Path, request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
