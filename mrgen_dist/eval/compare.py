@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +57,26 @@ UNBIASED_N = 2048  # FID needs at least this many samples per set (the feature d
 # -- reading ----------------------------------------------------------------------------------------------------
 
 
-def _agreed(results: Results, what: str, value_of: Callable[[ResultFile], Any]) -> tuple[Any, str | None]:
-    """The one value of `what` that the files of a folder record (None when none does), and the file it came
-    from; two files that disagree are refused."""
-    found: tuple[Any, str] | None = None
-    for file_name, record in results.files.items():
-        value = value_of(record)
+def _one_value(labelled: Iterable[tuple[Any, Any]], mismatch: Callable[[Any, Any, Any, Any], str]) -> tuple[Any, Any]:
+    """The one value of the (label, value) pairs whose value is not None, and the first label that has it
+    ((None, None) when none has one); two values that differ raise MismatchError(mismatch(first label, first
+    value, label, value))."""
+    found: tuple[Any, Any] | None = None
+    for label, value in labelled:
         if value is None:
             continue
         if found is None:
-            found = (value, file_name)
+            found = (value, label)
         elif value != found[0]:
-            raise MismatchError(f"{results.folder}: {found[1]} has {what} {found[0]!r} but {file_name} has {value!r}")
+            raise MismatchError(mismatch(found[1], found[0], label, value))
     return found if found is not None else (None, None)
+
+
+def _agreed(results: Results, what: str, value_of: Callable[[ResultFile], Any]) -> tuple[Any, str | None]:
+    """The one value of `what` that the files of a folder record (None when none does), and the file it came
+    from; two files that disagree are refused."""
+    return _one_value(((name, value_of(record)) for name, record in results.files.items()),
+                      lambda first, v0, name, v: f"{results.folder}: {first} has {what} {v0!r} but {name} has {v!r}")
 
 
 def store_of(results: Results) -> str | None:
@@ -83,17 +90,9 @@ def scanners_of(results: Results) -> list[str] | None:
 
 def _common(runs: Sequence[Results], what: str, value_of: Callable[[Results], Any], hint: str) -> Any:
     """The value every run that has one agrees on (None when none has it); a disagreement is refused."""
-    first: tuple[Any, Results] | None = None
-    for r in runs:
-        value = value_of(r)
-        if value is None:
-            continue
-        if first is None:
-            first = (value, r)
-        elif value != first[0]:
-            raise MismatchError(f"{first[1].folder} and {r.folder} come from different {what}: "
-                                f"{first[0]!r} vs {value!r}; {hint}")
-    return first[0] if first else None
+    return _one_value(((r, value_of(r)) for r in runs),
+                      lambda first, v0, r, v: f"{first.folder} and {r.folder} come from different {what}: "
+                                              f"{v0!r} vs {v!r}; {hint}")[0]
 
 
 def check_comparable(runs: Sequence[Results], cohorts: Sequence[str] | None = None
