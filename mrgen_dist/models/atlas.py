@@ -227,11 +227,17 @@ class AtlasVAE(CVAE):
             delta = F.one_hot(torch.tensor(config.noise_taps**2 // 2), config.noise_taps**2).float()
             self.noise_kernel = nn.Parameter(delta.repeat(self.n_scanners, 1) / PARAM_SCALE)
 
+    @staticmethod
+    def control_points(params: torch.Tensor, grid: tuple[int, int], scale: float) -> torch.Tensor:
+        """The log values (B, 1, rows, columns), within +-scale, that control points `params` (B, rows x
+        columns) hold."""
+        return torch.tanh(PARAM_SCALE * params.float()).view(-1, 1, *grid) * scale
+
     def smooth_field(self, params: torch.Tensor, grid: tuple[int, int], scale: float) -> torch.Tensor:
         """exp(+-scale) fields (B, 1, H, W) from control points `params` (B, rows x columns), upsampled
         bilinearly: a scanner's gain (receive and transmit fields) or its noise level map (coil geometry,
         parallel imaging's g-factor), smooth over the slice."""
-        coarse = torch.tanh(PARAM_SCALE * params.float()).view(-1, 1, *grid) * scale
+        coarse = self.control_points(params, grid, scale)
         return torch.exp(F.interpolate(coarse, size=self.image_shape, mode="bilinear", align_corners=True))
 
     @property
@@ -252,8 +258,8 @@ class AtlasVAE(CVAE):
         """The squared differences between neighbouring control points of every scanner's noise level map (in
         log units), mean: the background fits the map only around the head, and this keeps its points over the
         head, which no background pixel reaches, an interpolation of those around it rather than their start."""
-        coarse = torch.tanh(PARAM_SCALE * self.noise_map.float()).view(-1, *self.noise_grid) * NOISE_MAP_RANGE
-        return (coarse.diff(dim=1).square().mean() + coarse.diff(dim=2).square().mean()) / 2
+        coarse = self.control_points(self.noise_map, self.noise_grid, NOISE_MAP_RANGE)
+        return (coarse.diff(dim=2).square().mean() + coarse.diff(dim=3).square().mean()) / 2
 
     def noise_dofs(self) -> torch.Tensor:
         """Each scanner's extra degrees of freedom of its noise floor (scanners,), float32 (learned): d = 2 f /
@@ -264,7 +270,7 @@ class AtlasVAE(CVAE):
     def noise_kernels(self) -> torch.Tensor:
         """Each scanner's noise correlation kernel (scanners, k, k), of unit energy, float32 (learned)."""
         kernel = self.noise_kernel.float()
-        k = math.isqrt(kernel.shape[1])
+        k = self.noise_kernel_taps
         return (kernel / kernel.norm(dim=1, keepdim=True).clamp(min=1e-6)).view(-1, k, k)
 
     def noise_texture(self) -> dict:
@@ -467,8 +473,9 @@ def texture_fit(out: AtlasOutput, images: torch.Tensor) -> torch.Tensor:
     mask = (clean < BACKGROUND).float()
     count = F.avg_pool2d(mask, CELL, ceil_mode=True)
     cells = (count >= 0.5).float()
-    real_mean, real_spread = _cell_moments(observed, mask, count.clamp(min=1e-6))
-    draw_mean, draw_spread = _cell_moments(out.draw, mask, count.clamp(min=1e-6))
+    count = count.clamp(min=1e-6)
+    real_mean, real_spread = _cell_moments(observed, mask, count)
+    draw_mean, draw_spread = _cell_moments(out.draw, mask, count)
     level = cells * ((draw_mean.clamp(min=1e-6).log() - real_mean.clamp(min=1e-6).log()).square()
                      + (draw_spread.log() - real_spread.log()).square())
     level = level.sum() / cells.sum().clamp(min=1.0)
