@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--noise", action="store_true",
                       help="draw the model's learned observation noise onto the reconstructions, as --noise does "
                       "onto samples")
+    diag.add_argument("--swaps", action="store_true",
+                      help="also the component-swap probe: the real test slices with one region or band from the "
+                      "reconstructions, recognised (mrgen_dist/eval/swaps.py; 9 more Inception passes)")
     diag.set_defaults(body=_diagnose)
     trans = sub.add_parser("translation", help="a translator: target conditioning, anatomy (SSIM), cycle, KID, identity",
                            description="Translates the store's test slices of each scanner to each target and back; "
@@ -198,7 +201,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     from mrgen_dist.eval.diagnostics import diagnose, summary
 
     store = SliceStore(args.store)
-    result = diagnose(store, args.run, args.out, args.inception_weights, args.device, args.noise)
+    result = diagnose(store, args.run, args.out, args.inception_weights, args.device, args.noise, args.swaps)
     print(summary(result, args.out))
 
 

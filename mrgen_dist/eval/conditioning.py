@@ -46,6 +46,13 @@ CLASSIFIER = (f"multinomial logistic regression (scikit-learn, lbfgs, L2 {L2:g} 
               f"random_state {RANDOM_STATE}) on standardised Inception features of real train slices")
 
 
+def confusion(truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """Counts (k, k): rows the true scanner, columns the predicted one."""
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (truth, predicted), 1)
+    return counts
+
+
 def fit_classifier(features: np.ndarray, labels: np.ndarray, l2: float = L2) -> Any:
     """A fitted scikit-learn Pipeline (StandardScaler, LogisticRegression): features (n, d) -> label ids."""
     linear_model = require("sklearn.linear_model", "the conditioning check")

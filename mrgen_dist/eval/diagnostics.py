@@ -1,7 +1,7 @@
 """`mrgen-fid diagnose`: where a trained run keeps the scanner, and what its decoder can reach at best.
 
     mrgen-fid diagnose --store STORE --run RUN --out results/fid/ [--device auto|cuda|cpu] [--inception-weights W]
-                       [--noise]
+                       [--noise] [--swaps]
 
 Needs torch and the trained run folder (model.safetensors + config.json, rebuilt by its family through
 `mrgen_dist.export.load_trained`, so the 'train' extra), and the store it was trained on: a run whose
@@ -21,7 +21,11 @@ store_sha256 or scanners differ from the store's is refused. Two probes, written
   be recognised better than reconstructions of real ones. `real_test_accuracy` is the same classifier on the
   real test slices themselves.
 
-A family without an encoder (`encode_mean` returns None) gets null for both, and `reason` says why.
+* **swaps** (`--swaps`): the real test slices with one region (background, rim, interior) or band (coarse,
+  fine) replaced by their reconstructions', recognised by the same classifier (eval/swaps.py): which part of the
+  reconstructions makes the classifier read another scanner.
+
+A family without an encoder (`encode_mean` returns None) gets null for all three, and `reason` says why.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import torch
 from mrgen_dist import __version__
 from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.eval.conditioning import CLASSIFIER, fit_classifier, scanner_classifier
+from mrgen_dist.eval.conditioning import CLASSIFIER, confusion, fit_classifier, scanner_classifier
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
 from mrgen_dist.eval.results import Diagnostics, Reconstruction, ZProbe
+from mrgen_dist.eval.swaps import swap_probe, swap_table
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 
 #: Images per encoder / decoder call.
@@ -103,17 +108,10 @@ def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torc
     return np.concatenate(out)
 
 
-def confusion(truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
-    """Counts (k, k): rows the true scanner, columns the predicted one."""
-    counts = np.zeros((k, k), dtype=int)
-    np.add.at(counts, (truth, predicted), 1)
-    return counts
-
-
 def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: str | Path | None = None,
-             device: str = "auto", noise: bool = False) -> Diagnostics:
-    """The z probe and the reconstruction check of a trained run on its store; writes and returns
-    OUT/diagnostics.json."""
+             device: str = "auto", noise: bool = False, swaps: bool = False) -> Diagnostics:
+    """The z probe and the reconstruction check of a trained run on its store, and with `swaps` the
+    component-swap probe (eval/swaps.py); writes and returns OUT/diagnostics.json."""
     from mrgen_dist.eval.inception import load_inception
     from mrgen_dist.runs import load_trained
 
@@ -130,7 +128,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     model = model.to(dev).eval()
     test = store.load_split("test")
     z_test = encode_means(family, model, test.images, test.scanner, dev, "encode test")
-    z_probe = reconstruction = extractor = reason = None
+    z_probe = reconstruction = extractor = reason = swap_rows = None
     if z_test is None:
         reason = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to probe or "
                   "to reconstruct from")
@@ -166,6 +164,10 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
             noise=noise,  # whether the reconstructions drew the model's learned noise (--noise)
             classifier=CLASSIFIER,
         )
+        if swaps:
+            real = np.asarray(test.images, dtype=np.float32)
+            swap_rows = swap_probe(real, recon, np.asarray(test.scanner),
+                                   lambda images: classifier.predict(extractor(images)), len(names))
     result = Diagnostics(
         scanners=names,
         store_sha256=store.sha256,
@@ -177,6 +179,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
         encoder=z_test is not None,
         z_probe=z_probe,
         reconstruction=reconstruction,
+        swaps=swap_rows,
         reason=reason,
         extractor=extractor.identity if extractor is not None else None,
         device=str(dev),
@@ -193,6 +196,10 @@ def summary(result: Diagnostics, out: Path) -> str:
     if result.z_probe is None:
         return f"{head}: {result.reason} -> {out / result.file_name}"
     z, rec = result.z_probe, result.reconstruction
-    return (f"{head}: scanner read from z with accuracy {z.accuracy:.3f} (chance {z.chance:.3f}); "
+    line = (f"{head}: scanner read from z with accuracy {z.accuracy:.3f} (chance {z.chance:.3f}); "
             f"reconstructions recognised as their scanner {rec.accuracy:.3f} (real test slices "
             f"{rec.real_test_accuracy:.3f}) -> {out / result.file_name}")
+    if result.swaps:
+        line += ("\nreal test slices recognised as their scanner with one component from the reconstructions:\n"
+                 + swap_table(result.swaps, result.scanners))
+    return line

@@ -4,7 +4,7 @@
     ScannerScore      OUT/fid_<scanner>.json  mrgen-fid score, one per scanner (eval/score.py)
     Generation        OUT/generation.json     mrgen-fid score --scanner all: sampling, label effect (eval/score.py)
     Conditioning      OUT/conditioning.json   the conditioning check (eval/conditioning.py)
-    Diagnostics       OUT/diagnostics.json    mrgen-fid diagnose: z-probe, reconstructions (eval/diagnostics.py)
+    Diagnostics       OUT/diagnostics.json    mrgen-fid diagnose: z-probe, reconstructions, swaps (eval/diagnostics.py)
     TranslationScore  OUT/translation.json    mrgen-fid translation (eval/translation.py)
 
     record.write(out / record.file_name)
@@ -316,6 +316,18 @@ class Reconstruction(Part):
 
 
 @dataclass(frozen=True)
+class Swap(Part):
+    """The real test slices with one component replaced by their reconstructions', as the conditioning check
+    reads them (eval/swaps.py)."""
+
+    region: str | None = None  # background | rim | interior
+    band: str | None = None  # all | coarse | fine
+    pixels: int | None = None  # in the region
+    accuracy: float | None = None
+    confusion: list[list[int]] | None = None  # rows: true scanner, columns: recognised
+
+
+@dataclass(frozen=True)
 class Diagnostics(ResultFile):
     """OUT/diagnostics.json: where a trained run keeps the scanner, and its decoder's ceiling (eval/diagnostics.py)."""
 
@@ -334,6 +346,7 @@ class Diagnostics(ResultFile):
     encoder: bool | None = None  # whether the family has an encoder (posterior means to probe)
     z_probe: ZProbe | None = None
     reconstruction: Reconstruction | None = None
+    swaps: list[Swap] | None = None  # the component-swap probe (--swaps)
     reason: str | None = None  # why there is no z-probe or reconstruction
     extractor: str | None = None
     device: str | None = None

@@ -12,8 +12,10 @@ from mrgen_dist.commands.fid import main
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
+from mrgen_dist.eval.diagnostics import summary
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.eval.results import Diagnostics
+from mrgen_dist.eval.swaps import BANDS, REGIONS
 from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.scanners import Vocabulary
 
@@ -30,7 +32,7 @@ def diagnosed(store_dir: Path, trained_run: Path, tmp_path_factory: pytest.TempP
     assert main(["conditioning", "--store", str(store_dir), "--model", str(decoder), "--n-generated", "3",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert main(["diagnose", "--store", str(store_dir), "--run", str(trained_run), "--out", str(out),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--swaps"]) == 0
     return out
 
 
@@ -52,6 +54,14 @@ def test_diagnose_tiny_cvae(diagnosed: Path, store_dir: Path, trained_run: Path,
     assert d["training"] == record.get("training", {})
     if d["training"]:
         assert d["training"]["parameters"] == d["parameters"]
+
+    swaps = d["swaps"]  # --swaps: every region x band, each over the 40 real test slices
+    assert [(s["region"], s["band"]) for s in swaps] == [(r, b) for r in REGIONS for b in BANDS]
+    for s in swaps:
+        assert np.array(s["confusion"]).sum(axis=1).tolist() == [10] * 4
+        assert s["accuracy"] == pytest.approx(np.trace(np.array(s["confusion"])) / 40)
+    assert sum(s["pixels"] for s in swaps if s["band"] == "all") == 218 * 182
+    assert "| interior, fine |" in summary(Diagnostics.read(diagnosed / "diagnostics.json"), diagnosed)
 
     z = d["z_probe"]
     assert 0.0 <= z["accuracy"] <= 1.0 and z["chance"] == 0.25 and z["latent"] == 8
