@@ -65,8 +65,9 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config, extra", [
     (TINY, ()), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
-    *((c, ()) for c in TINY_GANS.values()), *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
-], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, *TINY_TRANSLATORS, "distilled"])
+    *((c, ()) for c in TINY_GANS.values()), (TINY_GANS["atlasgan"], ("model.acquisition=learned",)),
+    *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
+], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, "atlasgan-learned", *TINY_TRANSLATORS, "distilled"])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, extra: tuple[str, ...], store_dir: Path,
                                                                    tmp_path: Path, request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries

@@ -27,9 +27,25 @@ else
   launch=(--multi_gpu --mixed_precision no --dynamo_backend no)
 fi
 world=$((nodes * per_node))
+# Node-local staging (MRGEN_STAGE=1): many sites ask jobs to read their input from node-local disk rather than
+# from the shared file system at every start. One task per node copies the store there (its manifest and shards;
+# the training checks every shard against the manifest as it loads), named by the job id, so a requeued job
+# resumes with the same data.store; each start copies, and each end removes the copy.
+store=$MRGEN_STORE
+if [ "$MRGEN_STAGE" = 1 ]; then
+  stage="${MRGEN_STAGE_DIR:-${TMPDIR:-/tmp}}/mrgen-store-${SLURM_JOB_ID:-$$}"
+  SECONDS=0
+  if ! srun --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+       bash -c 'rm -rf "$2" && mkdir -p "$2" && cp -r "$1"/. "$2"/' _ "$MRGEN_STORE" "$stage"; then
+    echo "staging $MRGEN_STORE to $stage failed (is there room on the node's disk? MRGEN_STAGE_DIR)" >&2
+    exit 1
+  fi
+  echo "staged $MRGEN_STORE ($(du -sh "$MRGEN_STORE" | cut -f1)) to $stage on $nodes node(s) in $SECONDS s"
+  store=$stage
+fi
 master=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 port=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
-train=(-m mrgen_dist.commands.train --config "$MRGEN_CONFIG" --resume auto "data.store=$MRGEN_STORE" "train.out=$MRGEN_RUN"
+train=(-m mrgen_dist.commands.train --config "$MRGEN_CONFIG" --resume auto "data.store=$store" "train.out=$MRGEN_RUN"
        "train.world_size=$world" $MRGEN_TRAIN_OVERRIDES)
 if [ "$world" -eq 1 ]; then
   cmd=(python "${train[@]}")
@@ -49,4 +65,7 @@ trap 'echo "[$(date -Is)] preemption warning: stopping at the next step boundary
 status=0
 while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done
 echo "training step exited with status $status"
+if [ "$MRGEN_STAGE" = 1 ]; then  # a requeued job copies again: the node it lands on may be another one
+  srun --ntasks="$nodes" --ntasks-per-node=1 rm -rf "$stage"
+fi
 exit "$status"

@@ -299,14 +299,18 @@ class AtlasVAE(CVAE):
     def noise_kernel_taps(self) -> int:
         return math.isqrt(self.noise_kernel.shape[1])
 
-    def observe(self, clean: torch.Tensor, scanner: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    def observe(self, clean: torch.Tensor, scanner: torch.Tensor, white: torch.Tensor, frozen: bool = False
+                ) -> torch.Tensor:
         """A draw of each image's scanner noise around `clean` (B, 1, H, W) from white fields of `white_shape`,
-        as `mrgen-sample --noise` draws it (differentiable in the noise parameters)."""
+        as `mrgen-sample --noise` draws it (differentiable in the noise parameters unless `frozen`)."""
         sigma = self.sigma(scanner).float()
         if not self.learned:
             real, imaginary = white.float().split(1, dim=1)
-            return rician_draw(clean.float(), sigma, real, imaginary)
-        return chi_draw(clean.float(), sigma, self.noise_dofs()[scanner], self.noise_kernels()[scanner], white.float())
+            return rician_draw(clean.float(), sigma.detach() if frozen else sigma, real, imaginary)
+        dofs, kernels = self.noise_dofs()[scanner], self.noise_kernels()[scanner]
+        if frozen:
+            sigma, dofs, kernels = sigma.detach(), dofs.detach(), kernels.detach()
+        return chi_draw(clean.float(), sigma, dofs, kernels, white.float())
 
     def anatomy(self, z: torch.Tensor) -> torch.Tensor:
         """The scanner-free image (B, 1, H, W), float32: the mixed atlas, warped, times the bias field. The

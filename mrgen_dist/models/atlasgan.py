@@ -14,9 +14,12 @@ the acquisition to the reconstruction. What it measured at each weight, seed and
 docs/results/adversarial.md.
 
 The reconstruction uses the fitted point-spread functions, as in the atlas cVAE; the prior draws use the
-sampling ones (`AtlasVAE.psf_sigma`), since those are what is exported. The noise sigma stays fitted by the
-background's Rician likelihood alone (detached in the draws): the adversary shapes the image, not the noise
-level. The export, the z-probe and the noisy preview are the atlas cVAE's.
+sampling ones (`AtlasVAE.psf_sigma`), since those are what is exported. With the fixed acquisition the noise
+sigma stays fitted by the background's Rician likelihood alone (detached in the draws): the adversary shapes
+the image, not the noise level. With the learned one (`acquisition: learned`) the prior draws take the
+scanner's chi noise (`AtlasVAE.observe`), and the adversary trains its level map, noise floor and kernel beside
+the texture fit (unless `adversarial_parts: anatomy`): the texture fit sees only the background, and the
+adversary the whole slice. The export, the z-probe and the noisy preview are the atlas cVAE's.
 """
 
 from __future__ import annotations
@@ -63,9 +66,6 @@ class AtlasGANConfig(AtlasConfig, TwoPlayerConfig):
         if self.adversarial_parts not in ADVERSARIAL_PARTS:
             raise ValueError(f"model.adversarial_parts must be one of {', '.join(ADVERSARIAL_PARTS)}, got "
                              f"{self.adversarial_parts!r}")
-        if self.acquisition != "fixed":
-            raise ValueError("model.acquisition must be fixed for the atlasgan family (its prior draws take the "
-                             f"Rician noise), got {self.acquisition!r}")
         if self.adversarial_weight < 0:
             raise ValueError(f"model.adversarial_weight must be >= 0, got {self.adversarial_weight}")
 
@@ -95,19 +95,28 @@ class AtlasGANFamily(DCGANFamily):
         return AtlasGANPlayers(config, len(vocabulary), image_shape)
 
     def noise_dim(self, config: AtlasGANConfig) -> int:
-        """The posterior's reparameterisation, the prior draw, then the real and imaginary noise of its pixels
-        as two maps of the networks' `size` (cropped to the slice; noise_dim knows only the config): the loop
-        draws all of a step's randomness, so that a resumed run draws what an uninterrupted one does."""
+        """The atlas cVAE's step noise (`ATLAS.noise_dim`), the prior draw, then the prior draw's observation
+        noise: with the fixed acquisition its real and imaginary parts as two maps of the networks' `size`
+        (cropped to the slice; noise_dim knows only the config), with the learned one a number that seeds its
+        white fields (`AtlasVAE.white_from`). The loop draws all of a step's randomness, so that a resumed run
+        draws what an uninterrupted one does."""
+        if config.acquisition == "learned":
+            return ATLAS.noise_dim(config) + config.latent + 1
         return 2 * config.latent + 2 * config.size[0] * config.size[1]
 
     def generate(self, players: AtlasGANPlayers, step: Step) -> dict[str, torch.Tensor]:
-        vae, latent = players.generator, step.config.latent
-        out: AtlasOutput = vae(step.images, step.scanner, step.noise[:, :latent])
-        frozen = step.config.adversarial_parts == "anatomy"
-        clean = vae.decode(step.noise[:, latent : 2 * latent].to(out.mean.dtype), step.scanner, frozen=frozen).float()
-        maps = centre_crop(step.noise[:, 2 * latent :].view(-1, 2, *step.config.size), vae.image_shape)
-        real, imaginary = maps.split(1, dim=1)
-        fake = rician_draw(clean, vae.sigma(step.scanner).detach().float(), real, imaginary)
+        vae, config = players.generator, step.config
+        own = ATLAS.noise_dim(config)
+        out: AtlasOutput = vae(step.images, step.scanner, step.noise[:, :own])
+        frozen = config.adversarial_parts == "anatomy"
+        prior = step.noise[:, own : own + config.latent].to(out.mean.dtype)
+        clean = vae.decode(prior, step.scanner, frozen=frozen).float()
+        rest = step.noise[:, own + config.latent :]
+        if vae.learned:  # the adversary trains the noise texture too, unless it trains the anatomy only
+            fake = vae.observe(clean, step.scanner, vae.white_from(rest[:, 0]), frozen=frozen)
+        else:  # the noise sigma stays the background's Rician fit (module doc)
+            real, imaginary = centre_crop(rest.view(-1, 2, *config.size), vae.image_shape).split(1, dim=1)
+            fake = rician_draw(clean, vae.sigma(step.scanner).detach().float(), real, imaginary)
         return {"fake": fake.to(out.mean.dtype), "out": out}
 
     def generator_loss(self, players: AtlasGANPlayers, step: Step, made: dict, fake: DiscriminatorOutput

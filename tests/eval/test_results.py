@@ -23,6 +23,7 @@ from mrgen_dist.eval.results import (
     Repeat,
     ScannerScore,
     Signature,
+    Swap,
     TranslationScore,
     ZProbe,
     read_folder,
@@ -60,6 +61,7 @@ EXAMPLES = [
                        latent=8, classifier="probe"),
         reconstruction=Reconstruction(accuracy=0.95, confusion=[[10, 0], [1, 9]], real_test_accuracy=1.0, n_test=20,
                                       noise=False, classifier="logistic regression"),
+        swaps=[Swap(region="interior", band="fine", pixels=2000, accuracy=0.5, confusion=[[10, 0], [10, 0]])],
         reason=None, extractor="fid-inception", device="cpu", package_version="1.0"),
     TranslationScore(
         store_sha256=STORE, scanners=SCANNERS, model="translator.onnx", family="stargan", precision="fp32",

@@ -119,9 +119,11 @@ def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: 
 
 
 def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
+    """With node-local staging (MRGEN_STAGE=1): each start trains from its own copy of the store."""
+    run, local = tmp_path / "run", tmp_path / "node-local"
     env = _env(tmp_path, MRGEN_STORE=str(store_dir), MRGEN_RUN=str(run), MRGEN_CPU_PROCS="1",
-               MRGEN_TRAIN_OVERRIDES="train.epochs=30 train.tracker=none")
+               MRGEN_TRAIN_OVERRIDES="train.epochs=30 train.tracker=none", MRGEN_STAGE="1",
+               MRGEN_STAGE_DIR=str(local))
     log_path = tmp_path / "train.out"
     job = subprocess.run(["sbatch", "--parsable", f"--output={log_path}", "hpc/slurm/train.sh"], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=60).stdout.strip()
@@ -140,6 +142,10 @@ def test_preemption_requeues_and_resumes(slurm: None, store_dir: Path, tmp_path:
     assert (run / "model.safetensors").is_file()
     losses = {json.loads(line)["step"] for line in metrics.read_text().splitlines()}
     assert losses == set(range(1, 30 * 20 + 1))  # every step of 30 epochs x 20 steps, across the requeue
+    stage = local / f"mrgen-store-{job}"
+    assert log.count(f"staged {store_dir} (") == 2 and log.count(f"to {stage} on 1 node(s)") == 2
+    assert json.loads((run / "config.json").read_text())["config"]["data"]["store"] == str(stage)
+    assert local.is_dir() and not stage.exists()  # removed at the end
 
 
 def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: Path, tmp_path: Path) -> None:

@@ -165,12 +165,6 @@ def test_bad_settings_name_the_field(override: str, field: str) -> None:
         load_config(REPO / "hpc/configs/compare/atlas.yaml", ["data.store=/s", override]).model.validate()
 
 
-def test_the_atlas_gan_refuses_a_learned_acquisition() -> None:
-    with pytest.raises(ValueError, match=r"model\.acquisition"):
-        load_config(REPO / "hpc/configs/compare/atlasgan.yaml", ["data.store=/s", "model.acquisition=learned"]
-                    ).model.validate()
-
-
 def test_a_shifted_atlas_keeps_its_edge_and_the_map_interpolates_over_the_head() -> None:
     _, model = _model()
     with torch.no_grad():
