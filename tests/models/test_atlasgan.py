@@ -102,9 +102,15 @@ def test_both_players_train_on_two_processes(store_dir: Path, tmp_path: Path) ->
     assert "scanner_share" in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0]
 
 
+#: What the adversary trains beside the anatomy with `adversarial_parts: all`, per acquisition.
+ACQUISITION_PARAMETERS = {"fixed": ("tone", "psf_param"),
+                          "learned": ("tone", "psf_param", "gain", "noise_map", "noise_kernel", "noise_dof")}
+
+
+@pytest.mark.parametrize("acquisition", ["fixed", "learned"])
 @pytest.mark.parametrize("parts", ["anatomy", "all"])
-def test_the_adversary_trains_the_acquisition_only_when_asked(parts: str) -> None:
-    fam, config, model, _ = built("atlasgan", f"model.adversarial_parts={parts}")
+def test_the_adversary_trains_the_acquisition_only_when_asked(parts: str, acquisition: str) -> None:
+    fam, config, model, _ = built("atlasgan", f"model.adversarial_parts={parts}", f"model.acquisition={acquisition}")
     g = torch.Generator().manual_seed(0)
     images, scanner = torch.rand(4, *SHAPE, generator=g), torch.tensor([0, 1, 2, 3])
     step = Step(PlainAccelerator(), config, model, {}, images, scanner,
@@ -112,35 +118,7 @@ def test_the_adversary_trains_the_acquisition_only_when_asked(parts: str) -> Non
     vae = model.generator
     with torch.no_grad():  # blurs that differ: sampling applies each beyond the sharpest (atlas.py, psf_sigma)
         vae.psf_param += torch.tensor([[0.0, 0.05], [0.1, 0.0], [0.15, 0.1], [0.05, 0.15]])
-
-    def acquisition_grads(with_adversary: bool) -> list[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        made = fam.generate(model, step)
-        terms = fam.generator_loss(model, step, made, model.discriminator(made["fake"], scanner))
-        loss = terms["generator"] if with_adversary else atlas_objective(config, made["out"], images, scanner)["loss"]
-        loss.backward()
-        return [vae.tone.grad.clone(), vae.psf_param.grad.clone(), vae.atlas.grad.clone()]
-
-    alone, joint = acquisition_grads(False), acquisition_grads(True)
-    assert not torch.equal(alone[2], joint[2])  # the anatomy takes the adversary's gradient either way
-    same = [torch.allclose(a, j, rtol=1e-5, atol=1e-9) for a, j in zip(alone[:2], joint[:2], strict=True)]
-    assert same == ([True, True] if parts == "anatomy" else [False, False])
-
-
-@pytest.mark.parametrize("parts", ["anatomy", "all"])
-def test_with_the_learned_acquisition_the_adversary_trains_the_noise_texture_only_when_asked(parts: str) -> None:
-    fam, config, model, _ = built("atlasgan", "model.acquisition=learned", f"model.adversarial_parts={parts}")
-    assert fam.noise_dim(config) == 2 * config.latent + 2  # one seed for each of the two chi draws
-    g = torch.Generator().manual_seed(0)
-    images, scanner = torch.rand(4, *SHAPE, generator=g), torch.tensor([0, 1, 2, 3])
-    noise = torch.randn(4, fam.noise_dim(config), generator=g)
-    step = Step(PlainAccelerator(), config, model, {}, images, scanner, noise)
-    vae = model.generator
-    with torch.no_grad():  # the prior draw is the exported image with the scanner's chi noise from its seed
-        made = fam.generate(model, step)
-        clean = fam.export_graph(model)(noise[:, config.latent + 1 : 2 * config.latent + 1], scanner)
-        drawn = vae.observe(clean, scanner, vae.white_from(noise[:, -1]))
-    torch.testing.assert_close(made["fake"], drawn, atol=1e-5, rtol=0)
+    parameters = [getattr(vae, name) for name in ACQUISITION_PARAMETERS[acquisition]]
 
     def grads(with_adversary: bool) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -148,9 +126,23 @@ def test_with_the_learned_acquisition_the_adversary_trains_the_noise_texture_onl
         terms = fam.generator_loss(model, step, made, model.discriminator(made["fake"], scanner))
         loss = terms["generator"] if with_adversary else atlas_objective(config, made["out"], images, scanner)["loss"]
         loss.backward()
-        return [p.grad.clone() for p in (vae.noise_map, vae.noise_kernel, vae.noise_dof, vae.gain, vae.atlas)]
+        return [p.grad.clone() for p in (*parameters, vae.atlas)]
 
     alone, joint = grads(False), grads(True)
     assert not torch.equal(alone[-1], joint[-1])  # the anatomy takes the adversary's gradient either way
     same = [torch.allclose(a, j, rtol=1e-5, atol=1e-9) for a, j in zip(alone[:-1], joint[:-1], strict=True)]
-    assert same == ([True] * 4 if parts == "anatomy" else [False] * 4)
+    assert same == [parts == "anatomy"] * len(parameters)
+
+
+def test_with_the_learned_acquisition_the_prior_draws_take_the_scanners_chi_noise() -> None:
+    fam, config, model, _ = built("atlasgan", "model.acquisition=learned")
+    assert fam.noise_dim(config) == 2 * config.latent + 2  # one seed for each of the two chi draws
+    g = torch.Generator().manual_seed(0)
+    images, scanner = torch.rand(4, *SHAPE, generator=g), torch.tensor([0, 1, 2, 3])
+    noise = torch.randn(4, fam.noise_dim(config), generator=g)
+    vae = model.generator
+    with torch.no_grad():  # the prior draw is the exported image with the scanner's chi noise from its seed
+        made = fam.generate(model, Step(PlainAccelerator(), config, model, {}, images, scanner, noise))
+        clean = fam.export_graph(model)(noise[:, config.latent + 1 : 2 * config.latent + 1], scanner)
+        drawn = vae.observe(clean, scanner, vae.white_from(noise[:, -1]))
+    torch.testing.assert_close(made["fake"], drawn, atol=1e-5, rtol=0)
