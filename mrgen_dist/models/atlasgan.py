@@ -38,7 +38,6 @@ from mrgen_dist.models.cvae import Decoder
 from mrgen_dist.models.dcgan import DCGANFamily
 from mrgen_dist.models.parts.adversarial import TwoPlayerConfig
 from mrgen_dist.models.parts.networks import ConvDiscriminator, DiscriminatorOutput, centre_crop, multiply_accumulates
-from mrgen_dist.models.parts.noise import rician_draw
 from mrgen_dist.scanners import Vocabulary
 
 ADVERSARIAL_PARTS = ("anatomy", "all")
@@ -112,11 +111,13 @@ class AtlasGANFamily(DCGANFamily):
         prior = step.noise[:, own : own + config.latent].to(out.mean.dtype)
         clean = vae.decode(prior, step.scanner, frozen=frozen).float()
         rest = step.noise[:, own + config.latent :]
-        if vae.learned:  # the adversary trains the noise texture too, unless it trains the anatomy only
-            fake = vae.observe(clean, step.scanner, vae.white_from(rest[:, 0]), frozen=frozen)
-        else:  # the noise sigma stays the background's Rician fit (module doc)
-            real, imaginary = centre_crop(rest.view(-1, 2, *config.size), vae.image_shape).split(1, dim=1)
-            fake = rician_draw(clean, vae.sigma(step.scanner).detach().float(), real, imaginary)
+        if vae.learned:
+            white = vae.white_from(rest[:, 0])
+        else:
+            white = centre_crop(rest.view(-1, 2, *config.size), vae.image_shape)
+        # the adversary trains the learned noise texture unless it trains the anatomy only, and never the fixed
+        # acquisition's sigma, which stays the background's Rician fit (module doc)
+        fake = vae.observe(clean, step.scanner, white, frozen=frozen or not vae.learned)
         return {"fake": fake.to(out.mean.dtype), "out": out}
 
     def generator_loss(self, players: AtlasGANPlayers, step: Step, made: dict, fake: DiscriminatorOutput
