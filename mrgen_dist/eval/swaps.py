@@ -50,9 +50,13 @@ def band(images: np.ndarray, name: str) -> np.ndarray:
     return coarse if name == "coarse" else images - coarse
 
 
-def swapped(real: np.ndarray, recon: np.ndarray, region: np.ndarray, band_name: str) -> np.ndarray:
-    """`real` (n, H, W) with the `band_name` band of `recon` in place of its own within `region` (H, W)."""
-    change = band(recon, band_name) - band(real, band_name)
+def band_changes(real: np.ndarray, recon: np.ndarray) -> dict[str, np.ndarray]:
+    """Per band of BANDS, what replacing that band of `real` (n, H, W) by `recon`'s adds to `real`."""
+    return {name: band(recon, name) - band(real, name) for name in BANDS}
+
+
+def swapped(real: np.ndarray, change: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """`real` (n, H, W) with a band's `change` (`band_changes`) added within `region` (H, W)."""
     return (real + np.where(region, change, 0)).astype(np.float32)
 
 
@@ -61,11 +65,11 @@ def swap_probe(real: np.ndarray, recon: np.ndarray, scanner: np.ndarray, recogni
     conditioning check's classifier on Inception features)."""
     from tqdm import tqdm
 
-    regions = head_regions(real)
+    regions, changes = head_regions(real), band_changes(real, recon)
     out = []
     combos = [(r, b) for r in REGIONS for b in BANDS]
     for region, band_name in tqdm(combos, desc="swaps", unit="swap"):
-        predicted = recognise(swapped(real, recon, regions[region], band_name))
+        predicted = recognise(swapped(real, changes[band_name], regions[region]))
         counts = confusion(scanner, predicted, n_scanners)
         out.append(Swap(region=region, band=band_name, pixels=int(regions[region].sum()),
                         accuracy=float(np.trace(counts) / counts.sum()), confusion=counts.tolist()))

@@ -99,9 +99,8 @@ class AtlasGANFamily(DCGANFamily):
         (cropped to the slice; noise_dim knows only the config), with the learned one a number that seeds its
         white fields (`AtlasVAE.white_from`). The loop draws all of a step's randomness, so that a resumed run
         draws what an uninterrupted one does."""
-        if config.acquisition == "learned":
-            return ATLAS.noise_dim(config) + config.latent + 1
-        return 2 * config.latent + 2 * config.size[0] * config.size[1]
+        observation = 1 if config.acquisition == "learned" else 2 * config.size[0] * config.size[1]
+        return ATLAS.noise_dim(config) + config.latent + observation
 
     def generate(self, players: AtlasGANPlayers, step: Step) -> dict[str, torch.Tensor]:
         vae, config = players.generator, step.config

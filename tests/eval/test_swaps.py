@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from mrgen_dist.eval.results import Diagnostics, Swap
-from mrgen_dist.eval.swaps import BANDS, REGIONS, band, head_regions, swap_probe, swap_table, swapped
+from mrgen_dist.eval.swaps import (
+    BANDS,
+    REGIONS,
+    band,
+    band_changes,
+    head_regions,
+    swap_probe,
+    swap_table,
+    swapped,
+)
 
 SHAPE = (64, 56)
 
@@ -38,10 +47,10 @@ def test_the_regions_split_the_slice_and_the_bands_add_up() -> None:
 def test_a_swap_changes_only_its_region_and_band() -> None:
     real, recon = _heads(3, 0.02, 0), _heads(3, 0.1, 1)
     regions = head_regions(real)
-    out = swapped(real, recon, regions["background"], "all")
+    out = swapped(real, band_changes(real, recon)["all"], regions["background"])
     np.testing.assert_array_equal(out[:, ~regions["background"]], real[:, ~regions["background"]])
     np.testing.assert_allclose(out[:, regions["background"]], recon[:, regions["background"]], atol=1e-7)
-    np.testing.assert_array_equal(swapped(real, real, regions["interior"], "fine"), real)
+    np.testing.assert_array_equal(swapped(real, band_changes(real, real)["fine"], regions["interior"]), real)
 
 
 def test_the_probe_names_the_component_that_is_misread() -> None:
