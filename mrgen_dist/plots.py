@@ -69,16 +69,21 @@ def scanner_grid(
 
 def loss_curves(history: Sequence[dict], names: Sequence[str], path: str | Path) -> Path:
     """Train and test value per epoch of the run's loss, `names[0]` (left), and of its other terms (right,
-    log scale); `history` records hold `train_<name>` and `test_<name>`."""
+    log scale, only where there are other terms); `history` records hold `train_<name>` and `test_<name>`."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2 if len(names) > 1 else 1, figsize=(10 if len(names) > 1 else 5, 3.6),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(epochs, [h[f"train_{names[0]}"] for h in history], "o-", ms=3, label="train")
     ax.plot(epochs, [h[f"test_{names[0]}"] for h in history], "s-", ms=3, label="test")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{names[0]} per image")
     ax.legend()
     ax.grid(alpha=0.3)
+    if len(names) == 1:
+        return _save(fig, path, dpi=90)
+    ax2 = axes[0, 1]
     for key, style in zip(names[1:], ("-", "--", "-.", ":") * len(names), strict=False):
         ax2.plot(epochs, [h[f"train_{key}"] for h in history], style, label=f"train {key}")
         ax2.plot(epochs, [h[f"test_{key}"] for h in history], style, label=f"test {key}", alpha=0.7)

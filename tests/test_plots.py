@@ -1,12 +1,15 @@
-"""Figures that no command test draws: the translation bounds of benchmarks/translation_bounds.py."""
+"""Figures that no command test draws: the translation bounds of benchmarks/translation_bounds.py, and the loss
+curves of a family with one loss term."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 
-from mrgen_dist.plots import translation_bounds
+from mrgen_dist.plots import loss_curves, translation_bounds
 
 
 def test_translation_bounds_figure(tmp_path: Path) -> None:
@@ -21,3 +24,13 @@ def test_translation_bounds_figure(tmp_path: Path) -> None:
     image = matplotlib.image.imread(path)
     assert image.shape[:2] == (342, 900)  # 10 x 3.8 inches at 90 dpi
     assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+@pytest.mark.parametrize(("names", "width"), [(["loss"], 450), (["loss", "kl"], 900)])
+def test_loss_curves_draw_a_second_panel_only_for_other_terms(tmp_path: Path, names: list[str], width: int) -> None:
+    history = [{"epoch": e, **{f"{side}_{n}": 1.0 / e for n in names for side in ("train", "test")}} for e in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty panel's legend warns
+        path = loss_curves(history, names, tmp_path / "loss_curves.png")
+    image = matplotlib.image.imread(path)
+    assert image.shape[1] == width and image[..., :3].std() > 0.05

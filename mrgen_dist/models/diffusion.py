@@ -61,6 +61,7 @@ class DiffusionConfig(ModelConfig):
     family: str = "diffusion"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet channels per level
     size: list[int] = field(default_factory=lambda: [224, 192])  # the slices centre-padded to it in the UNet
+    patch: int = 1  # pixels folded into channels per side before the UNet's first level (parts/unet.py)
     blocks: int = 1  # residual blocks per level
     attention: int = 1  # how many of the lowest levels have self-attention (0: none)
     schedule: str = "cosine"  # cosine | linear
@@ -74,9 +75,13 @@ class DiffusionConfig(ModelConfig):
     def validate(self) -> None:
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"model.widths must be a non-empty list of numbers >= 1, got {self.widths}")
-        if len(self.size) != 2 or any(s % 2 ** (len(self.widths) - 1) or s < 1 for s in self.size):
-            raise ValueError(f"model.size {self.size} must be two sizes divisible by {2 ** (len(self.widths) - 1)}: "
-                             f"the UNet halves them {len(self.widths) - 1} times (model.widths)")
+        if self.patch < 1:
+            raise ValueError(f"model.patch must be >= 1, got {self.patch}")
+        multiple = self.patch * 2 ** (len(self.widths) - 1)
+        if len(self.size) != 2 or any(s % multiple or s < 1 for s in self.size):
+            raise ValueError(f"model.size {self.size} must be two sizes divisible by {multiple}: model.patch "
+                             f"{self.patch} divides them, then the UNet halves them {len(self.widths) - 1} times "
+                             "(model.widths)")
         if self.blocks < 1:
             raise ValueError(f"model.blocks must be >= 1, got {self.blocks}")
         if not 0 <= self.attention <= len(self.widths):
@@ -123,7 +128,7 @@ class Diffusion(nn.Module):
         super().__init__()
         self.n_scanners, self.image_shape = n_scanners, tuple(image_shape)
         self.net = ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, config.attention,
-                                   tuple(config.size))
+                                   tuple(config.size), config.patch)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("alphas_cumprod", torch.from_numpy(
             alphas_cumprod(config.schedule, config.timesteps)).float())

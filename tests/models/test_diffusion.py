@@ -158,12 +158,33 @@ def test_registered_with_the_denoiser_contract() -> None:
     ({"label_dropout": 1.0}, "model.label_dropout"), ({"ema_decay": 1.0}, "model.ema_decay"),
     ({"sample_steps": 101}, "model.sample_steps"), ({"guidance": -1.0}, "model.guidance"),
     ({"label_dropout": 0.0}, "model.guidance"), ({"timesteps": 1, "sample_steps": 1}, "model.timesteps"),
+    ({"patch": 0}, "model.patch"), ({"patch": 3}, "model.size"),
 ])
 def test_bad_settings_name_the_field(override: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         dataclasses.replace(tiny(), **override).validate()
     with pytest.raises(ValueError, match="model.size"):
         DiffusionConfig(size=[216, 176]).validate_shape(SHAPE)
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_patch_folds_pixels_into_channels_at_a_fraction_of_the_cost(patch: int) -> None:
+    from mrgen_dist.models.parts.networks import multiply_accumulates
+    from mrgen_dist.models.parts.unet import ConditionalUNet
+
+    torch.manual_seed(0)
+    unets = {p: ConditionalUNet(SHAPE, 5, [8, 16, 16], attention=0, size=(224, 192), patch=p) for p in (1, patch)}
+    folded = unets[patch]
+    assert folded.stem.in_channels == folded.head.out_channels == patch**2
+    torch.nn.init.normal_(folded.head.weight)  # zero at initialisation: make every output channel count
+    x, t, label = torch.rand(2, 1, *SHAPE, requires_grad=True), torch.tensor([10.0, 900.0]), torch.tensor([0, 4])
+    out = folded(x, t, label)
+    assert out.shape == (2, 1, *SHAPE)
+    # every pixel of the slice reaches the output and every output pixel is drawn (no position lost in the fold)
+    out.abs().sum().backward()
+    assert (x.grad != 0).float().mean() > 0.99 and (out != 0).float().mean() > 0.99
+    macs = {p: multiply_accumulates(u, x[:1].detach(), t[:1], label[:1]) for p, u in unets.items()}
+    assert macs[patch] < 1.5 * macs[1] / patch**2  # the same widths on patch**2 times fewer positions
 
 
 def make_step(config: DiffusionConfig, model, optimizers=None, seed: int = 0) -> Step:

@@ -9,6 +9,11 @@ self-attention (heads of 64 channels, or one head below 64) after their blocks. 
 (zeros) to `size`, which the downsamplings divide (218 x 182 -> 224 x 192), and the output cropped back
 inside `forward`, so the graph's input and output are the slice's shape. Attention is written with matmul and
 softmax, which every ONNX runtime runs.
+
+`patch` > 1 folds each patch x patch block of pixels into channels before the stem (pixel unshuffle) and
+unfolds the head's output the same way, as "simple diffusion" (Hoogeboom et al. 2023) does at high
+resolution: the transform is invertible, so no pixel and no noise is averaged away (unlike a latent
+autoencoder), while every level works on patch**2 times fewer positions.
 """
 
 from __future__ import annotations
@@ -79,20 +84,21 @@ class ConditionalUNet(nn.Module):
     of the lowest levels have self-attention; `n_labels`: the label embedding's entries (scanners + null)."""
 
     def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
-                 attention: int = 1, size: tuple[int, int] | None = None) -> None:
+                 attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.patch = patch
         levels = len(widths)
-        multiple = 2 ** (levels - 1)
+        multiple = patch * 2 ** (levels - 1)
         self.size = tuple(size) if size else tuple(-(-n // multiple) * multiple for n in image_shape)
         if any(s % multiple or s < n for s, n in zip(self.size, self.image_shape, strict=True)):
             raise ValueError(f"UNet size {list(self.size)} must hold the slices {list(self.image_shape)} and be "
-                             f"divisible by {multiple} ({levels} levels)")
+                             f"divisible by {multiple} ({levels} levels, patch {patch})")
         self.time_dim = widths[0]
         emb = 4 * widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = nn.Embedding(n_labels, emb)
-        self.stem = nn.Conv2d(1, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(patch**2, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -120,7 +126,7 @@ class ConditionalUNet(nn.Module):
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
         self.blocks, self.levels = blocks, levels
         self.head_norm = nn.GroupNorm(groups_for(c), c)
-        self.head = nn.Conv2d(c, 1, 3, padding=1)
+        self.head = nn.Conv2d(c, patch**2, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -134,7 +140,7 @@ class ConditionalUNet(nn.Module):
         top, left = self.offsets()
         (h_in, w_in), (h_out, w_out) = self.image_shape, self.size
         h = F.pad(x.to(dtype), (left, w_out - w_in - left, top, h_out - h_in - top))
-        h = self.stem(h)
+        h = self.stem(F.pixel_unshuffle(h, self.patch))
         hs = [h]
         blocks = iter(self.down)
         for i in range(self.levels):
@@ -153,5 +159,5 @@ class ConditionalUNet(nn.Module):
             h = self.up_attn[j](h)
             if j < self.levels - 1:
                 h = self.upsample[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        out = self.head(F.silu(self.head_norm(h)))
+        out = F.pixel_shuffle(self.head(F.silu(self.head_norm(h))), self.patch)
         return out[:, :, top : top + h_in, left : left + w_in]
