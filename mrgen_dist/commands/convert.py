@@ -1,5 +1,6 @@
-"""`mrgen-convert`: NIfTI volumes (a folder or a CSV manifest) -> a verified slice store; `mrgen-convert verify STORE`.
-The conversion itself is `mrgen_dist.data.convert.convert`."""
+"""`mrgen-convert`: NIfTI volumes (a folder or a CSV manifest) -> a verified slice store (whole, or one part of
+it with --part k/N); `mrgen-convert merge PART...` joins the parts; `mrgen-convert verify STORE`.
+The conversion itself is `mrgen_dist.data.convert.convert` (and `merge`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from pathlib import Path
 
 from mrgen_dist.cli import EXIT_ERROR, UserError, run
 from mrgen_dist.commands.options import non_negative_int, positive, with_default_command
-from mrgen_dist.data.convert import EXIT_OK, EXIT_REJECTED, ConvertOptions, NothingAccepted, convert
+from mrgen_dist.data.convert import (
+    EXIT_OK,
+    EXIT_REJECTED,
+    ConversionResult,
+    ConvertOptions,
+    NothingAccepted,
+    convert,
+    merge,
+)
 from mrgen_dist.data.demo import MARKER_FILE
 from mrgen_dist.data.inputs import InputVolume, Rejection, discover_directory, read_manifest
+from mrgen_dist.data.parts import Part
 from mrgen_dist.data.split import SPLIT_UNITS
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.data.summary import store_summary
@@ -42,6 +52,14 @@ def _slices(text: str) -> int:
     return value
 
 
+def _part(text: str) -> Part:
+    """argparse `type=` for --part k/N."""
+    try:
+        return Part.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="mrgen-convert",
@@ -50,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all converted (verify: sound); 3 store written, some inputs rejected (see "
         "rejected.csv); 1 error, no usable store (verify: problems found); 2 usage error.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{convert,verify}")
+    sub = ap.add_subparsers(dest="command", metavar="{convert,merge,verify}")
     c = sub.add_parser(
         "convert",
         help="NIfTI volumes -> slice store (the default command)",
@@ -80,7 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="scanner labels: 'method' (the four of the method, default), 'manifest' (the labels in the CSV's "
         "scanner column) or a comma-separated list in label order",
     )
+    c.add_argument("--part", type=_part, metavar="k/N",
+                   help="convert only the k-th of N contiguous parts of the inputs into --out (a Slurm array: "
+                   "k = the task id); join the N part stores with `mrgen-convert merge`")
     c.set_defaults(body=run_convert)
+    m = sub.add_parser(
+        "merge",
+        help="join the part stores of `convert --part k/N` into one store",
+        description="Join the N finished part stores of one `mrgen-convert --part k/N` conversion into one store "
+        "(one manifest, one split by subject across the parts, one store_sha256): the slices of a one-process "
+        "conversion, in its order. Each part is verified first; parts of other inputs, parameters or split "
+        "settings are refused.",
+        epilog="Exit status: 0 merged (3: some inputs were rejected, see rejected.csv); 1 error, no new store; "
+        "2 usage error.",
+    )
+    m.add_argument("parts", type=Path, nargs="+", metavar="PART", help="the part stores, in any order")
+    m.add_argument("--out", "-o", type=Path, required=True, help="the merged store's folder")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace a finished store in --out that is not this merge (kept until the new one is complete)")
+    m.set_defaults(body=run_merge)
     v = sub.add_parser(
         "verify",
         help="re-check every checksum and count of a store",
@@ -131,10 +167,20 @@ def run_convert(args: argparse.Namespace) -> int:
             description=f"{'manifest' if is_csv else 'folder'} {args.input}",
             overwrite=args.overwrite,
             preview=True,
+            part=args.part,
         )
     except NothingAccepted as e:
         _print_rejections(e.rejected)
         raise
+    return _report(result)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    return _report(merge(args.parts, args.out, overwrite=args.overwrite, preview=True))
+
+
+def _report(result: ConversionResult) -> int:
+    """The store's summary, warnings, rejections and what was done; the exit status."""
     store = SliceStore(result.store)
     print(store_summary(store))
     if result.preview:

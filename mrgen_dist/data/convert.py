@@ -2,6 +2,7 @@
 
     mrgen-convert [convert] INPUT_DIR_OR_CSV --out STORE [--workers N] [--resample] [--split subject|slice]
                   [--overwrite] ...
+    mrgen-convert merge PART [PART ...] --out STORE [--overwrite]
     mrgen-convert verify STORE
 
 Exit status of a conversion: 0 every input converted; 3 the store was written (or was already there) but
@@ -38,6 +39,11 @@ run or from the store in STORE (hard-linked, so the files are the same), and con
 does not. A re-run of the conversion that made the finished store in STORE (same inputs, same parameters,
 every shard intact) leaves it untouched; replacing a finished store made from other inputs or parameters
 needs `--overwrite`.
+
+In parts (`--part k/N`, mrgen_dist.data.parts): each part is a store of its own, and `merge` links the parts'
+shards, in part order, into one store with one manifest and one split over every subject, published as a
+conversion is (staged, checked, swapped in under the lock): the merged store holds the slices of a one-process
+conversion of the same inputs, in the same order, with the same split.
 """
 
 from __future__ import annotations
@@ -71,9 +77,10 @@ from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import UserError
 from mrgen_dist.data.inputs import InputError, InputVolume, Rejection, screen
 from mrgen_dist.data.lock import LOCK_NAME, FolderLock
+from mrgen_dist.data.parts import Part, PartError, check_parts
 from mrgen_dist.data.shards import ShardArrays, file_digests, write_shard
 from mrgen_dist.data.split import SPLIT_UNITS, slice_split, subject_split
-from mrgen_dist.data.store import REJECTED_NAME, SliceStore
+from mrgen_dist.data.store import REJECTED_NAME, SliceStore, StoreError
 from mrgen_dist.data.summary import PREVIEW_NAME, write_preview
 from mrgen_dist.data.volume import SliceParams, VolumeRejected, central_slices, load_volume
 from mrgen_dist.scanners import Vocabulary
@@ -532,12 +539,23 @@ def convert(
     description: str = "",
     overwrite: bool = False,
     preview: bool = False,
+    part: Part | None = None,
 ) -> ConversionResult:
-    """Convert `volumes` into the store at `out`; see the module doc for locking, staging and resume.
+    """Convert `volumes` (or, with `part`, one part of them) into the store at `out`; see the module doc for
+    locking, staging and resume.
 
     `overwrite` allows replacing a finished store made from other inputs or parameters; `preview` writes
     STORE/preview.png once the store is in place (a failure there is a warning in the result, not an error).
     """
+    with _store_folder(out, "mrgen-convert") as lock:
+        return _convert_locked(volumes, vocabulary, Path(out), lock, options, synthetic, description, overwrite,
+                               preview, part)
+
+
+@contextmanager
+def _store_folder(out: Path, holder: str) -> Iterator[FolderLock]:
+    """`out` checked, created where missing and locked for `holder`; a failure that leaves a folder this
+    created empty removes it."""
     out = Path(out)
     _check_out(out)
     created = not out.exists()
@@ -546,9 +564,8 @@ def convert(
     except OSError as e:
         raise InputError(f"cannot create the store folder {out}: {e.strerror or e}") from None
     try:
-        with FolderLock(out, "mrgen-convert") as lock:
-            return _convert_locked(volumes, vocabulary, out, lock, options, synthetic, description, overwrite,
-                                   preview)
+        with FolderLock(out, holder) as lock:
+            yield lock
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed conversion into a new folder leaves no folder behind
@@ -564,6 +581,7 @@ def _convert_locked(
     description: str,
     overwrite: bool,
     preview: bool,
+    part: Part | None,
 ) -> ConversionResult:
     t0 = time.perf_counter()
     staging = out / STAGING
@@ -573,6 +591,11 @@ def _convert_locked(
         raise StoreExists(f"{out} holds a store whose manifest cannot be read ({unreadable}); add --overwrite "
                           "to replace it")
     kept, rejected = screen(volumes, vocabulary)
+    inputs: dict = {"description": description, "synthetic": synthetic}
+    if part is not None:
+        inputs["part"] = part.record([v.key() for v in kept] + sorted(r.source for r in rejected))
+        start, stop = part.bounds(len(kept))
+        kept, rejected = kept[start:stop], (rejected if part.index == 1 else [])
     same = False
     if old is not None:
         diffs = _differences(out, old, vocabulary, options, kept)
@@ -603,19 +626,13 @@ def _convert_locked(
                 + (f"; the store in {out} is unchanged" if old is not None or unreadable else ""),
                 rejected,
             )
-        manifest = _manifest(records, vocabulary, options, rejected, synthetic, description).sealed()
+        manifest = _manifest(records, vocabulary, options.store_params(), options.split_settings(), rejected,
+                             inputs).sealed()
         if same and shards_written == 0 and _content(manifest) == _content(old):
             shutil.rmtree(staging)
             result = ConversionResult(out, rejected, 0, shards_kept, 0.0, unchanged=True)
         else:
-            _check_staged(staging, records)
-            with _writing(staging / REJECTED_NAME):
-                _write_rejected(staging / REJECTED_NAME, rejected)
-            with _writing(staging / StoreManifest.NAME):
-                manifest.write(staging / StoreManifest.NAME)
-            if StoreManifest.read(staging / StoreManifest.NAME) != manifest:
-                raise ConvertError(f"{staging / StoreManifest.NAME}: reads back differently from what was written")
-            warnings = _replace(out, staging, lock)
+            warnings = _publish(out, staging, records, manifest, rejected, lock)
             replaced = old is not None or bool(unreadable)
             result = ConversionResult(out, rejected, shards_written, shards_kept, 0.0, replaced=replaced,
                                       warnings=warnings)
@@ -634,6 +651,27 @@ def _convert_locked(
         if staging.is_dir() and not _has_shards(staging) and not (staging / _PARKED).exists():
             shutil.rmtree(staging, ignore_errors=True)
 
+    _finish(result, preview, t0)
+    return result
+
+
+def _publish(out: Path, staging: Path, records: list[dict], manifest: StoreManifest, rejected: list[Rejection],
+             lock: FolderLock) -> list[str]:
+    """Check the staged shards, write rejected.csv and the manifest beside them, and swap the staged store into
+    `out`; the warnings of tidying up after."""
+    _check_staged(staging, records)
+    with _writing(staging / REJECTED_NAME):
+        _write_rejected(staging / REJECTED_NAME, rejected)
+    with _writing(staging / StoreManifest.NAME):
+        manifest.write(staging / StoreManifest.NAME)
+    if StoreManifest.read(staging / StoreManifest.NAME) != manifest:
+        raise ConvertError(f"{staging / StoreManifest.NAME}: reads back differently from what was written")
+    return _replace(out, staging, lock)
+
+
+def _finish(result: ConversionResult, preview: bool, t0: float) -> None:
+    """The preview (a failure is a warning: the store is complete) and the time taken."""
+    out = result.store
     if preview and not (result.unchanged and (out / PREVIEW_NAME).is_file()):
         try:
             result.preview = write_preview(SliceStore(out))
@@ -644,7 +682,87 @@ def _convert_locked(
     elif preview:
         result.preview = out / PREVIEW_NAME
     result.seconds = time.perf_counter() - t0
+
+
+def merge(parts: list[Path], out: Path, overwrite: bool = False, preview: bool = False) -> ConversionResult:
+    """Join the finished part stores `parts` (any order) into one store at `out`: their shards linked in part
+    order, one manifest and one split over every subject; see the module doc and mrgen_dist.data.parts.
+
+    Every part is verified first (checksums and counts) and must come from the same input list, N, vocabulary,
+    parameters and split settings. A finished store in `out` that is not this merge is replaced only with
+    `overwrite`."""
+    t0 = time.perf_counter()
+    stores: dict[Path, StoreManifest] = {}
+    for path in map(Path, parts):
+        try:
+            problems = SliceStore(path).verify()
+        except StoreError as e:
+            raise PartError(f"part {e}") from None
+        if problems:
+            raise PartError(f"part {path}: {problems[0]} ({len(problems)} problem(s): mrgen-convert verify {path})")
+        stores[path] = SliceStore(path).manifest
+    check_parts({str(path): m.inputs.get("part") for path, m in stores.items()})
+    ordered = sorted(stores.items(), key=lambda item: item[1].inputs["part"]["index"])
+    first_path, first = ordered[0]
+    settings = {key: value for key, value in first.split.items() if key != "test"}
+    for path, m in ordered[1:]:
+        for what, mine, theirs in (("vocabulary", m.vocabulary, first.vocabulary), ("parameters", m.params, first.params),
+                                   ("split settings", {k: v for k, v in m.split.items() if k != "test"}, settings),
+                                   ("inputs.synthetic", m.inputs.get("synthetic"), first.inputs.get("synthetic"))):
+            if mine != theirs:
+                raise PartError(f"{path} and {first_path} were converted with different {what} ({_short(mine)} vs "
+                                f"{_short(theirs)}): convert every part with the same options")
+    inputs = {"description": f"{len(ordered)} parts merged: {first.inputs.get('description', '')}",
+              "synthetic": first.inputs.get("synthetic", False)}
+    vocabulary = Vocabulary.from_names(first.vocabulary)
+    with _store_folder(out, "mrgen-convert merge") as lock:
+        out = Path(out)
+        staging = out / STAGING
+        _recover(out, staging)
+        old, unreadable = _finished_store(out)
+        shutil.rmtree(staging, ignore_errors=True)  # a merge only links: nothing to resume
+        staged = staging / SHARD_DIR
+        records: list[dict] = []
+        rejected: list[Rejection] = []
+        try:
+            with _writing(staged):
+                staged.mkdir(parents=True)
+                for path, m in ordered:
+                    for shard in m.shards:
+                        name = f"shard-{len(records):05d}.h5"
+                        record = json.loads(_record_path(path / shard["file"]).read_text())
+                        _link(path / shard["file"], staged / name)
+                        records.append({**record, "file": f"{SHARD_DIR}/{name}"})
+                        atomic_write(_record_path(staged / name), json.dumps(records[-1], indent=1))
+                    rejected.extend(_read_rejected(path / REJECTED_NAME))
+            manifest = _manifest(records, vocabulary, first.params, settings, rejected, inputs).sealed()
+            if old is not None and _content(manifest) == _content(old):
+                result = ConversionResult(out, rejected, 0, len(records), 0.0, unchanged=True)
+            elif (old is not None or unreadable) and not overwrite:
+                raise StoreExists(f"{out} holds a finished store that is not this merge of {len(ordered)} parts; "
+                                  "add --overwrite to replace it (it stays until the merged store is complete)")
+            else:
+                warnings = _publish(out, staging, records, manifest, rejected, lock)
+                result = ConversionResult(out, rejected, len(records), 0, 0.0, replaced=old is not None or
+                                          bool(unreadable), warnings=warnings)
+        except _ReplaceError:
+            raise
+        except ConvertError as e:
+            state = f"the store in {out} is unchanged" if old is not None or unreadable else "no store was written"
+            raise ConvertError(f"{e}; {state}") from None
+        finally:
+            if not (staging / _PARKED).exists():  # else the old store's files wait there for _recover
+                shutil.rmtree(staging, ignore_errors=True)
+    _finish(result, preview, t0)
     return result
+
+
+def _read_rejected(path: Path) -> list[Rejection]:
+    """The rows of a store's rejected.csv (none when the file is absent: stores of earlier versions)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [Rejection(row["source"], row["reason"]) for row in csv.DictReader(f)]
 
 
 def _build(
@@ -721,25 +839,26 @@ def _write_rejected(path: Path, rejected: list[Rejection]) -> None:
 def _manifest(
     records: list[dict],
     vocabulary: Vocabulary,
-    options: ConvertOptions,
+    params: dict,
+    split: dict,
     rejected: list[Rejection],
-    synthetic: bool,
-    description: str,
+    inputs: dict,
 ) -> StoreManifest:
-    """The manifest of the store made of `records` (unsealed: `.sealed()` sets its store_sha256)."""
-    k = options.params.slices_per_volume
+    """The manifest of the store made of `records` (unsealed: `.sealed()` sets its store_sha256); `params` as
+    ConvertOptions.store_params, `split` as its split_settings."""
+    k = params["slices_per_volume"]
     volumes = [v for rec in records for v in rec["volumes"]]
     per_scanner = {n: {"volumes": 0, "slices": 0} for n in vocabulary.names}
     for v in volumes:
         per_scanner[v["scanner"]]["volumes"] += 1
         per_scanner[v["scanner"]]["slices"] += k
-    if options.split_unit == "subject":
+    if split["unit"] == "subject":
         by_scanner = {n: [v["subject"] for v in volumes if v["scanner"] == n] for n in vocabulary.names}
-        test = subject_split(by_scanner, options.test_fraction, options.seed)
+        test = subject_split(by_scanner, split["test_fraction"], split["seed"])
         test_set = set(test)
         slice_is_test = np.repeat([v["subject"] in test_set for v in volumes], k)
     else:
-        test = slice_split(len(volumes) * k, options.test_fraction, options.seed)
+        test = slice_split(len(volumes) * k, split["test_fraction"], split["seed"])
         slice_is_test = np.zeros(len(volumes) * k, dtype=bool)
         slice_is_test[test] = True
     slice_scanner = np.repeat([v["scanner"] for v in volumes], k)
@@ -750,11 +869,11 @@ def _manifest(
     return StoreManifest(
         created_by={"package": "mrgen-dist", "version": __version__},
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        inputs={"description": description, "synthetic": synthetic},
+        inputs=inputs,
         vocabulary=list(vocabulary.names),
-        params=options.store_params(),
+        params=params,
         shards=[{key: rec[key] for key in StoreManifest.SHARD_FIELDS} for rec in records],
-        split={**options.split_settings(), "test": test},
+        split={**split, "test": test},
         counts={"volumes": len(volumes), "slices": len(volumes) * k, "per_scanner": per_scanner, "rejected": len(rejected)},
         split_counts=split_counts,
     )

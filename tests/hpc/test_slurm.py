@@ -60,21 +60,24 @@ def _sessions(cache: Path) -> list[dict]:
 
 def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: Path) -> None:
     env = _env(tmp_path, MRGEN_INPUT=str(cohort_dir), MRGEN_TRAIN_OVERRIDES="train.epochs=1", MRGEN_CPU_PROCS="2",
-               MRGEN_FID_REPEATS="2")
+               MRGEN_FID_REPEATS="2", MRGEN_CONVERT_PARTS="2")
     t0 = time.time()
     submitted = subprocess.run([str(REPO / "hpc/slurm/pipeline.sh")], capture_output=True, text=True, env=env,
                                cwd=REPO, timeout=120)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    ids = dict(re.findall(r"^(convert|train|export|fanout) (\d+)$", submitted.stdout, re.M))
-    assert set(ids) == {"convert", "train", "export", "fanout"}, submitted.stdout
-    records = _wait([ids[k] for k in ("convert", "train", "export", "fanout")])
+    ids = dict(re.findall(r"^(convert-parts|convert|train|export|fanout) (\d+)$", submitted.stdout, re.M))
+    assert set(ids) == {"convert-parts", "convert", "train", "export", "fanout"}, submitted.stdout
+    records = _wait([ids[k] for k in ("convert-parts", "convert", "train", "export", "fanout")])
 
     def completed(*names: str) -> None:
         for name in names:
             for rec in records[ids[name]]:
                 assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (name, rec)
 
-    completed("convert", "train", "export", "fanout")
+    completed("convert-parts", "convert", "train", "export", "fanout")
+    # the conversion ran as an array of 2 parts, merged by the job after it
+    assert len(records[ids["convert-parts"]]) == 2
+    assert max(task["EndTime"] for task in records[ids["convert-parts"]]) <= records[ids["convert"]][0]["StartTime"]
     # the store exists only now: fanout sized the FID array from its manifest and submitted it and the report
     (fanout,) = records[ids["fanout"]]
     fanout_log = Path(fanout["StdOut"]).read_text()
@@ -92,7 +95,9 @@ def test_pipeline_runs_the_whole_chain(slurm: None, cohort_dir: Path, tmp_path: 
     assert f"{n_scanners} scanner(s), FID array 0-{n_scanners - 1}" in fanout_log
     assert len(records[ids["fid"]]) == n_scanners == 4  # one array task per scanner of the store
 
-    assert manifest["counts"]["volumes"] == 12
+    assert manifest["counts"]["volumes"] == 12 and manifest["inputs"]["description"].startswith("2 parts merged")
+    assert [json.loads((tmp_path / f"store.parts/part-{k}/manifest.json").read_text())["counts"]["volumes"]
+            for k in (1, 2)] == [6, 6]
     assert list((tmp_path / "run" / "checkpoints").glob("step-*/meta.json"))
     latest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
     assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
