@@ -22,6 +22,7 @@ import yaml
 
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import UserError
+from mrgen_dist.data.residency import RESIDENCIES
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import ModelConfig
 from mrgen_dist.models.cvae import CVAEConfig
@@ -38,6 +39,10 @@ class DataConfig:
     # train (and test) on the slices of these scanners only; empty: every scanner of the store. The model keeps
     # the store's whole vocabulary, so its scanner ids are the store's.
     scanners: list[str] = field(default_factory=list)
+    # where the split lives while training: auto | device | host | stream (mrgen_dist/data/residency.py); the
+    # batches are the same in each, so neither key is part of the checkpoint's fingerprint
+    residency: str = "auto"
+    prefetch: int = 4  # stream: batches read ahead of the loop by a background thread
 
 
 @dataclass
@@ -81,7 +86,8 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of what a checkpoint depends on: data, model and optimizer (not run length or logging)."""
         d = self.to_dict()
-        keep = {"data": d["data"], "model": d["model"], "optim": d["optim"], "train": {
+        data = {k: v for k, v in d["data"].items() if k not in ("residency", "prefetch")}
+        keep = {"data": data, "model": d["model"], "optim": d["optim"], "train": {
             k: d["train"][k] for k in ("batch_size", "grad_accum", "mixed_precision", "seed")
         }}
         if d["train"]["init_from"]:  # only when set: the checkpoints of runs from before the option still resume
@@ -197,6 +203,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}")
     if not cfg.data.store:
         raise ConfigError("data.store is required (path of a slice store made by mrgen-convert)")
+    if cfg.data.residency not in RESIDENCIES:
+        raise ConfigError(f"data.residency must be one of {', '.join(RESIDENCIES)}, got {cfg.data.residency!r}")
+    if cfg.data.prefetch < 1:
+        raise ConfigError(f"data.prefetch must be >= 1, got {cfg.data.prefetch}")
     try:
         cfg.model.validate()
     except ValueError as e:

@@ -3,9 +3,10 @@ knows no family. `train(TrainRequest)` is what `mrgen-train` (mrgen_dist/command
 
 The family builds the networks and their optimizers and makes one micro-step, returning named losses; this loop
 feeds it batches, keeps the books (metrics.jsonl, loss curves, sample grids, MFU) and checkpoints
-(mrgen_dist/checkpoint.py). The split is read from the store once and kept on the device; every rank draws its
-batches with seeded per-epoch indices, and the family's noise comes from a generator seeded by (seed, rank,
-micro-step), so that an interrupted and resumed run makes exactly the steps of an uninterrupted one.
+(mrgen_dist/checkpoint.py). The split is kept on the device or the host, or streamed from the shards
+(`data.residency`, mrgen_dist/data/residency.py); every rank draws its batches with seeded per-epoch indices,
+and the family's noise comes from a generator seeded by (seed, rank, micro-step), so that an interrupted and
+resumed run makes exactly the steps of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ from mrgen_dist.checkpoint import CheckpointManager, WriteFailed, disk_errno, wr
 from mrgen_dist.cli import UserError
 from mrgen_dist.config import ConfigError, OptimConfig, RunConfig, load_config
 from mrgen_dist.data.epochs import epoch_indices
+from mrgen_dist.data.residency import (
+    ResidentSplit,
+    StreamedSplit,
+    choose_residency,
+    first_of_each_scanner,
+    open_split,
+    split_bytes,
+)
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.data.volume import SLICE_PARAM_KEYS
+from mrgen_dist.data.volume import SLICE_PARAM_KEYS, SLICE_SHAPE
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import Family, Step
 from mrgen_dist.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue
@@ -239,12 +248,13 @@ def _train(args: TrainRequest) -> int:
         if out.is_dir() and any(out.iterdir()) and acc.is_main_process:
             print(f"mrgen-train: no checkpoint in {out} (a start stopped before its first one): starting afresh",
                   file=sys.stderr)
-    # ---- data: the whole split, checksum-checked, resident on the device ------------------------------------
-    train_set, test_set = (split.of_scanners([store.vocabulary.index(n) for n in trained])
-                           for split in (store.load_split("train"), store.load_split("test")))
+    # ---- data: resident on the device or the host, or streamed from the shards -----------------------------
     device = acc.device
-    train_images, train_scanner = train_set.images.to(device), train_set.scanner.to(device)
-    test_images, test_scanner = test_set.images.to(device), test_set.scanner.to(device)
+    nbytes = sum(split_bytes(store, side, trained) for side in ("train", "test"))
+    residency = choose_residency(cfg.data.residency, nbytes, device,
+                                 int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
+    ids = [store.vocabulary.index(n) for n in trained]
+    train_set, test_set = (open_split(store, side, ids, residency, device, cfg.data.prefetch) for side in ("train", "test"))
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
     per_rank = len(train_set) // acc.num_processes
     micro_per_epoch = (per_rank // bs) // ga * ga  # whole optimizer steps only
@@ -255,7 +265,7 @@ def _train(args: TrainRequest) -> int:
 
     # ---- model and optimizers -------------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
-    image_shape = tuple(train_set.images.shape[1:])
+    image_shape = SLICE_SHAPE
     model = family.build(cfg.model, store.vocabulary, image_shape)
     family.connect(model, load_model)
     if cfg.train.init_from:
@@ -301,7 +311,7 @@ def _train(args: TrainRequest) -> int:
         total_steps = min(total_steps, cfg.train.max_steps)
     acc.print(
         f"{family.title} {n_params / 1e6:.1f} M parameters, {flops_per_image / 1e9:.3f} GFLOP per training image; "
-        f"{len(train_set)} train / {len(test_set)} test slices; {acc.num_processes} process(es) "
+        f"{len(train_set)} train / {len(test_set)} test slices ({residency}); {acc.num_processes} process(es) "
         f"[{distributed_type}, {cfg.train.mixed_precision}], {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
@@ -327,10 +337,10 @@ def _train(args: TrainRequest) -> int:
         if state.step >= total_steps:
             break
         model.train()
-        order = torch.from_numpy(epoch_indices(
-            len(train_set), rank=acc.process_index, world_size=acc.num_processes, epoch=epoch, seed=cfg.data.seed
-        )).to(device)
         state.epoch, first = epoch, state.micro_in_epoch
+        order = epoch_indices(len(train_set), rank=acc.process_index, world_size=acc.num_processes, epoch=epoch,
+                              seed=cfg.data.seed)
+        batches = train_set.batches(order[micro * bs : (micro + 1) * bs] for micro in range(first, micro_per_epoch))
         # the kept sums are over all ranks; each rank carries its share
         sums = torch.tensor([state.epoch_sums.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
         sums /= acc.num_processes
@@ -340,15 +350,14 @@ def _train(args: TrainRequest) -> int:
                    disable=not acc.is_main_process, file=sys.stderr, dynamic_ncols=True)
         t_epoch, images_seen = time.perf_counter(), 0
         try:  # the bar is closed on an error too, so that the error's line is the last one on stderr
-            for micro in range(first, micro_per_epoch):
-                idx = order[micro * bs : (micro + 1) * bs]
+            for micro, (images, scanner) in zip(range(first, micro_per_epoch), batches, strict=True):
                 index = epoch * micro_per_epoch + micro
-                losses = family.train_step(batch_step(train_images[idx].to(input_dtype), train_scanner[idx],
-                                                      noise_for(index, len(idx)), optimizers, index))
+                losses = family.train_step(batch_step(images.to(input_dtype), scanner, noise_for(index, len(images)),
+                                                      optimizers, index))
                 step_losses = torch.stack([losses[k].double() for k in names])
                 sums += step_losses
                 state.micro_in_epoch = micro + 1
-                images_seen += len(idx) * acc.num_processes
+                images_seen += len(images) * acc.num_processes
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
@@ -387,6 +396,7 @@ def _train(args: TrainRequest) -> int:
                     checkpoint(sums)
         finally:
             bar.close()
+            batches.close()  # a stop inside the epoch: the reads ahead are cancelled
         if status != EXIT_OK or not epoch_done:
             break
 
@@ -394,8 +404,8 @@ def _train(args: TrainRequest) -> int:
         seconds = time.perf_counter() - t_epoch
         train_sums = reduce_sum(acc, dict(zip(names, sums, strict=True)))
         train_mean = {k: (v / (micro_per_epoch * acc.num_processes)).item() for k, v in train_sums.items()}
-        test_mean = evaluate(family, names, model, batch_step, test_images, test_scanner, noise_dim, cfg.train.seed, acc,
-                             input_dtype, epoch)
+        test_mean = evaluate(family, names, model, batch_step, test_set, noise_dim, cfg.train.seed, acc, input_dtype,
+                             epoch)
         images_per_s = images_seen / seconds
         record = {"epoch": epoch + 1, "step": state.step, **{f"train_{k}": v for k, v in train_mean.items()},
                   **{f"test_{k}": v for k, v in test_mean.items()}, "images_per_s": images_per_s, "seconds": seconds}
@@ -421,7 +431,8 @@ def _train(args: TrainRequest) -> int:
             if (epoch + 1) % cfg.train.sample_every == 0 or epoch + 1 == cfg.train.epochs:
                 from mrgen_dist.plots import scanner_grid
 
-                rows, shown = family.preview(acc.unwrap_model(model), test_images, test_scanner, store.vocabulary)
+                rows, shown = family.preview(acc.unwrap_model(model), *first_of_each_scanner(test_set),
+                                             store.vocabulary)
                 with writing(out / f"samples_{epoch + 1:03d}.png"):
                     path = scanner_grid(rows, out / f"samples_{epoch + 1:03d}.png",
                                         f"{family.title} {shown} after epoch {epoch + 1}")
@@ -444,20 +455,22 @@ def _train(args: TrainRequest) -> int:
 
 
 @torch.no_grad()
-def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, batch_step, images: torch.Tensor,
-             scanner: torch.Tensor, noise_dim: int, seed: int, acc, input_dtype: torch.dtype, epoch: int
-             ) -> dict[str, float]:
+def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, batch_step,
+             test_set: ResidentSplit | StreamedSplit, noise_dim: int, seed: int, acc, input_dtype: torch.dtype,
+             epoch: int) -> dict[str, float]:
     """Mean test losses over the whole test split (each rank a contiguous share), fixed noise per epoch;
     `batch_step(images, scanner, noise, optimizers)` makes the Step of a batch of `model`."""
     model.eval()
-    share = np.array_split(np.arange(len(images)), acc.num_processes)[acc.process_index]
-    sums = torch.zeros(len(names), dtype=torch.float64, device=images.device)
-    count = torch.zeros((), dtype=torch.float64, device=images.device)
+    device = acc.device
+    share = np.array_split(np.arange(len(test_set)), acc.num_processes)[acc.process_index]
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    noise = torch.randn(len(images), noise_dim, generator=g).to(images.device)
-    for start in range(0, len(share), 64):
-        idx = torch.from_numpy(share[start : start + 64]).to(images.device)
-        losses = family.losses(batch_step(images[idx].to(input_dtype), scanner[idx], noise[idx].to(input_dtype), {}))
+    noise = torch.randn(len(test_set), noise_dim, generator=g).to(device)
+    chunks = [share[start : start + 64] for start in range(0, len(share), 64)]
+    for idx, (images, scanner) in zip(chunks, test_set.batches(chunks), strict=True):
+        rows = torch.from_numpy(idx).to(device)
+        losses = family.losses(batch_step(images.to(input_dtype), scanner, noise[rows].to(input_dtype), {}))
         sums += torch.stack([losses[k].double() * len(idx) for k in names])
         count += len(idx)
     totals = reduce_sum(acc, {**dict(zip(names, sums, strict=True)), "count": count})

@@ -64,10 +64,10 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config, extra", [
-    (TINY, ()), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
+    (TINY, ()), (TINY, ("data.residency=stream",)), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
     *((c, ()) for c in TINY_GANS.values()), (TINY_GANS["atlasgan"], ("model.acquisition=learned",)),
     *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
-], ids=["cvae", "atlas", "atlas-learned", *TINY_GANS, "atlasgan-learned", *TINY_TRANSLATORS, "distilled"])
+], ids=["cvae", "cvae-stream", "atlas", "atlas-learned", *TINY_GANS, "atlasgan-learned", *TINY_TRANSLATORS, "distilled"])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, extra: tuple[str, ...], store_dir: Path,
                                                                    tmp_path: Path, request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
@@ -75,7 +75,10 @@ def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, e
     if config == TINY_DISTILLED:
         common += (f"model.teacher={request.getfixturevalue('atlas_run')}",)
     straight = tmp_path / "straight"
-    done = run(train_cmd(store_dir, straight, *common, config=config))
+    # streamed: the uninterrupted run keeps the split on the device, so the resumed one equals it only if the
+    # streamed batches are the resident ones
+    resident = [a.replace("stream", "device") for a in common]
+    done = run(train_cmd(store_dir, straight, *resident, config=config))
     assert done.returncode == 0, done.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
@@ -130,15 +133,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(store_dir: Path, tm
 
 
 def test_two_process_ddp(store_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    done = launch(store_dir, out, two_cpu_processes("bf16"), "train.mixed_precision=bf16", "train.epochs=1",
-                  "train.world_size=2", ACCELERATE_USE_CPU="1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
-    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
-    assert (out / "model.safetensors").is_file()
+    """Two DDP ranks, the split on the device and streamed (each rank reading its own batches): the same run."""
+    runs = {}
+    for residency in ("device", "stream"):
+        out = runs[residency] = tmp_path / residency
+        done = launch(store_dir, out, two_cpu_processes("bf16"), "train.mixed_precision=bf16", "train.epochs=1",
+                      "train.world_size=2", f"data.residency={residency}", ACCELERATE_USE_CPU="1")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "2 process(es) [MULTI_CPU, bf16]" in done.stdout + done.stderr
+        assert f"test slices ({residency})" in done.stdout + done.stderr
+        ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+        assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+        assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    assert step_losses(runs["device"]) == step_losses(runs["stream"])
+    wa, wb = (load_file(runs[r] / "model.safetensors") for r in ("device", "stream"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_world_size_is_asserted(store_dir: Path, tmp_path: Path) -> None:
