@@ -4,8 +4,11 @@ one run, same decoder and latents; max |error| of each against torch fp32.
 The decoder is the thesis size (latent 256, hidden 1024-512, 41 M decoder parameters), freshly initialised
 with a fixed seed and exported through the real `mrgen-export` path (checks included). A precision whose export
 fails its parity check on this CPU (or whose file the sampler refuses here) is reported and left out of the
-table; the run goes on. The header names the CPU: int8 speed and error depend on it (u8u8 kernels; VNNI or
-not). On a machine with onnxruntime-gpu and a GPU it adds ORT CUDA fp16 vs torch CUDA fp16.
+table; the run goes on. The header names the CPU: int8 speed and error depend on it. The int8 row runs the
+weight layout the sampler picks on this CPU (u8s8 where its kernels are exact, VNNI; else u8u8) and names it;
+where qemu-x86_64 is installed, the same file is also opened on an emulated AVX2-only CPU (Haswell) and the
+layout picked there and its error are printed (speed is not measured under emulation). On a machine with
+onnxruntime-gpu and a GPU it adds ORT CUDA fp16 vs torch CUDA fp16.
 
     python benchmarks/sample.py [--n 1024] [--batch 256] [--threads 2]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,7 +110,8 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
             return np.concatenate(outs)
 
         rate, out = _rate(ort_run, args.n)
-        results[f"onnxruntime {p}"] = (rate, float(np.abs(out - ref).max()))
+        results[f"onnxruntime {p}" + (f" ({sampler.layout})" if p == "int8" else "")] = (
+            rate, float(np.abs(out - ref).max()))
 
     print(f"decoder sampling, {args.n} images, batch {args.batch}, {args.threads} threads, CPU: {cpu_description()}")
     print(f"  {'variant':30s} {'images/s':>10s} {'max |err| vs torch fp32':>25s}")
@@ -127,6 +132,9 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
               f"(target >= 2x: {'met' if r2 >= 2 else 'MISSED'})")
     else:
         print("  no onnxruntime variant under 1/255 on this CPU")
+    if "int8" in paths:
+        emulated = _emulated_int8(paths["int8"], z[:64], s[:64], ref[:64])
+        print(f"  emulated AVX2-only CPU (qemu-x86_64 -cpu Haswell): {emulated}")
 
     if torch.cuda.is_available():
         try:
@@ -140,6 +148,34 @@ def _run(args: argparse.Namespace, model: CVAE, work: Path) -> int:
         except Exception as e:  # noqa: BLE001 - report, the CPU figures stand
             print(f"  GPU comparison skipped: {e}")
     return 0
+
+
+EMULATED = """
+import sys
+import numpy as np
+sys.modules["torch"] = None
+from mrgen_dist.runtime.sampler import Sampler
+sampler = Sampler(sys.argv[1], device="cpu")
+ref = np.load(sys.argv[2])
+(got,) = sampler.session.run(["image"], {"z": ref["z"], "scanner": ref["scanner"]})
+print(sampler.layout, float(np.abs(got[:, 0] - ref["want"]).max()))
+"""
+
+
+def _emulated_int8(path: Path, z: np.ndarray, s: np.ndarray, want: np.ndarray) -> str:
+    """The layout the sampler picks for the int8 file on an emulated Haswell and its max error there."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        return "not run (qemu-x86_64 not installed; Debian: qemu-user)"
+    np.savez(path.parent / "emulated.npz", z=z, scanner=s, want=want)
+    done = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, "-c", EMULATED, str(path),
+                           str(path.parent / "emulated.npz")], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    layout, error = done.stdout.split()
+    verdict = "under" if float(error) < 1 / 255 else "OVER"
+    return f"int8 layout {layout}, max |err| vs torch fp32 {float(error):.2e} ({verdict} 1/255)"
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ class ModelMetadata:
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
     _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params",
-                                        "sampler", "noise_texture")
+                                        "sampler", "noise_texture", "variants")
 
     format: str
     scanners: list
@@ -239,6 +239,10 @@ class ModelMetadata:
     #: "steps": 50, "guidance": 3.0, "prediction": "v", "schedule": "cosine", "timesteps": 1000,
     #: "null_label": 4}; empty for the other contracts (and in files exported before it existed).
     sampler: dict = field(default_factory=dict)
+    #: int8: files beside this one with the same model in another weight layout, each {"file": name in this
+    #: file's folder, "layout": "u8s8", "sha256": of that file}; the sampler runs the fastest one that passes
+    #: this file's parity draws on the CPU it runs on (mrgen_dist.runtime.sampler). Empty for the others.
+    variants: list = field(default_factory=list)
 
     @property
     def contract(self) -> str:

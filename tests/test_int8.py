@@ -1,15 +1,18 @@
 """int8 export on every kind of x86-64 CPU.
 
 onnxruntime's uint8 x int8 kernels sum pairs of products in 16 bits and saturate on CPUs without VNNI (AVX2,
-AVX512 without VNNI); with VNNI they are exact. The int8 export therefore uses uint8 x uint8 kernels (exact
-everywhere). onnxruntime has no switch that turns its VNNI kernels off, so the AVX2 path is run on an emulated
-AVX2-only CPU: `qemu-x86_64 -cpu Haswell` (Debian package qemu-user) runs this venv's Python and onnxruntime
-with the CPU flags of a Haswell. Each check runs natively and emulated; the emulated ones are skipped, with the
-reason, only where qemu-x86_64 is missing or cannot run this Python.
+AVX512 without VNNI); with VNNI they are exact and about twice as fast as the uint8 x uint8 ones. The int8 file
+therefore holds uint8 x uint8 products (exact everywhere), and the u8s8 file beside it the same products in
+the other layout, which the sampler runs only where it passes the file's parity draws. onnxruntime has no
+switch that turns its VNNI kernels off, so the AVX2 path is run on an emulated AVX2-only CPU:
+`qemu-x86_64 -cpu Haswell` (Debian package qemu-user) runs this venv's Python and onnxruntime with the CPU flags
+of a Haswell. Each check runs natively and emulated; the emulated ones are skipped, with the reason, only where
+qemu-x86_64 is missing or cannot run this Python.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -20,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from mrgen_dist.export.exporter import TOLERANCE, export_onnx
 from mrgen_dist.runs import load_trained
@@ -52,7 +56,7 @@ from mrgen_dist.runtime.sampler import Sampler
 sampler = Sampler(sys.argv[1], device="cpu")
 ref = np.load(sys.argv[2])
 (got,) = sampler.session.run(["image"], {"z": ref["z"], "scanner": ref["scanner"]})
-print(f"{sampler.parity_error:.6e} {np.abs(got - ref['want']).max():.6e}")
+print(f"{sampler.parity_error:.6e} {np.abs(got - ref['want']).max():.6e} {sampler.layout}")
 """
 
 
@@ -95,11 +99,13 @@ def reference(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-def _errors(emulated: bool, int8: Path, reference: Path) -> tuple[float, float]:
+def _errors(emulated: bool, int8: Path, reference: Path) -> tuple[float, float, str]:
+    """The int8 file's parity error and its error on fresh draws, as the sampler runs it there, and the weight
+    layout the sampler chose."""
     done = _run(emulated, str(int8), str(reference), code=CHECK)
     assert done.returncode == 0, done.stderr[-3000:]
-    stored, fresh = map(float, done.stdout.split())
-    return stored, fresh
+    stored, fresh, layout = done.stdout.split()
+    return float(stored), float(fresh), layout
 
 
 def test_graph_has_no_uint8_x_int8_product(int8: Path) -> None:
@@ -110,13 +116,27 @@ def test_graph_has_no_uint8_x_int8_product(int8: Path) -> None:
     ops = [n.op_type for n in proto.graph.node]
     assert "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
     assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Gemm") == 1  # tiny model: 2 layers
+    # beside it, the same products with int8 weights, recorded by checksum
+    (variant,) = json.loads({p.key: p.value for p in proto.metadata_props}["mrgen.variants"])
+    signed = onnx.load(str(int8.parent / variant["file"]))
+    assert variant["layout"] == "u8s8" and variant["sha256"] == hashlib.sha256(
+        (int8.parent / variant["file"]).read_bytes()).hexdigest()
+    assert [n.op_type for n in signed.graph.node] == ops
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    signed_weights = {t.name: numpy_helper.to_array(t) for t in signed.graph.initializer}
+    for node, signed_node in zip(proto.graph.node, signed.graph.node, strict=True):
+        if node.op_type == "MatMulIntegerToFloat":
+            for slot in (1, 5):  # the weight and its zero point: int8, 128 less, the same differences
+                u, s = weights[node.input[slot]], signed_weights[signed_node.input[slot]]
+                assert u.dtype == np.uint8 and s.dtype == np.int8
+                assert np.array_equal(u.astype(np.int16) - 128, s)
 
 
 @pytest.mark.parametrize("emulated", [False, True], ids=["native", "emulated-avx2"])
 def test_int8_accurate(emulated: bool, int8: Path, reference: Path, request: pytest.FixtureRequest) -> None:
     if emulated:
         request.getfixturevalue("haswell")
-    stored, fresh = _errors(emulated, int8, reference)
+    stored, fresh, _ = _errors(emulated, int8, reference)
     assert stored <= TOLERANCE["int8"] and fresh <= TOLERANCE["int8"], (stored, fresh)
 
 
@@ -130,9 +150,29 @@ def test_emulated_cpu_takes_the_avx2_kernels(haswell: None) -> None:
 
 
 def test_same_images_on_both_cpus(haswell: None, int8: Path, reference: Path) -> None:
-    """Integer sums are exact on both; only float rounding (vector widths) may differ."""
+    """Integer sums are exact on both, whichever layout each runs; only float rounding (vector widths) may differ.
+    Each CPU runs the u8s8 layout exactly where its kernels are exact (VNNI), as the probe tells."""
     native, emulated = _errors(False, int8, reference), _errors(True, int8, reference)
     assert abs(native[1] - emulated[1]) < 1e-5 and abs(native[0] - emulated[0]) < 1e-5, (native, emulated)
+    for cpu, (_, _, layout) in (("native", native), ("emulated", emulated)):
+        got, exact = map(int, _run(cpu == "emulated", code=PROBE).stdout.split())
+        assert layout == ("u8s8" if got == exact else "u8u8"), (cpu, layout, got, exact)
+
+
+@pytest.mark.parametrize("case", ["changed", "missing"])
+def test_a_variant_that_is_not_the_exported_one_is_not_run(int8: Path, tmp_path: Path, case: str) -> None:
+    from mrgen_dist.runtime.sampler import Sampler
+
+    for path in int8.parent.glob(f"{int8.stem}*"):
+        shutil.copy(path, tmp_path / path.name)
+    variant = tmp_path / f"{int8.stem}.u8s8.onnx"
+    if case == "changed":
+        variant.write_bytes(variant.read_bytes() + b"\0")  # another file than the one recorded
+    else:
+        variant.unlink()
+    with pytest.warns(UserWarning, match="u8s8 layout .* is missing or not the file exported with it"):
+        sampler = Sampler(tmp_path / int8.name, device="cpu")
+    assert sampler.layout == "u8u8"
 
 
 def test_sampler_refuses_a_u8s8_file_on_avx2(haswell: None, trained_run: Path, int8: Path, tmp_path: Path) -> None:

@@ -17,12 +17,15 @@ metadata keys, is in export/README.md.
 Nothing reaches the output path unless the file passes `onnx.checker` and matches the float32 torch graph in
 onnxruntime at batch 1, 7 and 64 within the precision's tolerance (a translator is checked on random images).
 The measured error goes into the file's metadata (`mrgen.parity`); an int8 file also carries a few prior draws
-with their float32 reference images, which the sampler checks again on the CPU it runs on.
+with their float32 reference images, which the sampler checks again on the CPU it runs on. Beside an int8 file
+goes the same model in the uint8 x int8 weight layout (`NAME.u8s8.onnx`, recorded in `mrgen.variants`), which
+the sampler takes instead where it passes those draws and runs faster (CPUs with VNNI).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,9 +38,9 @@ import torch
 
 from mrgen_dist import __version__
 from mrgen_dist.artifacts import ModelMetadata, RunRecord
-from mrgen_dist.atomic import atomic_path
+from mrgen_dist.atomic import atomic_path, atomic_write
 from mrgen_dist.export import ExportError
-from mrgen_dist.export.quantize import quantize_int8
+from mrgen_dist.export.quantize import quantize_int8, signed_weight_layout
 from mrgen_dist.models.base import ExportGraph, SamplingGraph
 from mrgen_dist.runs import load_trained
 from mrgen_dist.runtime.parity import encode_draws
@@ -179,8 +182,15 @@ def _check(path: Path, reference: ExportGraph, n_scanners: int, image_shape: tup
     return parity
 
 
+def variant_path(out: Path) -> Path:
+    """Where an int8 file's u8s8 layout is written: `decoder.int8.onnx` -> `decoder.int8.u8s8.onnx`."""
+    return out.with_name(f"{out.stem}.u8s8{out.suffix}")
+
+
 def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
-    """Export, check, then move into place; raises ExportError leaving `out` untouched."""
+    """Export, check, then move into place; raises ExportError leaving `out` untouched (int8: the u8s8 file beside
+    it is written first, and a failure after that leaves the old `out`, whose record of it no longer matches it,
+    so the sampler does not use it)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
@@ -209,9 +219,16 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         parity = _check(path, reference, n_scanners, image_shape, precision)
         proto = onnx.load(str(path))
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
-        props = metadata(record, latent, precision, parity_record, graph.noise_kind,
-                         family.contract, targets, graph.sampler_metadata(), graph.noise_texture()).to_props()
-        onnx.helper.set_model_props(proto, props)
+        meta = metadata(record, latent, precision, parity_record, graph.noise_kind,
+                        family.contract, targets, graph.sampler_metadata(), graph.noise_texture())
+        if precision == "int8":  # beside it, the u8s8 layout, which the sampler runs where it is exact
+            signed = signed_weight_layout(proto)
+            onnx.helper.set_model_props(signed, meta.to_props())
+            data = signed.SerializeToString()
+            atomic_write(variant_path(out), data)
+            meta.variants = [{"file": variant_path(out).name, "layout": "u8s8",
+                              "sha256": hashlib.sha256(data).hexdigest()}]
+        onnx.helper.set_model_props(proto, meta.to_props())
         onnx.save(proto, str(final))
         onnx.checker.check_model(str(final), full_check=True)
         if precision == "int8":  # the check the sampler makes, on the file as written (float16 references)

@@ -3,6 +3,7 @@ calibrated on the same draws (the accuracy is checked by the exporter and again 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,25 @@ def quantize_int8(fp_path: Path, out_path: Path, latent: int, n_scanners: int,
     proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(proto, str(out_path))
     return len(layers)
+
+
+def signed_weight_layout(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The int8 graph of `quantize_int8` with every weight and weight zero point of its MatMulIntegerToFloat
+    layers as int8, value - 128: the same integer products (x - x0)(w - w0), computed by onnxruntime's
+    uint8 x int8 kernels, which are exact and about twice as fast where the CPU has VNNI and saturate where it
+    has not (AVX2, AVX512 without VNNI). The sampler runs this layout only where it passes the file's parity
+    draws (mrgen_dist.runtime.sampler)."""
+    from onnx import numpy_helper
+
+    signed = copy.deepcopy(proto)
+    inits = {t.name: t for t in signed.graph.initializer}
+    for node in signed.graph.node:
+        if node.op_type != "MatMulIntegerToFloat":
+            continue
+        for slot in (1, 5):  # B and its zero point
+            old = inits[node.input[slot]]
+            values = numpy_helper.to_array(old).astype(np.int16) - 128
+            name = old.name.removesuffix(".uint8") + ".int8" if slot == 1 else old.name
+            old.CopyFrom(numpy_helper.from_array(values.astype(np.int8), name))
+            node.input[slot] = name
+    return signed

@@ -8,7 +8,9 @@ not depend on the batch size, and each scanner has its own stream.
 
 An int8 file carries a few prior draws with their float32 reference images (metadata `mrgen.parity`): on first
 use in a process, `Sampler` runs them on this machine and refuses the file (SampleError) when the error exceeds
-the tolerance of the export check, since integer kernels differ between CPUs.
+the tolerance of the export check, since integer kernels differ between CPUs. Its other weight layouts
+(`mrgen.variants`: the u8s8 file beside it, whose kernels are exact and about twice as fast with VNNI and
+saturate without) are checked the same way, and the fastest layout that passes runs (`Sampler.layout`).
 
 A `mrgen-denoiser` file (a diffusion model) is served through the same API: its latent is the initial noise
 x_T (H * W numbers per image, drawn the same way), which the guided DDIM run of runtime/diffusion.py, with the
@@ -17,7 +19,9 @@ steps and guidance scale of the file's `mrgen.sampler`, maps to a slice.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +37,10 @@ from mrgen_dist.scanners import UnknownScannerError, Vocabulary
 
 #: The parity error measured per (file, size, mtime, provider) in this process: each file is checked once.
 _PARITY_ERRORS: dict[tuple[str, int, int, str], float] = {}
+#: The weight layout chosen per (int8 file, size, mtime, provider) in this process, and the file that holds it.
+_LAYOUTS: dict[tuple[str, int, int, str], tuple[str, Path]] = {}
+#: Draws per timing run when the layouts of an int8 file are compared.
+LAYOUT_TIMING_BATCH = 64
 
 
 class Sampler:
@@ -45,6 +53,7 @@ class Sampler:
         if inaccurate not in ("error", "warn"):
             raise SampleError(f"inaccurate must be 'error' or 'warn', got {inaccurate!r}")
         self.session, self.provider = open_session(path, device, threads)
+        self.threads = threads
         self.device = device_of(self.provider)
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path),
                                                  contract=(ModelMetadata.DECODER, ModelMetadata.DENOISER))
@@ -67,6 +76,9 @@ class Sampler:
             self.latent = self.image_shape[0] * self.image_shape[1]
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
+        self.layout = "u8u8" if self.metadata.precision == "int8" else self.metadata.precision
+        if self.metadata.variants and self.provider == "CPUExecutionProvider":
+            self._pick_layout(path)
 
     def _check_graph(self, path: Path) -> None:
         """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape (or
@@ -111,6 +123,42 @@ class Sampler:
                 raise SampleError(message)
             warnings.warn(message, stacklevel=3)
         return error
+
+    def _pick_layout(self, path: Path) -> None:
+        """Run the fastest weight layout of this int8 file that passes its parity draws on this machine (a
+        variant whose file is missing or not the one recorded is skipped, with a warning)."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider)
+        chosen = None
+        if key not in _LAYOUTS:
+            z, scanner, reference = decode_draws(self.metadata.parity["draws"], self.latent, self.image_shape, str(path))
+            tolerance = float(self.metadata.parity.get("tolerance", 1 / 255))
+            timing = {"z": np.random.default_rng(0).standard_normal((LAYOUT_TIMING_BATCH, self.latent), np.float32),
+                      "scanner": np.arange(LAYOUT_TIMING_BATCH, dtype=np.int64) % len(self.vocabulary)}
+            candidates = [(self.layout, path, self.session)]
+            for variant in self.metadata.variants:
+                file = path.parent / str(variant.get("file", ""))
+                if not file.is_file() or hashlib.sha256(file.read_bytes()).hexdigest() != variant.get("sha256"):
+                    warnings.warn(f"{path}: its {variant.get('layout')} layout {file} is missing or not the file "
+                                  "exported with it; running the uint8 x uint8 layout", stacklevel=3)
+                    continue
+                session, _ = open_session(file, "cpu", self.threads)
+                (got,) = session.run(["image"], {"z": z, "scanner": scanner})
+                if float(np.abs(got - reference).max()) <= tolerance:
+                    candidates.append((str(variant.get("layout")), file, session))
+
+            def seconds(session: ort.InferenceSession) -> float:
+                session.run(["image"], timing)  # warm-up
+                t0 = time.perf_counter()
+                session.run(["image"], timing)
+                return time.perf_counter() - t0
+
+            layout, file, chosen = min(candidates, key=lambda c: seconds(c[2])) if len(candidates) > 1 else candidates[0]
+            _LAYOUTS[key] = (layout, file)
+        layout, file = _LAYOUTS[key]
+        if file != path:
+            self.session = chosen or open_session(file, "cpu", self.threads)[0]
+        self.layout = layout
 
     def scanner_id(self, name: str) -> int:
         return self.vocabulary.index(self.resolve(name)[0])
