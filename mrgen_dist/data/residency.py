@@ -210,5 +210,5 @@ def first_of_each_scanner(split: ResidentSplit | StreamedSplit) -> tuple[torch.T
     """The first slice of each scanner in the split (in scanner order), on the device: what the per-epoch
     preview of a translator shows, without holding the split."""
     scanner = split.scanner.cpu().numpy()
-    first = np.array([np.flatnonzero(scanner == sid)[0] for sid in np.unique(scanner)])
+    first = np.array([np.flatnonzero(scanner == sid)[0] for sid in np.unique(scanner)], dtype=np.int64)
     return next(split.batches([first]))
