@@ -22,9 +22,9 @@ model.safetensors carry them. The export and the preview use the EMA weights. Th
 dtype: train with bf16 autocast over float32 weights (DDP); under DeepSpeed bf16 the weights, and so the EMA,
 are bf16, whose resolution (2**-8) is coarser than a 0.999-decay update.
 
-Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner) -> prediction, with the DDIM settings
-(`sample_steps`, `guidance`, the schedule) in the file's `mrgen.sampler`; `mrgen-sample` runs the guided
-DDIM loop around it with numpy and onnxruntime (runtime/diffusion.py).
+Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner) -> prediction, with the sampler's settings
+(`sampler`: DDIM or DPM-Solver++(2M), `sample_steps`, `guidance`, the schedule) in the file's `mrgen.sampler`;
+`mrgen-sample` runs the guided loop around it with numpy and onnxruntime (runtime/diffusion.py).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from mrgen_dist.models.parts.unet import ConditionalUNet
 from mrgen_dist.runtime.diffusion import (
     PREDICTIONS,
     SCHEDULES,
+    SOLVERS,
     SamplerSettings,
     alphas_cumprod,
-    ddim_sample,
+    sample,
     to_image,
 )
 from mrgen_dist.scanners import Vocabulary
@@ -69,7 +70,8 @@ class DiffusionConfig(ModelConfig):
     timesteps: int = 1000  # T
     label_dropout: float = 0.15  # probability of the null label in training (classifier-free guidance)
     ema_decay: float = 0.999
-    sample_steps: int = 50  # DDIM steps of the exported sampler
+    sampler: str = "ddim"  # the exported sampler: ddim | dpmpp2m (DPM-Solver++(2M), runtime/diffusion.py)
+    sample_steps: int = 50  # its steps
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
 
     def validate(self) -> None:
@@ -96,6 +98,8 @@ class DiffusionConfig(ModelConfig):
             raise ValueError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sampler not in SOLVERS:
+            raise ValueError(f"model.sampler must be one of {', '.join(SOLVERS)}, got {self.sampler!r}")
         if not 1 <= self.sample_steps <= self.timesteps:
             raise ValueError(f"model.sample_steps must be in 1 .. model.timesteps ({self.timesteps}), got "
                              f"{self.sample_steps}")
@@ -112,7 +116,7 @@ class DiffusionConfig(ModelConfig):
 
     def settings(self, n_scanners: int) -> SamplerSettings:
         return SamplerSettings(self.sample_steps, float(self.guidance), self.prediction, self.schedule,
-                               self.timesteps, n_scanners)
+                               self.timesteps, n_scanners, self.sampler)
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -229,7 +233,7 @@ class DiffusionFamily(Family):
     @torch.no_grad()
     def preview(self, model: Diffusion, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
                 ) -> tuple[list[tuple[str, np.ndarray]], str]:
-        """Samples of each scanner from the same x_T in every row: the EMA UNet in the runtime's DDIM loop."""
+        """Samples of each scanner from the same x_T in every row: the EMA UNet in the runtime's sampling loop."""
         graph = Denoiser(model).eval()
         device = next(graph.parameters()).device
         settings = model.settings
@@ -239,9 +243,10 @@ class DiffusionFamily(Family):
             out = graph(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device), torch.from_numpy(s).to(device))
             return out.float().cpu().numpy()
 
-        rows = [(name, to_image(ddim_sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings))[:, 0])
+        rows = [(name, to_image(sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings))[:, 0])
                 for sid, name in enumerate(vocabulary.names)]
-        return rows, f"samples (same x_T in every row; DDIM {settings.steps} steps, guidance {settings.guidance:g})"
+        solver = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}[settings.name]
+        return rows, f"samples (same x_T in every row; {solver} {settings.steps} steps, guidance {settings.guidance:g})"
 
     def flops_per_image(self, model: Diffusion) -> int:
         """6 x the UNet's multiply-accumulates of one forward (forward + backward), convolutions and linear

@@ -1,5 +1,5 @@
-"""Sampling an exported denoiser (contract `mrgen-denoiser`): the noise schedule, DDIM with classifier-free
-guidance, written in numpy. No torch.
+"""Sampling an exported denoiser (contract `mrgen-denoiser`): the noise schedule, DDIM or DPM-Solver++(2M) with
+classifier-free guidance, written in numpy. No torch.
 
 The same functions define the schedule the family trains with (mrgen_dist/models/diffusion.py imports them),
 so that training and sampling cannot disagree on alpha_bar(t).
@@ -20,6 +20,14 @@ so that training and sampling cannot disagree on alpha_bar(t).
   x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, with a_prev = 1 after the last step (x_prev = x0): the
   same as diffusers' DDIMScheduler with timestep_spacing="trailing", set_alpha_to_one=True,
   clip_sample=True.
+* DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: fast solver for guided sampling"; `name: dpmpp2m`): the
+  same probability-flow ODE solved to second order in lambda = log(sqrt(a) / sqrt(1 - a)), reusing the
+  previous step's x0, so that about half the steps of DDIM reach the same error (DDIM is its first-order
+  case). With h = lambda_next - lambda and r = h_prev / h: D = (1 + 1 / 2r) x0 - (1 / 2r) x0_prev (x0 alone at
+  the first step), x_next = (sigma_next / sigma) x - sqrt(a_next) (e^-h - 1) D, and the last step, to a = 1,
+  returns x0 (first order, as diffusers' `lower_order_final`); x0 is clipped to [-1, 1] as in DDIM. This is
+  diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++", solver_order=2,
+  solver_type="midpoint", trailing spacing, final sigma 0, clipped.
 * Guidance: one onnxruntime call per step on the 2B batch [unconditional; conditional] (the null label is
   the last embedding, `null_label` = the number of scanners), out = u + w (c - u). w = 1 is the conditional
   model (one call on B), w = 0 the unconditional one.
@@ -38,6 +46,7 @@ from mrgen_dist.runtime.session import check_finite
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "eps")
+SOLVERS = ("ddim", "dpmpp2m")
 #: The cosine schedule's offset s (Nichol & Dhariwal) and the largest beta it allows.
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999
 
@@ -117,8 +126,9 @@ class SamplerSettings:
         settings = cls(int(values["steps"]), float(values["guidance"]), str(values["prediction"]),
                        str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
                        str(values.get("name", "ddim")))
-        if settings.name != "ddim":
-            raise ValueError(f"{source}: mrgen.sampler name {settings.name!r} is not one this mrgen-dist runs (ddim)")
+        if settings.name not in SOLVERS:
+            raise ValueError(f"{source}: mrgen.sampler name {settings.name!r} is not one this mrgen-dist runs "
+                             f"({', '.join(SOLVERS)})")
         if settings.prediction not in PREDICTIONS or settings.schedule not in SCHEDULES:
             raise ValueError(f"{source}: mrgen.sampler prediction {settings.prediction!r} / schedule "
                              f"{settings.schedule!r}: expected one of {PREDICTIONS} / {SCHEDULES}")
@@ -131,9 +141,27 @@ class SamplerSettings:
                 "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label}
 
 
-def ddim_sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings) -> np.ndarray:
-    """The DDIM loop with guidance from x_T = `x` (B, 1, H, W) float32 ~ N(0, I) for the labels `scanner`
-    (B,): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
+def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, prediction: str,
+                 previous: tuple[np.ndarray, float] | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """One DPM-Solver++(2M) step from x_t (alpha_bar `a`) to alpha_bar `a_next` (module doc), with `previous`
+    = (x0, h) of the step before (None at the first): (x_next, x0, h)."""
+    x64 = x.astype(np.float64)
+    x0 = np.clip(predicted_x0_eps(x64, out.astype(np.float64), a, prediction)[0], -1, 1)
+    if a_next >= 1.0:  # the last step, to sigma = 0
+        return x0.astype(np.float32), x0.astype(np.float32), math.inf
+    h = 0.5 * (math.log(a_next / (1 - a_next)) - math.log(a / (1 - a)))
+    d = x0
+    if previous is not None:
+        x0_prev, h_prev = previous
+        half_over_r = 0.5 * h / h_prev
+        d = (1 + half_over_r) * x0 - half_over_r * x0_prev
+    x_next = math.sqrt((1 - a_next) / (1 - a)) * x64 - math.sqrt(a_next) * math.expm1(-h) * d
+    return x_next.astype(np.float32), x0.astype(np.float32), h
+
+
+def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings) -> np.ndarray:
+    """The sampling loop (`settings.name`: DDIM or DPM-Solver++(2M)) with guidance from x_T = `x` (B, 1, H, W)
+    float32 ~ N(0, I) for the labels `scanner` (B,): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     ts = ddim_timesteps(settings.timesteps, settings.steps)
     b = len(x)
@@ -141,16 +169,20 @@ def ddim_sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: 
     labels = scanner.astype(np.int64)
     if w != 1:  # [unconditional; conditional] in one call
         labels = np.concatenate([np.full(b, settings.null_label, dtype=np.int64), labels])
-    x0 = x
+    x0, previous = x, None
     for i, t in enumerate(ts):
         a = float(a_bar[t])
-        a_prev = float(a_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        a_next = float(a_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         if w != 1:
             out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels)
             out = guide(out[:b], out[b:], w)
         else:
             out = denoise(x, np.full(b, t, dtype=np.float32), labels)
-        x, x0 = ddim_step(x, out, a, a_prev, settings.prediction)
+        if settings.name == "dpmpp2m":
+            x, x0, h = dpmpp2m_step(x, out, a, a_next, settings.prediction, previous)
+            previous = (x0.astype(np.float64), h)
+        else:
+            x, x0 = ddim_step(x, out, a, a_next, settings.prediction)
     return x0
 
 
@@ -162,7 +194,8 @@ def to_image(x0: np.ndarray) -> np.ndarray:
 class DiffusionDraw:
     """What `Sampler` does with a `mrgen-denoiser` file: x_T ~ N(0, I) for all n images from a generator
     seeded by (seed, scanner id) (so that images do not depend on the batch size, as for a decoder), then the
-    guided DDIM loop batch by batch. Its latent is x_T, flattened: H * W numbers (`mrgen.latent`)."""
+    guided sampling loop (DDIM or DPM-Solver++(2M)) batch by batch. Its latent is x_T, flattened: H * W numbers
+    (`mrgen.latent`)."""
 
     def __init__(self, session, path: Path, image_shape: tuple[int, int], settings: SamplerSettings) -> None:
         self.session, self.path, self.image_shape, self.settings = session, path, image_shape, settings
@@ -187,4 +220,4 @@ class DiffusionDraw:
     def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0) -> np.ndarray:
         """Slices (B, H, W) in [0, 1] of the latents `z` (B, H * W) (x_T) and labels `scanner` (B,)."""
         x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.image_shape)
-        return to_image(ddim_sample(self.denoise(what, offset), x, scanner, self.settings))[:, 0]
+        return to_image(sample(self.denoise(what, offset), x, scanner, self.settings))[:, 0]
