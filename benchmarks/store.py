@@ -15,7 +15,6 @@ subject ids so the store reaches a size where reads are not dominated by fixed c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -25,9 +24,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from cohort import replicated_manifest  # benchmarks/cohort.py
 
 from mrgen_dist.data.convert import ConvertOptions, convert
-from mrgen_dist.data.demo import write_cohort
 from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.inputs import read_manifest
 from mrgen_dist.data.store import SliceStore
@@ -51,19 +50,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    cohort = args.out / "cohort"
-    if not (cohort / "cohort.csv").is_file():
-        write_cohort(cohort, subjects_per_scanner=args.unique, seed=0, workers=2)
-    files = sorted(cohort.glob("*.nii.gz"))
-    with (cohort / "cohort.csv").open() as f:
-        scanner_of = {row["path"]: row["scanner"] for row in csv.DictReader(f)}
-    manifest = args.out / "bench.csv"
-    with manifest.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "scanner", "subject"])
-        for i in range(args.volumes):
-            p = files[i % len(files)]
-            w.writerow([f"cohort/{p.name}", scanner_of[p.name], f"bench{i:04d}"])
+    manifest = replicated_manifest(args.out, args.volumes, args.unique)
+    files = sorted((args.out / "cohort").glob("*.nii.gz"))
     volumes = read_manifest(manifest)
 
     # 1. conversion vs bare nibabel load, same files, page cache warm for both

@@ -19,7 +19,6 @@ Needs root for the cgroup (v1 memory controller or v2); the store is --volumes x
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -31,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from cohort import replicated_manifest  # benchmarks/cohort.py
 
-from mrgen_dist.data.demo import write_cohort
 from mrgen_dist.data.store import SliceStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,19 +118,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cohort = args.out / "cohort"
-    if not (cohort / "cohort.csv").is_file():
-        write_cohort(cohort, subjects_per_scanner=2, seed=0, workers=2)
-    files = sorted(cohort.glob("*.nii.gz"))
-    with (cohort / "cohort.csv").open() as f:
-        scanner_of = {row["path"]: row["scanner"] for row in csv.DictReader(f)}
-    manifest = args.out / "bench.csv"
-    with manifest.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "scanner", "subject"])
-        for i in range(args.volumes):
-            p = files[i % len(files)]
-            w.writerow([f"cohort/{p.name}", scanner_of[p.name], f"bench{i:05d}"])
+    manifest = replicated_manifest(args.out, args.volumes)
     slices = ("--slices", str(args.slices), "--test-fraction", "0.1")
 
     # 1. conversion: one process against the array of parts + merge
