@@ -138,7 +138,8 @@ def test_int8_parity_checked_once_and_refused_when_off(int8: Path, tmp_path: Pat
         Sampler(corrupt, device="cpu")
     old = _with_metadata(int8, tmp_path / "old.onnx", lambda m: m.pop("mrgen.parity"))
     with pytest.warns(UserWarning, match="without parity draws"):
-        assert Sampler(old, device="cpu").parity_error is None
+        unchecked = Sampler(old, device="cpu")
+    assert unchecked.parity_error is None and unchecked.layout == "u8u8"  # no draws: no other layout is tried
 
 
 def test_int8_images_do_not_depend_on_the_batch(int8: Path, decoder: Path) -> None:
