@@ -645,7 +645,7 @@ def _convert_locked(
         n = _has_shards(staging)
         kept_note = (f"; {n} finished shard(s) of this conversion kept in {staging} for a re-run to resume "
                      "(or delete it)") if n else ""
-        state = f"the store in {out} is unchanged" if old is not None or unreadable else "no store was written"
+        state = _state_after_failure(out, old is not None or bool(unreadable))
         raise ConvertError(f"{e}; {state}{kept_note}") from None
     finally:
         if staging.is_dir() and not _has_shards(staging) and not (staging / _PARKED).exists():
@@ -653,6 +653,11 @@ def _convert_locked(
 
     _finish(result, preview, t0)
     return result
+
+
+def _state_after_failure(out: Path, had_store: bool) -> str:
+    """What a failed conversion or merge left in `out`, for its error message."""
+    return f"the store in {out} is unchanged" if had_store else "no store was written"
 
 
 def _publish(out: Path, staging: Path, records: list[dict], manifest: StoreManifest, rejected: list[Rejection],
@@ -695,12 +700,13 @@ def merge(parts: list[Path], out: Path, overwrite: bool = False, preview: bool =
     stores: dict[Path, StoreManifest] = {}
     for path in map(Path, parts):
         try:
-            problems = SliceStore(path).verify()
+            part = SliceStore(path)
         except StoreError as e:
             raise PartError(f"part {e}") from None
+        problems = part.verify()
         if problems:
             raise PartError(f"part {path}: {problems[0]} ({len(problems)} problem(s): mrgen-convert verify {path})")
-        stores[path] = SliceStore(path).manifest
+        stores[path] = part.manifest
     check_parts({str(path): m.inputs.get("part") for path, m in stores.items()})
     ordered = sorted(stores.items(), key=lambda item: item[1].inputs["part"]["index"])
     first_path, first = ordered[0]
@@ -748,7 +754,7 @@ def merge(parts: list[Path], out: Path, overwrite: bool = False, preview: bool =
         except _ReplaceError:
             raise
         except ConvertError as e:
-            state = f"the store in {out} is unchanged" if old is not None or unreadable else "no store was written"
+            state = _state_after_failure(out, old is not None or bool(unreadable))
             raise ConvertError(f"{e}; {state}") from None
         finally:
             if not (staging / _PARKED).exists():  # else the old store's files wait there for _recover

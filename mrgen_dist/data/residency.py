@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import h5py
 import numpy as np
-import xxhash
 
-from mrgen_dist.data.shards import IMAGE_DTYPE
+from mrgen_dist.data.shards import IMAGE_DTYPE, file_digests
 from mrgen_dist.data.store import Side, SliceStore, StoreError
 from mrgen_dist.data.volume import SLICE_SHAPE
 
@@ -129,17 +128,14 @@ class StreamedSplit:
             path = self.store.shard_path(shard)
             expected = self.store.shards[shard]["xxh3_128"]
             try:
-                hasher = xxhash.xxh3_128()
-                with open(path, "rb", buffering=0) as f:
-                    while block := f.read(8 << 20):
-                        hasher.update(block)
+                digest = file_digests(path, names=("xxh3_128",))["xxh3_128"]  # as read_selected_rows checks
                 with h5py.File(path, "r") as f:
                     ds = f["images"]
                     offset, layout_ok = ds.id.get_offset(), ds.chunks is None and ds.compression is None
             except OSError as e:
                 raise StoreError(f"{path}: unreadable shard ({e}); run `mrgen-convert verify {self.store.root}`") \
                     from None
-            if hasher.hexdigest() != expected:
+            if digest != expected:
                 raise StoreError(f"{path}: checksum mismatch (store modified or corrupt since conversion); run "
                                  f"`mrgen-convert verify {self.store.root}`")
             if not layout_ok or offset is None:

@@ -73,16 +73,18 @@ def write_shard(path: Path, arrays: ShardArrays, attrs: dict[str, str]) -> dict[
     return digests
 
 
-def file_digests(path: Path, block: int = 8 << 20) -> dict[str, str]:
-    """sha256 and xxh3_128 of a file, in one read."""
-    sha, fast = hashlib.sha256(), xxhash.xxh3_128()
+def file_digests(path: Path, block: int = 8 << 20, names: tuple[str, ...] = ("sha256", "xxh3_128")
+                 ) -> dict[str, str]:
+    """The digests `names` (sha256, xxh3_128) of a file, in one read."""
+    makers = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
+    hashers = {name: makers[name]() for name in names}
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(block)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            sha.update(view[:n])
-            fast.update(view[:n])
-    return {"sha256": sha.hexdigest(), "xxh3_128": fast.hexdigest()}
+            for hasher in hashers.values():
+                hasher.update(view[:n])
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
 def read_labels(f: h5py.File) -> ShardArrays:

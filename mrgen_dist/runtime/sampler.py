@@ -106,12 +106,9 @@ class Sampler:
             warnings.warn(f"{path}: int8 file without parity draws (exported before mrgen-dist recorded them): its "
                           "accuracy on this CPU is not checked; export it again", stacklevel=3)
             return None
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider)
+        key = self._file_key(path)
         if key not in _PARITY_ERRORS:
-            z, scanner, reference = decode_draws(parity["draws"], self.latent, self.image_shape, str(path))
-            (got,) = self.session.run(["image"], {"z": z, "scanner": scanner})
-            _PARITY_ERRORS[key] = float(np.abs(got - reference).max())
+            _PARITY_ERRORS[key] = self._draws_error(self.session, path)
         error, tolerance = _PARITY_ERRORS[key], float(parity.get("tolerance", 1 / 255))
         if not error <= tolerance:
             message = (
@@ -125,14 +122,23 @@ class Sampler:
             warnings.warn(message, stacklevel=3)
         return error
 
+    def _file_key(self, path: Path) -> tuple[str, int, int, str]:
+        """What the per-process caches of int8 checks are keyed by: the file as it is now, and the provider."""
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider
+
+    def _draws_error(self, session: ort.InferenceSession, path: Path) -> float:
+        """Max |`session`'s images - float32 reference| on the parity draws stored in the int8 file `path`."""
+        z, scanner, reference = decode_draws(self.metadata.parity["draws"], self.latent, self.image_shape, str(path))
+        (got,) = session.run(["image"], {"z": z, "scanner": scanner})
+        return float(np.abs(got - reference).max())
+
     def _pick_layout(self, path: Path) -> None:
         """Run the fastest weight layout of this int8 file that passes its parity draws on this machine (a
         variant whose file is missing or not the one recorded is skipped, with a warning)."""
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.provider)
+        key = self._file_key(path)
         chosen = None
         if key not in _LAYOUTS:
-            z, scanner, reference = decode_draws(self.metadata.parity["draws"], self.latent, self.image_shape, str(path))
             tolerance = float(self.metadata.parity.get("tolerance", 1 / 255))
             timing = {"z": np.random.default_rng(0).standard_normal((LAYOUT_TIMING_BATCH, self.latent), np.float32),
                       "scanner": np.arange(LAYOUT_TIMING_BATCH, dtype=np.int64) % len(self.vocabulary)}
@@ -144,8 +150,7 @@ class Sampler:
                                   "exported with it; running the uint8 x uint8 layout", stacklevel=3)
                     continue
                 session, _ = open_session(file, "cpu", self.threads)
-                (got,) = session.run(["image"], {"z": z, "scanner": scanner})
-                if float(np.abs(got - reference).max()) <= tolerance:
+                if self._draws_error(session, file) <= tolerance:
                     candidates.append((str(variant.get("layout")), file, session))
 
             def seconds(session: ort.InferenceSession) -> float:

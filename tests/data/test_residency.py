@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from mrgen_dist.data import residency
 from mrgen_dist.data.epochs import epoch_indices
@@ -52,13 +53,13 @@ def test_every_residency_serves_the_same_batches(store_dir: Path, side: str) -> 
 def test_a_shard_is_hashed_once_per_process_and_a_mismatch_names_it(store_dir: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     hashed = []
-    real = residency.xxhash.xxh3_128
+    real = xxhash.xxh3_128
 
     def counting() -> object:
         hashed.append(1)
         return real()
 
-    monkeypatch.setattr(residency.xxhash, "xxh3_128", counting)
+    monkeypatch.setattr(xxhash, "xxh3_128", counting)
     store = SliceStore(store_dir)
     split = StreamedSplit(store, "train", ALL, CPU, prefetch=2)
     everything = np.arange(len(split))
