@@ -176,7 +176,8 @@ class RunRecord(JsonArtifact):
     package_version: str
     #: how the run went: seconds and images/s over its epochs, processes, parameters (empty in older records)
     training: dict = field(default_factory=dict)
-    #: how the store cut and scaled its slices (mrgen_dist.data.volume.SliceParams; empty in older records)
+    #: how the store cut and scaled its slices (mrgen_dist.data.volume.SliceParams), and its `axial_indices`
+    #: (empty in older records)
     slice_params: dict = field(default_factory=dict)
     format_version: int = VERSION
 
@@ -233,7 +234,8 @@ class ModelMetadata:
     #: mrgen-translator: the scanner names it translates to (all of `scanners`, or a CycleGAN's pair)
     targets: list = field(default_factory=list)
     #: how the training store cut and scaled its slices (mrgen_dist.data.volume.SliceParams): mrgen-translate
-    #: takes a NIfTI volume's slices by the same rule. Empty in files exported before it existed.
+    #: takes a NIfTI volume's slices by the same rule; its `axial_indices` are the levels a level-conditioned
+    #: generator was trained on. Empty in files exported before it existed.
     slice_params: dict = field(default_factory=dict)
     #: mrgen-denoiser: how to sample it (mrgen_dist.runtime.diffusion.SamplerSettings), e.g. {"name": "ddim",
     #: "steps": 50, "guidance": 3.0, "prediction": "v", "schedule": "cosine", "timesteps": 1000,

@@ -124,6 +124,22 @@ def confusion_matrix(counts: np.ndarray, names: Sequence[str], path: str | Path)
     return _save(fig, path, dpi=90)
 
 
+def level_curves(levels: Sequence[int], curves: Sequence[tuple[str, Sequence[float], Sequence[float], float]],
+                 threshold: float, path: str | Path) -> Path:
+    """Per scanner (name, real, generated, correlation): the fraction of the slice inside the head at each
+    asked axial level, real (solid) and generated (dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, real, generated, correlation) in enumerate(curves):
+        ax.plot(levels, real, color=f"C{i}", label=f"{name} real")
+        ax.plot(levels, generated, "--", color=f"C{i}", label=f"generated (r = {correlation:.2f})")
+    ax.set_xlabel("axial level k (MNI grid)")
+    ax.set_ylabel(f"fraction of the slice > {threshold:g}")
+    ax.set_title("SYNTHETIC slices asked for a level vs real test slices")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, dpi=120)
+
+
 def translation_bounds(result: dict, path: str | Path) -> Path:
     """benchmarks/translation_bounds.py's figure: the cycle SSIM a translator that draws fresh noise can reach,
     per scanner, and how often the target's appearance with some of Unspecified's blur left is read as it."""

@@ -31,6 +31,7 @@ from mrgen_dist.cli import UserError
 from mrgen_dist.config import ConfigError, OptimConfig, RunConfig, load_config
 from mrgen_dist.data.epochs import epoch_indices
 from mrgen_dist.data.residency import (
+    Batch,
     ResidentSplit,
     StreamedSplit,
     choose_residency,
@@ -286,9 +287,10 @@ def _train(args: TrainRequest) -> int:
     noise_dim = family.noise_dim(cfg.model)
     names = family.reported_losses(cfg.model)
 
-    def batch_step(images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor,
-                   optimizers: dict[str, torch.optim.Optimizer], index: int = 0) -> Step:
-        return Step(acc, cfg.model, model, optimizers, images, scanner, noise, cfg.optim.grad_clip, index)
+    def batch_step(batch: Batch, noise: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer], index: int = 0
+                   ) -> Step:
+        return Step(acc, cfg.model, model, optimizers, batch.images.to(input_dtype), batch.scanner, noise,
+                    cfg.optim.grad_clip, index, batch.level)
 
     # ---- state: fresh or resumed ----------------------------------------------------------------------------
     if resume_from is not None:
@@ -350,14 +352,13 @@ def _train(args: TrainRequest) -> int:
                    disable=not acc.is_main_process, file=sys.stderr, dynamic_ncols=True)
         t_epoch, images_seen = time.perf_counter(), 0
         try:  # the bar is closed on an error too, so that the error's line is the last one on stderr
-            for micro, (images, scanner) in zip(range(first, micro_per_epoch), batches, strict=True):
+            for micro, batch in zip(range(first, micro_per_epoch), batches, strict=True):
                 index = epoch * micro_per_epoch + micro
-                losses = family.train_step(batch_step(images.to(input_dtype), scanner, noise_for(index, len(images)),
-                                                      optimizers, index))
+                losses = family.train_step(batch_step(batch, noise_for(index, len(batch.images)), optimizers, index))
                 step_losses = torch.stack([losses[k].double() for k in names])
                 sums += step_losses
                 state.micro_in_epoch = micro + 1
-                images_seen += len(images) * acc.num_processes
+                images_seen += len(batch.images) * acc.num_processes
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
@@ -431,8 +432,9 @@ def _train(args: TrainRequest) -> int:
             if (epoch + 1) % cfg.train.sample_every == 0 or epoch + 1 == cfg.train.epochs:
                 from mrgen_dist.plots import scanner_grid
 
-                rows, shown = family.preview(acc.unwrap_model(model), *first_of_each_scanner(test_set),
-                                             store.vocabulary)
+                shown_slices = first_of_each_scanner(test_set)
+                rows, shown = family.preview(acc.unwrap_model(model), shown_slices.images, shown_slices.scanner,
+                                             store.vocabulary, shown_slices.level)
                 with writing(out / f"samples_{epoch + 1:03d}.png"):
                     path = scanner_grid(rows, out / f"samples_{epoch + 1:03d}.png",
                                         f"{family.title} {shown} after epoch {epoch + 1}")
@@ -459,7 +461,7 @@ def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, bat
              test_set: ResidentSplit | StreamedSplit, noise_dim: int, seed: int, acc, input_dtype: torch.dtype,
              epoch: int) -> dict[str, float]:
     """Mean test losses over the whole test split (each rank a contiguous share), fixed noise per epoch;
-    `batch_step(images, scanner, noise, optimizers)` makes the Step of a batch of `model`."""
+    `batch_step(batch, noise, optimizers)` makes the Step of a batch of `model`."""
     model.eval()
     device = acc.device
     share = np.array_split(np.arange(len(test_set)), acc.num_processes)[acc.process_index]
@@ -468,9 +470,9 @@ def evaluate(family: Family, names: tuple[str, ...], model: torch.nn.Module, bat
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     noise = torch.randn(len(test_set), noise_dim, generator=g).to(device)
     chunks = [share[start : start + 64] for start in range(0, len(share), 64)]
-    for idx, (images, scanner) in zip(chunks, test_set.batches(chunks), strict=True):
+    for idx, batch in zip(chunks, test_set.batches(chunks), strict=True):
         rows = torch.from_numpy(idx).to(device)
-        losses = family.losses(batch_step(images.to(input_dtype), scanner, noise[rows].to(input_dtype), {}))
+        losses = family.losses(batch_step(batch, noise[rows].to(input_dtype), {}))
         sums += torch.stack([losses[k].double() * len(idx) for k in names])
         count += len(idx)
     totals = reduce_sum(acc, {**dict(zip(names, sums, strict=True)), "count": count})
@@ -508,7 +510,9 @@ def export_model(acc, model, family: Family, cfg: RunConfig, store: SliceStore, 
         steps=step,
         package_version=__version__,
         training=training,
-        slice_params={k: store.manifest.params[k] for k in SLICE_PARAM_KEYS if k in store.manifest.params},
+        # with the axial levels the model saw: what a level-conditioned generator can be asked for
+        slice_params={k: store.manifest.params[k] for k in (*SLICE_PARAM_KEYS, "axial_indices")
+                      if k in store.manifest.params},
     )
     with writing(out / RunRecord.NAME):
         record.write(out / RunRecord.NAME)

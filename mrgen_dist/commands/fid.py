@@ -6,6 +6,7 @@ line of the conditioning check, the model diagnostics and the report.
     mrgen-fid conditioning --store STORE --model export/decoder.onnx --out results/fid/
     mrgen-fid diagnose --store STORE --run RUN --out results/fid/
     mrgen-fid translation --store STORE --model export/translator.onnx --out results/fid/
+    mrgen-fid levels --store STORE --model export/decoder.onnx --out results/fid/
     mrgen-fid report results/fid/
 
 The first form is the default sub-command `score` (`mrgen-fid score --store ...` is the same).
@@ -31,7 +32,8 @@ image changes with the label compared with between draws.
 
 With `--scanner all` the conditioning check (`mrgen_dist.eval.conditioning`) runs too, unless
 `--no-conditioning`; `diagnose` (`mrgen_dist.eval.diagnostics`) probes a trained run's latent space and its
-reconstructions; `translation` (`mrgen_dist.eval.translation`) evaluates a translator; `report`
+reconstructions; `translation` (`mrgen_dist.eval.translation`) evaluates a translator; `levels`
+(`mrgen_dist.eval.levels`) checks that a level-conditioned generator makes the level asked for; `report`
 (`mrgen_dist.eval.report`) turns the results into tables and figures.
 """
 
@@ -82,7 +84,7 @@ def _model_options(ap: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=raw)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,conditioning,diagnose,translation,report}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,conditioning,diagnose,translation,levels,report}")
     score = sub.add_parser("score", help="FID and KID per scanner, repeated (the default command)",
                            description=__doc__, formatter_class=raw)
     _model_options(score)
@@ -120,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     trans.add_argument("--n-per-scanner", type=positive(), default=None, metavar="N",
                        help="test slices per source scanner (default: all of them)")
     trans.set_defaults(body=_translation)
+    levels = sub.add_parser("levels", help="a level-conditioned generator: does it make the axial level asked for?",
+                            description="The fraction of the slice inside the head, per asked level, generated vs "
+                            "the real test slices; writes OUT/levels.json, levels.png and levels-strip.png (see "
+                            "mrgen_dist/eval/levels.py).")
+    _common_options(levels)
+    levels.add_argument("--model", type=Path, required=True, help="generator exported with a level input")
+    levels.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for the sampler")
+    levels.add_argument("--n", type=positive(), default=16, help="generated slices per scanner and level")
+    levels.add_argument("--seed", type=non_negative_int, default=0)
+    levels.set_defaults(body=_levels)
     report = sub.add_parser("report", help="FID table, boxplot and confusion matrix from mrgen-fid results",
                             description="fid_table.md / .csv, fid_boxplot.png, quality.png and conditioning.png "
                             "from the results of mrgen-fid in RESULTS.")
@@ -215,6 +227,16 @@ def _translation(args: argparse.Namespace) -> None:
     result = evaluate_translation(store, translator, extractor, args.out, cache_dir(args.out), args.n_per_scanner)
     print(table_markdown(result))
     print(f"wrote {args.out / 'translation.json'}, translation.md, translation.png")
+
+
+def _levels(args: argparse.Namespace) -> None:
+    from mrgen_dist.eval.levels import level_following, summary
+
+    store = SliceStore(args.store)
+    sampler = Sampler(args.model, args.device)
+    check_model_fits_store(store, sampler)
+    print(summary(level_following(store, sampler, args.out, args.n, args.seed)))
+    print(f"wrote {args.out / 'levels.json'}, levels.png, levels-strip.png")
 
 
 def _report(args: argparse.Namespace) -> None:

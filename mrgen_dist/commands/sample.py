@@ -3,12 +3,15 @@
     mrgen-sample export/decoder.onnx --scanner Intera --n 1000 --seed 0 --out samples/        # PNGs + grid.png
     mrgen-sample export/decoder.onnx --scanner all --n 500 --out samples.h5                  # one HDF5 file
     mrgen-sample export/decoder.onnx --scanner "Magnetom TrioTim" --n 64 --out stack.nii.gz  # NIfTI stack
+    mrgen-sample export/decoder.onnx --scanner Intera --n 16 --level 60 --out low/  # a level-conditioned model
 
     from mrgen_dist.runtime.sampler import Sampler
     images = Sampler("export/decoder.onnx").sample("Intera", n=100, seed=0)   # float32 (100, 218, 182)
 
 This module imports numpy and onnxruntime only (h5py or nibabel only when writing those formats), so sampling
-runs where torch is not installed. Latents are drawn for all n images before batching, from a generator
+runs where torch is not installed. A model trained with `model.level_condition` is asked for an axial level
+with `--level K` (an index on the MNI grid it was trained on); without it the images go through its trained
+levels in turn. Latents are drawn for all n images before batching, from a generator
 seeded by (seed, scanner id): the images do not depend on the batch size, and each scanner has its own stream.
 
 `--device auto` takes CUDA when onnxruntime-gpu and a GPU are present, else the CPU, and says which; asking
@@ -49,18 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", action="store_true",
                     help="draw the model's learned observation noise around its mean image (the atlas family's "
                     "Rician noise, or model.observation_noise); default: the mean image")
+    ap.add_argument("--level", type=non_negative_int, default=None,
+                    help="axial index k on the MNI grid, for a model trained with model.level_condition (default: "
+                    "its trained levels in turn)")
     args = ap.parse_args(argv)
 
     def sample() -> None:
         check_output(args.out, PROG, args.overwrite, inputs=[args.model])
         sampler = Sampler(args.model, args.device)
         names = sampler.resolve(args.scanner)
+        levels = sampler.level_inputs(args.n, args.level)
         output_kind(args.out, len(names))
         check_writable(args.out)  # before the sampling, which can take long
         print(f"sampling on {sampler.device} ({sampler.provider})", file=sys.stderr)
-        images = {name: sampler.sample(name, args.n, args.seed, args.batch_size, args.noise) for name in names}
+        images = {name: sampler.sample(name, args.n, args.seed, args.batch_size, args.noise, args.level)
+                  for name in names}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        written = write_samples(args.out, images, sampler, args.seed)
+        written = write_samples(args.out, images, sampler, args.seed, levels)
         print(f"{sum(len(v) for v in images.values())} SYNTHETIC images ({', '.join(names)}) -> {args.out}"
               f" ({len(written)} file{'s' if len(written) != 1 else ''})")
 

@@ -24,7 +24,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import h5py
 import numpy as np
@@ -45,6 +45,14 @@ DEVICE_SHARE = 0.25
 HOST_SHARE = 0.5
 
 T = TypeVar("T")
+
+
+class Batch(NamedTuple):
+    """One batch as the loop gets it, on the device."""
+
+    images: torch.Tensor  # float16 (n, H, W) in [0, 1]
+    scanner: torch.Tensor  # int64 (n,)
+    level: torch.Tensor  # int64 (n,): each slice's axial index k on the MNI grid (a condition, model.level_condition)
 
 
 def split_bytes(store: SliceStore, side: Side, scanners: list[str]) -> int:
@@ -84,24 +92,26 @@ class ResidentSplit:
 
     def __init__(self, store: SliceStore, side: Side, scanner_ids: list[int], device: torch.device,
                  on_device: bool) -> None:
+        import torch
+
         split = store.load_split(side).of_scanners(scanner_ids)
         self.device = device
         self.images = split.images.to(device) if on_device else split.images
         self.scanner = split.scanner.to(device) if on_device else split.scanner
+        self.level = torch.from_numpy(split.slice_index.astype(np.int64)).to(self.scanner.device)
         if not on_device and device.type == "cuda":
             self.images = self.images.pin_memory()
 
     def __len__(self) -> int:
         return len(self.scanner)
 
-    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images float16 (n, H, W), scanner int64 (n,)) on the device for each array of split positions."""
+    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[Batch]:
+        """The Batch of each array of split positions."""
         import torch
 
         for idx in positions:
             rows = torch.from_numpy(np.asarray(idx)).to(self.images.device)
-            yield (self.images[rows].to(self.device, non_blocking=True),
-                   self.scanner[rows].to(self.device, non_blocking=True))
+            yield Batch(*(x[rows].to(self.device, non_blocking=True) for x in (self.images, self.scanner, self.level)))
 
 
 class StreamedSplit:
@@ -116,6 +126,7 @@ class StreamedSplit:
         self.store, self.device, self.prefetch = store, device, prefetch
         self.shard, self.row = index.shard[keep], index.row[keep]
         self.scanner = torch.from_numpy(index.scanner[keep].astype(np.int64))
+        self.level = torch.from_numpy(index.slice_index[keep].astype(np.int64))
         self.offsets: dict[int, int] = {}  # shard -> byte offset of its image block, once checked
         self.row_bytes = int(np.prod(SLICE_SHAPE)) * IMAGE_DTYPE().itemsize
 
@@ -161,16 +172,16 @@ class StreamedSplit:
                 os.close(fd)
         return out
 
-    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[Batch]:
         """As ResidentSplit.batches; the rows are read by a background thread `prefetch` batches ahead."""
         import torch
 
-        def load(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            images = torch.from_numpy(self.read(idx))
-            return images, self.scanner[torch.from_numpy(idx)]
+        def load(idx: np.ndarray) -> Batch:
+            rows = torch.from_numpy(idx)
+            return Batch(torch.from_numpy(self.read(idx)), self.scanner[rows], self.level[rows])
 
-        for images, scanner in prefetched(load, positions, self.prefetch):
-            yield images.to(self.device, non_blocking=True), scanner.to(self.device, non_blocking=True)
+        for batch in prefetched(load, positions, self.prefetch):
+            yield Batch(*(x.to(self.device, non_blocking=True) for x in batch))
 
 
 def prefetched(load: Callable[[np.ndarray], T], items: Iterable[np.ndarray], depth: int) -> Iterator[T]:
@@ -202,9 +213,13 @@ def open_split(store: SliceStore, side: Side, scanner_ids: list[int], residency:
     raise ValueError(f"residency must be one of device, host, stream, got {residency!r}")
 
 
-def first_of_each_scanner(split: ResidentSplit | StreamedSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first slice of each scanner in the split (in scanner order), on the device: what the per-epoch
-    preview of a translator shows, without holding the split."""
-    scanner = split.scanner.cpu().numpy()
-    first = np.array([np.flatnonzero(scanner == sid)[0] for sid in np.unique(scanner)], dtype=np.int64)
+def first_of_each_scanner(split: ResidentSplit | StreamedSplit) -> Batch:
+    """The first slice of each scanner in the split (in scanner order) at the split's middle level, on the
+    device: what the per-epoch preview shows (a translator's inputs; a level-conditioned generator's level),
+    without holding the split."""
+    scanner, level = split.scanner.cpu().numpy(), split.level.cpu().numpy()
+    levels = np.unique(level)
+    middle = levels[len(levels) // 2]
+    first = np.array([np.flatnonzero((scanner == sid) & (level == middle))[0] for sid in np.unique(scanner)],
+                     dtype=np.int64)
     return next(split.batches([first]))

@@ -68,28 +68,29 @@ def torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, device: torch.device, desc: str
-                 ) -> np.ndarray | None:
-    """Posterior means (n, latent) in the sampling z space, float32; None for a family without an encoder."""
+def encode_means(family, model, images: np.ndarray, scanner: np.ndarray, level: np.ndarray, device: torch.device,
+                 desc: str) -> np.ndarray | None:
+    """Posterior means (n, latent) in the sampling z space, float32, of slices at axial `level`; None for a
+    family without an encoder."""
     from tqdm import tqdm
 
     out = []
     for start in tqdm(range(0, len(images), BATCH), desc=desc, unit="batch", file=sys.stderr):
         x = torch.as_tensor(images[start : start + BATCH]).to(device).float()
-        s = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
+        s, k = (torch.as_tensor(a[start : start + BATCH], dtype=torch.int64).to(device) for a in (scanner, level))
         with torch.no_grad():
-            z = family.encode_mean(model, x, s)
+            z = family.encode_mean(model, x, s, k)
         if z is None:
             return None
         out.append(z.float().cpu().numpy())
     return np.concatenate(out)
 
 
-def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device, noise: bool = False
-                 ) -> np.ndarray:
-    """`family.export_graph(model)(z, scanner)`: the mean images (n, H, W), float32, in batches; with `noise`, a
-    draw of the graph's learned observation noise around them (`sample.add_noise`, of the graph's
-    `noise_kind`) from streams seeded 0."""
+def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torch.device, noise: bool = False,
+                 level: np.ndarray | None = None) -> np.ndarray:
+    """`family.export_graph(model)(z, scanner)` (and `level`, for a level-conditioned graph): the mean images
+    (n, H, W), float32, in batches; with `noise`, a draw of the graph's learned observation noise around them
+    (`sample.add_noise`, of the graph's `noise_kind`) from streams seeded 0."""
     graph = family.export_graph(model).eval()
     if noise and not graph.has_noise:
         raise FidError(f"--noise: the {family.title or family.name} run has no learned observation noise; diagnose "
@@ -99,8 +100,10 @@ def decode_means(family, model, z: np.ndarray, scanner: np.ndarray, device: torc
     out = []
     for start in range(0, len(z), BATCH):
         labels = torch.as_tensor(scanner[start : start + BATCH], dtype=torch.int64).to(device)
+        levels = (torch.as_tensor(level[start : start + BATCH], dtype=torch.int64).to(device),) \
+            if graph.level_condition else ()
         with torch.no_grad():
-            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels).float().cpu().numpy()
+            images = graph(torch.as_tensor(z[start : start + BATCH]).to(device), labels, *levels).float().cpu().numpy()
             if noise:
                 images = add_noise(images, graph.noise_sigma(labels).float().cpu().numpy(), graph.noise_kind, rngs,
                                    labels.cpu().numpy(), texture)
@@ -127,14 +130,14 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     dev = torch_device(device)
     model = model.to(dev).eval()
     test = store.load_split("test")
-    z_test = encode_means(family, model, test.images, test.scanner, dev, "encode test")
+    z_test = encode_means(family, model, test.images, test.scanner, test.slice_index, dev, "encode test")
     z_probe = reconstruction = extractor = reason = swap_rows = None
     if z_test is None:
         reason = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to probe or "
                   "to reconstruct from")
     else:
         train = store.load_split("train")
-        z_train = encode_means(family, model, train.images, train.scanner, dev, "encode train")
+        z_train = encode_means(family, model, train.images, train.scanner, train.slice_index, dev, "encode train")
         y_train = np.asarray(train.scanner)
         del train  # the largest array here
         probe = fit_classifier(z_train, y_train)
@@ -152,7 +155,7 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
         extractor = load_inception(inception_weights, None if device == "auto" else device)
         cache = cache_dir(out)
         classifier = scanner_classifier(store, extractor, cache)
-        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise)
+        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise, test.slice_index)
         r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))
         real_correct = sum(int((classifier.predict(real_features(store, name, "test", extractor, cache)[0]) == k).sum())
                            for k, name in enumerate(names))

@@ -400,8 +400,39 @@ class TranslationScore(ResultFile):
     rows_columns: str | None = None
 
 
+# -- levels.json ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LevelCurve(Part):
+    """One scanner's head fraction per asked level, real and generated, and how closely they agree."""
+
+    scanner: str | None = None
+    real: list[float] | None = None
+    generated: list[float] | None = None
+    correlation: float | None = None  # Pearson, over the levels
+    mean_abs_difference: float | None = None
+
+
+@dataclass(frozen=True)
+class LevelFollowing(ResultFile):
+    """OUT/levels.json: does a level-conditioned generator make the level it is asked for (eval/levels.py)?"""
+
+    KIND: ClassVar[str] = "mrgen-level-following"
+    VERSION: ClassVar[int] = 1
+    NAME: ClassVar[str] = "levels.json"
+
+    levels: list[int] | None = None
+    n_generated: int | None = None  # per scanner and level
+    head_threshold: float | None = None
+    curves: list[LevelCurve] | None = None
+    store_sha256: str | None = None
+    package_version: str | None = None
+
+
 #: Every result file, fid_*.json first.
-RECORDS: tuple[type[ResultFile], ...] = (ScannerScore, Conditioning, Generation, Diagnostics, TranslationScore)
+RECORDS: tuple[type[ResultFile], ...] = (ScannerScore, Conditioning, Generation, Diagnostics, TranslationScore,
+                                         LevelFollowing)
 
 
 def read_folder(folder: str | os.PathLike) -> dict[str, ResultFile]:

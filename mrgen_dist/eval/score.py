@@ -178,12 +178,14 @@ def evaluate_scanner(
 
 def label_grid(sampler: Sampler, names: list[str], draws: int = LABEL_EFFECT_DRAWS, seed: int = 0) -> np.ndarray:
     """(K scanners, draws, H, W): the same latent draws (one stream, not the per-scanner streams of
-    `Sampler.sample`) decoded for every scanner; the decoder's mean image, no observation noise."""
+    `Sampler.sample`) decoded for every scanner (at the same levels, for a level-conditioned generator); the
+    decoder's mean image, no observation noise."""
     rng = np.random.default_rng([seed, LABEL_EFFECT_STREAM])
     z = rng.standard_normal((draws, sampler.latent), dtype=np.float32)
+    levels = sampler.level_inputs(draws, None)
     grid = np.empty((len(names), draws, *sampler.image_shape), dtype=np.float32)
     for k, name in enumerate(names):
-        grid[k] = sampler.decode(z, np.full(draws, sampler.scanner_id(name), dtype=np.int64))[:, 0]
+        grid[k] = sampler.decode(z, np.full(draws, sampler.scanner_id(name), dtype=np.int64), levels)[:, 0]
     return grid
 
 

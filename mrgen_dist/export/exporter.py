@@ -9,7 +9,9 @@ of its contract (mrgen_dist/models/). The `mrgen-decoder` contract (the generato
 [batch, 1, 218, 182] in [0, 1] and `scanner` int64 [batch], the target scanner; output `translated` of the
 image's shape. The `mrgen-denoiser` contract (diffusion): inputs `x` float32 [batch, 1, 218, 182], `t`
 float32 [batch] and `scanner` int64 [batch] (the null label allowed); output `out` of x's shape, with the DDIM
-settings in `mrgen.sampler`. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
+settings in `mrgen.sampler`. A generator trained with `model.level_condition` takes one more input, `level`
+int64 [batch], the slice's axial index on the MNI grid; the levels it was trained on are the file's
+`mrgen.slice_params` `axial_indices`. fp16 keeps float32 inputs and outputs and computes in half precision. int8 is
 static QDQ quantization (`quantize_int8`): uint8 activations with ranges calibrated on draws from the prior
 N(0, I) and uint8 per-channel weights rounded by GPTQ, the first layer in float. The contract, including the
 metadata keys, is in export/README.md.
@@ -110,8 +112,8 @@ class _WithNoise(torch.nn.Module):
         super().__init__()
         self.decoder = decoder  # not `graph`: torch.export's GraphModule has an attribute of that name
 
-    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder(z, scanner), self.decoder.noise_sigma(scanner)
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor, *level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder(z, scanner, *level), self.decoder.noise_sigma(scanner)
 
 
 def _torch_export(graph: ExportGraph, inputs: dict[str, np.ndarray], path: Path) -> None:
@@ -199,6 +201,9 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         raise ExportError(f"int8 is for the fully connected {ModelMetadata.DECODER} graphs; this {family.contract} "
                           "is convolutional: export it with --precision fp32 or fp16")
     reference = family.export_graph(copy.deepcopy(model)).eval()
+    if precision == "int8" and reference.level_condition:
+        raise ExportError("int8 calibrates and checks on (z, scanner) draws; this decoder also takes the slice level "
+                          "(model.level_condition): export it with --precision fp32 or fp16")
     n_scanners, tolerance = len(record.vocabulary), TOLERANCE[precision]
     latent = reference.latent
     image_shape = tuple(record.image_shape)

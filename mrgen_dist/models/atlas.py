@@ -122,6 +122,9 @@ class AtlasConfig(CVAEConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.level_condition:
+            raise ValueError("model.level_condition: the atlas cVAE warps one template per scanner, which holds one "
+                             "level; condition on the level with family cvae or diffusion")
         for key, grid in (("warp_grid", self.warp_grid), ("bias_grid", self.bias_grid), ("gain_grid", self.gain_grid),
                           ("noise_grid", self.noise_grid)):
             if len(grid) != 2 or min(grid) < 2:
@@ -536,8 +539,8 @@ class AtlasFamily(CVAEFamily):
         return {name: losses[name] for name in self.reported_losses(step.config)}
 
     @torch.no_grad()
-    def preview(self, model: AtlasVAE, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def preview(self, model: AtlasVAE, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         """The samples of every family's figure, drawn with their scanner's noise (as mrgen-sample --noise draws
         them) from a fixed stream."""
         rows, _ = super().preview(model, images, scanner, vocabulary)

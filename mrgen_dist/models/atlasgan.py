@@ -135,11 +135,12 @@ class AtlasGANFamily(DCGANFamily):
     def export_graph(self, model: AtlasGANPlayers) -> Decoder:
         return ATLAS.export_graph(model.generator)
 
-    def encode_mean(self, model: AtlasGANPlayers, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+    def encode_mean(self, model: AtlasGANPlayers, images: torch.Tensor, scanner: torch.Tensor,
+                    level: torch.Tensor | None = None) -> torch.Tensor:
         return ATLAS.encode_mean(model.generator, images, scanner)
 
-    def preview(self, model: AtlasGANPlayers, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def preview(self, model: AtlasGANPlayers, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         return ATLAS.preview(model.generator, images, scanner, vocabulary)
 
     def flops_per_image(self, model: AtlasGANPlayers) -> int:

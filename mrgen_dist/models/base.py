@@ -15,7 +15,7 @@ A family supplies
     `mrgen-translator` (a `TranslationGraph`), or `(x_t, t, scanner) -> prediction` for `mrgen-denoiser` (a
     `DenoiserGraph`, whose `sampler_metadata()` says how to sample it);
   * `preview(model, images, scanner, vocabulary)`: the grid of the per-epoch figure (samples, translations);
-  * `encode_mean(model, images, scanner)`: posterior means in the sampling graph's z space, for the
+  * `encode_mean(model, images, scanner, level)`: posterior means in the sampling graph's z space, for the
     diagnostics (z-probe, reconstructions); None for a family without an encoder.
 """
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mrgen_dist.artifacts import ModelMetadata
+from mrgen_dist.models.parts.level import AXIAL_LEVELS
 from mrgen_dist.scanners import Vocabulary
 
 
@@ -73,6 +74,12 @@ class Step:
     noise: torch.Tensor  # float32 (B, noise_dim)
     grad_clip: float = 0.0
     index: int = 0  # the run's micro-step number (the same after a resume): for players that take turns
+    level: torch.Tensor | None = None  # int64 (B,): each slice's axial index on the MNI grid
+
+    def condition_level(self) -> tuple[torch.Tensor, ...]:
+        """The extra model input of a family conditioned on the slice's level (`model.level_condition`, which
+        only the families that take it have): (level,), or () without it."""
+        return (self.level,) if getattr(self.config, "level_condition", False) else ()
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast()
@@ -109,6 +116,7 @@ class ExportGraph(nn.Module):
     inputs, outputs and metadata, so that the exporter needs no knowledge of the kinds."""
 
     latent: int = 0  # the z size of a decoder; 0 for a translator
+    level_condition: bool = False  # whether the graph takes the slices' axial levels (input `level`, int64 [B])
     has_noise: bool = False
     noise_kind: str = ""
 
@@ -119,6 +127,12 @@ class ExportGraph(nn.Module):
 
     def output_names(self) -> list[str]:
         raise NotImplementedError
+
+    def example_levels(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """{"level": axial indices over the whole grid} for a level-conditioned graph; {} otherwise."""
+        if not self.level_condition:
+            return {}
+        return {"level": rng.integers(0, AXIAL_LEVELS, batch).astype(np.int64)}
 
     def target_names(self, vocabulary: list[str]) -> list[str] | None:
         """The scanners a translator translates to (metadata `mrgen.targets`); None for a decoder."""
@@ -138,7 +152,8 @@ class ExportGraph(nn.Module):
 
 
 class SamplingGraph(ExportGraph):
-    """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W].
+    """The `mrgen-decoder` contract: (z float32 [B, latent], scanner int64 [B]) -> image float32 [B, 1, H, W];
+    a `level_condition` graph takes a third input, `level` int64 [B], each slice's axial index on the grid.
 
     A graph with `has_noise` also gives `noise_sigma(scanner)`, float32 [B, 1, H, W]: the standard deviation of
     the learned observation noise around the image (exported as the second output `sigma`), drawn as
@@ -149,9 +164,9 @@ class SamplingGraph(ExportGraph):
 
     def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
                        ) -> dict[str, np.ndarray]:
-        """Prior draws, and every scanner in turn."""
+        """Prior draws, and every scanner in turn (and levels over the grid, for a level-conditioned graph)."""
         return {"z": rng.standard_normal((batch, self.latent), dtype=np.float32),
-                "scanner": np.arange(batch, dtype=np.int64) % n_scanners}
+                "scanner": np.arange(batch, dtype=np.int64) % n_scanners, **self.example_levels(batch, rng)}
 
     def output_names(self) -> list[str]:
         return ["image", "sigma"] if self.has_noise else ["image"]
@@ -180,7 +195,8 @@ class TranslationGraph(ExportGraph):
 class DenoiserGraph(ExportGraph):
     """The `mrgen-denoiser` contract: (x float32 [B, 1, H, W], the noisy slice in the model's space, t float32
     [B], the timestep in [0, T), scanner int64 [B], a scanner id or the null label `n_scanners`) -> out float32
-    [B, 1, H, W], the network's prediction (v or eps, as `sampler_metadata()` says). Its latent is x_T, H * W
+    [B, 1, H, W], the network's prediction (v or eps, as `sampler_metadata()` says); a `level_condition` graph
+    takes a fourth input, `level` int64 [B] (the axial index, never dropped by guidance). Its latent is x_T, H * W
     numbers; `mrgen-sample` runs the DDIM loop of mrgen_dist/runtime/diffusion.py around it."""
 
     timesteps: int
@@ -188,10 +204,11 @@ class DenoiserGraph(ExportGraph):
 
     def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
                        ) -> dict[str, np.ndarray]:
-        """Noise, timesteps over [0, T), and every label in turn, the null label included."""
+        """Noise, timesteps over [0, T), and every label in turn, the null label included (and levels over the
+        grid, for a level-conditioned graph)."""
         return {"x": rng.standard_normal((batch, 1, *image_shape), dtype=np.float32),
                 "t": rng.integers(0, self.timesteps, batch).astype(np.float32),
-                "scanner": np.arange(batch, dtype=np.int64) % (n_scanners + 1)}
+                "scanner": np.arange(batch, dtype=np.int64) % (n_scanners + 1), **self.example_levels(batch, rng)}
 
     def output_names(self) -> list[str]:
         return ["out"]
@@ -241,25 +258,29 @@ class Family(ABC):
     def export_graph(self, model: nn.Module) -> SamplingGraph | TranslationGraph | DenoiserGraph: ...
 
     @torch.no_grad()
-    def preview(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def preview(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         """The rows (name, images (n, H, W)) of the per-epoch figure and what it shows; here samples of
-        each scanner, from the same z in every row (`images`, the test split, are for translators)."""
+        each scanner, from the same z in every row (`images`, the test split, are for translators; `level`,
+        their axial levels, whose first a level-conditioned graph is asked for)."""
         graph = self.export_graph(model)
         device = images.device
         z = torch.randn(PREVIEW_COLUMNS, graph.latent, generator=torch.Generator().manual_seed(1234)).to(device)
+        levels = (level[:1].expand(PREVIEW_COLUMNS),) if graph.level_condition else ()
         rows = []
         for sid, name in enumerate(vocabulary.names):
             s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
-            rows.append((name, graph(z, s)[:, 0].float().cpu().numpy()))
+            rows.append((name, graph(z, s, *levels)[:, 0].float().cpu().numpy()))
         return rows, "samples (same z in every row)"
 
     def reported_losses(self, config: ModelConfig) -> tuple[str, ...]:
         """The names `losses` and `train_step` return for this config (logged, plotted, checkpointed)."""
         return self.loss_names
 
-    def encode_mean(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor | None:
-        """Posterior means of `images` (B, H, W) in the z space of `export_graph`, or None without an encoder."""
+    def encode_mean(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor,
+                    level: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Posterior means of `images` (B, H, W) at axial `level` in the z space of `export_graph`, or None
+        without an encoder."""
         return None
 
     def optimizers(self, model: nn.Module, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]

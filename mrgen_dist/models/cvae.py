@@ -43,6 +43,7 @@ from torch import nn
 
 from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.models.base import Family, ModelConfig, SamplingGraph, Step
+from mrgen_dist.models.parts.level import LEVEL_FEATURES, level_features
 from mrgen_dist.scanners import Vocabulary
 
 LOSSES = ("logcosh", "mse")
@@ -68,6 +69,7 @@ class CVAEConfig(ModelConfig):
     prior: str = "standard"  # standard N(0, I) | scanner: learned p(z | scanner)
     adversary: float = 0.0  # weight of the reversed gradient of a scanner probe on z; 0: no probe
     kl_weight: float = 1.0
+    level_condition: bool = False  # the slice's axial level is a condition of encoder and decoder (parts/level.py)
 
     #: the values a family of this config accepts (the atlas cVAE narrows them)
     PRIORS: ClassVar[tuple[str, ...]] = PRIORS
@@ -124,8 +126,9 @@ class CVAE(nn.Module):
         self.n_scanners = n_scanners
         self.latent = latent
         self.conditional = conditional
+        self.level_condition = config.level_condition
         n_pixels = image_shape[0] * image_shape[1]
-        n_labels = n_scanners if conditional else 0
+        n_labels = (n_scanners if conditional else 0) + (LEVEL_FEATURES if config.level_condition else 0)
         self.encoder = _mlp([n_pixels + n_labels, *hidden])
         self.to_mean = nn.Linear(hidden[-1], latent)
         self.to_logvar = nn.Linear(hidden[-1], latent)
@@ -167,18 +170,23 @@ class CVAE(nn.Module):
         """The per-scanner shape of "chi" noise (runtime.noise.NoiseTexture); {} for the other kinds."""
         return {}
 
-    def with_label(self, x: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        """`x` with the one-hot scanner appended (a conditional model), or `x` itself."""
-        if not self.conditional:
-            return x
-        return torch.cat([x, F.one_hot(scanner, self.n_scanners).to(x.dtype)], dim=1)
+    def with_label(self, x: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` with the one-hot scanner (a conditional model) and the level's features (`level_condition`)
+        appended, or `x` itself."""
+        parts = [x]
+        if self.conditional:
+            parts.append(F.one_hot(scanner, self.n_scanners).to(x.dtype))
+        if self.level_condition:
+            parts.append(level_features(level, x.dtype))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
-    def encode(self, images: torch.Tensor, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(self.with_label(images.flatten(1), scanner))
+    def encode(self, images: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(self.with_label(images.flatten(1), scanner, level))
         return self.to_mean(h), self.to_logvar(h)
 
-    def decode(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_body(self.with_label(z, scanner))
+    def decode(self, z: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.decoder_body(self.with_label(z, scanner, level))
         return torch.sigmoid(self.to_pixels(h)).view(-1, 1, *self.image_shape)
 
     def prior(self, scanner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,15 +214,16 @@ class CVAE(nn.Module):
         error = self._as_image(NOISE_PARAM_SCALE * self.error_param)
         return (sigma.square() + error.square()).sqrt()
 
-    def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor) -> VAEOutput:
-        """`noise` ~ N(0, I) of shape (B, latent) is passed in so that callers control its seeding. Every
-        learned part (prior, observation noise, probe) is used here, inside forward, so that DDP and DeepSpeed
-        see all parameters of a step."""
-        mean, logvar = self.encode(images, scanner)
+    def forward(self, images: torch.Tensor, scanner: torch.Tensor, noise: torch.Tensor,
+                level: torch.Tensor | None = None) -> VAEOutput:
+        """`noise` ~ N(0, I) of shape (B, latent) is passed in so that callers control its seeding; `level`,
+        the slices' axial indices, for a `level_condition` model. Every learned part (prior, observation noise,
+        probe) is used here, inside forward, so that DDP and DeepSpeed see all parameters of a step."""
+        mean, logvar = self.encode(images, scanner, level)
         z = mean + noise.to(mean.dtype) * torch.exp(0.5 * logvar)
         prior_mean, prior_logvar = self.prior(scanner)
         return VAEOutput(
-            recon=self.decode(z, scanner), mean=mean, logvar=logvar, prior_mean=prior_mean, prior_logvar=prior_logvar,
+            recon=self.decode(z, scanner, level), mean=mean, logvar=logvar, prior_mean=prior_mean, prior_logvar=prior_logvar,
             sigma=self.likelihood_sigma(scanner) if self.has_noise else None,
             probe_logits=self.probe(reverse_gradient(mean, self.adversary)) if self.adversary > 0 else None,
         )
@@ -274,14 +283,15 @@ class Decoder(SamplingGraph):
         self.latent = model.latent
         self.has_noise = model.has_noise
         self.noise_kind = model.noise_kind
+        self.level_condition = model.level_condition
 
-    def forward(self, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         z = z.to(dtype)
         if self.model.has_prior:
             prior_mean, prior_logvar = self.model.prior(scanner)
             z = prior_mean + torch.exp(0.5 * prior_logvar) * z
-        image = self.model.decode(z, scanner).float()
+        image = self.model.decode(z, scanner, level).float()
         if not self.model.conditional and not self.model.has_prior:
             # the label does not enter an unconditional decoder; keep `scanner` a live input of the contract
             image = image + 0 * scanner.view(-1, 1, 1, 1).to(image.dtype)
@@ -314,7 +324,7 @@ class CVAEFamily(Family):
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         config: CVAEConfig = step.config
         with step.autocast():
-            out = step.model(step.images, step.scanner, step.noise)
+            out = step.model(step.images, step.scanner, step.noise, *step.condition_level())
         losses = vae_loss(out, step.images, config.loss, config.kl_weight)
         if out.probe_logits is not None:
             losses["adversary"] = F.cross_entropy(out.probe_logits.float(), step.scanner)
@@ -322,8 +332,10 @@ class CVAEFamily(Family):
         return losses
 
     @torch.no_grad()
-    def encode_mean(self, model: CVAE, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        mean, _ = model.encode(images.to(next(model.parameters()).dtype), scanner)
+    def encode_mean(self, model: CVAE, images: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        levels = (level,) if model.level_condition else ()  # the atlas cVAE's encoder takes no level
+        mean, _ = model.encode(images.to(next(model.parameters()).dtype), scanner, *levels)
         prior_mean, prior_logvar = model.prior(scanner)
         return ((mean - prior_mean) * torch.exp(-0.5 * prior_logvar)).float()
 

@@ -99,7 +99,8 @@ class CVAEGANFamily(DCGANFamily):
         return super().flops_per_image(model) + 6 * (encoder + generator)
 
     @torch.no_grad()
-    def encode_mean(self, model: HybridPlayers, images: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+    def encode_mean(self, model: HybridPlayers, images: torch.Tensor, scanner: torch.Tensor,
+                    level: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior means in the sampling graph's z: the code, then (with a noise map) zeros, as in training's
         reconstructions."""
         mean, _ = model.encoder(images.unsqueeze(1).to(next(model.parameters()).dtype), scanner)

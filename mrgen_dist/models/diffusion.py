@@ -73,6 +73,7 @@ class DiffusionConfig(ModelConfig):
     sampler: str = "ddim"  # the exported sampler: ddim | dpmpp2m (DPM-Solver++(2M), runtime/diffusion.py)
     sample_steps: int = 50  # its steps
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
+    level_condition: bool = False  # the slice's axial level is a condition too (parts/level.py); never dropped
 
     def validate(self) -> None:
         if not self.widths or min(self.widths) < 1:
@@ -132,7 +133,7 @@ class Diffusion(nn.Module):
         super().__init__()
         self.n_scanners, self.image_shape = n_scanners, tuple(image_shape)
         self.net = ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, config.attention,
-                                   tuple(config.size), config.patch)
+                                   tuple(config.size), config.patch, config.level_condition)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("alphas_cumprod", torch.from_numpy(
             alphas_cumprod(config.schedule, config.timesteps)).float())
@@ -144,8 +145,9 @@ class Diffusion(nn.Module):
     def null_label(self) -> int:
         return self.n_scanners
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t, scanner)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.net(x, t, scanner, level)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -167,9 +169,11 @@ class Denoiser(DenoiserGraph):
         self.timesteps = model.settings.timesteps
         self.settings = model.settings.to_metadata()
         self.latent = model.image_shape[0] * model.image_shape[1]
+        self.level_condition = model.ema.level_condition
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, scanner).float()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.unet(x, t, scanner, level).float()
 
 
 def split_noise(noise: torch.Tensor, size: tuple[int, int], image_shape: tuple[int, int], timesteps: int,
@@ -218,7 +222,7 @@ class DiffusionFamily(Family):
         x_t, target = targets(x0, eps, model.alphas_cumprod.float()[t], config.prediction)
         scanner = torch.where(drop, torch.full_like(step.scanner, model.null_label), step.scanner)
         with step.autocast():
-            out = step.model(x_t.to(step.images.dtype), t.float(), scanner)
+            out = step.model(x_t.to(step.images.dtype), t.float(), scanner, *step.condition_level())
         return {"loss": F.mse_loss(out.float(), target)}
 
     def train_step(self, step: Step) -> dict[str, torch.Tensor]:
@@ -231,19 +235,21 @@ class DiffusionFamily(Family):
         return Denoiser(model)
 
     @torch.no_grad()
-    def preview(self, model: Diffusion, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
-        """Samples of each scanner from the same x_T in every row: the EMA UNet in the runtime's sampling loop."""
+    def preview(self, model: Diffusion, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
+        """Samples of each scanner from the same x_T in every row (at `level`'s first level, for a
+        level-conditioned model): the EMA UNet in the runtime's sampling loop."""
         graph = Denoiser(model).eval()
         device = next(graph.parameters()).device
         settings = model.settings
         x_t = np.random.default_rng(1234).standard_normal((PREVIEW_COLUMNS, 1, *model.image_shape), dtype=np.float32)
+        levels = np.full(PREVIEW_COLUMNS, int(level[0]), np.int64) if graph.level_condition else None
 
-        def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray) -> np.ndarray:
-            out = graph(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device), torch.from_numpy(s).to(device))
-            return out.float().cpu().numpy()
+        def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray, *condition: np.ndarray) -> np.ndarray:
+            inputs = (torch.from_numpy(a).to(device) for a in (x, t, s, *condition))
+            return graph(*inputs).float().cpu().numpy()
 
-        rows = [(name, to_image(sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings))[:, 0])
+        rows = [(name, to_image(sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings, levels))[:, 0])
                 for sid, name in enumerate(vocabulary.names)]
         solver = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}[settings.name]
         return rows, f"samples (same x_T in every row; {solver} {settings.steps} steps, guidance {settings.guidance:g})"
@@ -253,7 +259,9 @@ class DiffusionFamily(Family):
         layers (attention's products not counted)."""
         h, w = model.image_shape
         x = torch.zeros(1, 1, h, w)
-        return 6 * multiply_accumulates(model.net, x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        label = torch.zeros(1, dtype=torch.long)
+        level = (label,) if model.net.level_condition else ()
+        return 6 * multiply_accumulates(model.net, x, torch.zeros(1), label, *level)
 
 
 FAMILY = DiffusionFamily()

@@ -400,8 +400,8 @@ class DistilledFamily(Family):
         return TranslatorGraph(model.generator, list(range(model.generator.n_scanners)))
 
     @torch.no_grad()
-    def preview(self, model: DistilledTranslator, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def preview(self, model: DistilledTranslator, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         return translation_preview(self.export_graph(model), images, scanner, vocabulary)
 
     def flops_per_image(self, model: DistilledTranslator) -> int:

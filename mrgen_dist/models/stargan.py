@@ -141,8 +141,8 @@ class StarGANFamily(DCGANFamily):
         return TranslatorGraph(model.generator, self.targets(model))
 
     @torch.no_grad()
-    def preview(self, model: TranslatorPlayers, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary
-                ) -> tuple[list[tuple[str, np.ndarray]], str]:
+    def preview(self, model: TranslatorPlayers, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         return translation_preview(self.export_graph(model), images, scanner, vocabulary)
 
     def flops_per_image(self, model: TranslatorPlayers) -> int:

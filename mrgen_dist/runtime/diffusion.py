@@ -50,8 +50,9 @@ SOLVERS = ("ddim", "dpmpp2m")
 #: The cosine schedule's offset s (Nichol & Dhariwal) and the largest beta it allows.
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999
 
-#: out = denoise(x (B, 1, H, W) float32, t (B,) float32, scanner (B,) int64): the network's prediction.
-Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+#: out = denoise(x (B, 1, H, W) float32, t (B,) float32, scanner (B,) int64[, level (B,) int64]): the network's
+#: prediction (`level`, the axial index, only for a level-conditioned denoiser).
+Denoise = Callable[..., np.ndarray]
 
 
 def betas(schedule: str, timesteps: int) -> np.ndarray:
@@ -159,25 +160,29 @@ def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, predic
     return x_next.astype(np.float32), x0.astype(np.float32), h
 
 
-def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings) -> np.ndarray:
+def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings,
+           level: np.ndarray | None = None) -> np.ndarray:
     """The sampling loop (`settings.name`: DDIM or DPM-Solver++(2M)) with guidance from x_T = `x` (B, 1, H, W)
-    float32 ~ N(0, I) for the labels `scanner` (B,): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
+    float32 ~ N(0, I) for the labels `scanner` (B,) (and axial `level` (B,), for a level-conditioned denoiser:
+    guidance drops the scanner, never the level): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     ts = ddim_timesteps(settings.timesteps, settings.steps)
     b = len(x)
     w = settings.guidance
     labels = scanner.astype(np.int64)
+    levels = () if level is None else (np.asarray(level, dtype=np.int64),)
     if w != 1:  # [unconditional; conditional] in one call
         labels = np.concatenate([np.full(b, settings.null_label, dtype=np.int64), labels])
+        levels = tuple(np.concatenate([k, k]) for k in levels)
     x0, previous = x, None
     for i, t in enumerate(ts):
         a = float(a_bar[t])
         a_next = float(a_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         if w != 1:
-            out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels)
+            out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels, *levels)
             out = guide(out[:b], out[b:], w)
         else:
-            out = denoise(x, np.full(b, t, dtype=np.float32), labels)
+            out = denoise(x, np.full(b, t, dtype=np.float32), labels, *levels)
         if settings.name == "dpmpp2m":
             x, x0, h = dpmpp2m_step(x, out, a, a_next, settings.prediction, previous)
             previous = (x0.astype(np.float64), h)
@@ -200,24 +205,33 @@ class DiffusionDraw:
     def __init__(self, session, path: Path, image_shape: tuple[int, int], settings: SamplerSettings) -> None:
         self.session, self.path, self.image_shape, self.settings = session, path, image_shape, settings
 
-    def expected_graph(self) -> tuple[str, dict[str, tuple[str, list]], tuple[str, ...]]:
-        """The contract's description, inputs and output (for `session.check_graph`)."""
+    def expected_graph(self, level_condition: bool) -> tuple[str, dict[str, tuple[str, list]], tuple[str, ...]]:
+        """The contract's description, inputs and output (for `session.check_graph`), with the `level` input of
+        a level-conditioned denoiser."""
         shape = [None, 1, *self.image_shape]
+        level = ", level int64 [batch]" if level_condition else ""
         text = (f"mrgen-denoiser graph (inputs x float32 [batch, 1, {', '.join(map(str, self.image_shape))}], "
-                "t float32 [batch], scanner int64 [batch]; output out float32 of x's shape)")
+                f"t float32 [batch], scanner int64 [batch]{level}; output out float32 of x's shape)")
         expected = {"x": ("tensor(float)", shape), "t": ("tensor(float)", [None]),
                     "scanner": ("tensor(int64)", [None]), "out": ("tensor(float)", shape)}
-        return text, expected, ("x", "t", "scanner")
+        if level_condition:
+            expected["level"] = ("tensor(int64)", [None])
+        return text, expected, ("x", "t", "scanner", "level")
 
     def denoise(self, what: str, offset: int) -> Denoise:
-        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
-            (out,) = self.session.run(["out"], {"x": x, "t": t, "scanner": scanner})
+        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray, *level: np.ndarray) -> np.ndarray:
+            feed = {"x": x, "t": t, "scanner": scanner}
+            if level:
+                feed["level"] = level[0]
+            (out,) = self.session.run(["out"], feed)
             check_finite([out], ["out"], self.path, what, offset)
             return out
 
         return run
 
-    def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0) -> np.ndarray:
-        """Slices (B, H, W) in [0, 1] of the latents `z` (B, H * W) (x_T) and labels `scanner` (B,)."""
+    def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0,
+               level: np.ndarray | None = None) -> np.ndarray:
+        """Slices (B, H, W) in [0, 1] of the latents `z` (B, H * W) (x_T), labels `scanner` (B,) and, for a
+        level-conditioned denoiser, axial indices `level` (B,)."""
         x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.image_shape)
-        return to_image(sample(self.denoise(what, offset), x, scanner, self.settings))[:, 0]
+        return to_image(sample(self.denoise(what, offset), x, scanner, self.settings, level))[:, 0]

@@ -12,6 +12,11 @@ the tolerance of the export check, since integer kernels differ between CPUs. It
 (`mrgen.variants`: the u8s8 file beside it, whose kernels are exact and about twice as fast with VNNI and
 saturate without) are checked the same way, and the fastest layout that passes runs (`Sampler.layout`).
 
+A generator trained with the slice's axial level as a condition (`model.level_condition`; its graph has a
+`level` input) is asked for a level with `level=k`, one of the axial indices it was trained on (the file's
+`mrgen.slice_params` `axial_indices`); without one, image i gets the i-th of those levels in turn, so that n
+images cover them as evenly as the store does (what the FID and the comparison sample).
+
 A `mrgen-denoiser` file (a diffusion model) is served through the same API: its latent is the initial noise
 x_T (H * W numbers per image, drawn the same way), which the guided DDIM run of runtime/diffusion.py, with the
 steps and guidance scale of the file's `mrgen.sampler`, maps to a slice.
@@ -74,6 +79,7 @@ class Sampler:
                 raise ArtifactError(str(e)) from None
             self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
             self.latent = self.image_shape[0] * self.image_shape[1]
+        self.levels = self._trained_levels(path)
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
         self.layout = "u8u8" if self.metadata.precision == "int8" else self.metadata.precision
@@ -81,20 +87,49 @@ class Sampler:
         if self.metadata.variants and self.metadata.parity.get("draws") and self.provider == "CPUExecutionProvider":
             self._pick_layout(path)
 
+    def _trained_levels(self, path: Path) -> np.ndarray | None:
+        """The axial indices a level-conditioned generator (a graph with a `level` input) was trained on; None
+        for a generator without that condition."""
+        if "level" not in {i.name for i in self.session.get_inputs()}:
+            return None
+        levels = self.metadata.slice_params.get("axial_indices")
+        if not levels:
+            raise ArtifactError(f"{path}: its graph takes a slice level but mrgen.slice_params records no "
+                                "axial_indices to ask for; export it again")
+        return np.asarray(levels, dtype=np.int64)
+
     def _check_graph(self, path: Path) -> None:
         """The inputs and output of the mrgen-decoder contract, with the metadata's latent and image shape (or
-        those of the mrgen-denoiser contract)."""
+        those of the mrgen-denoiser contract), and the `level` input of a level-conditioned generator."""
         if self.diffusion is not None:
-            check_graph(self.diffusion.session, path, *self.diffusion.expected_graph())
+            check_graph(self.diffusion.session, path, *self.diffusion.expected_graph(self.levels is not None))
             return
+        level = ", level int64 [batch]" if self.levels is not None else ""
         contract = f"{ModelMetadata.DECODER} graph (inputs z float32 [batch, {self.latent}], scanner int64 " \
-                   f"[batch]; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
+                   f"[batch]{level}; output image float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
         expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
                     "image": ("tensor(float)", [None, 1, *self.image_shape])}
+        if self.levels is not None:
+            expected["level"] = ("tensor(int64)", [None])
         if self.has_noise:
             contract = contract[:-1] + f" and sigma float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
             expected["sigma"] = expected["image"]
-        check_graph(self.session, path, contract, expected, ("z", "scanner"))
+        check_graph(self.session, path, contract, expected, ("z", "scanner", "level"))
+
+    def level_inputs(self, n: int, level: int | None) -> np.ndarray | None:
+        """The axial index of each of n images: `level` for all, or the trained levels in turn; None for a
+        generator without the level condition (which refuses a `level`)."""
+        if self.levels is None:
+            if level is not None:
+                raise SampleError(f"{self.path}: this model was not trained with the slice level as a condition "
+                                  "(model.level_condition); sample it without a level")
+            return None
+        if level is None:
+            return self.levels[np.arange(n) % len(self.levels)]
+        if level not in self.levels:
+            raise SampleError(f"{self.path}: level {level} is not one this model was trained on (axial indices "
+                              f"{self.levels[0]}..{self.levels[-1]} of the MNI grid)")
+        return np.full(n, level, dtype=np.int64)
 
     def _check_parity(self, path: Path, inaccurate: str) -> float | None:
         """Max |this machine's output - float32 reference| on the draws stored in an int8 file (None for other
@@ -181,13 +216,19 @@ class Sampler:
         """Whether the model has a learned observation noise (the graph's `sigma` output) to sample from."""
         return self.metadata.noise in ModelMetadata.NOISE_KINDS
 
-    def decode(self, z: np.ndarray, scanner: np.ndarray) -> np.ndarray:
-        """The images (B, 1, H, W) of latents `z` (B, latent) and scanner ids (B,), in one batch: the decoder's
-        mean image, or the DDIM run from x_T = z of a denoiser."""
+    def decode(self, z: np.ndarray, scanner: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+        """The images (B, 1, H, W) of latents `z` (B, latent) and scanner ids (B,) (and axial indices `level`
+        (B,), for a level-conditioned generator), in one batch: the decoder's mean image, or the DDIM run from
+        x_T = z of a denoiser."""
         if self.diffusion is not None:
-            return self.diffusion.images(z, np.asarray(scanner, dtype=np.int64))[:, None]
-        (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64)})
+            return self.diffusion.images(z, np.asarray(scanner, dtype=np.int64), level=level)[:, None]
+        (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64),
+                                                 **self._level_feed(level)})
         return images
+
+    @staticmethod
+    def _level_feed(level: np.ndarray | None) -> dict[str, np.ndarray]:
+        return {} if level is None else {"level": np.asarray(level, dtype=np.int64)}
 
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
@@ -195,22 +236,30 @@ class Sampler:
         rng = np.random.default_rng([seed, self.scanner_id(scanner)])
         return rng.standard_normal((n, self.latent), dtype=np.float32)
 
-    def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256, noise: bool = False) -> np.ndarray:
+    def sample(self, scanner: str, n: int, seed: int = 0, batch_size: int = 256, noise: bool = False,
+               level: int | None = None) -> np.ndarray:
         """float32 (n, H, W) in [0, 1], the same for any batch size: the decoder's mean image, or with `noise`
         a draw from the model's learned observation noise around it (clipped to [0, 1]; Gaussian or Rician, as
         the file's `mrgen.noise` says), from streams of its own seeded by (seed, scanner id, component), so
-        that the latents are those of the mean images."""
+        that the latents are those of the mean images. `level`: the axial index asked of a level-conditioned
+        generator (`level_inputs`)."""
         if noise and not self.has_noise:
             raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it was trained "
                               "without model.observation_noise); sample its mean, without --noise")
+        levels = self.level_inputs(n, level)
         z = self.latents(scanner, n, seed)
         sid = self.scanner_id(scanner)
+
+        def levels_of(start: int, stop: int) -> np.ndarray | None:
+            return None if levels is None else levels[start:stop]
+
         if self.diffusion is not None:
             out = np.empty((n, *self.image_shape), dtype=np.float32)
             for start in range(0, n, batch_size):
                 chunk = z[start : start + batch_size]
                 out[start : start + len(chunk)] = self.diffusion.images(
-                    chunk, np.full(len(chunk), sid, dtype=np.int64), f"{scanner} draw", start)
+                    chunk, np.full(len(chunk), sid, dtype=np.int64), f"{scanner} draw", start,
+                    levels_of(start, start + len(chunk)))
             return out
         # one stream per noise component, so that a draw does not depend on the batch size
         rngs = [np.random.default_rng([seed, sid, part]) for part in (1, 2, 3)] if noise else None
@@ -218,24 +267,30 @@ class Sampler:
         for start in range(0, n, batch_size):
             chunk = z[start : start + batch_size]
             labels = np.full(len(chunk), sid, dtype=np.int64)
-            outputs = self.session.run(["image", "sigma"] if rngs else ["image"], {"z": chunk, "scanner": labels})
+            outputs = self.session.run(["image", "sigma"] if rngs else ["image"],
+                                       {"z": chunk, "scanner": labels,
+                                        **self._level_feed(levels_of(start, start + len(chunk)))})
             check_finite(outputs, ["image", "sigma"], self.path, f"{scanner} draw", start)
             images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, rngs, labels,
                                                                self.noise_texture)
             out[start : start + len(chunk)] = images[:, 0]
         return out
 
-    def sample_on_device(self, scanner: str, n: int, seed: int = 0) -> ort.OrtValue:
+    def sample_on_device(self, scanner: str, n: int, seed: int = 0, level: int | None = None) -> ort.OrtValue:
         """On CUDA: the images as an OrtValue that stays in GPU memory (IOBinding), for a GPU consumer such as
         the FID stage; on the CPU the same call returns a CPU OrtValue. A denoiser's images are made on the
         host (the DDIM loop is numpy) and returned as a CPU OrtValue (n, 1, H, W)."""
         if self.diffusion is not None:
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.sample(scanner, n, seed)[:, None]))
+            images = self.sample(scanner, n, seed, level=level)
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images[:, None]))
+        levels = self.level_inputs(n, level)
         z = self.latents(scanner, n, seed)
         labels = np.full(n, self.scanner_id(scanner), dtype=np.int64)
         binding = self.session.io_binding()
         binding.bind_cpu_input("z", z)
         binding.bind_cpu_input("scanner", labels)
+        for name, values in self._level_feed(levels).items():
+            binding.bind_cpu_input(name, values)
         binding.bind_output("image", "cuda" if self.device == "cuda" else "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0]

@@ -43,11 +43,17 @@ def test_every_residency_serves_the_same_batches(store_dir: Path, side: str) -> 
     positions = [order[i : i + 5] for i in range(0, len(order), 5)]
     served = {name: list(split.batches(positions)) for name, split in splits.items()}
     for name in ("host", "stream"):
-        for (a, sa), (b, sb) in zip(served["device"], served[name], strict=True):
-            assert a.dtype == b.dtype == torch.float16 and torch.equal(a, b) and torch.equal(sa, sb), name
+        for a, b in zip(served["device"], served[name], strict=True):
+            assert a.images.dtype == b.images.dtype == torch.float16, name
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), name
+    # each slice's level is its axial index in the store
+    index = store.index
+    rows = np.flatnonzero(index.select(side, None) & np.isin(index.scanner, [1, 3] if side == "train" else ALL))
+    assert torch.equal(served["device"][0].level, torch.from_numpy(index.slice_index[rows][positions[0]]))
     preview = {name: first_of_each_scanner(split) for name, split in splits.items()}
-    assert all(torch.equal(preview["device"][0], p[0]) and torch.equal(preview["device"][1], p[1])
-               for p in preview.values())
+    assert all(torch.equal(x, y) for p in preview.values() for x, y in zip(preview["device"], p, strict=True))
+    levels = np.unique(index.slice_index)
+    assert (preview["device"].level == int(levels[len(levels) // 2])).all()  # the middle level
 
 
 def test_a_shard_is_hashed_once_per_process_and_a_mismatch_names_it(store_dir: Path, tmp_path: Path,

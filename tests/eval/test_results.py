@@ -19,6 +19,8 @@ from mrgen_dist.eval.results import (
     Generation,
     Kid,
     LabelEffect,
+    LevelCurve,
+    LevelFollowing,
     Reconstruction,
     Repeat,
     ScannerScore,
@@ -72,6 +74,10 @@ EXAMPLES = [
         kid={"Intera": Kid(mean=0.01, std=0.001, subset_size=3)}, kid_mean=0.01,
         change=[[0.01, 0.2], [0.3, 0.02]], identity_smallest=True, identity_misses=[], translate_images_per_s=50.0,
         translator_device="cpu (CPUExecutionProvider)", rows_columns="rows source, columns target"),
+    LevelFollowing(
+        levels=[0, 91, 181], n_generated=16, head_threshold=0.1, store_sha256=STORE, package_version="1.0",
+        curves=[LevelCurve(scanner="Intera", real=[0.0, 0.5, 0.0], generated=[0.125, 0.5, 0.0625], correlation=0.99,
+                           mean_abs_difference=0.0625)]),
 ]
 
 

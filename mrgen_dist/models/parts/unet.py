@@ -1,7 +1,8 @@
 """A small conditional UNet for pixel-space diffusion: (x (B, 1, H, W), t (B,), label (B,)) -> (B, 1, H, W).
 
 The timestep goes through a sinusoidal embedding and an MLP; the label (a scanner id, or the null label
-`n_labels - 1` of classifier-free guidance) through an embedding added to it. Each level has `blocks`
+`n_labels - 1` of classifier-free guidance) through an embedding added to it, and so, with `level_condition`,
+the slice's axial level (parts/level.py) through an MLP. Each level has `blocks`
 residual blocks (GroupNorm, SiLU, 3x3 convolution, the embedding added per channel) at its width, then a
 stride-2 convolution down (not after the last); the way up mirrors it with the skips concatenated, and
 nearest-neighbour upsampling and a 3x3 convolution. The lowest `attention` levels have single-layer
@@ -23,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mrgen_dist.models.parts.level import LEVEL_FEATURES, level_features
 
 #: Channels per attention head (one head when a level is narrower).
 HEAD_CHANNELS = 64
@@ -84,7 +87,8 @@ class ConditionalUNet(nn.Module):
     of the lowest levels have self-attention; `n_labels`: the label embedding's entries (scanners + null)."""
 
     def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
-                 attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1) -> None:
+                 attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1,
+                 level_condition: bool = False) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.patch = patch
@@ -98,6 +102,8 @@ class ConditionalUNet(nn.Module):
         emb = 4 * widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label = nn.Embedding(n_labels, emb)
+        if level_condition:  # the slice's axial level, added to the embedding as the timestep is
+            self.level = nn.Sequential(nn.Linear(LEVEL_FEATURES, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.stem = nn.Conv2d(patch**2, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
@@ -134,9 +140,17 @@ class ConditionalUNet(nn.Module):
         """Rows and columns of padding above and left of the slice (the rest goes below and right)."""
         return (self.size[0] - self.image_shape[0]) // 2, (self.size[1] - self.image_shape[1]) // 2
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    @property
+    def level_condition(self) -> bool:
+        return hasattr(self, "level")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, level: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`level`: the slices' axial indices (B,), for a UNet built with `level_condition` (and only then)."""
         dtype = self.stem.weight.dtype
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(dtype)) + self.label(label)
+        if self.level_condition:
+            emb = emb + self.level(level_features(level, dtype))
         top, left = self.offsets()
         (h_in, w_in), (h_out, w_out) = self.image_shape, self.size
         h = F.pad(x.to(dtype), (left, w_out - w_in - left, top, h_out - h_in - top))
