@@ -25,6 +25,10 @@ z, and z ~ N(0, I) at sampling time carries a random one; and its mean image has
   reaches the encoder reversed and scaled by w (gradient reversal, Ganin & Lempitsky 2015): the encoder is
   pushed to keep the scanner out of z, so the decoder must take it from the label.
 
+* `level_condition`: the slice's axial level (parts/level.py) is appended to the encoder's and the
+  decoder's inputs beside the scanner, for stores of more than the central slices, so that the decoder can be
+  asked for a level (the exported graph's third input, `level`).
+
 Loss reduction: the reconstruction term is summed over pixels and averaged over the batch; the KL term is
 summed over latent dimensions and averaged over the batch; loss = reconstruction + kl_weight * KL
 (+ the probe's cross-entropy). This is the per-image negative ELBO (up to constants for log-cosh), so its

@@ -22,7 +22,11 @@ model.safetensors carry them. The export and the preview use the EMA weights. Th
 dtype: train with bf16 autocast over float32 weights (DDP); under DeepSpeed bf16 the weights, and so the EMA,
 are bf16, whose resolution (2**-8) is coarser than a 0.999-decay update.
 
-Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner) -> prediction, with the sampler's settings
+With `level_condition` the slice's axial level (parts/level.py) is a condition beside the scanner, added to
+the UNet's embedding; guidance drops the scanner, never the level, so that it steers the scanner at the level
+asked for.
+
+Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner[, level]) -> prediction, with the sampler's settings
 (`sampler`: DDIM or DPM-Solver++(2M), `sample_steps`, `guidance`, the schedule) in the file's `mrgen.sampler`;
 `mrgen-sample` runs the guided loop around it with numpy and onnxruntime (runtime/diffusion.py).
 """
