@@ -14,7 +14,9 @@ TINY_GANS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("dcgan", 
 TINY_ATLAS = REPO / "tests" / "assets" / "tiny_atlas.yaml"
 TINY_TRANSLATORS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("stargan", "cyclegan")}
 TINY_DISTILLED = REPO / "tests" / "assets" / "tiny_distilled.yaml"  # needs model.teacher=<an atlas run>
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TINY_DIFFUSION = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+BIN = Path(sys.executable).parent  # the environment's console scripts (mrgen-sample, mrgen-fid, accelerate)
+ACCELERATE = str(BIN / "accelerate")
 
 
 def env(**extra: str) -> dict[str, str]:

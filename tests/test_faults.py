@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, TINY, env
+from tests.launch import BIN, REPO, TINY, env
 from tests.mounts import mount_namespace
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,6 @@ STRACE = {
     "EIO at renames": (RENAMES, "EIO"),
 }
 FAULTS = ["ENOSPC at writes", *STRACE]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

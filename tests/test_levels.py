@@ -25,10 +25,7 @@ from mrgen_dist.models.parts.level import AXIAL_LEVELS, LEVEL_FEATURES, level_fe
 from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.runtime.session import SampleError
 from mrgen_dist.scanners import Vocabulary
-from tests.launch import REPO, run, train_cmd
-
-BIN = REPO / ".venv" / "bin"
-TINY_DIFFUSION = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+from tests.launch import BIN, TINY_DIFFUSION, run, train_cmd
 
 
 def test_level_features_are_smooth_distinct_and_on_the_grid() -> None:

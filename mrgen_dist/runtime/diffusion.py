@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrgen_dist.runtime.session import check_finite
+from mrgen_dist.runtime.session import LEVEL_INPUT, check_finite, level_feed
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "eps")
@@ -215,15 +215,12 @@ class DiffusionDraw:
         expected = {"x": ("tensor(float)", shape), "t": ("tensor(float)", [None]),
                     "scanner": ("tensor(int64)", [None]), "out": ("tensor(float)", shape)}
         if level_condition:
-            expected["level"] = ("tensor(int64)", [None])
+            expected["level"] = LEVEL_INPUT
         return text, expected, ("x", "t", "scanner", "level")
 
     def denoise(self, what: str, offset: int) -> Denoise:
-        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray, *level: np.ndarray) -> np.ndarray:
-            feed = {"x": x, "t": t, "scanner": scanner}
-            if level:
-                feed["level"] = level[0]
-            (out,) = self.session.run(["out"], feed)
+        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+            (out,) = self.session.run(["out"], {"x": x, "t": t, "scanner": scanner, **level_feed(level)})
             check_finite([out], ["out"], self.path, what, offset)
             return out
 

@@ -37,7 +37,16 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.runtime.diffusion import DiffusionDraw, SamplerSettings
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 from mrgen_dist.runtime.parity import decode_draws
-from mrgen_dist.runtime.session import SampleError, check_finite, check_graph, cpu_description, device_of, open_session
+from mrgen_dist.runtime.session import (
+    LEVEL_INPUT,
+    SampleError,
+    check_finite,
+    check_graph,
+    cpu_description,
+    device_of,
+    level_feed,
+    open_session,
+)
 from mrgen_dist.scanners import UnknownScannerError, Vocabulary
 
 #: The parity error measured per (file, size, mtime, provider) in this process: each file is checked once.
@@ -110,7 +119,7 @@ class Sampler:
         expected = {"z": ("tensor(float)", [None, self.latent]), "scanner": ("tensor(int64)", [None]),
                     "image": ("tensor(float)", [None, 1, *self.image_shape])}
         if self.levels is not None:
-            expected["level"] = ("tensor(int64)", [None])
+            expected["level"] = LEVEL_INPUT
         if self.has_noise:
             contract = contract[:-1] + f" and sigma float32 [batch, 1, {', '.join(map(str, self.image_shape))}])"
             expected["sigma"] = expected["image"]
@@ -223,12 +232,8 @@ class Sampler:
         if self.diffusion is not None:
             return self.diffusion.images(z, np.asarray(scanner, dtype=np.int64), level=level)[:, None]
         (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64),
-                                                 **self._level_feed(level)})
+                                                 **level_feed(level)})
         return images
-
-    @staticmethod
-    def _level_feed(level: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {} if level is None else {"level": np.asarray(level, dtype=np.int64)}
 
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
@@ -269,7 +274,7 @@ class Sampler:
             labels = np.full(len(chunk), sid, dtype=np.int64)
             outputs = self.session.run(["image", "sigma"] if rngs else ["image"],
                                        {"z": chunk, "scanner": labels,
-                                        **self._level_feed(levels_of(start, start + len(chunk)))})
+                                        **level_feed(levels_of(start, start + len(chunk)))})
             check_finite(outputs, ["image", "sigma"], self.path, f"{scanner} draw", start)
             images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, rngs, labels,
                                                                self.noise_texture)
@@ -289,7 +294,7 @@ class Sampler:
         binding = self.session.io_binding()
         binding.bind_cpu_input("z", z)
         binding.bind_cpu_input("scanner", labels)
-        for name, values in self._level_feed(levels).items():
+        for name, values in level_feed(levels).items():
             binding.bind_cpu_input(name, values)
         binding.bind_output("image", "cuda" if self.device == "cuda" else "cpu")
         self.session.run_with_iobinding(binding)

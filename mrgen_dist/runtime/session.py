@@ -81,6 +81,15 @@ def _gpu_visible() -> bool:
     )
 
 
+#: The `level` input of a level-conditioned generator (decoder or denoiser), as `check_graph` expects it.
+LEVEL_INPUT = ("tensor(int64)", [None])
+
+
+def level_feed(level: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The `level` input of a run of a level-conditioned graph: {} without levels."""
+    return {} if level is None else {"level": np.asarray(level, dtype=np.int64)}
+
+
 def check_graph(session: ort.InferenceSession, path: Path, contract: str, expected: dict[str, tuple[str, list]],
                 inputs: tuple[str, ...]) -> None:
     """A SampleError naming the difference unless the graph has each `expected` input (names in `inputs`) and

@@ -416,10 +416,10 @@ def test_resumed_run_equals_the_uninterrupted_one_ema_included(store_dir: Path, 
     from safetensors.torch import load_file
 
     from mrgen_dist.commands.train import main as train_main
-    from tests.launch import REPO
+    from tests.launch import REPO, TINY_DIFFUSION
 
     monkeypatch.chdir(REPO)
-    config = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+    config = TINY_DIFFUSION
     common = ["--config", str(config), f"data.store={store_dir}", "train.epochs=1", "train.sample_every=100"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert train_main([*common, f"train.out={straight}", "train.max_steps=3"]) == 0
