@@ -192,13 +192,18 @@ class ModelMetadata:
     float32 [B, 1, H, W] in [0, 1], with `latent` 0 and the scanners it translates to in `targets`;
     `mrgen-denoiser` is (x float32 [B, 1, H, W], t float32 [B], scanner int64 [B], the null label allowed) ->
     out float32 [B, 1, H, W], a diffusion model's prediction, sampled as `sampler` says (a DDIM run), with
-    `latent` H * W (the initial noise that the deterministic DDIM run maps to a slice).
+    `latent` H * W (the initial noise that the deterministic DDIM run maps to a slice). `mrgen-refiner` is
+    (x, t, scanner as for the denoiser, coarse float32 [B, 1, H, W], a coarse generator's slice in [0, 1]) ->
+    (out, the prediction of the scaled fine band's diffusion; base float32 [B, 1, H, W], the coarse slice's
+    low-pass), sampled around the `mrgen-decoder` file that `coarse` names, with `latent` that file's latent
+    + H * W (models/refiner.py).
     """
 
     PREFIX: ClassVar[str] = "mrgen."
     DECODER: ClassVar[str] = "mrgen-decoder"
     TRANSLATOR: ClassVar[str] = "mrgen-translator"
     DENOISER: ClassVar[str] = "mrgen-denoiser"
+    REFINER: ClassVar[str] = "mrgen-refiner"
     GAUSSIAN_NOISE: ClassVar[str] = "gaussian"  # image + sigma * n
     RICIAN_NOISE: ClassVar[str] = "rician"  # |image + sigma * (n1 + i n2)|, the noise of a magnitude MR image
     CHI_NOISE: ClassVar[str] = "chi"  # a multi-coil magnitude with correlated noise (mrgen_dist.runtime.noise)
@@ -206,7 +211,7 @@ class ModelMetadata:
     VERSION: ClassVar[int] = 1
     #: (key, value) pairs stored as JSON text; the rest are plain strings (or str(int)).
     _JSON: ClassVar[tuple[str, ...]] = ("scanners", "image_shape", "config", "parity", "targets", "slice_params",
-                                        "sampler", "noise_texture", "variants")
+                                        "sampler", "noise_texture", "variants", "coarse")
 
     format: str
     scanners: list
@@ -245,6 +250,9 @@ class ModelMetadata:
     #: file's folder, "layout": "u8s8", "sha256": of that file}; the sampler runs the fastest one that passes
     #: this file's parity draws on the CPU it runs on (mrgen_dist.runtime.sampler). Empty for the others.
     variants: list = field(default_factory=list)
+    #: mrgen-refiner: the coarse generator's file beside this one, {"file": name in this file's folder,
+    #: "sha256": of that file}; empty for the other contracts.
+    coarse: dict = field(default_factory=dict)
 
     @property
     def contract(self) -> str:
@@ -269,6 +277,7 @@ class ModelMetadata:
         kind, _, version = props[key].rpartition("/")
         tools = {cls.DECODER: "it samples slices from z: use mrgen-sample",
                  cls.DENOISER: "it samples slices by denoising: use mrgen-sample",
+                 cls.REFINER: "it samples slices by refining a coarse generator's: use mrgen-sample",
                  cls.TRANSLATOR: "it translates real slices: use mrgen-translate"}
         accepted = (contract,) if isinstance(contract, str) else tuple(contract)
         if kind in accepted:

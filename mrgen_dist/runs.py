@@ -32,7 +32,7 @@ def load_trained(run_dir: str | Path) -> tuple[Family, nn.Module, RunRecord]:
     record = RunRecord.read(record_path)
     family = _family_of(record, record_path)
     model = family.build(model_config(record.model), Vocabulary.from_names(record.vocabulary), tuple(record.image_shape))
-    family.connect(model, load_model)
+    family.connect(model, load_trained)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:

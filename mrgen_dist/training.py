@@ -44,7 +44,7 @@ from mrgen_dist.data.volume import SLICE_PARAM_KEYS, SLICE_SHAPE
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import Family, Step
 from mrgen_dist.preemption import EXIT_PREEMPTED, PreemptionFlag, requeue
-from mrgen_dist.runs import load_model, load_trained
+from mrgen_dist.runs import load_trained
 from mrgen_dist.tracking import make_tracker
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
@@ -268,7 +268,7 @@ def _train(args: TrainRequest) -> int:
     torch.manual_seed(cfg.train.seed)
     image_shape = SLICE_SHAPE
     model = family.build(cfg.model, store.vocabulary, image_shape)
-    family.connect(model, load_model)
+    family.connect(model, load_trained)
     if cfg.train.init_from:
         initialise_from(model, Path(cfg.train.init_from), family, list(store.vocabulary.names), image_shape)
         acc.print(f"weights from {cfg.train.init_from}")

@@ -15,6 +15,7 @@ TINY_ATLAS = REPO / "tests" / "assets" / "tiny_atlas.yaml"
 TINY_TRANSLATORS = {f: REPO / "tests" / "assets" / f"tiny_{f}.yaml" for f in ("stargan", "cyclegan")}
 TINY_DISTILLED = REPO / "tests" / "assets" / "tiny_distilled.yaml"  # needs model.teacher=<an atlas run>
 TINY_DIFFUSION = REPO / "tests" / "assets" / "tiny_diffusion.yaml"
+TINY_REFINER = REPO / "tests" / "assets" / "tiny_refiner.yaml"  # needs model.coarse=<a decoder run>
 BIN = Path(sys.executable).parent  # the environment's console scripts (mrgen-sample, mrgen-fid, accelerate)
 ACCELERATE = str(BIN / "accelerate")
 

@@ -38,6 +38,8 @@ def test_family_trains_exports_and_runs_through_the_shared_commands(
     config, overrides = tiny_config(name)
     if name == "distilled":
         overrides = [*overrides, f"model.teacher={atlas_run}"]
+    if name == "refiner":
+        overrides = [*overrides, f"model.coarse={atlas_run}"]
     run = tmp_path / "run"
     assert train_main(["--config", str(config), f"data.store={store_dir}", f"train.out={run}", "train.max_steps=1",
                        "train.epochs=1", "train.sample_every=100", *overrides]) == 0
@@ -47,7 +49,7 @@ def test_family_trains_exports_and_runs_through_the_shared_commands(
     if family.kind == "translator":
         translator = Translator(onnx_file, device="cpu")
         images = translator.translate(np.full((2, *translator.image_shape), 0.5, np.float32), translator.targets[0])
-    else:  # a decoder or a diffusion denoiser: both sampled by Sampler
+    else:  # a decoder, a diffusion denoiser or a refiner: all sampled by Sampler
         sampler = Sampler(onnx_file, device="cpu")
         images = sampler.sample(sampler.vocabulary.names[0], n=2, seed=0)
     assert images.shape[0] == 2 and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1

@@ -6,8 +6,8 @@
 # Compare models: one Slurm array task per model config (and cohort), then the comparison table after the
 # whole array.
 #
-#   hpc/slurm/compare.sh STORE OUT CONFIG[:noise] [CONFIG[:noise] ...]
-#   hpc/slurm/compare.sh COHORT=STORE[,COHORT=STORE ...] OUT CONFIG[:noise] [CONFIG[:noise] ...]
+#   hpc/slurm/compare.sh STORE OUT CONFIG[:noise][@NAME] [CONFIG[:noise][@NAME] ...]
+#   hpc/slurm/compare.sh COHORT=STORE[,COHORT=STORE ...] OUT CONFIG[:noise][@NAME] [...]
 #   hpc/slurm/compare.sh /scratch/store runs/compare hpc/configs/demo.yaml hpc/configs/vae.yaml
 #   hpc/slurm/compare.sh template=runs/t/store,physics=runs/p/store runs/compare hpc/configs/compare/atlas.yaml:noise
 #
@@ -33,6 +33,10 @@
 #   (with cohorts: OUT/COHORT/NAME/results for every cohort and config, --cohorts COHORT,...)
 # which writes OUT/compare.md, compare.csv and compare.png (and compare-translation.csv / .png for translators).
 #
+# CONFIG@NAME is a model built on another of the comparison's models (the refiner, hpc/configs/compare/refiner.yaml,
+# over a coarse generator): it trains with model.coarse=OUT[/COHORT]/NAME/run, the run of the config named NAME on
+# the same cohort, in a second array that starts once the first (every config without @) succeeded.
+#
 # CONFIG:noise scores samples and reconstructions that draw the model's learned observation noise (mrgen-fid --noise;
 # the model needs one: the atlas family, or model.observation_noise: scanner); its NAME gets `-noise`, so a config
 # can be run with and without it.
@@ -45,7 +49,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 STORE|COHORT=STORE[,COHORT=STORE...] OUT CONFIG[:noise] [CONFIG[:noise] ...]" >&2
+  echo "usage: $0 STORE|COHORT=STORE[,COHORT=STORE...] OUT CONFIG[:noise][@NAME] [CONFIG[:noise][@NAME] ...]" >&2
   exit 2
 }
 
@@ -73,7 +77,8 @@ dir_of() { echo "$1${2:+/$2}/$3"; }
 
 # name_of SPEC: the model's name, the config file's basename without .yaml/.yml (+ -noise for CONFIG:noise)
 name_of() {
-  local spec=$1 config=${1%:noise} name
+  local spec=${1%@*} config name
+  config=${spec%:noise}
   name=$(basename "$config")
   name=${name%.yaml}
   name=${name%.yml}
@@ -92,8 +97,10 @@ submit() {
     [ -f "${STORES[$i]}/manifest.json" ] || { echo "compare.sh: no store at ${STORES[$i]} (no manifest.json)" >&2; exit 1; }
     stores_spec+="${stores_spec:+,}${COHORTS[$i]:+${COHORTS[$i]}=}${STORES[$i]}"
   done
+  local coarse first=() second=()
   for spec in "$@"; do
-    config=${spec%:noise}
+    config=${spec%@*}
+    config=${config%:noise}
     [ -f "$config" ] || { echo "compare.sh: config $config does not exist" >&2; exit 1; }
     name=$(name_of "$spec")
     case "$name" in
@@ -105,6 +112,18 @@ submit() {
     specs+=("$(realpath "$config")${spec#"$config"}")
     names+=("$name")
   done
+  # the models built on another (CONFIG@NAME) train in a second array, after the first
+  for i in "${!specs[@]}"; do
+    if [[ "${specs[$i]}" == *@* ]]; then
+      coarse=${specs[$i]##*@}
+      [[ " ${names[*]} " == *" $coarse "* && "$coarse" != "${names[$i]}" ]] || {
+        echo "compare.sh: ${specs[$i]}: $coarse is not the name of another config of this comparison" >&2; exit 1; }
+      second+=("${specs[$i]}")
+    else
+      first+=("${specs[$i]}")
+    fi
+  done
+  [ ${#first[@]} -gt 0 ] || { echo "compare.sh: every config is built on another (@NAME); name at least one without" >&2; exit 1; }
 
   cd "$(dirname "$0")/../.."
   source hpc/slurm/site.env
@@ -115,22 +134,35 @@ submit() {
     MRGEN_COMPARE_N_GENERATED=${MRGEN_COMPARE_N_GENERATED:-500}
   local gpu_opts=()
   if [ "$MRGEN_GPUS_PER_NODE" -gt 0 ]; then gpu_opts=(--gpus=1); fi
-  local models table
+  local models table built="" after
   # MRGEN_COMPARE_PARALLEL=P: at most P models at once (e.g. 1 on a small machine, where they would share cores)
   models=$(sbatch --parsable --job-name=mrgen-compare-model \
-    --array=0-$((${#COHORTS[@]} * $# - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
+    --array=0-$((${#COHORTS[@]} * ${#first[@]} - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
     --output=logs/%x-%A_%a.out \
-    "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$stores_spec" "$out" "${specs[@]}")
-  table=$(sbatch --parsable --job-name=mrgen-compare --dependency=afterok:"$models" --output=logs/%x-%j.out \
+    "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$stores_spec" "$out" "${first[@]}")
+  after=$models
+  if [ ${#second[@]} -gt 0 ]; then
+    built=$(sbatch --parsable --job-name=mrgen-compare-model --dependency=afterok:"$models" \
+      --array=0-$((${#COHORTS[@]} * ${#second[@]} - 1))${MRGEN_COMPARE_PARALLEL:+%$MRGEN_COMPARE_PARALLEL} \
+      --output=logs/%x-%A_%a.out \
+      "${gpu_opts[@]}" hpc/slurm/compare.sh --model "$stores_spec" "$out" "${second[@]}")
+    after=$models:$built
+  fi
+  table=$(sbatch --parsable --job-name=mrgen-compare --dependency=afterok:"$after" --output=logs/%x-%j.out \
     hpc/slurm/compare.sh --table "$stores_spec" "$out" "${names[@]}")
-  local c task=0
-  for c in "${!COHORTS[@]}"; do
-    for i in "${!names[@]}"; do
-      echo "task $task: ${names[$i]} (${specs[$i]}${COHORTS[$c]:+ on ${COHORTS[$c]}}) -> $(dir_of "$out" "${COHORTS[$c]}" "${names[$i]}")"
-      task=$((task + 1))
+  local c spec task prefix
+  for prefix in "" "built "; do
+    if [ -z "$prefix" ]; then local stage_specs=("${first[@]}"); else stage_specs=("${second[@]}"); fi
+    task=0
+    for c in "${!COHORTS[@]}"; do
+      for spec in "${stage_specs[@]}"; do
+        echo "${prefix}task $task: $(name_of "$spec") ($spec${COHORTS[$c]:+ on ${COHORTS[$c]}}) -> $(dir_of "$out" "${COHORTS[$c]}" "$(name_of "$spec")")"
+        task=$((task + 1))
+      done
     done
   done
   echo "models $models"
+  if [ -n "$built" ]; then echo "built $built"; fi
   echo "table $table"
 }
 
@@ -144,15 +176,18 @@ model_task() {
   [ "$task" -lt $((${#COHORTS[@]} * $#)) ] || { echo "compare.sh: array task $task, but ${#COHORTS[@]} cohort(s) x $# config(s)" >&2; exit 1; }
   local specs=("$@")
   local spec=${specs[$((task % $#))]} cohort=${COHORTS[$((task / $#))]} store=${STORES[$((task / $#))]}
-  local config=${spec%:noise} name dir noise=()
+  local config name dir noise=() coarse=()
+  config=${spec%@*}
+  if [ "$config" != "$spec" ]; then coarse=("model.coarse=$(dir_of "$out" "$cohort" "${spec##*@}")/run"); fi
+  if [ "${config%:noise}" != "$config" ]; then noise=(--noise); fi
+  config=${config%:noise}
   name=$(name_of "$spec")
   dir=$(dir_of "$out" "$cohort" "$name")
-  if [ "$spec" != "$config" ]; then noise=(--noise); fi
   # one cache of real Inception features for all models (they share the store; the keys name it)
   export MRGEN_FID_CACHE=${MRGEN_FID_CACHE:-$out/fid-cache}
   echo "array task $task: $name ($config${noise[*]:+, sampled with noise}${cohort:+, cohort $cohort}), outputs in $dir"
   # shellcheck disable=SC2086  # MRGEN_TRAIN_OVERRIDES: several key=value words
-  run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" --overwrite $MRGEN_TRAIN_OVERRIDES
+  run mrgen-train --config "$config" "data.store=$store" "train.out=$dir/run" "${coarse[@]}" --overwrite $MRGEN_TRAIN_OVERRIDES
   if [ "$(run mrgen-export kind --model "$dir/run")" = translator ]; then
     [ ${#noise[@]} -eq 0 ] || { echo "compare.sh: $config is a translator: :noise is for generators" >&2; exit 1; }
     run mrgen-export onnx --model "$dir/run" --precision "$MRGEN_PRECISION" --out "$dir/translator.onnx"

@@ -153,6 +153,10 @@ class Parity:
         return parity
 
 
+def _as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def _check(path: Path, reference: ExportGraph, n_scanners: int, image_shape: tuple[int, int], precision: str) -> Parity:
     """onnx.checker, then onnxruntime (CPU) against the float32 torch graph at each CHECK_BATCHES size."""
     onnx.checker.check_model(str(path), full_check=True)
@@ -165,7 +169,12 @@ def _check(path: Path, reference: ExportGraph, n_scanners: int, image_shape: tup
         outputs = session.run(None, inputs)
         got = outputs[0]
         with torch.no_grad():
-            want = reference(*(torch.from_numpy(x) for x in inputs.values())).numpy()
+            want, *more = _as_tuple(reference(*(torch.from_numpy(x) for x in inputs.values())))
+            want = want.numpy()
+            for name, value, expected in zip(reference.output_names()[1:], outputs[1:], more, strict=False):
+                error = float(np.abs(value - expected.numpy()).max())
+                if not error <= TOLERANCE[precision]:
+                    raise ExportError(f"batch {batch}: the exported {name} output differs from the model's by {error:.2e}")
             if reference.has_noise:  # the noise level is one learned table: exact up to rounding
                 sigma = reference.noise_sigma(torch.from_numpy(inputs["scanner"])).numpy()
                 if len(outputs) != 2 or not np.allclose(outputs[1], sigma, rtol=TOLERANCE[precision], atol=0):
@@ -182,6 +191,11 @@ def _check(path: Path, reference: ExportGraph, n_scanners: int, image_shape: tup
         raise ExportError(f"parity check failed: max |onnxruntime - torch fp32| = {parity.max_error:.3e} > "
                           f"{tolerance:.1e}{hint}")
     return parity
+
+
+def coarse_path(out: Path) -> Path:
+    """Where a refiner file's coarse generator is written: `refiner.onnx` -> `refiner.coarse.onnx`."""
+    return out.with_name(f"{out.stem}.coarse{out.suffix}")
 
 
 def variant_path(out: Path) -> Path:
@@ -210,6 +224,10 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
     targets = reference.target_names(record.vocabulary)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    coarse = {}
+    if family.kind == "refiner":  # its coarse generator first, beside it, at the same precision
+        coarse_file = export_onnx(model.coarse_dir, precision, coarse_path(out)).path
+        coarse = {"file": coarse_file.name, "sha256": hashlib.sha256(coarse_file.read_bytes()).hexdigest()}
     # intermediate graphs in a scratch folder; the final file through atomic_path, renamed once it passed
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch, atomic_path(out) as final:
         path = Path(scratch) / "model.onnx"
@@ -226,6 +244,7 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
         parity_record = parity.record(tolerance, PARITY_DRAWS if precision == "int8" else 0)
         meta = metadata(record, latent, precision, parity_record, graph.noise_kind,
                         family.contract, targets, graph.sampler_metadata(), graph.noise_texture())
+        meta.coarse = coarse
         if precision == "int8":  # beside it, the u8s8 layout, which the sampler runs where it is exact
             signed = signed_weight_layout(proto)
             onnx.helper.set_model_props(signed, meta.to_props())

@@ -17,6 +17,7 @@ from mrgen_dist.models import (
     diffusion,
     distilled,
     gmvae,
+    refiner,
     stargan,
     vae,
     wgangp,
@@ -27,7 +28,7 @@ FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (
     cvae, vae, gmvae, atlas,  # variational autoencoders
     dcgan, wgangp, cvaegan, atlasgan,  # adversarial generators
     stargan, cyclegan, distilled,  # translators
-    diffusion,  # denoisers
+    diffusion, refiner,  # denoisers
 )}
 
 

@@ -219,7 +219,7 @@ class DenoiserGraph(ExportGraph):
 
 #: The kinds of family, and the contract of the file each exports (what `mrgen-sample` / `mrgen-translate` run).
 KINDS = {"decoder": ModelMetadata.DECODER, "translator": ModelMetadata.TRANSLATOR,
-         "diffusion": ModelMetadata.DENOISER}
+         "diffusion": ModelMetadata.DENOISER, "refiner": ModelMetadata.REFINER}
 
 #: Columns of the per-epoch figure.
 PREVIEW_COLUMNS = 6
@@ -229,7 +229,8 @@ class Family(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]]
     loss_names: ClassVar[tuple[str, ...]]
-    kind: ClassVar[str] = "decoder"  # what it exports: "decoder" ((z, scanner) -> image), "translator" or "diffusion"
+    kind: ClassVar[str] = "decoder"  # what it exports: "decoder" ((z, scanner) -> image), "translator", "diffusion"
+    # or "refiner" (KINDS)
     title: ClassVar[str] = ""  # how logs and plots name the family, e.g. "cVAE"
     accumulates: ClassVar[bool] = True  # whether train_step supports gradient accumulation (train.grad_accum > 1)
 
@@ -241,10 +242,11 @@ class Family(ABC):
         """The exported file's contract (export/README.md), from the family's kind."""
         return KINDS[self.kind]
 
-    def connect(self, model: nn.Module, load_run: Callable[[str], nn.Module]) -> None:
-        """Give a built model the way to load another finished run's model by its folder (`runs.load_trained`),
-        for a family that learns from one (a teacher); models live below the run reader, so it is handed down.
-        Most families need none."""
+    def connect(self, model: nn.Module, load_run: Callable[[str], tuple[Family, nn.Module, Any]]) -> None:
+        """Give a built model the way to load another finished run by its folder (`runs.load_trained`: its
+        family, trained model and record), for a family that learns from one (a teacher) or builds on one (the
+        refiner's coarse generator); models live below the run reader, so it is handed down. Most families need
+        none."""
         return None
 
     @abstractmethod

@@ -53,6 +53,7 @@ from mrgen_dist.runtime.diffusion import (
     SamplerSettings,
     alphas_cumprod,
     sample,
+    sample_timesteps,
     to_image,
 )
 from mrgen_dist.scanners import Vocabulary
@@ -76,6 +77,7 @@ class DiffusionConfig(ModelConfig):
     ema_decay: float = 0.999
     sampler: str = "ddim"  # the exported sampler: ddim | dpmpp2m (DPM-Solver++(2M), runtime/diffusion.py)
     sample_steps: int = 50  # its steps
+    spacing: str = "trailing"  # of its timesteps: trailing | quadratic (dense at low noise; runtime/diffusion.py)
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
     level_condition: bool = False  # the slice's axial level is a condition too (parts/level.py); never dropped
 
@@ -108,6 +110,10 @@ class DiffusionConfig(ModelConfig):
         if not 1 <= self.sample_steps <= self.timesteps:
             raise ValueError(f"model.sample_steps must be in 1 .. model.timesteps ({self.timesteps}), got "
                              f"{self.sample_steps}")
+        try:
+            sample_timesteps(self.timesteps, self.sample_steps, self.spacing)
+        except ValueError as e:
+            raise ValueError(f"model.spacing: {e}") from None
         if self.guidance < 0:
             raise ValueError(f"model.guidance must be >= 0, got {self.guidance}")
         if self.guidance != 1 and self.label_dropout == 0:
@@ -119,9 +125,10 @@ class DiffusionConfig(ModelConfig):
             raise ValueError(f"model.size {self.size} is smaller than the store's slices {list(image_shape)}: "
                              "the UNet works on slices centre-padded to it, never cropped")
 
-    def settings(self, n_scanners: int) -> SamplerSettings:
+    def settings(self, n_scanners: int, clip: bool = True) -> SamplerSettings:
+        """The exported sampler's settings (`clip`: x0 clipped to the model space [-1, 1] at every step)."""
         return SamplerSettings(self.sample_steps, float(self.guidance), self.prediction, self.schedule,
-                               self.timesteps, n_scanners, self.sampler)
+                               self.timesteps, n_scanners, self.sampler, self.spacing, clip)
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -136,14 +143,18 @@ class Diffusion(nn.Module):
     def __init__(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
         super().__init__()
         self.n_scanners, self.image_shape = n_scanners, tuple(image_shape)
-        self.net = ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, config.attention,
-                                   tuple(config.size), config.patch, config.level_condition)
+        self.net = self.build_net(config, n_scanners, image_shape)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("alphas_cumprod", torch.from_numpy(
             alphas_cumprod(config.schedule, config.timesteps)).float())
         self.register_buffer("ema_updates", torch.zeros(()))  # float32: exact up to 2**24 updates
         self.settings = config.settings(n_scanners)
         self.ema_target = config.ema_decay
+
+    def build_net(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> ConditionalUNet:
+        """The UNet that trains (labels: the scanners and the null label)."""
+        return ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, config.attention,
+                               tuple(config.size), config.patch, config.level_condition)
 
     @property
     def null_label(self) -> int:

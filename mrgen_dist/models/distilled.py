@@ -264,7 +264,7 @@ class DistilledTranslator(nn.Module):
         self.window = (config.crop, config.crop) if config.crop else self.image_shape  # of the training pairs
         self.renders = config.renders
         self._teacher: list[nn.Module] = []
-        self.load_run: Callable[[str], nn.Module] | None = None  # set by DistilledFamily.connect
+        self.load_run: Callable[[str], tuple] | None = None  # runs.load_trained, set by DistilledFamily.connect
 
     def forward(self, image: torch.Tensor, scanner: torch.Tensor, source: torch.Tensor | None = None,
                 real: torch.Tensor | None = None) -> torch.Tensor | StudentFit:
@@ -284,7 +284,7 @@ class DistilledTranslator(nn.Module):
         if not self._teacher:
             if self.load_run is None:
                 raise RuntimeError("the distilled translator has no run loader: connect it (Family.connect) first")
-            model = self.load_run(self.teacher_dir)
+            model = self.load_run(self.teacher_dir)[1]
             vae = getattr(model, "generator", model)  # the atlas cVAE-GAN's generator is the atlas cVAE
             self._teacher.append(vae.requires_grad_(False).eval())
             if self.generator.carry_noise:
@@ -360,7 +360,7 @@ class DistilledFamily(Family):
               ) -> DistilledTranslator:
         return DistilledTranslator(config, len(vocabulary), image_shape)
 
-    def connect(self, model: DistilledTranslator, load_run: Callable[[str], nn.Module]) -> None:
+    def connect(self, model: DistilledTranslator, load_run: Callable[[str], tuple]) -> None:
         model.load_run = load_run
 
     def noise_dim(self, config: DistilledConfig) -> int:

@@ -28,6 +28,17 @@ so that training and sampling cannot disagree on alpha_bar(t).
   returns x0 (first order, as diffusers' `lower_order_final`); x0 is clipped to [-1, 1] as in DDIM. This is
   diffusers' DPMSolverMultistepScheduler with algorithm_type="dpmsolver++", solver_order=2,
   solver_type="midpoint", trailing spacing, final sigma 0, clipped.
+* Ancestral DDIM (`name: ancestral`; DDIM with eta = 1, Song et al. 2021 eq. 16: the DDPM sampler on a
+  strided schedule): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s n, s^2 = (1 - a_prev) / (1 - a)
+  (1 - a / a_prev), fresh n ~ N(0, I) at every step. The deterministic solvers map x_T to the mean of what the
+  network predicts, which for texture the network cannot place (acquisition noise) is smoother than any real
+  slice; the ancestral step draws it. Its n comes from one stream per image seeded by that image's x_T (a hash
+  of its bytes), so an image is still a function of its latent, whatever the batch.
+* `spacing: quadratic` (Song et al. 2021, Appendix D.2) puts the steps at t_k = (T - 1) ((N - k) / N)^2, dense
+  at low noise: the last step starts from a near-clean slice, so the mean it returns keeps the fine texture
+  (with trailing spacing and 20 steps the last step starts at t = 49, where a noise of 0.1 hides it).
+* `clip: false` leaves x0 unclipped: for a model whose space is not [-1, 1] (the refiner's scaled fine band,
+  models/refiner.py), clipping would cut its texture's tails.
 * Guidance: one onnxruntime call per step on the 2B batch [unconditional; conditional] (the null label is
   the last embedding, `null_label` = the number of scanners), out = u + w (c - u). w = 1 is the conditional
   model (one call on B), w = 0 the unconditional one.
@@ -35,6 +46,7 @@ so that training and sampling cannot disagree on alpha_bar(t).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +58,8 @@ from mrgen_dist.runtime.session import LEVEL_INPUT, check_finite, level_feed
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "eps")
-SOLVERS = ("ddim", "dpmpp2m")
+SOLVERS = ("ddim", "dpmpp2m", "ancestral")
+SPACINGS = ("trailing", "quadratic")
 #: The cosine schedule's offset s (Nichol & Dhariwal) and the largest beta it allows.
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999
 
@@ -79,6 +92,19 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     return (np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(np.int64) - 1)[:steps]
 
 
+def sample_timesteps(timesteps: int, steps: int, spacing: str = "trailing") -> np.ndarray:
+    """The N = `steps` timesteps of a sampling run, decreasing from T - 1, int64: `trailing` (ddim_timesteps) or
+    `quadratic`, (T - 1) ((N - k) / N)^2 for k = 0 .. N - 1."""
+    if spacing == "trailing":
+        return ddim_timesteps(timesteps, steps)
+    if spacing != "quadratic":
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    ts = np.round((timesteps - 1) * ((steps - np.arange(steps)) / steps) ** 2).astype(np.int64)
+    if not 1 <= steps or len(np.unique(ts)) != steps:
+        raise ValueError(f"quadratic spacing of {timesteps} timesteps has no {steps} distinct steps")
+    return ts
+
+
 def predicted_x0_eps(x: np.ndarray, out: np.ndarray, a: np.ndarray | float, prediction: str
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(x0, eps) of x_t = sqrt(a) x0 + sqrt(1 - a) eps from the network's output `out` (v or eps)."""
@@ -100,6 +126,25 @@ def ddim_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, predictio
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
+def ancestral_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, prediction: str, noise: np.ndarray,
+                   clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One ancestral DDIM step (eta = 1) from x_t (alpha_bar `a`) to x_prev (alpha_bar `a_prev`) with the fresh
+    N(0, I) draw `noise` of x's shape: (x_prev, x0)."""
+    x0, eps = predicted_x0_eps(x.astype(np.float64), out.astype(np.float64), a, prediction)
+    if clip:
+        x0 = np.clip(x0, -1, 1)
+    s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s2, 0.0)) * eps + math.sqrt(s2) * noise
+    return x_prev.astype(np.float32), x0.astype(np.float32)
+
+
+def noise_streams(x_T: np.ndarray) -> list[np.random.Generator]:
+    """One generator per image of `x_T` (B, ...), seeded by a hash of that image's bytes."""
+    return [np.random.default_rng(int.from_bytes(hashlib.blake2b(np.ascontiguousarray(row, np.float32).tobytes(),
+                                                                 digest_size=8).digest(), "little"))
+            for row in x_T]
+
+
 def guide(unconditional: np.ndarray, conditional: np.ndarray, scale: float) -> np.ndarray:
     """Classifier-free guidance: u + w (c - u)."""
     return unconditional + np.float32(scale) * (conditional - unconditional)
@@ -116,6 +161,8 @@ class SamplerSettings:
     timesteps: int
     null_label: int
     name: str = "ddim"
+    spacing: str = "trailing"  # of the timesteps (sample_timesteps)
+    clip: bool = True  # x0 clipped to [-1, 1] at every step
 
     @classmethod
     def from_metadata(cls, values: dict, source: str = "the model") -> SamplerSettings:
@@ -126,7 +173,11 @@ class SamplerSettings:
             raise ValueError(f"{source}: metadata mrgen.sampler lacks {', '.join(missing)}")
         settings = cls(int(values["steps"]), float(values["guidance"]), str(values["prediction"]),
                        str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
-                       str(values.get("name", "ddim")))
+                       str(values.get("name", "ddim")), str(values.get("spacing", "trailing")),
+                       bool(values.get("clip", True)))
+        if settings.spacing not in SPACINGS:
+            raise ValueError(f"{source}: mrgen.sampler spacing {settings.spacing!r} is not one this mrgen-dist runs "
+                             f"({', '.join(SPACINGS)})")
         if settings.name not in SOLVERS:
             raise ValueError(f"{source}: mrgen.sampler name {settings.name!r} is not one this mrgen-dist runs "
                              f"({', '.join(SOLVERS)})")
@@ -139,15 +190,18 @@ class SamplerSettings:
 
     def to_metadata(self) -> dict:
         return {"name": self.name, "steps": self.steps, "guidance": self.guidance, "prediction": self.prediction,
-                "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label}
+                "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label,
+                "spacing": self.spacing, "clip": self.clip}
 
 
 def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, prediction: str,
-                 previous: tuple[np.ndarray, float] | None) -> tuple[np.ndarray, np.ndarray, float]:
+                 previous: tuple[np.ndarray, float] | None, clip: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """One DPM-Solver++(2M) step from x_t (alpha_bar `a`) to alpha_bar `a_next` (module doc), with `previous`
     = (x0, h) of the step before (None at the first): (x_next, x0, h)."""
     x64 = x.astype(np.float64)
-    x0 = np.clip(predicted_x0_eps(x64, out.astype(np.float64), a, prediction)[0], -1, 1)
+    x0 = predicted_x0_eps(x64, out.astype(np.float64), a, prediction)[0]
+    if clip:
+        x0 = np.clip(x0, -1, 1)
     if a_next >= 1.0:  # the last step, to sigma = 0
         return x0.astype(np.float32), x0.astype(np.float32), math.inf
     h = 0.5 * (math.log(a_next / (1 - a_next)) - math.log(a / (1 - a)))
@@ -166,7 +220,8 @@ def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: Sampl
     float32 ~ N(0, I) for the labels `scanner` (B,) (and axial `level` (B,), for a level-conditioned denoiser:
     guidance drops the scanner, never the level): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
-    ts = ddim_timesteps(settings.timesteps, settings.steps)
+    ts = sample_timesteps(settings.timesteps, settings.steps, settings.spacing)
+    streams = noise_streams(x) if settings.name == "ancestral" else []
     b = len(x)
     w = settings.guidance
     labels = scanner.astype(np.int64)
@@ -184,10 +239,13 @@ def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: Sampl
         else:
             out = denoise(x, np.full(b, t, dtype=np.float32), labels, *levels)
         if settings.name == "dpmpp2m":
-            x, x0, h = dpmpp2m_step(x, out, a, a_next, settings.prediction, previous)
+            x, x0, h = dpmpp2m_step(x, out, a, a_next, settings.prediction, previous, settings.clip)
             previous = (x0.astype(np.float64), h)
+        elif settings.name == "ancestral":
+            noise = np.stack([g.standard_normal(x.shape[1:], dtype=np.float32) for g in streams])
+            x, x0 = ancestral_step(x, out, a, a_next, settings.prediction, noise, settings.clip)
         else:
-            x, x0 = ddim_step(x, out, a, a_next, settings.prediction)
+            x, x0 = ddim_step(x, out, a, a_next, settings.prediction, settings.clip)
     return x0
 
 

@@ -19,7 +19,9 @@ images cover them as evenly as the store does (what the FID and the comparison s
 
 A `mrgen-denoiser` file (a diffusion model) is served through the same API: its latent is the initial noise
 x_T (H * W numbers per image, drawn the same way), which the guided DDIM run of runtime/diffusion.py, with the
-steps and guidance scale of the file's `mrgen.sampler`, maps to a slice.
+steps and guidance scale of the file's `mrgen.sampler`, maps to a slice. A `mrgen-refiner` file is served the
+same way around the coarse decoder file it names (runtime/refine.py): its latent is that decoder's z followed
+by x_T.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.runtime.diffusion import DiffusionDraw, SamplerSettings
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 from mrgen_dist.runtime.parity import decode_draws
+from mrgen_dist.runtime.refine import RefinedDraw
 from mrgen_dist.runtime.session import (
     LEVEL_INPUT,
     SampleError,
@@ -70,24 +73,31 @@ class Sampler:
         self.threads = threads
         self.device = device_of(self.provider)
         self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(path),
-                                                 contract=(ModelMetadata.DECODER, ModelMetadata.DENOISER))
+                                                 contract=(ModelMetadata.DECODER, ModelMetadata.DENOISER,
+                                                           ModelMetadata.REFINER))
         self.vocabulary = Vocabulary.from_names(self.metadata.scanners)
         self.latent = self.metadata.latent
         self.image_shape = tuple(self.metadata.image_shape)
-        self.diffusion: DiffusionDraw | None = None  # the DDIM sampler of a denoiser file
+        self.diffusion: DiffusionDraw | None = None  # the sampling loop of a denoiser or refiner file
         self.noise_texture: NoiseTexture | None = None  # the per-scanner shape of "chi" noise
         if self.metadata.noise == ModelMetadata.CHI_NOISE:
             try:
                 self.noise_texture = NoiseTexture.from_dict(self.metadata.noise_texture, len(self.vocabulary), str(path))
             except ValueError as e:
                 raise ArtifactError(str(e)) from None
-        if self.metadata.contract == ModelMetadata.DENOISER:
+        if self.metadata.contract in (ModelMetadata.DENOISER, ModelMetadata.REFINER):
             try:
                 settings = SamplerSettings.from_metadata(self.metadata.sampler, str(path))
             except ValueError as e:
                 raise ArtifactError(str(e)) from None
-            self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
-            self.latent = self.image_shape[0] * self.image_shape[1]
+            if self.metadata.contract == ModelMetadata.REFINER:
+                self.diffusion = RefinedDraw(self.session, path, self.image_shape, settings,
+                                             self._coarse_sampler(path, device, threads),
+                                             float(self.metadata.sampler.get("scale", 1.0)))
+                self.latent = self.diffusion.latent
+            else:
+                self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
+                self.latent = self.image_shape[0] * self.image_shape[1]
         self.levels = self._trained_levels(path)
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
@@ -95,6 +105,22 @@ class Sampler:
         # another layout runs only where the file's own draws show it exact here: without draws, never
         if self.metadata.variants and self.metadata.parity.get("draws") and self.provider == "CPUExecutionProvider":
             self._pick_layout(path)
+
+    def _coarse_sampler(self, path: Path, device: str, threads: int) -> Sampler:
+        """The Sampler of a refiner file's coarse decoder (`mrgen.coarse`), checked to be the file exported with
+        it and to make slices of this file's scanners and shape."""
+        record = self.metadata.coarse
+        file = path.parent / str(record.get("file", ""))
+        if not record.get("file") or not file.is_file():
+            raise ArtifactError(f"{path}: its coarse generator {file} is missing; export the refiner again "
+                                "(mrgen-export onnx writes it beside the refiner's file)")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != record.get("sha256"):
+            raise ArtifactError(f"{path}: {file} is not the coarse generator exported with it; export it again")
+        coarse = Sampler(file, device, threads)
+        if coarse.diffusion is not None or list(coarse.vocabulary.names) != list(self.vocabulary.names) \
+                or coarse.image_shape != self.image_shape:
+            raise ArtifactError(f"{path}: its coarse generator {file} is not a decoder of its scanners and slices")
+        return coarse
 
     def _trained_levels(self, path: Path) -> np.ndarray | None:
         """The axial indices a level-conditioned generator (a graph with a `level` input) was trained on; None

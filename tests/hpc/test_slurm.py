@@ -209,26 +209,35 @@ def test_compare_trains_scores_and_tabulates_two_models(slurm: None, store_dir: 
 def test_compare_runs_cohorts_times_configs_as_one_array(slurm: None, store_dir: Path, tmp_path: Path) -> None:
     """compare.sh COHORT=STORE,...: every config on every cohort in one array, then one table with a cohort
     column (the same store twice stands for two cohorts: the array's indexing and the table are what is
-    tested)."""
+    tested); a config built on another (CONFIG@NAME: a refiner over tiny-a) in a second array, on the run of
+    NAME of its own cohort."""
+    from tests.launch import TINY_REFINER
+
     out = tmp_path / "cohorts"
     env = _env(tmp_path, MRGEN_COMPARE_N_GENERATED="8", MRGEN_COMPARE_REPEATS="1")
     submitted = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), f"one={store_dir},two={store_dir}", str(out),
-                                "hpc/configs/compare/tiny-a.yaml"],
+                                "hpc/configs/compare/tiny-a.yaml", f"{TINY_REFINER}@tiny-a"],
                                capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-2000:]
     assert f"task 1: tiny-a ({REPO / 'hpc/configs/compare/tiny-a.yaml'} on two) -> {out}/two/tiny-a" in submitted.stdout
-    ids = dict(re.findall(r"^(models|table) (\d+)$", submitted.stdout, re.M))
-    records = _wait([ids["models"], ids["table"]], timeout=600)
+    assert f"built task 1: tiny_refiner ({TINY_REFINER}@tiny-a on two) -> {out}/two/tiny_refiner" in submitted.stdout
+    ids = dict(re.findall(r"^(models|built|table) (\d+)$", submitted.stdout, re.M))
+    records = _wait([ids["models"], ids["built"], ids["table"]], timeout=900)
     for job in records.values():
         for rec in job:
             log = Path(rec["StdOut"]).read_text()[-3000:] if Path(rec["StdOut"]).is_file() else "(no log)"
             assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (rec, log)
-    assert len(records[ids["models"]]) == 2
+    assert len(records[ids["models"]]) == len(records[ids["built"]]) == 2
+    assert max(task["EndTime"] for task in records[ids["models"]]) <= min(
+        task["StartTime"] for task in records[ids["built"]])  # afterok
     for cohort in ("one", "two"):
         assert (out / cohort / "tiny-a" / "results" / "conditioning.json").is_file()
+        assert (out / cohort / "tiny_refiner" / "results" / "conditioning.json").is_file()
+        trained = json.loads((out / cohort / "tiny_refiner" / "run" / "config.json").read_text())
+        assert trained["model"]["coarse"] == str(out / cohort / "tiny-a" / "run")
     with (out / "compare.csv").open(newline="", encoding="utf-8") as f:
         rows = [(row["run"], row["cohort"]) for row in csv.DictReader(f)]
-    assert rows == [("tiny-a", "one"), ("tiny-a", "two")]
+    assert rows == [("tiny-a", "one"), ("tiny_refiner", "one"), ("tiny-a", "two"), ("tiny_refiner", "two")]
     assert "| tiny-a | one |" in (out / "compare.md").read_text()
     bad = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), f"one={store_dir},one={store_dir}", str(out),
                           "hpc/configs/compare/tiny-a.yaml"], capture_output=True, text=True, env=env, cwd=REPO)

@@ -100,13 +100,15 @@ def test_ddim_step_matches_diffusers_where_it_is_installed() -> None:
         np.testing.assert_allclose(x, theirs.numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["ddim", "dpmpp2m"])
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp2m", "ancestral"])
 @pytest.mark.parametrize("prediction", ["v", "eps"])
-def test_an_oracle_denoiser_returns_x0(prediction: str, solver: str) -> None:
-    """The denoiser that knows x0 gives the true v / eps of any x_t: every run of either solver ends at x0."""
+def test_an_oracle_denoiser_returns_x0(prediction: str, solver: str, spacing: str) -> None:
+    """The denoiser that knows x0 gives the true v / eps of any x_t: every run of every solver ends at x0
+    (the ancestral one whatever noise it draws)."""
     rng = np.random.default_rng(1)
     x0 = rng.uniform(-1, 1, (3, 1, 6, 5)).astype(np.float32)
-    s = settings(prediction=prediction, guidance=1.0, name=solver)
+    s = settings(prediction=prediction, guidance=1.0, name=solver, spacing=spacing)
     a_bar = alphas_cumprod(s.schedule, s.timesteps)
 
     def oracle(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
@@ -346,7 +348,7 @@ def test_export_matches_torch_and_carries_the_sampler(denoiser_file: Path) -> No
     meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "f", ModelMetadata.DENOISER)
     assert meta.contract == ModelMetadata.DENOISER and meta.latent == 218 * 182
     assert meta.sampler == {"name": "ddim", "steps": 4, "guidance": 3.0, "prediction": "v", "schedule": "cosine",
-                            "timesteps": 100, "null_label": 4}
+                            "timesteps": 100, "null_label": 4, "spacing": "trailing", "clip": True}
     assert meta.parity["max_error"] <= 1e-4
     _, model, _ = load_trained(denoiser_file.parent)
     graph = FAMILY.export_graph(model).eval()

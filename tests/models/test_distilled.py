@@ -27,7 +27,7 @@ from mrgen_dist.models.distilled import (
     teacher_sigma,
 )
 from mrgen_dist.models.parts.nonlocal_means import nonlocal_means
-from mrgen_dist.runs import load_model, load_trained
+from mrgen_dist.runs import load_trained
 from mrgen_dist.runtime.translator import Translator
 from mrgen_dist.scanners import Vocabulary
 from tests.launch import TINY_DISTILLED, launch, run, train_cmd, two_cpu_processes
@@ -142,7 +142,7 @@ def test_the_detail_term_reads_blur_and_the_losses_follow_the_config(atlas_run: 
         cfg = config(f"model.teacher={atlas_run}", f"model.detail_weight={weight}", f"model.identify={identify}",
                      f"model.carry_noise={identify}")
         model = family.build(cfg, Vocabulary.method(), SHAPE)
-        family.connect(model, load_model)
+        family.connect(model, load_trained)
         torch.nn.init.normal_(model.generator.last.weight, std=0.1)
         step = Step(PlainAccelerator(), cfg, model, {}, images, scanner, torch.randn(4, family.noise_dim(cfg)))
         losses = family.losses(step)

@@ -11,6 +11,12 @@ self-attention (heads of 64 channels, or one head below 64) after their blocks. 
 inside `forward`, so the graph's input and output are the slice's shape. Attention is written with matmul and
 softmax, which every ONNX runtime runs.
 
+With `condition_channels` > 0 the network also takes a conditioning image of that many channels (the refiner's
+coarse slice and pixel coordinates, models/refiner.py), concatenated to x before the stem. With `size` None
+(`crop_trained`) there is no fixed canvas: each input is centre-padded to the next size the downsamplings
+divide, so the network trains on crops and runs on whole slices (no attention then: it would see the whole
+slice only at sampling).
+
 `patch` > 1 folds each patch x patch block of pixels into channels before the stem (pixel unshuffle) and
 unfolds the head's output the same way, as "simple diffusion" (Hoogeboom et al. 2023) does at high
 resolution: the transform is invertible, so no pixel and no noise is averaged away (unlike a latent
@@ -88,14 +94,17 @@ class ConditionalUNet(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
                  attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1,
-                 level_condition: bool = False) -> None:
+                 level_condition: bool = False, condition_channels: int = 0, crop_trained: bool = False) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.patch = patch
         levels = len(widths)
-        multiple = patch * 2 ** (levels - 1)
-        self.size = tuple(size) if size else tuple(-(-n // multiple) * multiple for n in image_shape)
-        if any(s % multiple or s < n for s, n in zip(self.size, self.image_shape, strict=True)):
+        self.multiple = multiple = patch * 2 ** (levels - 1)
+        if crop_trained and attention:
+            raise ValueError("a crop-trained UNet has no attention: it would see whole slices only at sampling")
+        self.size = None if crop_trained else (
+            tuple(size) if size else tuple(-(-n // multiple) * multiple for n in image_shape))
+        if self.size and any(s % multiple or s < n for s, n in zip(self.size, self.image_shape, strict=True)):
             raise ValueError(f"UNet size {list(self.size)} must hold the slices {list(self.image_shape)} and be "
                              f"divisible by {multiple} ({levels} levels, patch {patch})")
         self.time_dim = widths[0]
@@ -104,7 +113,7 @@ class ConditionalUNet(nn.Module):
         self.label = nn.Embedding(n_labels, emb)
         if level_condition:  # the slice's axial level, added to the embedding as the timestep is
             self.level = nn.Sequential(nn.Linear(LEVEL_FEATURES, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.stem = nn.Conv2d(patch**2, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d((1 + condition_channels) * patch**2, widths[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -136,24 +145,34 @@ class ConditionalUNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def offsets(self) -> tuple[int, int]:
-        """Rows and columns of padding above and left of the slice (the rest goes below and right)."""
-        return (self.size[0] - self.image_shape[0]) // 2, (self.size[1] - self.image_shape[1]) // 2
+    def canvas(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The padded size an input of `shape` is computed at: `size`, or for a crop-trained UNet the next
+        multiple of what the downsamplings divide."""
+        return self.size or tuple(-(-n // self.multiple) * self.multiple for n in shape)
+
+    def offsets(self, shape: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Rows and columns of padding above and left of an input of `shape` (default: the slice; the rest goes
+        below and right)."""
+        (h, w), (h_out, w_out) = shape or self.image_shape, self.canvas(shape or self.image_shape)
+        return (h_out - h) // 2, (w_out - w) // 2
 
     @property
     def level_condition(self) -> bool:
         return hasattr(self, "level")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, level: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """`level`: the slices' axial indices (B,), for a UNet built with `level_condition` (and only then)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, level: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """`level`: the slices' axial indices (B,), for a UNet built with `level_condition` (and only then);
+        `condition` (B, condition_channels, H, W), for one built with condition channels."""
         dtype = self.stem.weight.dtype
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(dtype)) + self.label(label)
         if self.level_condition:
             emb = emb + self.level(level_features(level, dtype))
-        top, left = self.offsets()
-        (h_in, w_in), (h_out, w_out) = self.image_shape, self.size
-        h = F.pad(x.to(dtype), (left, w_out - w_in - left, top, h_out - h_in - top))
+        shape = tuple(x.shape[-2:])
+        top, left = self.offsets(shape)
+        (h_in, w_in), (h_out, w_out) = shape, self.canvas(shape)
+        h = x.to(dtype) if condition is None else torch.cat([x.to(dtype), condition.to(dtype)], dim=1)
+        h = F.pad(h, (left, w_out - w_in - left, top, h_out - h_in - top))
         h = self.stem(F.pixel_unshuffle(h, self.patch))
         hs = [h]
         blocks = iter(self.down)

@@ -1,0 +1,291 @@
+"""A local diffusion model of the fine band over a coarse generator's slices (family `refiner`).
+
+Why: on the physics cohort the component-swap probe (docs/results/cohorts.md) found the atlas cVAE's slices
+passing for real in the background, the head's rim and the interior's coarse band, and failing in the
+interior's fine band (below about 2 pixels: sulcal detail and the acquisition's noise texture), which is what
+tells the two Philips sites apart. A whole-slice diffusion model (family `diffusion`) would learn that band too,
+but needs 1e5 steps; the fine band given the coarse slice is local, so a small fully convolutional UNet trained
+on crops learns it in minutes on a CPU. The cascade is DiffuseVAE's (Pandey et al. 2022: a VAE's slice refined
+by a diffusion model conditioned on it) and SR3's (Saharia et al. 2021: diffusion of the detail below a
+low-pass).
+
+Training (no coarse model involved): each slice x is split into its Gaussian low-pass c = G_band * x and the
+fine band r = (x - c) / scale; the conditional UNet (parts/unet.py, crop-trained, condition channels: 2 c - 1
+and the pixel's coordinates on the slice, so that a position-dependent noise level can be learned) is fitted
+to r's diffusion (v or eps, the `diffusion` family's targets and schedule) on random `crop` x `crop` windows,
+with the scanner dropped to the null label with probability `label_dropout` for classifier-free guidance, and
+an EMA copy. All of a step's random numbers come from one generator seeded by the loop's noise, so a resumed
+run makes the same steps.
+
+Sampling: the coarse run's decoder makes its mean slice for (z, scanner), its low-pass is c, and the sampler
+(models/diffusion.py's settings; the ancestral one by default, runtime/diffusion.py) draws r from x_T; the
+slice is clip(c + scale r, 0, 1). Export: the EMA UNet with the low-pass as the `mrgen-refiner` graph (x, t,
+scanner, coarse) -> (out, base = c), and the coarse run's decoder beside it (export/README.md); the sampler's
+latent is the decoder's z followed by x_T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrgen_dist.artifacts import RunRecord
+from mrgen_dist.models.atlas import gaussian_blur
+from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph, Step
+from mrgen_dist.models.diffusion import Diffusion, DiffusionConfig, DiffusionFamily, targets
+from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.networks import multiply_accumulates
+from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.runtime.diffusion import SamplerSettings, sample
+from mrgen_dist.scanners import Vocabulary
+
+#: Condition channels of the UNet: the coarse low-pass and the two pixel coordinates.
+CONDITION_CHANNELS = 3
+
+
+@dataclass
+class RefinerConfig(DiffusionConfig):
+    family: str = "refiner"
+    coarse: str = ""  # a finished mrgen-train run of a decoder family on the same store: the slices refined
+    band: float = 3.0  # sigma (pixels) of the Gaussian low-pass kept from the coarse slice; the rest is drawn
+    scale: float = 0.25  # the fine band is divided by it, so that the diffusion works at about unit spread
+    crop: int = 64  # side of the training windows
+    widths: list[int] = field(default_factory=lambda: [32, 64])
+    blocks: int = 1
+    patch: int = 2
+    attention: int = 0
+    ema_decay: float = 0.995
+    sampler: str = "ancestral"
+    spacing: str = "quadratic"  # of the sampler's timesteps (runtime/diffusion.py)
+    sample_steps: int = 20
+    guidance: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.coarse:
+            raise ValueError("model.coarse must name a finished mrgen-train run of a decoder family (its folder), "
+                             "trained on the same store: the generator whose slices this model refines")
+        if self.band < 0 or self.scale <= 0:
+            raise ValueError(f"model.band must be >= 0 and model.scale > 0, got {self.band} and {self.scale}")
+        if self.attention:
+            raise ValueError("model.attention must be 0: the refiner trains on crops and samples whole slices")
+        if self.crop < 1 or self.crop % (self.patch * 2 ** (len(self.widths) - 1)):
+            raise ValueError(f"model.crop {self.crop} must be divisible by "
+                             f"{self.patch * 2 ** (len(self.widths) - 1)} (model.patch and the UNet's halvings)")
+        if self.level_condition:
+            raise ValueError("model.level_condition is not supported by the refiner (its coarse slice carries the level)")
+
+    def settings(self, n_scanners: int, clip: bool = False) -> SamplerSettings:
+        """As the diffusion family's, x0 unclipped: the scaled fine band's tails reach past [-1, 1]."""
+        return super().settings(n_scanners, clip)
+
+    def validate_shape(self, image_shape: tuple[int, int]) -> None:
+        margin = int(np.ceil(3 * self.band))
+        if self.crop + 2 * margin + self.patch * 2 ** len(self.widths) > min(image_shape):
+            raise ValueError(f"model.crop {self.crop} with the low-pass's margin ({margin} pixels each side) does not "
+                             f"fit in the slices {list(image_shape)}")
+        coarse = self.coarse_record()
+        if tuple(coarse.image_shape) != tuple(image_shape):
+            raise ValueError(f"model.coarse {self.coarse} makes slices of {list(coarse.image_shape)}, the store's are "
+                             f"{list(image_shape)}")
+
+    def validate_data(self, vocabulary: Vocabulary, trained: list[str]) -> None:
+        coarse = self.coarse_record()
+        if list(coarse.vocabulary) != list(vocabulary.names):
+            raise ValueError(f"model.coarse {self.coarse} was trained on the scanners {coarse.vocabulary}, the store "
+                             f"has {list(vocabulary.names)}")
+
+    def coarse_record(self) -> RunRecord:
+        """The coarse run's record; a ValueError naming model.coarse when it is no finished run."""
+        path = Path(self.coarse) / RunRecord.NAME
+        if not path.is_file() or not (Path(self.coarse) / "model.safetensors").is_file():
+            raise ValueError(f"model.coarse {self.coarse}: no config.json and model.safetensors there (a finished "
+                             "mrgen-train run)")
+        return RunRecord.read(path)
+
+
+def coordinates(shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """(1, 2, H, W): each pixel's row and column on the slice, in [-1, 1]."""
+    rows, columns = (torch.linspace(-1, 1, n, device=device) for n in shape)
+    return torch.stack(torch.meshgrid(rows, columns, indexing="ij"))[None]
+
+
+class Refiner(Diffusion):
+    """The crop-trained UNet (`net`), its EMA copy, the schedule, the low-pass, and the way to the coarse run
+    (loaded on first use; not a submodule, so neither trained nor checkpointed)."""
+
+    def __init__(self, config: RefinerConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
+        super().__init__(config, n_scanners, image_shape)
+        self.band, self.scale, self.taps = config.band, config.scale, 2 * int(np.ceil(3 * config.band)) + 1
+        self.crop, self.coarse_dir = config.crop, config.coarse
+        self._coarse: list[SamplingGraph] = []
+        self.load_run: Callable[[str], tuple] | None = None  # runs.load_trained, set by RefinerFamily.connect
+
+    def build_net(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> ConditionalUNet:
+        return ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, 0, None, config.patch,
+                               condition_channels=CONDITION_CHANNELS, crop_trained=True)
+
+    def lowpass(self, images: torch.Tensor) -> torch.Tensor:
+        """G_band * images (B, 1, H, W), zero-padded at the border (the background is dark)."""
+        if self.band == 0:
+            return images
+        sigma = torch.full((1, 2), self.band, device=images.device)  # one kernel, broadcast over the batch
+        return gaussian_blur(images, sigma, self.taps)
+
+    def condition(self, base: torch.Tensor) -> torch.Tensor:
+        """The UNet's condition channels of whole slices' low-pass `base` (B, 1, H, W): 2 base - 1 and the
+        pixels' coordinates (the training step takes the same channels of its windows)."""
+        grid = coordinates(tuple(base.shape[-2:]), base.device).to(base.dtype).expand(base.shape[0], -1, -1, -1)
+        return torch.cat([2 * base - 1, grid], dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, condition: torch.Tensor
+                ) -> torch.Tensor:
+        return self.net(x, t, scanner, None, condition)
+
+    def coarse(self, device: torch.device) -> SamplingGraph:
+        """The coarse run's sampling graph (z, scanner) -> slice on `device`, frozen, in eval mode."""
+        if not self._coarse:
+            if self.load_run is None:
+                raise RuntimeError("the refiner has no run loader: connect it (Family.connect) first")
+            family, model, _ = self.load_run(self.coarse_dir)
+            if family.kind != "decoder":
+                raise ValueError(f"model.coarse {self.coarse_dir} is a {family.name} run; the refiner refines the "
+                                 "slices of a decoder family's run (z, scanner) -> slice")
+            self._coarse.append(family.export_graph(model).requires_grad_(False).eval())
+        return self._coarse[0].to(device)
+
+
+class RefinerGraph(DenoiserGraph):
+    """The EMA UNet and the low-pass under the `mrgen-refiner` contract: (x float32 [B, 1, H, W], t float32 [B],
+    scanner int64 [B], the null label allowed, coarse float32 [B, 1, H, W], the coarse generator's slice in
+    [0, 1]) -> (out, the prediction of the scaled fine band's diffusion; base, the coarse slice's low-pass)."""
+
+    def __init__(self, model: Refiner) -> None:
+        super().__init__()
+        self.unet, self.model = model.ema, model
+        self.timesteps = model.settings.timesteps
+        self.settings = model.settings.to_metadata()
+        # the sampler's latent: the coarse generator's z, then x_T
+        self.latent = model.coarse(model.alphas_cumprod.device).latent + model.image_shape[0] * model.image_shape[1]
+        self.scale = model.scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, coarse: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.unet.stem.weight.dtype
+        base = self.model.lowpass(coarse.to(dtype))
+        return self.unet(x, t, scanner, None, self.model.condition(base)).float(), base.float()
+
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """The denoiser's inputs and random coarse slices in [0, 1]."""
+        inputs = super().example_inputs(batch, rng, n_scanners, image_shape)
+        return {**inputs, "coarse": rng.random((batch, 1, *image_shape), dtype=np.float32)}
+
+    def output_names(self) -> list[str]:
+        return ["out", "base"]
+
+    def sampler_metadata(self) -> dict:
+        return {**self.settings, "scale": self.scale}
+
+
+class RefinerFamily(DiffusionFamily):
+    name = "refiner"
+    title = "refiner"
+    Config = RefinerConfig
+    kind = "refiner"
+
+    def build(self, config: RefinerConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> Refiner:
+        return Refiner(config, len(vocabulary), image_shape)
+
+    def connect(self, model: Refiner, load_run: Callable[[str], nn.Module]) -> None:
+        model.load_run = load_run
+
+    def noise_dim(self, config: RefinerConfig) -> int:
+        return 1  # the first slice's number seeds the step's draws (windows, t, eps, label drops)
+
+    def losses(self, step: Step) -> dict[str, torch.Tensor]:
+        config: RefinerConfig = step.config
+        model: Refiner = step.accelerator.unwrap_model(step.model)
+        device = step.images.device
+        seed = int(uniform_from_normal(step.noise[0, 0].float()).item() * 2**31)
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = step.images.float()[:, None]
+        # windows with a margin of the low-pass's half width, filtered, then the margin cut: the low-pass of a
+        # window's inner part is the whole slice's, at a sixth of the cost for 64 x 64 windows. The inner part
+        # starts where the UNet's blocks start on a whole slice (its padding's offset, modulo what the
+        # downsamplings divide), so that training and sampling fold the same pixels together.
+        margin, multiple = model.taps // 2, model.net.multiple
+        phase = tuple((offset - margin) % multiple for offset in model.net.offsets(model.image_shape))
+        grid = coordinates(model.image_shape, device).expand(len(x), -1, -1, -1)
+        x, grid = windows((x, grid), config.crop + 2 * margin, g, multiple, phase)
+        base = model.lowpass(x)
+        inner = (slice(None), slice(None), slice(margin, margin + config.crop), slice(margin, margin + config.crop))
+        fine = ((x - base) / config.scale)[inner]
+        condition = torch.cat([2 * base - 1, grid], dim=1)[inner]
+        b = len(x)
+        t = torch.randint(config.timesteps, (b,), generator=g, device=device)
+        eps = torch.randn(fine.shape, generator=g, device=device)
+        drop = torch.rand(b, generator=g, device=device) < config.label_dropout
+        x_t, target = targets(fine, eps, model.alphas_cumprod.float()[t], config.prediction)
+        scanner = torch.where(drop, torch.full_like(step.scanner, model.null_label), step.scanner)
+        with step.autocast():
+            out = step.model(x_t.to(step.images.dtype), t.float(), scanner, condition.to(step.images.dtype))
+        return {"loss": F.mse_loss(out.float(), target)}
+
+    def export_graph(self, model: Refiner) -> RefinerGraph:
+        return RefinerGraph(model)
+
+    @torch.no_grad()
+    def preview(self, model: Refiner, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
+                level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
+        """The coarse run's slices of each scanner (same z in every row) and their refinements, from the same
+        x_T: the EMA UNet in the runtime's sampling loop."""
+        device = images.device
+        decoder = model.coarse(device)
+        graph = RefinerGraph(model).eval()
+        g = torch.Generator().manual_seed(1234)
+        z = torch.randn(PREVIEW_COLUMNS, decoder.latent, generator=g).to(device)
+        x_t = torch.randn(PREVIEW_COLUMNS, 1, *model.image_shape, generator=g).numpy()
+        rows = []
+        for sid, name in enumerate(vocabulary.names):
+            s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
+            coarse = decoder(z, s).float()
+            base = graph(torch.zeros_like(coarse), torch.zeros(PREVIEW_COLUMNS, device=device), s, coarse)[1]
+
+            def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray, coarse: torch.Tensor = coarse) -> np.ndarray:
+                inputs = (torch.from_numpy(a).to(device) for a in (x, t, labels))
+                return graph(*inputs, coarse.repeat(len(x) // len(coarse), 1, 1, 1))[0].cpu().numpy()
+
+            fine = sample(denoise, x_t, s.cpu().numpy(), model.settings)
+            rows.append((f"{name} (coarse)", coarse[:, 0].cpu().numpy()))
+            rows.append((name, np.clip(base.cpu().numpy() + model.scale * fine, 0, 1)[:, 0]))
+        return rows, f"the coarse run's samples and their refinement ({model.settings.name} {model.settings.steps} steps)"
+
+    def flops_per_image(self, model: Refiner) -> int:
+        """6 x the UNet's multiply-accumulates of one forward on one training window."""
+        side = model.crop
+        x = torch.zeros(1, 1, side, side)
+        label = torch.zeros(1, dtype=torch.long)
+        return 6 * multiply_accumulates(model, x, torch.zeros(1), label, torch.zeros(1, CONDITION_CHANNELS, side, side))
+
+
+def windows(images: tuple[torch.Tensor, ...], side: int, g: torch.Generator, stride: int = 1,
+            phase: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
+    """The same random `side` x `side` window of each image (B, C, H, W) of every tensor of `images`, drawn with
+    `g`, at offsets stride k + phase (rows, columns)."""
+    b, _, h, w = images[0].shape
+    rows = (torch.randint((h - side - phase[0]) // stride + 1, (b,), generator=g, device=g.device) * stride
+            + phase[0]).tolist()
+    columns = (torch.randint((w - side - phase[1]) // stride + 1, (b,), generator=g, device=g.device) * stride
+               + phase[1]).tolist()
+    return tuple(torch.stack([x[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, columns, strict=True))])
+                 for x in images)
+
+
+FAMILY = RefinerFamily()

@@ -1,0 +1,180 @@
+"""The refiner family (models/refiner.py) and its sampler (runtime/refine.py): the ancestral solver and the
+quadratic spacing, the training step's windows, and, on a tiny atlas run of the test store, training through
+the shared loop, the export of the refiner with its coarse generator beside it, and sampling the pair."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrgen_dist.artifacts import ArtifactError, ModelMetadata
+from mrgen_dist.models import get_family
+from mrgen_dist.models.base import PlainAccelerator, Step
+from mrgen_dist.models.refiner import RefinerConfig, coordinates, windows
+from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
+from mrgen_dist.scanners import Vocabulary
+
+SHAPE = (218, 182)
+
+
+def test_quadratic_spacing_is_dense_at_low_noise() -> None:
+    ts = sample_timesteps(1000, 20, "quadratic")
+    assert ts[0] == 999 and ts[-1] == 2 and np.all(np.diff(ts) < 0) and len(ts) == 20
+    assert (ts < 100).sum() == 6  # trailing spacing has 2 of its 20 steps below t = 100
+    assert (sample_timesteps(1000, 20, "trailing") < 100).sum() == 2
+    with pytest.raises(ValueError, match="no 100 distinct steps"):
+        sample_timesteps(1000, 100, "quadratic")
+
+
+def test_ancestral_step_is_the_formula_on_known_numbers() -> None:
+    x, out, noise = np.float32([[0.5]]), np.float32([[0.2]]), np.float32([[-1.0]])
+    a, a_prev = 0.36, 0.64
+    x0, eps = 0.6 * 0.5 - 0.8 * 0.2, 0.6 * 0.2 + 0.8 * 0.5  # v-prediction
+    s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    want = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - s2) * eps - np.sqrt(s2)
+    got, got_x0 = ancestral_step(x, out, a, a_prev, "v", noise)
+    np.testing.assert_allclose(got, [[want]], rtol=1e-6)
+    np.testing.assert_allclose(got_x0, [[x0]], rtol=1e-6)
+
+
+def test_noise_streams_follow_the_latent_not_the_batch() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
+    together = [g.standard_normal(5) for g in noise_streams(x)]
+    alone = [noise_streams(x[i : i + 1])[0].standard_normal(5) for i in range(3)]
+    np.testing.assert_array_equal(np.stack(together), np.stack(alone))
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_windows_are_the_same_place_in_every_tensor_at_their_phase() -> None:
+    a = torch.arange(8 * 13 * 11, dtype=torch.float32).reshape(8, 1, 13, 11)
+    b = torch.cat([a, -a], dim=1)
+    wa, wb = windows((a, b), 4, torch.Generator().manual_seed(3), stride=4, phase=(3, 1))
+    assert wa.shape == (8, 1, 4, 4) and wb.shape == (8, 2, 4, 4)
+    assert torch.equal(wa, wb[:, :1]) and torch.equal(wb[:, 1:], -wa)
+    firsts = [int(wa[i, 0, 0, 0]) - i * 13 * 11 for i in range(8)]
+    assert {f // 11 for f in firsts} <= {3, 7} and {f % 11 for f in firsts} <= {1, 5}
+    assert len(set(firsts)) > 1
+
+
+def test_coordinates_span_the_slice() -> None:
+    grid = coordinates((5, 3))
+    assert grid.shape == (1, 2, 5, 3)
+    assert grid[0, 0, :, 0].tolist() == [-1, -0.5, 0, 0.5, 1] and grid[0, 1, 0].tolist() == [-1, 0, 1]
+
+
+@pytest.mark.parametrize(("override", "field"), [({"coarse": ""}, "model.coarse"), ({"attention": 1}, "model.attention"),
+                                                 ({"crop": 30}, "model.crop"), ({"scale": 0}, "model.scale")])
+def test_bad_settings_name_the_field(override: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(RefinerConfig(coarse="run"), **override).validate()
+
+
+def test_a_missing_coarse_run_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"model.coarse {tmp_path}: no config.json"):
+        RefinerConfig(coarse=str(tmp_path)).validate_shape(SHAPE)
+
+
+# -- on a tiny atlas run of the test store ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refiner_file(atlas_run: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny refiner of the tiny atlas run, trained 2 epochs through mrgen-train (the preview drawn), exported."""
+    from mrgen_dist.export.exporter import export_onnx
+    from tests.launch import TINY_REFINER, run, train_cmd
+
+    out = tmp_path_factory.mktemp("refiner") / "run"
+    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", config=TINY_REFINER))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "samples_002.png").is_file()
+    return export_onnx(out, "fp32", out.parent / "refiner.onnx").path
+
+
+@pytest.mark.integration
+def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refiner_file: Path) -> None:
+    from mrgen_dist.runtime.sampler import Sampler
+
+    sampler = Sampler(refiner_file, device="cpu", threads=1)
+    meta = sampler.metadata
+    coarse = refiner_file.with_name("refiner.coarse.onnx")
+    assert meta.contract == ModelMetadata.REFINER and meta.family == "refiner"
+    assert meta.coarse == {"file": coarse.name, "sha256": hashlib.sha256(coarse.read_bytes()).hexdigest()}
+    assert meta.sampler["name"] == "ancestral" and meta.sampler["spacing"] == "quadratic" and not meta.sampler["clip"]
+    assert meta.sampler["scale"] == 0.25
+    assert meta.parity["max_error"] <= 1e-4
+    assert sampler.latent == sampler.diffusion.coarse.latent + SHAPE[0] * SHAPE[1] == meta.latent
+    images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
+    assert images.shape == (3, *SHAPE) and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+    np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=2))
+    assert not np.array_equal(images, sampler.sample("Intera", n=3, seed=2))
+    # the slice is the coarse decoder's low-pass plus the drawn fine band: close to the coarse slice
+    z = sampler.latents("Intera", 3, 1)
+    base = sampler.diffusion.coarse.decode(z[:, : sampler.diffusion.coarse.latent], np.full(3, 1))[:, 0]
+    assert np.abs(images - base).mean() < 0.1
+    with pytest.raises(Exception, match="no learned observation noise"):
+        sampler.sample("Intera", n=1, noise=True)
+
+
+@pytest.mark.integration
+def test_a_missing_or_other_coarse_file_is_refused(refiner_file: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mrgen_dist.runtime.sampler import Sampler
+
+    moved = tmp_path / refiner_file.name
+    shutil.copy(refiner_file, moved)
+    with pytest.raises(ArtifactError, match="coarse generator .* is missing"):
+        Sampler(moved, device="cpu")
+    coarse = moved.with_name("refiner.coarse.onnx")
+    coarse.write_bytes(refiner_file.with_name("refiner.coarse.onnx").read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match="not the coarse generator exported with it"):
+        Sampler(moved, device="cpu")
+
+
+@pytest.mark.integration
+def test_resumed_refiner_run_equals_the_uninterrupted_one(atlas_run: Path, store_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its step's draws (windows, t, eps, label drops) come from the loop's noise: a stop and `--resume auto`
+    give the same losses and weights as a straight run."""
+    from safetensors.torch import load_file
+
+    from mrgen_dist.commands.train import main as train_main
+    from tests.launch import REPO, TINY_REFINER
+
+    monkeypatch.chdir(REPO)
+    common = ["--config", str(TINY_REFINER), f"data.store={store_dir}", f"model.coarse={atlas_run}", "train.epochs=1",
+              "train.sample_every=100"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert train_main([*common, f"train.out={straight}", "train.max_steps=3"]) == 0
+    assert train_main([*common, f"train.out={interrupted}", "train.max_steps=2"]) == 0
+    assert train_main([*common, f"train.out={interrupted}", "train.max_steps=3", "--resume", "auto"]) == 0
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    assert losses(straight) == losses(interrupted) and sorted(losses(straight)) == [1, 2, 3]
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_losses_are_a_function_of_the_loops_noise() -> None:
+    """Training needs no coarse run (its condition is the real slice's low-pass): only the loop's noise."""
+    family = get_family("refiner")
+    config = RefinerConfig(coarse="not loaded in training", widths=[8, 16], blocks=1, crop=32, timesteps=100,
+                           sample_steps=4)
+    torch.manual_seed(0)
+    model = family.build(config, Vocabulary.method(), SHAPE)
+    images = torch.rand(4, *SHAPE)
+    scanner = torch.tensor([0, 1, 2, 3])
+
+    def loss(seed: int) -> float:
+        noise = torch.randn(4, family.noise_dim(config), generator=torch.Generator().manual_seed(seed))
+        return float(family.losses(Step(PlainAccelerator(), config, model, {}, images, scanner, noise))["loss"])
+
+    assert loss(1) == loss(1) and loss(1) != loss(2)
