@@ -86,10 +86,8 @@ class RefinerConfig(DiffusionConfig):
         return super().settings(n_scanners, clip)
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:
-        margin = int(np.ceil(3 * self.band))
-        if self.crop + 2 * margin + self.patch * 2 ** len(self.widths) > min(image_shape):
-            raise ValueError(f"model.crop {self.crop} with the low-pass's margin ({margin} pixels each side) does not "
-                             f"fit in the slices {list(image_shape)}")
+        if self.crop + self.patch * 2 ** len(self.widths) > min(image_shape):
+            raise ValueError(f"model.crop {self.crop} does not fit in the slices {list(image_shape)}")
         coarse = self.coarse_record()
         if tuple(coarse.image_shape) != tuple(image_shape):
             raise ValueError(f"model.coarse {self.coarse} makes slices of {list(coarse.image_shape)}, the store's are "
@@ -129,7 +127,7 @@ class Refiner(Diffusion):
 
     def build_net(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> ConditionalUNet:
         return ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, 0, None, config.patch,
-                               condition_channels=CONDITION_CHANNELS, crop_trained=True)
+                               condition_channels=CONDITION_CHANNELS, crop_trained=True, pad_mode="replicate")
 
     def lowpass(self, images: torch.Tensor) -> torch.Tensor:
         """G_band * images (B, 1, H, W), zero-padded at the border (the background is dark)."""
@@ -217,13 +215,16 @@ class RefinerFamily(DiffusionFamily):
         g = torch.Generator(device=device).manual_seed(seed)
         x = step.images.float()[:, None]
         # windows with a margin of the low-pass's half width, filtered, then the margin cut: the low-pass of a
-        # window's inner part is the whole slice's, at a sixth of the cost for 64 x 64 windows. The inner part
-        # starts where the UNet's blocks start on a whole slice (its padding's offset, modulo what the
-        # downsamplings divide), so that training and sampling fold the same pixels together.
+        # window's inner part is the whole slice's, at a sixth of the cost for 64 x 64 windows. The slice is
+        # zero-padded by the margin first, as the low-pass pads it when sampling, so that inner parts reach the
+        # slice's border. The inner part starts where the UNet's blocks start on a whole slice (its padding's
+        # offset, modulo what the downsamplings divide), so that training and sampling fold the same pixels.
         margin, multiple = model.taps // 2, model.net.multiple
-        phase = tuple((offset - margin) % multiple for offset in model.net.offsets(model.image_shape))
+        phase = tuple(offset % multiple for offset in model.net.offsets(model.image_shape))
         grid = coordinates(model.image_shape, device).expand(len(x), -1, -1, -1)
-        x, grid = windows((x, grid), config.crop + 2 * margin, g, multiple, phase)
+        pad = (margin, margin, margin, margin)
+        x, grid = windows((F.pad(x, pad), F.pad(grid, pad, mode="replicate")), config.crop + 2 * margin, g,
+                          multiple, phase)
         base = model.lowpass(x)
         inner = (slice(None), slice(None), slice(margin, margin + config.crop), slice(margin, margin + config.crop))
         fine = ((x - base) / config.scale)[inner]

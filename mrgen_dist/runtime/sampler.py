@@ -91,9 +91,11 @@ class Sampler:
             except ValueError as e:
                 raise ArtifactError(str(e)) from None
             if self.metadata.contract == ModelMetadata.REFINER:
+                if "scale" not in self.metadata.sampler:
+                    raise ArtifactError(f"{path}: metadata mrgen.sampler lacks scale (the refiner's fine band scale)")
                 self.diffusion = RefinedDraw(self.session, path, self.image_shape, settings,
                                              self._coarse_sampler(path, device, threads),
-                                             float(self.metadata.sampler.get("scale", 1.0)))
+                                             float(self.metadata.sampler["scale"]))
                 self.latent = self.diffusion.latent
             else:
                 self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)

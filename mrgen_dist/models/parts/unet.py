@@ -15,7 +15,9 @@ With `condition_channels` > 0 the network also takes a conditioning image of tha
 coarse slice and pixel coordinates, models/refiner.py), concatenated to x before the stem. With `size` None
 (`crop_trained`) there is no fixed canvas: each input is centre-padded to the next size the downsamplings
 divide, so the network trains on crops and runs on whole slices (no attention then: it would see the whole
-slice only at sampling).
+slice only at sampling); `pad_mode` "replicate" pads that canvas with the border's own values, since windows
+never hold the zeros of a padded canvas (noise and condition channels of value 0 there read as a bright,
+central row and drew a frame around the slice).
 
 `patch` > 1 folds each patch x patch block of pixels into channels before the stem (pixel unshuffle) and
 unfolds the head's output the same way, as "simple diffusion" (Hoogeboom et al. 2023) does at high
@@ -94,7 +96,8 @@ class ConditionalUNet(nn.Module):
 
     def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
                  attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1,
-                 level_condition: bool = False, condition_channels: int = 0, crop_trained: bool = False) -> None:
+                 level_condition: bool = False, condition_channels: int = 0, crop_trained: bool = False,
+                 pad_mode: str = "constant") -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.patch = patch
@@ -102,6 +105,7 @@ class ConditionalUNet(nn.Module):
         self.multiple = multiple = patch * 2 ** (levels - 1)
         if crop_trained and attention:
             raise ValueError("a crop-trained UNet has no attention: it would see whole slices only at sampling")
+        self.pad_mode = pad_mode  # of the canvas: zeros, or for a crop-trained UNet the border's own values
         self.size = None if crop_trained else (
             tuple(size) if size else tuple(-(-n // multiple) * multiple for n in image_shape))
         if self.size and any(s % multiple or s < n for s, n in zip(self.size, self.image_shape, strict=True)):
@@ -172,7 +176,7 @@ class ConditionalUNet(nn.Module):
         top, left = self.offsets(shape)
         (h_in, w_in), (h_out, w_out) = shape, self.canvas(shape)
         h = x.to(dtype) if condition is None else torch.cat([x.to(dtype), condition.to(dtype)], dim=1)
-        h = F.pad(h, (left, w_out - w_in - left, top, h_out - h_in - top))
+        h = F.pad(h, (left, w_out - w_in - left, top, h_out - h_in - top), mode=self.pad_mode)
         h = self.stem(F.pixel_unshuffle(h, self.patch))
         hs = [h]
         blocks = iter(self.down)
