@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.models.atlas import gaussian_blur
@@ -201,7 +200,7 @@ class RefinerFamily(DiffusionFamily):
     def build(self, config: RefinerConfig, vocabulary: Vocabulary, image_shape: tuple[int, int]) -> Refiner:
         return Refiner(config, len(vocabulary), image_shape)
 
-    def connect(self, model: Refiner, load_run: Callable[[str], nn.Module]) -> None:
+    def connect(self, model: Refiner, load_run: Callable[[str], tuple]) -> None:
         model.load_run = load_run
 
     def noise_dim(self, config: RefinerConfig) -> int:
