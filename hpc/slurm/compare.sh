@@ -112,16 +112,15 @@ submit() {
     specs+=("$(realpath "$config")${spec#"$config"}")
     names+=("$name")
   done
-  # the models built on another (CONFIG@NAME) train in a second array, after the first
+  # the models built on another (CONFIG@NAME) train in a second array, after the first, which holds NAME
+  local first_names=()
   for i in "${!specs[@]}"; do
-    if [[ "${specs[$i]}" == *@* ]]; then
-      coarse=${specs[$i]##*@}
-      [[ " ${names[*]} " == *" $coarse "* && "$coarse" != "${names[$i]}" ]] || {
-        echo "compare.sh: ${specs[$i]}: $coarse is not the name of another config of this comparison" >&2; exit 1; }
-      second+=("${specs[$i]}")
-    else
-      first+=("${specs[$i]}")
-    fi
+    if [[ "${specs[$i]}" == *@* ]]; then second+=("${specs[$i]}"); else first+=("${specs[$i]}"); first_names+=("${names[$i]}"); fi
+  done
+  for spec in "${second[@]}"; do
+    coarse=${spec##*@}
+    [[ " ${first_names[*]} " == *" $coarse "* ]] || {
+      echo "compare.sh: $spec: $coarse is not the name of a config of this comparison without @" >&2; exit 1; }
   done
   [ ${#first[@]} -gt 0 ] || { echo "compare.sh: every config is built on another (@NAME); name at least one without" >&2; exit 1; }
 

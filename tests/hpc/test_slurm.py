@@ -242,3 +242,6 @@ def test_compare_runs_cohorts_times_configs_as_one_array(slurm: None, store_dir:
     bad = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), f"one={store_dir},one={store_dir}", str(out),
                           "hpc/configs/compare/tiny-a.yaml"], capture_output=True, text=True, env=env, cwd=REPO)
     assert bad.returncode == 1 and "cohort one named twice" in bad.stderr
+    unbuilt = subprocess.run([str(REPO / "hpc/slurm/compare.sh"), str(store_dir), str(out), f"{TINY_REFINER}@tiny-a"],
+                             capture_output=True, text=True, env=env, cwd=REPO)
+    assert unbuilt.returncode == 1 and "tiny-a is not the name of a config of this comparison without @" in unbuilt.stderr
