@@ -57,6 +57,7 @@ from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.noise import rician_draw
 from mrgen_dist.models.parts.nonlocal_means import nonlocal_means
+from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.stargan import TranslatorGraph, translation_preview
 from mrgen_dist.scanners import Vocabulary
 
@@ -297,16 +298,6 @@ def teacher_sigma(teacher: nn.Module) -> torch.Tensor:
     """Each scanner's Rician noise sigma of an atlas teacher, float32 (scanners,)."""
     scanners = torch.arange(teacher.n_scanners, device=teacher.atlas.device)
     return teacher.sigma(scanners).float().flatten(1)[:, 0]
-
-
-def random_windows(images: tuple[torch.Tensor, ...], side: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """The same random `side` x `side` window of each image (B, 1, H, W) of every tensor of `images`, one window
-    per image, drawn with `g`."""
-    b, _, h, w = images[0].shape
-    rows = torch.randint(h - side + 1, (b,), generator=g, device=g.device).tolist()
-    columns = torch.randint(w - side + 1, (b,), generator=g, device=g.device).tolist()
-    return tuple(torch.stack([x[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, columns, strict=True))])
-                 for x in images)
 
 
 class Pairs(NamedTuple):

@@ -41,6 +41,7 @@ from mrgen_dist.models.diffusion import Diffusion, DiffusionConfig, DiffusionFam
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.runtime.diffusion import SamplerSettings, sample
 from mrgen_dist.scanners import Vocabulary
 
@@ -222,7 +223,7 @@ class RefinerFamily(DiffusionFamily):
         phase = tuple(offset % multiple for offset in model.net.offsets(model.image_shape))
         grid = coordinates(model.image_shape, device).expand(len(x), -1, -1, -1)
         pad = (margin, margin, margin, margin)
-        x, grid = windows((F.pad(x, pad), F.pad(grid, pad, mode="replicate")), config.crop + 2 * margin, g,
+        x, grid = random_windows((F.pad(x, pad), F.pad(grid, pad, mode="replicate")), config.crop + 2 * margin, g,
                           multiple, phase)
         base = model.lowpass(x)
         inner = (slice(None), slice(None), slice(margin, margin + config.crop), slice(margin, margin + config.crop))
@@ -273,19 +274,6 @@ class RefinerFamily(DiffusionFamily):
         x = torch.zeros(1, 1, side, side)
         label = torch.zeros(1, dtype=torch.long)
         return 6 * multiply_accumulates(model, x, torch.zeros(1), label, torch.zeros(1, CONDITION_CHANNELS, side, side))
-
-
-def windows(images: tuple[torch.Tensor, ...], side: int, g: torch.Generator, stride: int = 1,
-            phase: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
-    """The same random `side` x `side` window of each image (B, C, H, W) of every tensor of `images`, drawn with
-    `g`, at offsets stride k + phase (rows, columns)."""
-    b, _, h, w = images[0].shape
-    rows = (torch.randint((h - side - phase[0]) // stride + 1, (b,), generator=g, device=g.device) * stride
-            + phase[0]).tolist()
-    columns = (torch.randint((w - side - phase[1]) // stride + 1, (b,), generator=g, device=g.device) * stride
-               + phase[1]).tolist()
-    return tuple(torch.stack([x[i, :, r:r + side, c:c + side] for i, (r, c) in enumerate(zip(rows, columns, strict=True))])
-                 for x in images)
 
 
 FAMILY = RefinerFamily()

@@ -16,7 +16,8 @@ import torch
 from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.refiner import RefinerConfig, coordinates, windows
+from mrgen_dist.models.parts.windows import random_windows
+from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
 from mrgen_dist.scanners import Vocabulary
 
@@ -54,7 +55,7 @@ def test_noise_streams_follow_the_latent_not_the_batch() -> None:
 def test_windows_are_the_same_place_in_every_tensor_at_their_phase() -> None:
     a = torch.arange(8 * 13 * 11, dtype=torch.float32).reshape(8, 1, 13, 11)
     b = torch.cat([a, -a], dim=1)
-    wa, wb = windows((a, b), 4, torch.Generator().manual_seed(3), stride=4, phase=(3, 1))
+    wa, wb = random_windows((a, b), 4, torch.Generator().manual_seed(3), stride=4, phase=(3, 1))
     assert wa.shape == (8, 1, 4, 4) and wb.shape == (8, 2, 4, 4)
     assert torch.equal(wa, wb[:, :1]) and torch.equal(wb[:, 1:], -wa)
     firsts = [int(wa[i, 0, 0, 0]) - i * 13 * 11 for i in range(8)]
