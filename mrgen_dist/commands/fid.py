@@ -7,6 +7,7 @@ line of the conditioning check, the model diagnostics and the report.
     mrgen-fid diagnose --store STORE --run RUN --out results/fid/
     mrgen-fid translation --store STORE --model export/translator.onnx --out results/fid/
     mrgen-fid levels --store STORE --model export/decoder.onnx --out results/fid/
+    mrgen-fid reference --store STORE --n-generated 320 --out results/real/
     mrgen-fid report results/fid/
 
 The first form is the default sub-command `score` (`mrgen-fid score --store ...` is the same).
@@ -33,8 +34,10 @@ image changes with the label compared with between draws.
 With `--scanner all` the conditioning check (`mrgen_dist.eval.conditioning`) runs too, unless
 `--no-conditioning`; `diagnose` (`mrgen_dist.eval.diagnostics`) probes a trained run's latent space and its
 reconstructions; `translation` (`mrgen_dist.eval.translation`) evaluates a translator; `levels`
-(`mrgen_dist.eval.levels`) checks that a level-conditioned generator makes the level asked for; `report`
-(`mrgen_dist.eval.report`) turns the results into tables and figures.
+(`mrgen_dist.eval.levels`) checks that a level-conditioned generator makes the level asked for; `reference`
+(`mrgen_dist.eval.reference`) scores the store's own training slices in a model's place, what a perfect
+generator would read at this sample size; `report` (`mrgen_dist.eval.report`) turns the results into tables and
+figures.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def _model_options(ap: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=raw)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,conditioning,diagnose,translation,levels,report}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{score,conditioning,diagnose,translation,levels,reference,report}")
     score = sub.add_parser("score", help="FID and KID per scanner, repeated (the default command)",
                            description=__doc__, formatter_class=raw)
     _model_options(score)
@@ -132,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     levels.add_argument("--n", type=positive(), default=16, help="generated slices per scanner and level")
     levels.add_argument("--seed", type=non_negative_int, default=0)
     levels.set_defaults(body=_levels)
+    ref = sub.add_parser("reference", help="the real reference: the store's training slices scored as a model's",
+                         description="The measures of `score` (FID, KID, precision/recall/density/coverage, MS-SSIM, "
+                         "the signature) with N training slices per scanner in place of generated ones, against the "
+                         "same real test slices; writes OUT/fid_<scanner>.json (see mrgen_dist/eval/reference.py).")
+    _common_options(ref)
+    ref.add_argument("--n-generated", type=positive(), default=None, metavar="N",
+                     help="training slices per scanner and repeat (default: as many as its real test slices)")
+    ref.add_argument("--repeats", type=positive(), default=1, help="each repeat another subset of the training slices")
+    ref.add_argument("--seed", type=non_negative_int, default=0)
+    ref.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="for Inception")
+    ref.set_defaults(body=_reference)
     report = sub.add_parser("report", help="FID table, boxplot and confusion matrix from mrgen-fid results",
                             description="fid_table.md / .csv, fid_boxplot.png, quality.png and conditioning.png "
                             "from the results of mrgen-fid in RESULTS.")
@@ -204,6 +219,25 @@ def _score(args: argparse.Namespace) -> None:
         else:
             print("conditioning check skipped: the store has one scanner", file=sys.stderr)
     print(f"results in {args.out} ({time.perf_counter() - t0:.0f} s); `{PROG} report {args.out}` writes the table")
+
+
+def _reference(args: argparse.Namespace) -> None:
+    from mrgen_dist.eval.reference import TrainingSlices
+
+    store = SliceStore(args.store)
+    names = list(store.vocabulary.names)
+    for name in names:
+        require_test_slices(store, name)
+    slices = TrainingSlices(store)
+    slices.require(args.n_generated)
+    extractor = load_inception(args.inception_weights, None if args.device == "auto" else args.device)
+    for name in names:
+        r = evaluate_scanner(store, slices, extractor, name, args.repeats, args.seed, args.out,
+                             n_generated=args.n_generated)
+        fidelity = "" if r.precision is None else f", precision {r.precision:.3f}, recall {r.recall:.3f}"
+        print(f"{name}: {r.n_generated} training slices vs {r.n_real} test slices: FID {r.fid_mean:.2f}, "
+              f"KID {r.kid_mean:.4f}{fidelity}")
+    print(f"results in {args.out}; `mrgen-compare` shows them as the reference row")
 
 
 def _diagnose(args: argparse.Namespace) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.eval import targets
 from mrgen_dist.eval.results import (
+    REFERENCE_FAMILY,
+    REFERENCE_TITLE,
     Conditioning,
     Diagnostics,
     Generation,
@@ -188,6 +190,8 @@ def _family(run: Results) -> str | None:
 
 
 def _model_title(run: Results) -> str | None:
+    if _family(run) == REFERENCE_FAMILY:
+        return REFERENCE_TITLE
     return (run.diagnostics.title if run.diagnostics is not None else None) or _family(run)
 
 
@@ -317,6 +321,9 @@ def summarise(run: Results, scanners: Sequence[str], cohort: str | None = None) 
     _scanner_means(run, scanners, summary)
     _run_notes(run, scanners, summary)
     z_reason = diag.reason if v["z_probe"] is None else None
+    if v["family"] == REFERENCE_FAMILY:  # no model: what a perfect generator would read, not a candidate
+        v["verdict"] = "reference: real training slices in a model's place (mrgen-fid reference)"
+        return summary
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
                            diag.encoder, v["synthetic_trained"], v["memorisation"], v["signature_gap"],
                            v["precision"], v["recall"])

@@ -159,6 +159,12 @@ class Signature(Part):
     sharpness_generated: float | None = None
 
 
+#: The family a `ScannerScore.model` names when the scored slices are the store's own training slices (the
+#: real reference, eval/reference.py), and what the comparison table calls that row.
+REFERENCE_FAMILY = "real"
+REFERENCE_TITLE = "real training slices"
+
+
 @dataclass(frozen=True)
 class ScannerScore(ResultFile):
     """OUT/fid_<scanner>.json: one scanner's generated sets scored against its real test slices (eval/score.py)."""

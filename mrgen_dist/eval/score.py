@@ -31,6 +31,7 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import MS_SSIM_PAIRS, MS_SSIM_SEED, FidError, cache_dir, real_features, real_ms_ssim
 from mrgen_dist.eval.fid import FeatureStats, frechet_distance, kernel_inception_distance
 from mrgen_dist.eval.inception import InceptionFeatures
+from mrgen_dist.eval.reference import TrainingSlices
 from mrgen_dist.eval.results import Generation, LabelEffect, Repeat, ScannerScore, Signature
 from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.tracking import Tracker
@@ -96,14 +97,15 @@ def quality_measures(
 
 
 def evaluate_scanner(
-    store: SliceStore, sampler: Sampler, extractor: InceptionFeatures, scanner: str, repeats: int, seed: int, out: Path,
-    tracker: Tracker | None = None, n_generated: int | None = None, noise: bool = False,
+    store: SliceStore, sampler: Sampler | TrainingSlices, extractor: InceptionFeatures, scanner: str, repeats: int,
+    seed: int, out: Path, tracker: Tracker | None = None, n_generated: int | None = None, noise: bool = False,
     first_features: dict[str, np.ndarray] | None = None,
 ) -> ScannerScore:
     """`repeats` generated sets of `n_generated` slices (default: as many as the real test slices) of one scanner
-    scored against its real test slices; writes OUT/fid_<scanner>.json and returns the record, which
-    `mrgen-fid` prints from and `generation` sums. The Inception features of the first repeat's
-    set go into `first_features[scanner]` when given (the conditioning check reuses them)."""
+    scored against its real test slices; writes OUT/fid_<scanner>.json and returns the record, which `mrgen-fid`
+    prints from and `generation` sums. `sampler`: a model's, or the store's own training slices (the real
+    reference, reference.py). The Inception features of the first repeat's set go into
+    `first_features[scanner]` when given (the conditioning check reuses them)."""
     from tqdm import tqdm
 
     require_test_slices(store, scanner)

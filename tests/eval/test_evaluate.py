@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mrgen_dist.commands.compare import main as compare_main
 from mrgen_dist.commands.fid import main
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.inception import FID_HELPER_FILE, load_inception, package_file
-from mrgen_dist.eval.results import Conditioning, Generation, ScannerScore
+from mrgen_dist.eval.results import REFERENCE_FAMILY, REFERENCE_TITLE, Conditioning, Generation, ScannerScore
 from mrgen_dist.eval.score import evaluate_scanner
 from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.runtime.sampler import Sampler
@@ -170,6 +172,32 @@ def test_more_generated_than_real_quality_measures(scored: Path, store_dir: Path
     assert effect["between_scanners"] > 0.0 and effect["between_draws"] > 0.0  # the cVAE's decoder uses its label
     assert effect["ratio"] == pytest.approx(effect["between_scanners"] / effect["between_draws"])
     assert gen["label_effect_draws"] == 16
+
+
+def test_the_real_reference_beside_a_model(scored: Path, store_dir: Path, tmp_path: Path) -> None:
+    """`mrgen-fid reference`: the store's training slices scored as a model's, and its row in mrgen-compare."""
+    ref = tmp_path / "real"
+    assert main(["reference", "--store", str(store_dir), "--out", str(ref), "--device", "cpu"]) == 0
+    records = {name: ScannerScore.read(ref / f"fid_{name.replace(' ', '_')}.json") for name in SCANNERS}
+    for r in records.values():
+        assert r.family == REFERENCE_FAMILY and r.store_sha256 == SliceStore(store_dir).sha256
+        assert (r.n_real, r.n_generated) == (10, 10)  # as many training slices as test slices, by default
+        assert r.fid_mean > 0.0 and 0.0 <= r.precision <= 1.0 and 0.0 <= r.recall <= 1.0
+        assert r.signature.noise_real > 0.0
+    # real slices of a scanner lie on its real slices' manifold: the reference's mean precision and recall are
+    # far above the barely trained tiny cVAE's, on the same test slices
+    model = [ScannerScore.read(scored / f"fid_{name.replace(' ', '_')}.json") for name in SCANNERS]
+    for measure in ("precision", "recall"):
+        real = np.mean([getattr(r, measure) for r in records.values()])
+        generated = np.mean([getattr(r, measure) for r in model])
+        assert real >= 0.5 and real > generated, (measure, real, generated)
+    assert compare_main([str(ref), str(scored), "--names", "real,cvae", "--out", str(tmp_path / "cmp")]) == 0
+    with (tmp_path / "cmp" / "compare.csv").open() as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert rows["real"]["model"] == REFERENCE_TITLE
+    assert rows["real"]["verdict"].startswith("reference: real training slices")
+    assert not rows["cvae"]["verdict"].startswith("reference")
+    assert "| real | real training slices |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_noise_without_learned_noise_is_refused(store_dir: Path, decoder: Path, tmp_path: Path,
