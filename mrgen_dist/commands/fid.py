@@ -56,6 +56,7 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import cache_dir
 from mrgen_dist.eval.inception import InceptionFeatures, load_inception
 from mrgen_dist.eval.score import check_model_fits_store, check_noise, evaluate_scanner, generation, require_test_slices
+from mrgen_dist.eval.table import _rate
 from mrgen_dist.runtime.sampler import Sampler
 
 PROG = "mrgen-fid"
@@ -209,7 +210,7 @@ def _score(args: argparse.Namespace) -> None:
     if args.scanner == "all":
         gen = generation(store, sampler, names, results, args.noise, args.seed, args.out)
         effect = gen.label_effect
-        print(f"sampling: {gen.sampling_images_per_s:.0f} images/s on {gen.sampler_device}"
+        print(f"sampling: {_rate(gen.sampling_images_per_s)} images/s on {gen.sampler_device}"
               + (f"; label effect {effect.between_scanners:.4f} between scanners vs {effect.between_draws:.4f} "
                  f"between draws" if effect else ""))
     if args.scanner == "all" and not args.no_conditioning:

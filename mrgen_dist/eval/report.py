@@ -38,6 +38,7 @@ from mrgen_dist.eval.results import (
     Signature,
     read_folder,
 )
+from mrgen_dist.eval.table import _rate
 from mrgen_dist.scanners import Vocabulary
 
 PRDC = ("precision", "recall", "density", "coverage")
@@ -157,7 +158,7 @@ def _generation_lines(gen: Generation) -> list[str]:
                   f"{_fmt(effect.ratio, 3)}; 0 between scanners: the decoder ignores its label)."]
     if gen.sampling_images_per_s is not None:
         noise = ", with the learned observation noise" if gen.noise else ""
-        lines += ["", f"Sampling: {gen.sampling_images_per_s:,.0f} images/s (onnxruntime on "
+        lines += ["", f"Sampling: {_rate(gen.sampling_images_per_s)} images/s (onnxruntime on "
                   f"{gen.sampler_device or '?'}{noise})."]
     return lines
 

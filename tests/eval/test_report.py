@@ -128,12 +128,12 @@ def test_report_quality_generation_and_diagnostics(results: Path) -> None:
     (results / "diagnostics.json").write_text(json.dumps({
         "family": "gan", "title": "GAN", "z_probe": None, "reconstruction": None,
         "reason": "family gan has no encoder (encode_mean returns None)"}))
-    (results / "generation.json").write_text(json.dumps({"label_effect": None, "sampling_images_per_s": 10.0,
+    (results / "generation.json").write_text(json.dumps({"label_effect": None, "sampling_images_per_s": 0.6664,
                                                          "sampler_device": "cuda", "noise": False}))
     write_report(results)
     table = (results / "fid_table.md").read_text()
     assert "Diagnostics (GAN): family gan has no encoder (encode_mean returns None)." in table
-    assert "Label effect" not in table and "Sampling: 10 images/s (onnxruntime on cuda)." in table
+    assert "Label effect" not in table and "Sampling: 0.666 images/s (onnxruntime on cuda)." in table
     assert "z-probe" not in table and "decoder ceiling" not in table
 
 
