@@ -319,11 +319,11 @@ def summarise(run: Results, scanners: Sequence[str], cohort: str | None = None) 
     }
     summary = Summary(run.name, v)
     _scanner_means(run, scanners, summary)
-    _run_notes(run, scanners, summary)
-    z_reason = diag.reason if v["z_probe"] is None else None
-    if v["family"] == REFERENCE_FAMILY:  # no model: what a perfect generator would read, not a candidate
+    if v["family"] == REFERENCE_FAMILY:  # no model, so no model's files: what a perfect generator would read
         v["verdict"] = "reference: real training slices in a model's place (mrgen-fid reference)"
         return summary
+    _run_notes(run, scanners, summary)
+    z_reason = diag.reason if v["z_probe"] is None else None
     v["verdict"] = verdict(v["conditioning"], v["z_probe"], v["reconstruction"], v["label_effect_ratio"], z_reason,
                            diag.encoder, v["synthetic_trained"], v["memorisation"], v["signature_gap"],
                            v["precision"], v["recall"])
