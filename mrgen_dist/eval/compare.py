@@ -511,7 +511,8 @@ def compare_figure(summaries: Sequence[Summary], scanners: Sequence[str], path: 
         chance = v["z_probe_chance"] if v["z_probe_chance"] is not None else 1 / max(1, len(scanners))
         row[0].axvline(chance, color="grey", ls=":", lw=1)
         row[0].set_xlim(0, 1)
-        row[0].set_ylabel(f"{s.name}\n{_model_cell(s)}", fontsize=9)
+        cohort = f" ({v['cohort']})" if v["cohort"] else ""  # a run's rows on several cohorts share its name
+        row[0].set_ylabel(f"{s.name}{cohort}\n{_model_cell(s)}", fontsize=9)
         kids = [v[f"kid_{slug(n)}"] for n in scanners]
         _bars(row[1], list(scanners), [None if k is None else 1e3 * k for k in kids], "tab:purple")
         _bars(row[2], ["precision", "recall", "density", "coverage"],
