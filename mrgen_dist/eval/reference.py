@@ -37,9 +37,6 @@ class TrainingSlices:
     """The store's real training slices in a sampler's place (`score.evaluate_scanner`): `sample` draws n
     distinct slices of one scanner's training split, seeded, so a repeat is another subset."""
 
-    device = "store"
-    provider = "h5py"
-
     def __init__(self, store: SliceStore):
         self.store = store
         self.metadata = ReferenceMetadata(list(store.vocabulary.names))

@@ -10,6 +10,7 @@ import pytest
 
 from mrgen_dist.commands.fid import main
 from mrgen_dist.data.store import SliceStore
+from mrgen_dist.eval.features import FidError
 from mrgen_dist.eval.reference import TrainingSlices
 
 
@@ -23,7 +24,7 @@ def test_training_slices_are_distinct_seeded_and_bounded(store_dir: Path) -> Non
     assert np.array_equal(slices.sample("Intera", 12, seed=3), drawn)  # the seed decides the subset
     assert not np.array_equal(slices.sample("Intera", 12, seed=4), drawn)
     assert len(slices.sample("Intera", 20)) == 20
-    with pytest.raises(Exception, match="needs 21 training slices of 'Intera'.* has 20"):
+    with pytest.raises(FidError, match="needs 21 training slices of 'Intera'.* has 20"):
         slices.sample("Intera", 21)
 
 
