@@ -224,7 +224,7 @@ class RefinerFamily(DiffusionFamily):
         grid = coordinates(model.image_shape, device).expand(len(x), -1, -1, -1)
         pad = (margin, margin, margin, margin)
         x, grid = random_windows((F.pad(x, pad), F.pad(grid, pad, mode="replicate")), config.crop + 2 * margin, g,
-                          multiple, phase)
+                                 multiple, phase)
         base = model.lowpass(x)
         inner = (slice(None), slice(None), slice(margin, margin + config.crop), slice(margin, margin + config.crop))
         fine = ((x - base) / config.scale)[inner]

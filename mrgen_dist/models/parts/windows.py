@@ -7,7 +7,7 @@ import torch
 
 
 def random_windows(images: tuple[torch.Tensor, ...], side: int, g: torch.Generator, stride: int = 1,
-            phase: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
+                   phase: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, ...]:
     """The same random `side` x `side` window of each image (B, C, H, W) of every tensor of `images`, drawn with
     `g`, at offsets stride k + phase (rows, columns)."""
     b, _, h, w = images[0].shape
