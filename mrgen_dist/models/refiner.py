@@ -17,11 +17,12 @@ with the scanner dropped to the null label with probability `label_dropout` for 
 an EMA copy. All of a step's random numbers come from one generator seeded by the loop's noise, so a resumed
 run makes the same steps.
 
-Sampling: the coarse run's decoder makes its mean slice for (z, scanner), its low-pass is c, and the sampler
-(models/diffusion.py's settings; the ancestral one by default, runtime/diffusion.py) draws r from x_T; the
-slice is clip(c + scale r, 0, 1). Export: the EMA UNet with the low-pass as the `mrgen-refiner` graph (x, t,
-scanner, coarse) -> (out, base = c), and the coarse run's decoder beside it (export/README.md); the sampler's
-latent is the decoder's z followed by x_T.
+Sampling: the coarse run's decoder makes its slice for (z, scanner), a draw of its learned noise around its
+mean slice where it has learned noise (as real slices carry their noise floor into the low-pass of training;
+runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's settings; the ancestral one by
+default, runtime/diffusion.py) draws r from x_T; the slice is clip(c + scale r, 0, 1). Export: the EMA UNet
+with the low-pass as the `mrgen-refiner` graph (x, t, scanner, coarse) -> (out, base = c), and the coarse run's
+decoder beside it (export/README.md); the sampler's latent is the decoder's z followed by x_T.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import ConditionalUNet
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.runtime.diffusion import SamplerSettings, sample
+from mrgen_dist.runtime.noise import NoiseTexture
+from mrgen_dist.runtime.refine import coarse_draw
 from mrgen_dist.scanners import Vocabulary
 
 #: Condition channels of the UNet: the coarse low-pass and the two pixel coordinates.
@@ -169,9 +172,10 @@ class RefinerGraph(DenoiserGraph):
         self.unet, self.model = model.ema, model
         self.timesteps = model.settings.timesteps
         self.settings = model.settings.to_metadata()
+        coarse = model.coarse(model.alphas_cumprod.device)
         # the sampler's latent: the coarse generator's z, then x_T
-        self.latent = model.coarse(model.alphas_cumprod.device).latent + model.image_shape[0] * model.image_shape[1]
-        self.scale = model.scale
+        self.latent = coarse.latent + model.image_shape[0] * model.image_shape[1]
+        self.scale, self.coarse_noise = model.scale, coarse.has_noise
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, coarse: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +193,7 @@ class RefinerGraph(DenoiserGraph):
         return ["out", "base"]
 
     def sampler_metadata(self) -> dict:
-        return {**self.settings, "scale": self.scale}
+        return {**self.settings, "scale": self.scale, "coarse_noise": self.coarse_noise}
 
 
 class RefinerFamily(DiffusionFamily):
@@ -246,7 +250,7 @@ class RefinerFamily(DiffusionFamily):
     def preview(self, model: Refiner, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
                 level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         """The coarse run's slices of each scanner (same z in every row) and their refinements, from the same
-        x_T: the EMA UNet in the runtime's sampling loop."""
+        x_T: the EMA UNet in the runtime's sampling loop, over the coarse draws the runtime refines."""
         device = images.device
         decoder = model.coarse(device)
         graph = RefinerGraph(model).eval()
@@ -257,6 +261,12 @@ class RefinerFamily(DiffusionFamily):
         for sid, name in enumerate(vocabulary.names):
             s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
             coarse = decoder(z, s).float()
+            if graph.coarse_noise:
+                texture = decoder.noise_texture()
+                coarse = torch.from_numpy(coarse_draw(
+                    coarse.cpu().numpy(), decoder.noise_sigma(s).float().cpu().numpy(), decoder.noise_kind,
+                    s.cpu().numpy(), NoiseTexture.from_dict(texture, len(vocabulary), "the coarse run") if texture else None,
+                    z.float().cpu().numpy())).to(device)
             base = graph(torch.zeros_like(coarse), torch.zeros(PREVIEW_COLUMNS, device=device), s, coarse)[1]
 
             def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray, coarse: torch.Tensor = coarse) -> np.ndarray:

@@ -2,26 +2,43 @@
 torch.
 
 The latent of an image is the coarse generator's z followed by x_T (H * W numbers): the coarse decoder (a
-`Sampler` of the `mrgen-decoder` file beside the refiner's) makes its mean slice, the refiner's graph its
-low-pass `base` and the prediction for the scaled fine band, the sampling loop of runtime/diffusion.py (the
-file's `mrgen.sampler`) draws the fine band r from x_T, and the slice is clip(base + scale r, 0, 1).
+`Sampler` of the `mrgen-decoder` file beside the refiner's) makes its slice, the refiner's graph its low-pass
+`base` and the prediction for the scaled fine band, the sampling loop of runtime/diffusion.py (the file's
+`mrgen.sampler`) draws the fine band r from x_T, and the slice is clip(base + scale r, 0, 1).
+
+The coarse slice is the decoder's draw with its learned noise where the file says so (`mrgen.sampler`
+`coarse_noise`, set at export when the coarse run has learned noise): the refiner learnt the fine band under the
+low-pass of real slices, which carry their noise floor, so in air its condition is the floor's mean, not the
+zero of a noise-free mean slice; from a zero low-pass the final clip at 0 cut half of the drawn noise away.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mrgen_dist.runtime.diffusion import Denoise, DiffusionDraw, sample
+from mrgen_dist.runtime.diffusion import Denoise, DiffusionDraw, noise_streams, sample
+from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 from mrgen_dist.runtime.session import check_finite
+
+
+def coarse_draw(image: np.ndarray, sigma: np.ndarray, kind: str, scanner: np.ndarray, texture: NoiseTexture | None,
+                z: np.ndarray) -> np.ndarray:
+    """A draw of the coarse generator's learned noise of `kind` around its mean slices `image` (B, 1, H, W),
+    image i's from a stream seeded by its coarse latent z[i] (`noise_streams`), so that a refined slice is a
+    function of its latent alone, whatever the batch."""
+    return np.concatenate([add_noise(image[i : i + 1], sigma[i : i + 1], kind, [stream] * 3, scanner[i : i + 1],
+                                     texture)
+                           for i, stream in enumerate(noise_streams(z))])
 
 
 class RefinedDraw(DiffusionDraw):
     """What `Sampler` does with a `mrgen-refiner` file; `coarse` is the Sampler of its coarse decoder file and
-    `scale` the fine band's scale (the file's `mrgen.sampler` `scale`)."""
+    `scale` the fine band's scale (the file's `mrgen.sampler` `scale`); with `coarse_noise`, the refined slice
+    is the coarse decoder's draw with its learned noise, else its mean slice."""
 
-    def __init__(self, session, path, image_shape, settings, coarse, scale: float) -> None:
+    def __init__(self, session, path, image_shape, settings, coarse, scale: float, coarse_noise: bool) -> None:
         super().__init__(session, path, image_shape, settings)
-        self.coarse, self.scale = coarse, scale
+        self.coarse, self.scale, self.coarse_noise = coarse, scale, coarse_noise
 
     @property
     def latent(self) -> int:
@@ -56,9 +73,13 @@ class RefinedDraw(DiffusionDraw):
         """Slices (B, H, W) in [0, 1] of the latents `z` (B, coarse latent + H * W) and labels `scanner` (B,)."""
         if level is not None:
             raise ValueError("a refiner takes no slice level")
-        split = self.coarse.latent
-        coarse = self.coarse.decode(np.ascontiguousarray(z[:, :split], dtype=np.float32), scanner)
-        x = np.ascontiguousarray(z[:, split:], dtype=np.float32).reshape(len(z), 1, *self.image_shape)
+        z_coarse = np.ascontiguousarray(z[:, : self.coarse.latent], dtype=np.float32)
+        if self.coarse_noise:
+            image, sigma = self.coarse.decode_with_sigma(z_coarse, scanner)
+            coarse = coarse_draw(image, sigma, self.coarse.metadata.noise, scanner, self.coarse.noise_texture, z_coarse)
+        else:
+            coarse = self.coarse.decode(z_coarse, scanner)
+        x = np.ascontiguousarray(z[:, self.coarse.latent :], dtype=np.float32).reshape(len(z), 1, *self.image_shape)
         denoise, base = self.refine(coarse, what, offset)
         fine = sample(denoise, x, scanner, self.settings)
         return np.clip(base[0] + np.float32(self.scale) * fine, 0, 1)[:, 0]

@@ -96,9 +96,10 @@ class Sampler:
             if self.metadata.contract == ModelMetadata.REFINER:
                 if "scale" not in self.metadata.sampler:
                     raise ArtifactError(f"{path}: metadata mrgen.sampler lacks scale (the refiner's fine band scale)")
+                coarse_noise = bool(self.metadata.sampler.get("coarse_noise", False))  # absent before it was
                 self.diffusion = RefinedDraw(self.session, path, self.image_shape, settings,
-                                             self._coarse_sampler(path, device, threads),
-                                             float(self.metadata.sampler["scale"]))
+                                             self._coarse_sampler(path, device, threads, coarse_noise),
+                                             float(self.metadata.sampler["scale"]), coarse_noise)
                 self.latent = self.diffusion.latent
             else:
                 self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
@@ -111,9 +112,10 @@ class Sampler:
         if self.metadata.variants and self.metadata.parity.get("draws") and self.provider == "CPUExecutionProvider":
             self._pick_layout(path)
 
-    def _coarse_sampler(self, path: Path, device: str, threads: int) -> Sampler:
+    def _coarse_sampler(self, path: Path, device: str, threads: int, noise: bool) -> Sampler:
         """The Sampler of a refiner file's coarse decoder (`mrgen.coarse`), checked to be the file exported with
-        it and to make slices of this file's scanners and shape."""
+        it, to make slices of this file's scanners and shape, and to have learned noise where `noise` asks for
+        its draws."""
         record = self.metadata.coarse
         file = path.parent / str(record.get("file", ""))
         if not record.get("file") or not file.is_file():
@@ -125,6 +127,9 @@ class Sampler:
         if coarse.diffusion is not None or list(coarse.vocabulary.names) != list(self.vocabulary.names) \
                 or coarse.image_shape != self.image_shape:
             raise ArtifactError(f"{path}: its coarse generator {file} is not a decoder of its scanners and slices")
+        if noise and not coarse.has_noise:
+            raise ArtifactError(f"{path}: it refines draws of its coarse generator's learned noise, but {file} has "
+                                "none; export the refiner again")
         return coarse
 
     def _trained_levels(self, path: Path) -> np.ndarray | None:
@@ -268,6 +273,15 @@ class Sampler:
         (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64),
                                                  **level_feed(level)})
         return images
+
+    def decode_with_sigma(self, z: np.ndarray, scanner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mean images (B, 1, H, W) of latents `z` and scanner ids, and the standard deviation of the learned
+        noise around them (the graph's `sigma`), in one batch."""
+        if self.diffusion is not None or not self.has_noise:
+            raise SampleError(f"{self.path}: only a decoder with learned observation noise has a sigma output")
+        image, sigma = self.session.run(["image", "sigma"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64)})
+        check_finite([image, sigma], ["image", "sigma"], self.path, "coarse draw", 0)
+        return image, sigma
 
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:

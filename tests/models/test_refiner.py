@@ -19,6 +19,7 @@ from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
+from mrgen_dist.runtime.refine import coarse_draw
 from mrgen_dist.scanners import Vocabulary
 
 SHAPE = (218, 182)
@@ -50,6 +51,20 @@ def test_noise_streams_follow_the_latent_not_the_batch() -> None:
     alone = [noise_streams(x[i : i + 1])[0].standard_normal(5) for i in range(3)]
     np.testing.assert_array_equal(np.stack(together), np.stack(alone))
     assert not np.array_equal(together[0], together[1])
+
+
+def test_the_coarse_draw_follows_its_latent_and_keeps_the_noise_floor() -> None:
+    """In air (a zero mean image) a Rician draw's mean is the floor's, sigma sqrt(pi / 2), not the mean
+    image's zero: what the refiner's low-pass saw in training; image i's noise follows its z alone."""
+    sigma, z = 0.02, np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    image, sigmas, scanner = np.zeros((3, 1, 64, 64), np.float32), np.full((3, 1, 64, 64), sigma, np.float32), np.arange(3)
+    together = coarse_draw(image, sigmas, ModelMetadata.RICIAN_NOISE, scanner, None, z)
+    alone = [coarse_draw(image[:1], sigmas[:1], ModelMetadata.RICIAN_NOISE, scanner[i : i + 1], None, z[i : i + 1])
+             for i in range(3)]
+    np.testing.assert_array_equal(together, np.concatenate(alone))
+    assert not np.array_equal(together[0], together[1])
+    assert together.mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.02)
+    assert together.std() == pytest.approx(sigma * np.sqrt(2 - np.pi / 2), rel=0.03)
 
 
 def test_windows_are_the_same_place_in_every_tensor_at_their_phase() -> None:
@@ -107,7 +122,7 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     assert meta.contract == ModelMetadata.REFINER and meta.family == "refiner"
     assert meta.coarse == {"file": coarse.name, "sha256": hashlib.sha256(coarse.read_bytes()).hexdigest()}
     assert meta.sampler["name"] == "ancestral" and meta.sampler["spacing"] == "quadratic" and not meta.sampler["clip"]
-    assert meta.sampler["scale"] == 0.25
+    assert meta.sampler["scale"] == 0.25 and meta.sampler["coarse_noise"] is True  # the tiny atlas's Rician noise
     assert meta.parity["max_error"] <= 1e-4
     assert sampler.latent == sampler.diffusion.coarse.latent + SHAPE[0] * SHAPE[1] == meta.latent
     images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
@@ -118,6 +133,10 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     z = sampler.latents("Intera", 3, 1)
     base = sampler.diffusion.coarse.decode(z[:, : sampler.diffusion.coarse.latent], np.full(3, 1))[:, 0]
     assert np.abs(images - base).mean() < 0.1
+    # over the coarse draw (its Rician floor) the final clip at 0 cuts fewer pixels than over its mean slice
+    sampler.diffusion.coarse_noise = False
+    over_mean = sampler.sample("Intera", n=3, seed=1)
+    assert (images == 0).mean() < (over_mean == 0).mean()
     with pytest.raises(Exception, match="no learned observation noise"):
         sampler.sample("Intera", n=1, noise=True)
 
