@@ -61,6 +61,10 @@ _LAYOUTS: dict[tuple[str, int, int, str], tuple[str, Path]] = {}
 LAYOUT_TIMING_BATCH = 64
 #: Timed runs per layout; the fastest counts.
 LAYOUT_TIMING_RUNS = 3
+#: The most images a denoiser or refiner file draws at once, whatever batch is asked: its UNet runs on whole
+#: slices, twice with guidance, so its memory grows with the batch (200 images of the comparison's refiner
+#: took 23 GB and were killed on a 24 GB machine); images do not depend on the batch.
+DIFFUSION_BATCH = 32
 
 
 class Sampler:
@@ -295,7 +299,7 @@ class Sampler:
         a draw from the model's learned observation noise around it (clipped to [0, 1]; Gaussian or Rician, as
         the file's `mrgen.noise` says), from streams of its own seeded by (seed, scanner id, component), so
         that the latents are those of the mean images. `level`: the axial index asked of a level-conditioned
-        generator (`level_inputs`)."""
+        generator (`level_inputs`). A denoiser or refiner draws at most DIFFUSION_BATCH images at once."""
         if noise and not self.has_noise:
             raise SampleError(f"{self.path}: this model has no learned observation noise to sample (it was trained "
                               "without model.observation_noise); sample its mean, without --noise")
@@ -308,8 +312,9 @@ class Sampler:
 
         if self.diffusion is not None:
             out = np.empty((n, *self.image_shape), dtype=np.float32)
-            for start in range(0, n, batch_size):
-                chunk = z[start : start + batch_size]
+            batch = min(batch_size, DIFFUSION_BATCH)
+            for start in range(0, n, batch):
+                chunk = z[start : start + batch]
                 out[start : start + len(chunk)] = self.diffusion.images(
                     chunk, np.full(len(chunk), sid, dtype=np.int64), f"{scanner} draw", start,
                     levels_of(start, start + len(chunk)))

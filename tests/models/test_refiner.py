@@ -113,7 +113,9 @@ def refiner_file(atlas_run: Path, store_dir: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.mark.integration
-def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refiner_file: Path) -> None:
+def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refiner_file: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mrgen_dist.runtime import sampler as sampler_module
     from mrgen_dist.runtime.sampler import Sampler
 
     sampler = Sampler(refiner_file, device="cpu", threads=1)
@@ -128,6 +130,9 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
     assert images.shape == (3, *SHAPE) and np.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
     np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=2))
+    monkeypatch.setattr(sampler_module, "DIFFUSION_BATCH", 1)  # the cap on a diffusion draw's batch (memory)
+    np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=3))
+    monkeypatch.undo()
     assert not np.array_equal(images, sampler.sample("Intera", n=3, seed=2))
     # the slice is the coarse decoder's low-pass plus the drawn fine band: close to the coarse slice
     z = sampler.latents("Intera", 3, 1)
