@@ -17,12 +17,12 @@ with the scanner dropped to the null label with probability `label_dropout` for 
 an EMA copy. All of a step's random numbers come from one generator seeded by the loop's noise, so a resumed
 run makes the same steps.
 
-Sampling: the coarse run's decoder makes its slice for (z, scanner), a draw of its learned noise around its
-mean slice where it has learned noise (as real slices carry their noise floor into the low-pass of training;
-runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's settings; the ancestral one by
-default, runtime/diffusion.py) draws r from x_T; the slice is clip(c + scale r, 0, 1). Export: the EMA UNet
-with the low-pass as the `mrgen-refiner` graph (x, t, scanner, coarse) -> (out, base = c), and the coarse run's
-decoder beside it (export/README.md); the sampler's latent is the decoder's z followed by x_T.
+Sampling: the coarse run's decoder makes its mean slice for (z, scanner) (with `coarse_noise`, a draw of its
+learned noise around it, runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's
+settings; the ancestral one by default, runtime/diffusion.py) draws r from x_T; the slice is clip(c + scale r,
+0, 1). Export: the EMA UNet with the low-pass as the `mrgen-refiner` graph (x, t, scanner, coarse) -> (out,
+base = c), and the coarse run's decoder beside it (export/README.md); the sampler's latent is the decoder's z
+followed by x_T.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class RefinerConfig(DiffusionConfig):
     spacing: str = "quadratic"  # of the sampler's timesteps (runtime/diffusion.py)
     sample_steps: int = 20
     guidance: float = 1.0
+    # refine a draw of the coarse run's learned noise around its mean slice, not the mean: real slices carry
+    # their noise floor into the training low-pass, so in air that condition is the floor's mean; but the draw
+    # also carries the coarse noise's texture into the low-pass (results/cohorts.md, "The coarse draw")
+    coarse_noise: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -124,7 +128,7 @@ class Refiner(Diffusion):
     def __init__(self, config: RefinerConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
         super().__init__(config, n_scanners, image_shape)
         self.band, self.scale, self.taps = config.band, config.scale, 2 * int(np.ceil(3 * config.band)) + 1
-        self.crop, self.coarse_dir = config.crop, config.coarse
+        self.crop, self.coarse_dir, self.coarse_noise = config.crop, config.coarse, config.coarse_noise
         self._coarse: list[SamplingGraph] = []
         self.load_run: Callable[[str], tuple] | None = None  # runs.load_trained, set by RefinerFamily.connect
 
@@ -158,7 +162,11 @@ class Refiner(Diffusion):
             if family.kind != "decoder":
                 raise ValueError(f"model.coarse {self.coarse_dir} is a {family.name} run; the refiner refines the "
                                  "slices of a decoder family's run (z, scanner) -> slice")
-            self._coarse.append(family.export_graph(model).requires_grad_(False).eval())
+            graph = family.export_graph(model).requires_grad_(False).eval()
+            if self.coarse_noise and not graph.has_noise:
+                raise ValueError(f"model.coarse_noise: the coarse run {self.coarse_dir} has no learned noise to draw; "
+                                 "set model.coarse_noise=false")
+            self._coarse.append(graph)
         return self._coarse[0].to(device)
 
 
@@ -175,7 +183,7 @@ class RefinerGraph(DenoiserGraph):
         coarse = model.coarse(model.alphas_cumprod.device)
         # the sampler's latent: the coarse generator's z, then x_T
         self.latent = coarse.latent + model.image_shape[0] * model.image_shape[1]
-        self.scale, self.coarse_noise = model.scale, coarse.has_noise
+        self.scale, self.coarse_noise = model.scale, model.coarse_noise
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, coarse: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +215,8 @@ class RefinerFamily(DiffusionFamily):
 
     def connect(self, model: Refiner, load_run: Callable[[str], tuple]) -> None:
         model.load_run = load_run
+        if model.coarse_noise:  # a coarse run without learned noise is refused now, not at the first preview
+            model.coarse(torch.device("cpu"))
 
     def noise_dim(self, config: RefinerConfig) -> int:
         return 1  # the first slice's number seeds the step's draws (windows, t, eps, label drops)

@@ -6,10 +6,10 @@ The latent of an image is the coarse generator's z followed by x_T (H * W number
 `base` and the prediction for the scaled fine band, the sampling loop of runtime/diffusion.py (the file's
 `mrgen.sampler`) draws the fine band r from x_T, and the slice is clip(base + scale r, 0, 1).
 
-The coarse slice is the decoder's draw with its learned noise where the file says so (`mrgen.sampler`
-`coarse_noise`, set at export when the coarse run has learned noise): the refiner learnt the fine band under the
-low-pass of real slices, which carry their noise floor, so in air its condition is the floor's mean, not the
-zero of a noise-free mean slice; from a zero low-pass the final clip at 0 cut half of the drawn noise away.
+The coarse slice is the decoder's mean slice, or, where the file says so (`mrgen.sampler` `coarse_noise`, the
+refiner's `model.coarse_noise`), a draw of its learned noise around it: the refiner learnt the fine band under
+the low-pass of real slices, which carry their noise floor, so in air its condition is the floor's mean, not
+the zero of a noise-free mean slice, from which the final clip at 0 cuts part of the drawn noise away.
 """
 
 from __future__ import annotations

@@ -101,12 +101,13 @@ def test_a_missing_coarse_run_is_named(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def refiner_file(atlas_run: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny refiner of the tiny atlas run, trained 2 epochs through mrgen-train (the preview drawn), exported."""
+    """A tiny refiner of the tiny atlas run (over its Rician draws), trained 2 epochs through mrgen-train (the
+    preview drawn), exported."""
     from mrgen_dist.export.exporter import export_onnx
     from tests.launch import TINY_REFINER, run, train_cmd
 
     out = tmp_path_factory.mktemp("refiner") / "run"
-    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", config=TINY_REFINER))
+    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", "model.coarse_noise=true", config=TINY_REFINER))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "samples_002.png").is_file()
     return export_onnx(out, "fp32", out.parent / "refiner.onnx").path
@@ -124,7 +125,7 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     assert meta.contract == ModelMetadata.REFINER and meta.family == "refiner"
     assert meta.coarse == {"file": coarse.name, "sha256": hashlib.sha256(coarse.read_bytes()).hexdigest()}
     assert meta.sampler["name"] == "ancestral" and meta.sampler["spacing"] == "quadratic" and not meta.sampler["clip"]
-    assert meta.sampler["scale"] == 0.25 and meta.sampler["coarse_noise"] is True  # the tiny atlas's Rician noise
+    assert meta.sampler["scale"] == 0.25 and meta.sampler["coarse_noise"] is True
     assert meta.parity["max_error"] <= 1e-4
     assert sampler.latent == sampler.diffusion.coarse.latent + SHAPE[0] * SHAPE[1] == meta.latent
     images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
