@@ -216,7 +216,8 @@ class RefinerFamily(DiffusionFamily):
     def connect(self, model: Refiner, load_run: Callable[[str], tuple]) -> None:
         model.load_run = load_run
         if model.coarse_noise:  # a coarse run without learned noise is refused now, not at the first preview
-            model.coarse(torch.device("cpu"))
+            with torch.random.fork_rng(devices=[]):  # loading builds a model: the run's draws stay as without
+                model.coarse(torch.device("cpu"))
 
     def noise_dim(self, config: RefinerConfig) -> int:
         return 1  # the first slice's number seeds the step's draws (windows, t, eps, label drops)

@@ -100,7 +100,7 @@ class Sampler:
             if self.metadata.contract == ModelMetadata.REFINER:
                 if "scale" not in self.metadata.sampler:
                     raise ArtifactError(f"{path}: metadata mrgen.sampler lacks scale (the refiner's fine band scale)")
-                coarse_noise = bool(self.metadata.sampler.get("coarse_noise", False))  # absent before it was
+                coarse_noise = bool(self.metadata.sampler.get("coarse_noise", False))  # absent in older files
                 self.diffusion = RefinedDraw(self.session, path, self.image_shape, settings,
                                              self._coarse_sampler(path, device, threads, coarse_noise),
                                              float(self.metadata.sampler["scale"]), coarse_noise)
