@@ -268,16 +268,16 @@ class RefinerFamily(DiffusionFamily):
         g = torch.Generator().manual_seed(1234)
         z = torch.randn(PREVIEW_COLUMNS, decoder.latent, generator=g).to(device)
         x_t = torch.randn(PREVIEW_COLUMNS, 1, *model.image_shape, generator=g).numpy()
+        texture = decoder.noise_texture()  # the coarse run's, for its draws; {} for other noise kinds
+        texture = NoiseTexture.from_dict(texture, len(vocabulary), "the coarse run") if texture else None
         rows = []
         for sid, name in enumerate(vocabulary.names):
             s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
             coarse = decoder(z, s).float()
             if graph.coarse_noise:
-                texture = decoder.noise_texture()
                 coarse = torch.from_numpy(coarse_draw(
                     coarse.cpu().numpy(), decoder.noise_sigma(s).float().cpu().numpy(), decoder.noise_kind,
-                    s.cpu().numpy(), NoiseTexture.from_dict(texture, len(vocabulary), "the coarse run") if texture else None,
-                    z.float().cpu().numpy())).to(device)
+                    s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)
             base = graph(torch.zeros_like(coarse), torch.zeros(PREVIEW_COLUMNS, device=device), s, coarse)[1]
 
             def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray, coarse: torch.Tensor = coarse) -> np.ndarray:
