@@ -56,7 +56,8 @@ from mrgen_dist.runtime.sampler import Sampler
 sampler = Sampler(sys.argv[1], device="cpu")
 ref = np.load(sys.argv[2])
 (got,) = sampler.session.run(["image"], {"z": ref["z"], "scanner": ref["scanner"]})
-print(f"{sampler.parity_error:.6e} {np.abs(got - ref['want']).max():.6e} {sampler.layout}")
+print(f"{sampler.parity_error:.6e} {np.abs(got - ref['want']).max():.6e} {sampler.layout}",
+      ",".join(sampler.exact_layouts))
 """
 
 
@@ -99,13 +100,13 @@ def reference(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-def _errors(emulated: bool, int8: Path, reference: Path) -> tuple[float, float, str]:
-    """The int8 file's parity error and its error on fresh draws, as the sampler runs it there, and the weight
-    layout the sampler chose."""
+def _errors(emulated: bool, int8: Path, reference: Path) -> tuple[float, float, str, list[str]]:
+    """The int8 file's parity error and its error on fresh draws, as the sampler runs it there, the weight
+    layout the sampler chose and the layouts that passed the file's parity draws there."""
     done = _run(emulated, str(int8), str(reference), code=CHECK)
     assert done.returncode == 0, done.stderr[-3000:]
-    stored, fresh, layout = done.stdout.split()
-    return float(stored), float(fresh), layout
+    stored, fresh, layout, exact = done.stdout.split()
+    return float(stored), float(fresh), layout, exact.split(",")
 
 
 def test_graph_has_no_uint8_x_int8_product(int8: Path) -> None:
@@ -136,7 +137,7 @@ def test_graph_has_no_uint8_x_int8_product(int8: Path) -> None:
 def test_int8_accurate(emulated: bool, int8: Path, reference: Path, request: pytest.FixtureRequest) -> None:
     if emulated:
         request.getfixturevalue("haswell")
-    stored, fresh, _ = _errors(emulated, int8, reference)
+    stored, fresh, _, _ = _errors(emulated, int8, reference)
     assert stored <= TOLERANCE["int8"] and fresh <= TOLERANCE["int8"], (stored, fresh)
 
 
@@ -151,12 +152,15 @@ def test_emulated_cpu_takes_the_avx2_kernels(haswell: None) -> None:
 
 def test_same_images_on_both_cpus(haswell: None, int8: Path, reference: Path) -> None:
     """Integer sums are exact on both, whichever layout each runs; only float rounding (vector widths) may differ.
-    Each CPU runs the u8s8 layout exactly where its kernels are exact (VNNI), as the probe tells."""
+    The u8s8 layout passes the file's parity draws exactly where its kernels are exact (VNNI), as the probe tells,
+    and each CPU runs a layout that passed. Which of two passing layouts runs is a timing (the faster), so the
+    check names no winner there: on this tiny model the two run within timing noise of each other."""
     native, emulated = _errors(False, int8, reference), _errors(True, int8, reference)
     assert abs(native[1] - emulated[1]) < 1e-5 and abs(native[0] - emulated[0]) < 1e-5, (native, emulated)
-    for cpu, (_, _, layout) in (("native", native), ("emulated", emulated)):
+    for cpu, (_, _, layout, passed) in (("native", native), ("emulated", emulated)):
         got, exact = map(int, _run(cpu == "emulated", code=PROBE).stdout.split())
-        assert layout == ("u8s8" if got == exact else "u8u8"), (cpu, layout, got, exact)
+        assert sorted(passed) == (["u8s8", "u8u8"] if got == exact else ["u8u8"]), (cpu, passed, got, exact)
+        assert layout in passed, (cpu, layout, passed)
 
 
 @pytest.mark.parametrize("case", ["changed", "missing"])

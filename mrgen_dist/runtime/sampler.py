@@ -10,7 +10,8 @@ An int8 file carries a few prior draws with their float32 reference images (meta
 use in a process, `Sampler` runs them on this machine and refuses the file (SampleError) when the error exceeds
 the tolerance of the export check, since integer kernels differ between CPUs. Its other weight layouts
 (`mrgen.variants`: the u8s8 file beside it, whose kernels are exact and about twice as fast with VNNI and
-saturate without) are checked the same way, and the fastest layout that passes runs (`Sampler.layout`).
+saturate without) are checked the same way, and the fastest layout that passes runs (`Sampler.layout`; those
+that passed: `Sampler.exact_layouts`).
 
 A generator trained with the slice's axial level as a condition (`model.level_condition`; its graph has a
 `level` input) is asked for a level with `level=k`, one of the axial indices it was trained on (the file's
@@ -55,8 +56,9 @@ from mrgen_dist.scanners import UnknownScannerError, Vocabulary
 
 #: The parity error measured per (file, size, mtime, provider) in this process: each file is checked once.
 _PARITY_ERRORS: dict[tuple[str, int, int, str], float] = {}
-#: The weight layout chosen per (int8 file, size, mtime, provider) in this process, and the file that holds it.
-_LAYOUTS: dict[tuple[str, int, int, str], tuple[str, Path]] = {}
+#: The weight layout chosen per (int8 file, size, mtime, provider) in this process, the file that holds it, and
+#: the layouts that passed the file's parity draws.
+_LAYOUTS: dict[tuple[str, int, int, str], tuple[str, Path, tuple[str, ...]]] = {}
 #: Draws per timing run when the layouts of an int8 file are compared.
 LAYOUT_TIMING_BATCH = 64
 #: Timed runs per layout; the fastest counts.
@@ -112,6 +114,7 @@ class Sampler:
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
         self.layout = "u8u8" if self.metadata.precision == "int8" else self.metadata.precision
+        self.exact_layouts: tuple[str, ...] = (self.layout,)
         # another layout runs only where the file's own draws show it exact here: without draws, never
         if self.metadata.variants and self.metadata.parity.get("draws") and self.provider == "CPUExecutionProvider":
             self._pick_layout(path)
@@ -246,9 +249,10 @@ class Sampler:
                     best = min(best, time.perf_counter() - t0)
                 return best
 
+            # exact layouts run the same integer sums, so the choice among them is speed alone
             layout, file, chosen = min(candidates, key=lambda c: seconds(c[2])) if len(candidates) > 1 else candidates[0]
-            _LAYOUTS[key] = (layout, file)
-        layout, file = _LAYOUTS[key]
+            _LAYOUTS[key] = (layout, file, tuple(c[0] for c in candidates))
+        layout, file, self.exact_layouts = _LAYOUTS[key]
         if file != path:
             self.session = chosen or open_session(file, "cpu", self.threads)[0]
         self.layout = layout
