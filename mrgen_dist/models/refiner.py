@@ -17,8 +17,8 @@ with the scanner dropped to the null label with probability `label_dropout` for 
 an EMA copy. All of a step's random numbers come from one generator seeded by the loop's noise, so a resumed
 run makes the same steps.
 
-Sampling: the coarse run's decoder makes its mean slice for (z, scanner) (with `coarse_noise`, a draw of its
-learned noise around it, runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's
+Sampling: the coarse run's decoder makes its slice for (z, scanner) (`coarse_slice`: its mean slice, a draw of its
+learned noise around it, or that draw's mean; runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's
 settings; the ancestral one by default, runtime/diffusion.py) draws r from x_T; the slice is clip(c + scale r,
 0, 1). Export: the EMA UNet with the low-pass as the `mrgen-refiner` graph (x, t, scanner, coarse) -> (out,
 base = c), and the coarse run's decoder beside it (export/README.md); the sampler's latent is the decoder's z
@@ -45,7 +45,7 @@ from mrgen_dist.models.parts.unet import ConditionalUNet
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.runtime.diffusion import SamplerSettings, sample
 from mrgen_dist.runtime.noise import NoiseTexture
-from mrgen_dist.runtime.refine import coarse_draw
+from mrgen_dist.runtime.refine import COARSE_SLICES, coarse_slice
 from mrgen_dist.scanners import Vocabulary
 
 #: Condition channels of the UNet: the coarse low-pass and the two pixel coordinates.
@@ -68,13 +68,16 @@ class RefinerConfig(DiffusionConfig):
     spacing: str = "quadratic"  # of the sampler's timesteps (runtime/diffusion.py)
     sample_steps: int = 20
     guidance: float = 1.0
-    # refine a draw of the coarse run's learned noise around its mean slice, not the mean: real slices carry
-    # their noise floor into the training low-pass, so in air that condition is the floor's mean; but the draw
-    # also carries the coarse noise's texture into the low-pass (results/cohorts.md, "The coarse draw")
-    coarse_noise: bool = False
+    # what is refined (COARSE_SLICES): the coarse run's mean slice, a draw of its learned noise, or the draw's
+    # mean. Real slices carry their noise floor into the training low-pass, so in air that condition is the
+    # floor's mean, which the mean slice lacks; a draw also carries the coarse noise's texture into the
+    # low-pass (results/cohorts.md, "What the refiner refines"). Training does not read it.
+    coarse_slice: str = "mean"
 
     def validate(self) -> None:
         super().validate()
+        if self.coarse_slice not in COARSE_SLICES:
+            raise ValueError(f"model.coarse_slice must be one of {', '.join(COARSE_SLICES)}, got {self.coarse_slice!r}")
         if not self.coarse:
             raise ValueError("model.coarse must name a finished mrgen-train run of a decoder family (its folder), "
                              "trained on the same store: the generator whose slices this model refines")
@@ -128,7 +131,7 @@ class Refiner(Diffusion):
     def __init__(self, config: RefinerConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
         super().__init__(config, n_scanners, image_shape)
         self.band, self.scale, self.taps = config.band, config.scale, 2 * int(np.ceil(3 * config.band)) + 1
-        self.crop, self.coarse_dir, self.coarse_noise = config.crop, config.coarse, config.coarse_noise
+        self.crop, self.coarse_dir, self.coarse_slice = config.crop, config.coarse, config.coarse_slice
         self._coarse: list[SamplingGraph] = []
         self.load_run: Callable[[str], tuple] | None = None  # runs.load_trained, set by RefinerFamily.connect
 
@@ -163,9 +166,9 @@ class Refiner(Diffusion):
                 raise ValueError(f"model.coarse {self.coarse_dir} is a {family.name} run; the refiner refines the "
                                  "slices of a decoder family's run (z, scanner) -> slice")
             graph = family.export_graph(model).requires_grad_(False).eval()
-            if self.coarse_noise and not graph.has_noise:
-                raise ValueError(f"model.coarse_noise: the coarse run {self.coarse_dir} has no learned noise to draw; "
-                                 "set model.coarse_noise=false")
+            if self.coarse_slice != "mean" and not graph.has_noise:
+                raise ValueError(f"model.coarse_slice={self.coarse_slice}: the coarse run {self.coarse_dir} has no "
+                                 "learned noise; set model.coarse_slice=mean")
             self._coarse.append(graph)
         return self._coarse[0].to(device)
 
@@ -183,7 +186,7 @@ class RefinerGraph(DenoiserGraph):
         coarse = model.coarse(model.alphas_cumprod.device)
         # the sampler's latent: the coarse generator's z, then x_T
         self.latent = coarse.latent + model.image_shape[0] * model.image_shape[1]
-        self.scale, self.coarse_noise = model.scale, model.coarse_noise
+        self.scale, self.coarse_slice = model.scale, model.coarse_slice
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, coarse: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +204,7 @@ class RefinerGraph(DenoiserGraph):
         return ["out", "base"]
 
     def sampler_metadata(self) -> dict:
-        return {**self.settings, "scale": self.scale, "coarse_noise": self.coarse_noise}
+        return {**self.settings, "scale": self.scale, "coarse_slice": self.coarse_slice}
 
 
 class RefinerFamily(DiffusionFamily):
@@ -215,7 +218,7 @@ class RefinerFamily(DiffusionFamily):
 
     def connect(self, model: Refiner, load_run: Callable[[str], tuple]) -> None:
         model.load_run = load_run
-        if model.coarse_noise:  # a coarse run without learned noise is refused now, not at the first preview
+        if model.coarse_slice != "mean":  # a coarse run without learned noise is refused now, not at the preview
             with torch.random.fork_rng(devices=[]):  # loading builds a model: the run's draws stay as without
                 model.coarse(torch.device("cpu"))
 
@@ -273,11 +276,10 @@ class RefinerFamily(DiffusionFamily):
         rows = []
         for sid, name in enumerate(vocabulary.names):
             s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
-            coarse = decoder(z, s).float()
-            if graph.coarse_noise:
-                coarse = torch.from_numpy(coarse_draw(
-                    coarse.cpu().numpy(), decoder.noise_sigma(s).float().cpu().numpy(), decoder.noise_kind,
-                    s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)
+            mean = decoder(z, s).float().cpu().numpy()
+            sigma = None if graph.coarse_slice == "mean" else decoder.noise_sigma(s).float().cpu().numpy()
+            coarse = torch.from_numpy(coarse_slice(graph.coarse_slice, mean, sigma, decoder.noise_kind,
+                                                   s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)
             base = graph(torch.zeros_like(coarse), torch.zeros(PREVIEW_COLUMNS, device=device), s, coarse)[1]
 
             def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray, coarse: torch.Tensor = coarse) -> np.ndarray:

@@ -12,17 +12,28 @@ variance: interpolation and k-space filtering correlate MR noise between neighbo
 the scanner's extra degrees of freedom: the root-sum-of-squares of L coils adds, where the image is dark, the
 noise power of 2L - 2 more Gaussian channels (a non-central chi distribution; Constantinides et al., MRM 1997),
 here drawn by its first two moments. d = 0 and a one-tap kernel is the Rician draw.
+
+`expected_draw` is the mean of a draw, pixel by pixel: the noise floor's level where a draw is taken away.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.polynomial.hermite_e import hermegauss
 
 from mrgen_dist.artifacts import ModelMetadata
+
+#: The mean of a unit-sigma draw is tabulated for image / sigma in [0, EXPECTED_RANGE], every EXPECTED_STEP
+#: (linear interpolation: at most about 1e-3 sigma off); beyond it, its asymptote (`_unit_mean`).
+EXPECTED_RANGE, EXPECTED_STEP = 32.0, 1 / 16
+#: Gauss-Hermite nodes per Gaussian component of a magnitude's mean: about 1e-3 off next to the exact Rician
+#: mean at the floor (r = 0), where the magnitude has its cone, and less above.
+EXPECTED_NODES = 40
 
 
 @dataclass(frozen=True)
@@ -95,3 +106,53 @@ def add_noise(image: np.ndarray, sigma: np.ndarray, kind: str, rngs: Sequence[np
     if kind == ModelMetadata.RICIAN_NOISE:
         noisy = np.hypot(noisy, sigma * rngs[1].standard_normal(image.shape, dtype=np.float32))
     return np.clip(noisy, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_mean(kind: str, dof: float) -> tuple[np.ndarray, np.ndarray]:
+    """(r, g(r)): the mean g of a draw of unit sigma around r on the table's grid, lower clip included.
+    Gaussian: E max(0, r + c) = r Phi(r) + phi(r), for r of either sign. Magnitude (Rician, chi), even in r:
+    E sqrt((r + c1)^2 + c2^2 + max(0, d + sqrt(2 d) c3)) for r >= 0, by Gauss-Hermite quadrature."""
+    r = np.arange(0.0, EXPECTED_RANGE + EXPECTED_STEP / 2, EXPECTED_STEP)
+    if kind == ModelMetadata.GAUSSIAN_NOISE:
+        r = np.concatenate([-r[:0:-1], r])
+        phi = np.exp(-(r**2) / 2) / math.sqrt(2 * math.pi)
+        big_phi = np.array([0.5 * (1 + math.erf(x / math.sqrt(2))) for x in r])
+        return r, r * big_phi + phi
+    c, w = hermegauss(EXPECTED_NODES)
+    w = w / w.sum()
+    extra, w3 = (np.zeros(1), np.ones(1)) if dof == 0 else hermegauss(EXPECTED_NODES)
+    extra = np.maximum(0.0, dof + math.sqrt(2 * dof) * extra)
+    w3 = w3 / w3.sum()
+    square = c[None, None, :] ** 2 + extra[None, :, None]  # c2^2 + the extra channels' power, (1, k3, k)
+    g = np.empty_like(r)
+    for i, x in enumerate(r):
+        power = (x + c)[:, None, None] ** 2 + square  # (k1, k3, k2)
+        g[i] = np.einsum("i,j,k,ijk->", w, w3, w, np.sqrt(power))
+    return r, g
+
+
+def expected_draw(image: np.ndarray, sigma: np.ndarray, kind: str, scanner: np.ndarray | None = None,
+                  texture: NoiseTexture | None = None) -> np.ndarray:
+    """The mean of `add_noise`'s draws of `kind` around `image` (B, 1, H, W) with standard deviation `sigma`,
+    pixel by pixel: sigma g(image / sigma, d) (`_unit_mean`), d each image's `scanner`'s extra degrees of
+    freedom for chi noise. A kernel correlates pixels but leaves each one's distribution, so it does not enter.
+    The clip at 1 is applied to the mean (the mean of the clipped draw is lower where a pixel's draws cross 1)."""
+    if kind == ModelMetadata.CHI_NOISE:
+        if texture is None or scanner is None:
+            raise ValueError("chi noise needs the scanner of each image and the model's noise texture")
+        dofs = np.asarray(texture.dof, dtype=np.float64)[np.asarray(scanner)]
+    else:
+        dofs = np.zeros(len(image))
+    sigma = np.maximum(np.asarray(sigma, dtype=np.float64), 1e-12)
+    gaussian = kind == ModelMetadata.GAUSSIAN_NOISE
+    r = image.astype(np.float64) / sigma
+    out = np.empty(image.shape, dtype=np.float32)
+    for i, dof in enumerate(dofs):
+        grid, g = _unit_mean(kind, float(dof))
+        # beyond the table, the asymptotes: max(r, 0) for a Gaussian; sqrt(r^2 + 1 + d) for a magnitude
+        x = r[i] if gaussian else np.abs(r[i])
+        far = np.maximum(x, 0) if gaussian else np.sqrt(x**2 + 1 + dof)
+        unit = np.where(np.abs(x) > EXPECTED_RANGE, far, np.interp(x, grid, g))
+        out[i] = np.minimum(sigma[i] * unit, 1.0)
+    return out

@@ -6,10 +6,12 @@ The latent of an image is the coarse generator's z followed by x_T (H * W number
 `base` and the prediction for the scaled fine band, the sampling loop of runtime/diffusion.py (the file's
 `mrgen.sampler`) draws the fine band r from x_T, and the slice is clip(base + scale r, 0, 1).
 
-The coarse slice is the decoder's mean slice, or, where the file says so (`mrgen.sampler` `coarse_noise`, the
-refiner's `model.coarse_noise`), a draw of its learned noise around it: the refiner learnt the fine band under
-the low-pass of real slices, which carry their noise floor, so in air its condition is the floor's mean, not
-the zero of a noise-free mean slice, from which the final clip at 0 cuts part of the drawn noise away.
+The coarse slice (`mrgen.sampler` `coarse_slice`, the refiner's `model.coarse_slice`; COARSE_SLICES) is the
+decoder's mean slice ("mean"), a draw of its learned noise around it ("draw"), or that draw's mean, pixel by
+pixel ("expected"). The refiner learnt the fine band under the low-pass of real slices, which carry their noise
+floor: in air that condition is the floor's mean, not the zero of a noise-free mean slice, from which the final
+clip at 0 cuts part of the drawn noise away. A draw gives the floor but also carries the coarse noise's texture
+into the low-pass; its mean gives the floor without it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from mrgen_dist.runtime.diffusion import Denoise, DiffusionDraw, noise_streams, sample
-from mrgen_dist.runtime.noise import NoiseTexture, add_noise
+from mrgen_dist.runtime.noise import NoiseTexture, add_noise, expected_draw
 from mrgen_dist.runtime.session import check_finite
 
 
@@ -31,14 +33,29 @@ def coarse_draw(image: np.ndarray, sigma: np.ndarray, kind: str, scanner: np.nda
                            for i, stream in enumerate(noise_streams(z))])
 
 
+#: What a refiner refines (module doc): the coarse decoder's mean slice, a draw of its noise, or the draw's mean.
+COARSE_SLICES = ("mean", "draw", "expected")
+
+
+def coarse_slice(mode: str, image: np.ndarray, sigma: np.ndarray | None, kind: str, scanner: np.ndarray,
+                 texture: NoiseTexture | None, z: np.ndarray) -> np.ndarray:
+    """The slices a refiner refines, of `mode` (COARSE_SLICES), from the coarse decoder's mean slices `image`
+    (B, 1, H, W), its noise's `sigma` (None for "mean") and `kind`, and the images' labels and coarse latents."""
+    if mode == "mean":
+        return image
+    if mode == "draw":
+        return coarse_draw(image, sigma, kind, scanner, texture, z)
+    return expected_draw(image, sigma, kind, scanner, texture)
+
+
 class RefinedDraw(DiffusionDraw):
     """What `Sampler` does with a `mrgen-refiner` file; `coarse` is the Sampler of its coarse decoder file and
-    `scale` the fine band's scale (the file's `mrgen.sampler` `scale`); with `coarse_noise`, the refined slice
-    is the coarse decoder's draw with its learned noise, else its mean slice."""
+    `scale` the fine band's scale (the file's `mrgen.sampler` `scale`); `mode` is the coarse slice refined
+    (COARSE_SLICES)."""
 
-    def __init__(self, session, path, image_shape, settings, coarse, scale: float, coarse_noise: bool) -> None:
+    def __init__(self, session, path, image_shape, settings, coarse, scale: float, mode: str) -> None:
         super().__init__(session, path, image_shape, settings)
-        self.coarse, self.scale, self.coarse_noise = coarse, scale, coarse_noise
+        self.coarse, self.scale, self.mode = coarse, scale, mode
 
     @property
     def latent(self) -> int:
@@ -74,11 +91,10 @@ class RefinedDraw(DiffusionDraw):
         if level is not None:
             raise ValueError("a refiner takes no slice level")
         z_coarse = np.ascontiguousarray(z[:, : self.coarse.latent], dtype=np.float32)
-        if self.coarse_noise:
-            image, sigma = self.coarse.decode_with_sigma(z_coarse, scanner)
-            coarse = coarse_draw(image, sigma, self.coarse.metadata.noise, scanner, self.coarse.noise_texture, z_coarse)
-        else:
-            coarse = self.coarse.decode(z_coarse, scanner)
+        image, sigma = (self.coarse.decode(z_coarse, scanner), None) if self.mode == "mean" else \
+            self.coarse.decode_with_sigma(z_coarse, scanner)
+        coarse = coarse_slice(self.mode, image, sigma, self.coarse.metadata.noise, scanner, self.coarse.noise_texture,
+                              z_coarse)
         x = np.ascontiguousarray(z[:, self.coarse.latent :], dtype=np.float32).reshape(len(z), 1, *self.image_shape)
         denoise, base = self.refine(coarse, what, offset)
         fine = sample(denoise, x, scanner, self.settings)

@@ -41,7 +41,7 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.runtime.diffusion import DiffusionDraw, SamplerSettings
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 from mrgen_dist.runtime.parity import decode_draws
-from mrgen_dist.runtime.refine import RefinedDraw
+from mrgen_dist.runtime.refine import COARSE_SLICES, RefinedDraw
 from mrgen_dist.runtime.session import (
     LEVEL_INPUT,
     SampleError,
@@ -102,10 +102,13 @@ class Sampler:
             if self.metadata.contract == ModelMetadata.REFINER:
                 if "scale" not in self.metadata.sampler:
                     raise ArtifactError(f"{path}: metadata mrgen.sampler lacks scale (the refiner's fine band scale)")
-                coarse_noise = bool(self.metadata.sampler.get("coarse_noise", False))  # absent in older files
+                mode = self.metadata.sampler.get("coarse_slice", "mean")  # absent in older files
+                if mode not in COARSE_SLICES:
+                    raise ArtifactError(f"{path}: metadata mrgen.sampler coarse_slice must be one of {COARSE_SLICES}, "
+                                        f"got {mode!r}")
                 self.diffusion = RefinedDraw(self.session, path, self.image_shape, settings,
-                                             self._coarse_sampler(path, device, threads, coarse_noise),
-                                             float(self.metadata.sampler["scale"]), coarse_noise)
+                                             self._coarse_sampler(path, device, threads, mode != "mean"),
+                                             float(self.metadata.sampler["scale"]), mode)
                 self.latent = self.diffusion.latent
             else:
                 self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
@@ -122,7 +125,7 @@ class Sampler:
     def _coarse_sampler(self, path: Path, device: str, threads: int, noise: bool) -> Sampler:
         """The Sampler of a refiner file's coarse decoder (`mrgen.coarse`), checked to be the file exported with
         it, to make slices of this file's scanners and shape, and to have learned noise where `noise` asks for
-        its draws."""
+        it."""
         record = self.metadata.coarse
         file = path.parent / str(record.get("file", ""))
         if not record.get("file") or not file.is_file():
@@ -135,8 +138,8 @@ class Sampler:
                 or coarse.image_shape != self.image_shape:
             raise ArtifactError(f"{path}: its coarse generator {file} is not a decoder of its scanners and slices")
         if noise and not coarse.has_noise:
-            raise ArtifactError(f"{path}: it refines draws of its coarse generator's learned noise, but {file} has "
-                                "none; export the refiner again")
+            raise ArtifactError(f"{path}: it refines its coarse generator's learned noise, but {file} has none; "
+                                "export the refiner again")
         return coarse
 
     def _trained_levels(self, path: Path) -> np.ndarray | None:
@@ -274,22 +277,32 @@ class Sampler:
 
     def decode(self, z: np.ndarray, scanner: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
         """The images (B, 1, H, W) of latents `z` (B, latent) and scanner ids (B,) (and axial indices `level`
-        (B,), for a level-conditioned generator), in one batch: the decoder's mean image, or the DDIM run from
-        x_T = z of a denoiser."""
-        if self.diffusion is not None:
-            return self.diffusion.images(z, np.asarray(scanner, dtype=np.int64), level=level)[:, None]
-        (images,) = self.session.run(["image"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64),
-                                                 **level_feed(level)})
-        return images
+        (B,), for a level-conditioned generator): the decoder's mean image, in one batch, or the sampling run
+        from the latent of a denoiser or refiner, DIFFUSION_BATCH images at a time."""
+        scanner = np.asarray(scanner, dtype=np.int64)
+        if self.diffusion is None:
+            return self._decoder_outputs(z, scanner, level, False, "decode", 0)[0]
+        return np.concatenate([
+            self.diffusion.images(z[start : start + DIFFUSION_BATCH], scanner[start : start + DIFFUSION_BATCH],
+                                  "decode", start, None if level is None else level[start : start + DIFFUSION_BATCH])
+            for start in range(0, len(z), DIFFUSION_BATCH)])[:, None]
 
     def decode_with_sigma(self, z: np.ndarray, scanner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The mean images (B, 1, H, W) of latents `z` and scanner ids, and the standard deviation of the learned
         noise around them (the graph's `sigma`), in one batch."""
         if self.diffusion is not None or not self.has_noise:
             raise SampleError(f"{self.path}: only a decoder with learned observation noise has a sigma output")
-        image, sigma = self.session.run(["image", "sigma"], {"z": z, "scanner": np.asarray(scanner, dtype=np.int64)})
-        check_finite([image, sigma], ["image", "sigma"], self.path, "coarse draw", 0)
+        image, sigma = self._decoder_outputs(z, np.asarray(scanner, dtype=np.int64), None, True, "coarse draw", 0)
         return image, sigma
+
+    def _decoder_outputs(self, z: np.ndarray, scanner: np.ndarray, level: np.ndarray | None, sigma: bool, what: str,
+                         offset: int) -> list[np.ndarray]:
+        """A decoder graph's `image` (and with `sigma` its `sigma`) of one batch, checked finite (`what` and the
+        batch's `offset` name a failing batch)."""
+        names = ["image", "sigma"] if sigma else ["image"]
+        outputs = self.session.run(names, {"z": z, "scanner": scanner, **level_feed(level)})
+        check_finite(outputs, names, self.path, what, offset)
+        return outputs
 
     def latents(self, scanner: str, n: int, seed: int) -> np.ndarray:
         if n <= 0:
@@ -329,10 +342,8 @@ class Sampler:
         for start in range(0, n, batch_size):
             chunk = z[start : start + batch_size]
             labels = np.full(len(chunk), sid, dtype=np.int64)
-            outputs = self.session.run(["image", "sigma"] if rngs else ["image"],
-                                       {"z": chunk, "scanner": labels,
-                                        **level_feed(levels_of(start, start + len(chunk)))})
-            check_finite(outputs, ["image", "sigma"], self.path, f"{scanner} draw", start)
+            outputs = self._decoder_outputs(chunk, labels, levels_of(start, start + len(chunk)), rngs is not None,
+                                            f"{scanner} draw", start)
             images = outputs[0] if rngs is None else add_noise(*outputs, self.metadata.noise, rngs, labels,
                                                                self.noise_texture)
             out[start : start + len(chunk)] = images[:, 0]

@@ -19,7 +19,7 @@ from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
-from mrgen_dist.runtime.refine import coarse_draw
+from mrgen_dist.runtime.refine import coarse_draw, coarse_slice
 from mrgen_dist.scanners import Vocabulary
 
 SHAPE = (218, 182)
@@ -65,6 +65,12 @@ def test_the_coarse_draw_follows_its_latent_and_keeps_the_noise_floor() -> None:
     assert not np.array_equal(together[0], together[1])
     assert together.mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.02)
     assert together.std() == pytest.approx(sigma * np.sqrt(2 - np.pi / 2), rel=0.03)
+    # the draw's mean ("expected") has the floor without the draw's spread; the mean slice has neither
+    expected = coarse_slice("expected", image, sigmas, ModelMetadata.RICIAN_NOISE, scanner, None, z)
+    np.testing.assert_allclose(expected, sigma * np.sqrt(np.pi / 2), rtol=2e-3)
+    assert coarse_slice("mean", image, None, ModelMetadata.RICIAN_NOISE, scanner, None, z) is image
+    np.testing.assert_array_equal(coarse_slice("draw", image, sigmas, ModelMetadata.RICIAN_NOISE, scanner, None, z),
+                                  together)
 
 
 def test_windows_are_the_same_place_in_every_tensor_at_their_phase() -> None:
@@ -102,12 +108,12 @@ def test_a_missing_coarse_run_is_named(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def refiner_file(atlas_run: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny refiner of the tiny atlas run (over its Rician draws), trained 2 epochs through mrgen-train (the
-    preview drawn), exported."""
+    preview drawn over the draws), exported."""
     from mrgen_dist.export.exporter import export_onnx
     from tests.launch import TINY_REFINER, run, train_cmd
 
     out = tmp_path_factory.mktemp("refiner") / "run"
-    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", "model.coarse_noise=true", config=TINY_REFINER))
+    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", "model.coarse_slice=draw", config=TINY_REFINER))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "samples_002.png").is_file()
     return export_onnx(out, "fp32", out.parent / "refiner.onnx").path
@@ -125,7 +131,7 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     assert meta.contract == ModelMetadata.REFINER and meta.family == "refiner"
     assert meta.coarse == {"file": coarse.name, "sha256": hashlib.sha256(coarse.read_bytes()).hexdigest()}
     assert meta.sampler["name"] == "ancestral" and meta.sampler["spacing"] == "quadratic" and not meta.sampler["clip"]
-    assert meta.sampler["scale"] == 0.25 and meta.sampler["coarse_noise"] is True
+    assert meta.sampler["scale"] == 0.25 and meta.sampler["coarse_slice"] == "draw"
     assert meta.parity["max_error"] <= 1e-4
     assert sampler.latent == sampler.diffusion.coarse.latent + SHAPE[0] * SHAPE[1] == meta.latent
     images = sampler.sample("Intera", n=3, seed=1, batch_size=3)
@@ -133,16 +139,20 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=2))
     monkeypatch.setattr(sampler_module, "DIFFUSION_BATCH", 1)  # the cap on a diffusion draw's batch (memory)
     np.testing.assert_array_equal(images, sampler.sample("Intera", n=3, seed=1, batch_size=3))
+    np.testing.assert_array_equal(images, sampler.decode(sampler.latents("Intera", 3, 1), np.full(3, 1))[:, 0])
     monkeypatch.undo()
     assert not np.array_equal(images, sampler.sample("Intera", n=3, seed=2))
     # the slice is the coarse decoder's low-pass plus the drawn fine band: close to the coarse slice
     z = sampler.latents("Intera", 3, 1)
     base = sampler.diffusion.coarse.decode(z[:, : sampler.diffusion.coarse.latent], np.full(3, 1))[:, 0]
     assert np.abs(images - base).mean() < 0.1
-    # over the coarse draw (its Rician floor) the final clip at 0 cuts fewer pixels than over its mean slice
-    sampler.diffusion.coarse_noise = False
+    # over the coarse draw or its mean (both with the Rician floor) the final clip at 0 cuts fewer pixels than
+    # over the mean slice
+    sampler.diffusion.mode = "mean"
     over_mean = sampler.sample("Intera", n=3, seed=1)
-    assert (images == 0).mean() < (over_mean == 0).mean()
+    sampler.diffusion.mode = "expected"
+    over_expected = sampler.sample("Intera", n=3, seed=1)
+    assert max((images == 0).mean(), (over_expected == 0).mean()) < (over_mean == 0).mean()
     with pytest.raises(Exception, match="no learned observation noise"):
         sampler.sample("Intera", n=1, noise=True)
 
@@ -205,3 +215,8 @@ def test_losses_are_a_function_of_the_loops_noise() -> None:
             return float(family.losses(Step(PlainAccelerator(), config, model, {}, images, scanner, noise))["loss"])
 
     assert loss(1) == loss(1) and loss(1) != loss(2)
+
+
+def test_an_unknown_coarse_slice_is_refused() -> None:
+    with pytest.raises(ValueError, match="model.coarse_slice must be one of mean, draw, expected, got 'noisy'"):
+        RefinerConfig(coarse="run", coarse_slice="noisy").validate()
