@@ -21,11 +21,17 @@ store_sha256 or scanners differ from the store's is refused. Two probes, written
   be recognised better than reconstructions of real ones. `real_test_accuracy` is the same classifier on the
   real test slices themselves.
 
+  Beside it, per scanner, their precision and recall against the real train slices (Inception, k = 5): with
+  the real anatomy given, how close the model's slices come to real ones. Far above the generated slices'
+  own, they say that the anatomy the model draws is what its samples lack.
 * **swaps** (`--swaps`): the real test slices with one region (background, rim, interior) or band (coarse,
   fine) replaced by their reconstructions', recognised by the same classifier (eval/swaps.py): which part of the
   reconstructions makes the classifier read another scanner.
 
-A family without an encoder (`encode_mean` returns None) gets null for all three, and `reason` says why.
+A refiner (models/refiner.py) has no encoder; its reconstructions are the real test slices' own low-pass in the
+coarse slice's place, refined with their labels (`Family.refine_real`): the refiner's ceiling, what it makes of
+a perfect coarse generator (no z probe). Any other family without an encoder (`encode_mean` returns None) gets
+null for all three, and `reason` says why.
 """
 
 from __future__ import annotations
@@ -41,12 +47,16 @@ from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import CLASSIFIER, confusion, fit_classifier, scanner_classifier
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
+from mrgen_dist.eval.quality import PRDC_K, prdc
 from mrgen_dist.eval.results import Diagnostics, Reconstruction, ZProbe
 from mrgen_dist.eval.swaps import swap_probe, swap_table
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 
 #: Images per encoder / decoder call.
 BATCH = 256
+#: What `Reconstruction.source` says the slices scored are.
+DECODED_SOURCE = "the real test slices' posterior means, decoded with their labels"
+REFINED_SOURCE = "the real test slices' low-pass, refined with their labels"
 Z_CLASSIFIER = ("multinomial logistic regression (as the conditioning check's) on standardised posterior means "
                 "of real train slices")
 
@@ -131,10 +141,13 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     model = model.to(dev).eval()
     test = store.load_split("test")
     z_test = encode_means(family, model, test.images, test.scanner, test.slice_index, dev, "encode test")
-    z_probe = reconstruction = extractor = reason = swap_rows = None
+    z_probe = reconstruction = extractor = reason = swap_rows = recon = None
     if z_test is None:
-        reason = (f"family {family.name} has no encoder (encode_mean returns None): no posterior means to probe or "
-                  "to reconstruct from")
+        recon = family.refine_real(model, test.images, test.scanner)
+        source = REFINED_SOURCE
+        if recon is None:
+            reason = (f"family {family.name} has no encoder (encode_mean returns None) and refines no generator's "
+                      "slices: no posterior means to probe or to reconstruct from")
     else:
         train = store.load_split("train")
         z_train = encode_means(family, model, train.images, train.scanner, train.slice_index, dev, "encode train")
@@ -151,14 +164,18 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
             latent=int(z_train.shape[1]),
             classifier=Z_CLASSIFIER,
         )
-
+        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise, test.slice_index)
+        source = DECODED_SOURCE
+    if recon is not None:
         extractor = load_inception(inception_weights, None if device == "auto" else device)
         cache = cache_dir(out)
         classifier = scanner_classifier(store, extractor, cache)
-        recon = decode_means(family, model, z_test, np.asarray(test.scanner), dev, noise, test.slice_index)
-        r_confusion = confusion(np.asarray(test.scanner), classifier.predict(extractor(recon)), len(names))
+        labels = np.asarray(test.scanner)
+        features = extractor(recon)
+        r_confusion = confusion(labels, classifier.predict(features), len(names))
         real_correct = sum(int((classifier.predict(real_features(store, name, "test", extractor, cache)[0]) == k).sum())
                            for k, name in enumerate(names))
+        quality = reconstruction_quality(store, names, features, labels, extractor, cache)
         reconstruction = Reconstruction(
             accuracy=float(np.trace(r_confusion) / r_confusion.sum()),
             confusion=r_confusion.tolist(),  # rows: true scanner (decoded with its label), columns: recognised
@@ -166,11 +183,14 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
             n_test=int(len(test.scanner)),
             noise=noise,  # whether the reconstructions drew the model's learned noise (--noise)
             classifier=CLASSIFIER,
+            source=source,
+            precision=None if quality is None else [q["precision"] for q in quality],
+            recall=None if quality is None else [q["recall"] for q in quality],
         )
         if swaps:
             real = np.asarray(test.images, dtype=np.float32)
-            swap_rows = swap_probe(real, recon, np.asarray(test.scanner),
-                                   lambda images: classifier.predict(extractor(images)), len(names))
+            swap_rows = swap_probe(real, recon, labels, lambda images: classifier.predict(extractor(images)),
+                                   len(names))
     result = Diagnostics(
         scanners=names,
         store_sha256=store.sha256,
@@ -193,15 +213,32 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     return result
 
 
+def reconstruction_quality(store: SliceStore, names: list[str], features: np.ndarray, labels: np.ndarray,
+                           extractor, cache: Path) -> list[dict[str, float]] | None:
+    """Per scanner, `prdc` of the reconstructions' Inception `features` (their scanner `labels`) against the real
+    train slices' (cached); None where a scanner has too few slices on either side for k = 5 neighbours."""
+    real = [real_features(store, name, "train", extractor, cache)[0] for name in names]
+    if min(min(len(f), int((labels == k).sum())) for k, f in enumerate(real)) < PRDC_K + 2:
+        return None
+    return [prdc(f, features[labels == k], k=PRDC_K) for k, f in enumerate(real)]
+
+
 def summary(result: Diagnostics, out: Path) -> str:
-    """One line for the terminal."""
+    """One line for the terminal (and the component-swap table)."""
     head = f"diagnostics ({result.title}, {result.parameters:,} parameters)"
-    if result.z_probe is None:
+    rec = result.reconstruction
+    if rec is None:
         return f"{head}: {result.reason} -> {out / result.file_name}"
-    z, rec = result.z_probe, result.reconstruction
-    line = (f"{head}: scanner read from z with accuracy {z.accuracy:.3f} (chance {z.chance:.3f}); "
-            f"reconstructions recognised as their scanner {rec.accuracy:.3f} (real test slices "
-            f"{rec.real_test_accuracy:.3f}) -> {out / result.file_name}")
+    z = result.z_probe
+    line = head + ": " + ("" if z is None else f"scanner read from z with accuracy {z.accuracy:.3f} (chance "
+                                                f"{z.chance:.3f}); ")
+    what = "refinements of the real test slices' low-pass" if rec.source == REFINED_SOURCE else "reconstructions"
+    line += (f"{what} recognised as their scanner {rec.accuracy:.3f} (real test slices "
+             f"{rec.real_test_accuracy:.3f})")
+    if rec.precision is not None:
+        line += (", precision " + ", ".join(f"{p:.2f}" for p in rec.precision) + " and recall "
+                 + ", ".join(f"{r:.2f}" for r in rec.recall) + " per scanner against the real train slices")
+    line += f" -> {out / result.file_name}"
     if result.swaps:
         line += ("\nreal test slices recognised as their scanner with one component from the reconstructions:\n"
                  + swap_table(result.swaps, result.scanners))

@@ -51,6 +51,8 @@ AIR_MARGIN_PX = 8  # air at least this far from the head: no skull edge, partial
 GRADIENT_SIGMA_PX = 1.0  # derivative-of-Gaussian scale for sharpness; see `signature`
 MAX_W1_SAMPLES = 1_000_000  # brain pixels per side for the Wasserstein distance; beyond, a fixed-seed subsample
 SIGNATURE_CHUNK = 64  # images per filtering batch in `signature`
+#: Neighbours of precision, recall, density and coverage wherever the project scores them.
+PRDC_K = 5
 
 
 # -- precision, recall, density, coverage ---------------------------------------------------------------------

@@ -177,14 +177,25 @@ def _conditioning_lines(cond: Conditioning | None, diag: Diagnostics | None) -> 
                       f"accuracy {_fmt(z.accuracy, 3)} (chance {_fmt(z.chance, 3)}); reconstructions of "
                       f"the real test slices are recognised as their scanner with accuracy "
                       f"{_fmt(rec.accuracy, 3)} (the decoder's ceiling)."]
+        elif rec is not None:
+            lines += ["", f"Diagnostics ({title}): the refinements of the real test slices' low-pass are "
+                      f"recognised as their scanner with accuracy {_fmt(rec.accuracy, 3)} (the refiner's ceiling: "
+                      "a perfect coarse generator)."]
         elif diag.reason:
             lines += ["", f"Diagnostics ({title}): {diag.reason}."]
+        if rec is not None and rec.precision is not None:
+            lines += ["", "Against the real train slices (Inception, k = 5), per scanner: precision "
+                      + ", ".join(_fmt(p, 2) for p in rec.precision) + "; recall "
+                      + ", ".join(_fmt(r, 2) for r in rec.recall) + ". Where the generated slices fall far below "
+                      "these, the model's own anatomy is what they lack."]
     rows = []
     if cond:
         rows += [("real test slices", cond.real_test_accuracy),
                  ("generated slices, as the scanner asked for", cond.generated_accuracy)]
     if diag and diag.reconstruction is not None:
-        rows.append(("reconstructions of real test slices (decoder ceiling)", diag.reconstruction.accuracy))
+        what = ("real test slices' low-pass, refined (refiner ceiling)" if diag.z_probe is None
+                else "reconstructions of real test slices (decoder ceiling)")
+        rows.append((what, diag.reconstruction.accuracy))
     if diag and diag.z_probe is not None:
         z = diag.z_probe
         rows.append((f"z-probe: scanner from posterior means (chance {_fmt(z.chance, 3)})", z.accuracy))

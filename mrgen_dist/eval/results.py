@@ -311,7 +311,8 @@ class ZProbe(Part):
 
 @dataclass(frozen=True)
 class Reconstruction(Part):
-    """The conditioning check's classifier on reconstructions of the real test slices (eval/diagnostics.py)."""
+    """The conditioning check's classifier on reconstructions of the real test slices (eval/diagnostics.py): a
+    decoder's of their posterior means, a refiner's of their low-pass."""
 
     accuracy: float | None = None
     confusion: list[list[int]] | None = None  # rows: true scanner (decoded with its label), columns: recognised
@@ -319,6 +320,11 @@ class Reconstruction(Part):
     n_test: int | None = None
     noise: bool | None = None  # whether the reconstructions drew the model's learned noise
     classifier: str | None = None
+    source: str | None = None  # what was reconstructed (diagnostics.DECODED_SOURCE or REFINED_SOURCE)
+    # per scanner, the reconstructions against the real train slices (Inception, k = 5): what the model reaches
+    # with the real anatomy given
+    precision: list[float] | None = None
+    recall: list[float] | None = None
 
 
 @dataclass(frozen=True)

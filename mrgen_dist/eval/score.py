@@ -36,8 +36,6 @@ from mrgen_dist.eval.results import Generation, LabelEffect, Repeat, ScannerScor
 from mrgen_dist.runtime.sampler import Sampler
 from mrgen_dist.tracking import Tracker
 
-#: Neighbours of precision, recall, density and coverage.
-PRDC_K = 5
 #: Latent draws of the label-effect grid, decoded for every scanner, and the seed stream they come from.
 LABEL_EFFECT_DRAWS = 16
 LABEL_EFFECT_STREAM = 20_000
@@ -78,12 +76,13 @@ def quality_measures(
     not computed is left out: None); notes on what could not be computed."""
     from mrgen_dist.eval import quality
 
-    measures: dict = {"prdc_k": PRDC_K, "ms_ssim_pairs": MS_SSIM_PAIRS}
+    k = quality.PRDC_K
+    measures: dict = {"prdc_k": k, "ms_ssim_pairs": MS_SSIM_PAIRS}
     notes = []
-    if min(len(real), len(generated)) > PRDC_K:
-        measures.update(quality.prdc(real, generated, k=PRDC_K))
+    if min(len(real), len(generated)) >= k + 2:  # a k-th neighbour besides itself, and prdc's one more
+        measures.update(quality.prdc(real, generated, k=k))
     else:
-        notes.append(f"precision, recall, density and coverage need more than k = {PRDC_K} real and generated "
+        notes.append(f"precision, recall, density and coverage need at least k + 2 = {k + 2} real and generated "
                      f"slices; {len(real)} real, {len(generated)} generated")
     measures["ms_ssim"] = quality.ms_ssim_diversity(generated_images, pairs=MS_SSIM_PAIRS, seed=MS_SSIM_SEED)
     measures["ms_ssim_real"] = real_ms_ssim(store, scanner, real_images, cache)

@@ -285,6 +285,12 @@ class Family(ABC):
         without an encoder."""
         return None
 
+    def refine_real(self, model: nn.Module, images: torch.Tensor, scanner: torch.Tensor, seed: int = 0
+                    ) -> np.ndarray | None:
+        """What the family makes of real slices (n, H, W) in a coarse generator's place, (n, H, W) in [0, 1], or
+        None for a family that refines no other generator's slices (the refiner's ceiling; models/refiner.py)."""
+        return None
+
     def optimizers(self, model: nn.Module, make: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
                    ) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers; `make(params)` builds the run's configured optimizer. Default: one for everything."""

@@ -27,6 +27,7 @@ followed by x_T.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from mrgen_dist.scanners import Vocabulary
 
 #: Condition channels of the UNet: the coarse low-pass and the two pixel coordinates.
 CONDITION_CHANNELS = 3
+#: Slices per sampling loop in `RefinerFamily.refine_real` (the runtime's DIFFUSION_BATCH at most).
+REFINE_BATCH = 16
 
 
 @dataclass
@@ -207,6 +210,20 @@ class RefinerGraph(DenoiserGraph):
         return {**self.settings, "scale": self.scale, "coarse_slice": self.coarse_slice}
 
 
+def refined(graph: RefinerGraph, settings: SamplerSettings, scale: float, coarse: torch.Tensor,
+            scanner: torch.Tensor, x_t: np.ndarray) -> np.ndarray:
+    """Slices (B, H, W) refined from coarse slices (B, 1, H, W): their low-pass plus `scale` x the fine band
+    that the runtime's sampling loop (`settings`) draws from x_T with the graph's UNet, clipped to [0, 1]."""
+    base = graph(torch.zeros_like(coarse), torch.zeros(len(coarse), device=coarse.device), scanner, coarse)[1]
+
+    def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        inputs = (torch.from_numpy(a).to(coarse.device) for a in (x, t, labels))
+        return graph(*inputs, coarse.repeat(len(x) // len(coarse), 1, 1, 1))[0].cpu().numpy()
+
+    fine = sample(denoise, x_t, scanner.cpu().numpy(), settings)
+    return np.clip(base.cpu().numpy() + scale * fine, 0, 1)[:, 0]
+
+
 class RefinerFamily(DiffusionFamily):
     name = "refiner"
     title = "refiner"
@@ -280,16 +297,28 @@ class RefinerFamily(DiffusionFamily):
             sigma = None if graph.coarse_slice == "mean" else decoder.noise_sigma(s).float().cpu().numpy()
             coarse = torch.from_numpy(coarse_slice(graph.coarse_slice, mean, sigma, decoder.noise_kind,
                                                    s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)
-            base = graph(torch.zeros_like(coarse), torch.zeros(PREVIEW_COLUMNS, device=device), s, coarse)[1]
-
-            def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray, coarse: torch.Tensor = coarse) -> np.ndarray:
-                inputs = (torch.from_numpy(a).to(device) for a in (x, t, labels))
-                return graph(*inputs, coarse.repeat(len(x) // len(coarse), 1, 1, 1))[0].cpu().numpy()
-
-            fine = sample(denoise, x_t, s.cpu().numpy(), model.settings)
             rows.append((f"{name} (coarse)", coarse[:, 0].cpu().numpy()))
-            rows.append((name, np.clip(base.cpu().numpy() + model.scale * fine, 0, 1)[:, 0]))
+            rows.append((name, refined(graph, model.settings, model.scale, coarse, s, x_t)))
         return rows, f"the coarse run's samples and their refinement ({model.settings.name} {model.settings.steps} steps)"
+
+    @torch.no_grad()
+    def refine_real(self, model: Refiner, images: torch.Tensor, scanner: torch.Tensor, seed: int = 0) -> np.ndarray:
+        """The refinements of real slices (n, H, W) with their labels: the low-pass of each real slice in the
+        coarse slice's place, the fine band drawn as sampling draws it, x_T from a generator seeded `seed`.
+        What the refiner makes of a perfect coarse generator: its ceiling, which `mrgen-fid diagnose` scores."""
+        from tqdm import tqdm
+
+        graph = RefinerGraph(model).eval()
+        device = next(model.parameters()).device
+        rng = np.random.default_rng(seed)
+        out = np.empty((len(images), *model.image_shape), dtype=np.float32)
+        for start in tqdm(range(0, len(images), REFINE_BATCH), desc="refine the real low-pass", unit="batch",
+                          file=sys.stderr):
+            coarse = torch.as_tensor(images[start : start + REFINE_BATCH]).float().to(device)[:, None]
+            s = torch.as_tensor(scanner[start : start + REFINE_BATCH], dtype=torch.long).to(device)
+            x_t = rng.standard_normal(coarse.shape, dtype=np.float32)
+            out[start : start + len(coarse)] = refined(graph, model.settings, model.scale, coarse, s, x_t)
+        return out
 
     def flops_per_image(self, model: Refiner) -> int:
         """6 x the UNet's multiply-accumulates of one forward on one training window."""

@@ -12,7 +12,7 @@ from mrgen_dist.commands.fid import main
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.eval.diagnostics import summary
+from mrgen_dist.eval.diagnostics import DECODED_SOURCE, summary
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.eval.results import Diagnostics
 from mrgen_dist.eval.swaps import BANDS, REGIONS
@@ -76,6 +76,9 @@ def test_diagnose_tiny_cvae(diagnosed: Path, store_dir: Path, trained_run: Path,
     # the conditioning check's classifier, on the same cached real features: the same real test accuracy
     cond = json.loads((diagnosed / "conditioning.json").read_text())
     assert rec["real_test_accuracy"] == cond["real_test_accuracy"] and "logistic regression" in rec["classifier"]
+    # per scanner, the reconstructions against the real train slices (Inception, k = 5)
+    assert rec["source"] == DECODED_SOURCE and len(rec["precision"]) == len(rec["recall"]) == 4
+    assert all(0 <= v <= 1 for v in rec["precision"] + rec["recall"])
     assert d["extractor"] == cond["extractor"]
 
 

