@@ -48,15 +48,12 @@ from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import CLASSIFIER, confusion, fit_classifier, scanner_classifier
 from mrgen_dist.eval.features import FidError, cache_dir, real_features
 from mrgen_dist.eval.quality import PRDC_K, prdc
-from mrgen_dist.eval.results import Diagnostics, Reconstruction, ZProbe
+from mrgen_dist.eval.results import DECODED_SOURCE, REFINED_SOURCE, Diagnostics, Reconstruction, ZProbe
 from mrgen_dist.eval.swaps import swap_probe, swap_table
 from mrgen_dist.runtime.noise import NoiseTexture, add_noise
 
 #: Images per encoder / decoder call.
 BATCH = 256
-#: What `Reconstruction.source` says the slices scored are.
-DECODED_SOURCE = "the real test slices' posterior means, decoded with their labels"
-REFINED_SOURCE = "the real test slices' low-pass, refined with their labels"
 Z_CLASSIFIER = ("multinomial logistic regression (as the conditioning check's) on standardised posterior means "
                 "of real train slices")
 
@@ -232,7 +229,7 @@ def summary(result: Diagnostics, out: Path) -> str:
     z = result.z_probe
     line = head + ": " + ("" if z is None else f"scanner read from z with accuracy {z.accuracy:.3f} (chance "
                                                 f"{z.chance:.3f}); ")
-    what = "refinements of the real test slices' low-pass" if rec.source == REFINED_SOURCE else "reconstructions"
+    what = "refinements of the real test slices' low-pass" if rec.refined else "reconstructions"
     line += (f"{what} recognised as their scanner {rec.accuracy:.3f} (real test slices "
              f"{rec.real_test_accuracy:.3f})")
     if rec.precision is not None:

@@ -177,7 +177,7 @@ def _conditioning_lines(cond: Conditioning | None, diag: Diagnostics | None) -> 
                       f"accuracy {_fmt(z.accuracy, 3)} (chance {_fmt(z.chance, 3)}); reconstructions of "
                       f"the real test slices are recognised as their scanner with accuracy "
                       f"{_fmt(rec.accuracy, 3)} (the decoder's ceiling)."]
-        elif rec is not None:
+        elif rec is not None and rec.refined:
             lines += ["", f"Diagnostics ({title}): the refinements of the real test slices' low-pass are "
                       f"recognised as their scanner with accuracy {_fmt(rec.accuracy, 3)} (the refiner's ceiling: "
                       "a perfect coarse generator)."]
@@ -193,7 +193,7 @@ def _conditioning_lines(cond: Conditioning | None, diag: Diagnostics | None) -> 
         rows += [("real test slices", cond.real_test_accuracy),
                  ("generated slices, as the scanner asked for", cond.generated_accuracy)]
     if diag and diag.reconstruction is not None:
-        what = ("real test slices' low-pass, refined (refiner ceiling)" if diag.z_probe is None
+        what = ("real test slices' low-pass, refined (refiner ceiling)" if diag.reconstruction.refined
                 else "reconstructions of real test slices (decoder ceiling)")
         rows.append((what, diag.reconstruction.accuracy))
     if diag and diag.z_probe is not None:

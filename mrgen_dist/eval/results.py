@@ -309,6 +309,11 @@ class ZProbe(Part):
     classifier: str | None = None
 
 
+#: What `Reconstruction.source` says the slices scored are.
+DECODED_SOURCE = "the real test slices' posterior means, decoded with their labels"
+REFINED_SOURCE = "the real test slices' low-pass, refined with their labels"
+
+
 @dataclass(frozen=True)
 class Reconstruction(Part):
     """The conditioning check's classifier on reconstructions of the real test slices (eval/diagnostics.py): a
@@ -320,11 +325,16 @@ class Reconstruction(Part):
     n_test: int | None = None
     noise: bool | None = None  # whether the reconstructions drew the model's learned noise
     classifier: str | None = None
-    source: str | None = None  # what was reconstructed (diagnostics.DECODED_SOURCE or REFINED_SOURCE)
+    source: str | None = None  # what was reconstructed: DECODED_SOURCE or REFINED_SOURCE (None: written before)
     # per scanner, the reconstructions against the real train slices (Inception, k = 5): what the model reaches
     # with the real anatomy given
     precision: list[float] | None = None
     recall: list[float] | None = None
+
+    @property
+    def refined(self) -> bool:
+        """Whether these are a refiner's refinements of the real low-pass (its ceiling), not decoded means."""
+        return self.source == REFINED_SOURCE
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from mrgen_dist.commands.fid import main
 from mrgen_dist.data.convert import ConvertOptions, convert
 from mrgen_dist.data.inputs import discover_directory
 from mrgen_dist.data.store import SliceStore
-from mrgen_dist.eval.diagnostics import DECODED_SOURCE, summary
+from mrgen_dist.eval.diagnostics import summary
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
-from mrgen_dist.eval.results import Diagnostics
+from mrgen_dist.eval.results import DECODED_SOURCE, Diagnostics
 from mrgen_dist.eval.swaps import BANDS, REGIONS
 from mrgen_dist.export.exporter import export_onnx
 from mrgen_dist.scanners import Vocabulary

