@@ -42,7 +42,7 @@ from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph
 from mrgen_dist.models.diffusion import Diffusion, DiffusionConfig, DiffusionFamily, targets
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.networks import multiply_accumulates
-from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.models.parts.unet import NORMS, ConditionalUNet
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.runtime.diffusion import SamplerSettings, sample
 from mrgen_dist.runtime.noise import NoiseTexture
@@ -66,6 +66,10 @@ class RefinerConfig(DiffusionConfig):
     blocks: int = 1
     patch: int = 2
     attention: int = 0
+    # the UNet's normalisation (parts/unet.py NORMS). "channel" normalises each pixel alone, so that the windows
+    # it trains on and the whole slices it samples are computed alike; "group", the default of runs written
+    # before the option, pools statistics over the canvas.
+    norm: str = "group"
     ema_decay: float = 0.995
     sampler: str = "ancestral"
     spacing: str = "quadratic"  # of the sampler's timesteps (runtime/diffusion.py)
@@ -88,6 +92,8 @@ class RefinerConfig(DiffusionConfig):
             raise ValueError(f"model.band must be >= 0 and model.scale > 0, got {self.band} and {self.scale}")
         if self.attention:
             raise ValueError("model.attention must be 0: the refiner trains on crops and samples whole slices")
+        if self.norm not in NORMS:
+            raise ValueError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.crop < 1 or self.crop % (self.patch * 2 ** (len(self.widths) - 1)):
             raise ValueError(f"model.crop {self.crop} must be divisible by "
                              f"{self.patch * 2 ** (len(self.widths) - 1)} (model.patch and the UNet's halvings)")
@@ -140,7 +146,8 @@ class Refiner(Diffusion):
 
     def build_net(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> ConditionalUNet:
         return ConditionalUNet(image_shape, n_scanners + 1, config.widths, config.blocks, 0, None, config.patch,
-                               condition_channels=CONDITION_CHANNELS, crop_trained=True, pad_mode="replicate")
+                               condition_channels=CONDITION_CHANNELS, crop_trained=True, pad_mode="replicate",
+                               norm=config.norm)
 
     def lowpass(self, images: torch.Tensor) -> torch.Tensor:
         """G_band * images (B, 1, H, W), zero-padded at the border (the background is dark)."""

@@ -92,10 +92,38 @@ def test_coordinates_span_the_slice() -> None:
 
 
 @pytest.mark.parametrize(("override", "field"), [({"coarse": ""}, "model.coarse"), ({"attention": 1}, "model.attention"),
-                                                 ({"crop": 30}, "model.crop"), ({"scale": 0}, "model.scale")])
+                                                 ({"crop": 30}, "model.crop"), ({"scale": 0}, "model.scale"),
+                                                 ({"norm": "batch"}, "model.norm")])
 def test_bad_settings_name_the_field(override: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(RefinerConfig(coarse="run"), **override).validate()
+
+
+def test_a_channel_normalised_unet_computes_a_window_as_the_whole_slice_does() -> None:
+    """Trained on windows, sampled on whole slices: with ChannelNorm the centre of a window's output is the whole
+    slice's output there (the receptive field stays inside the window); GroupNorm's canvas statistics change it."""
+    from mrgen_dist.models.parts.unet import ConditionalUNet
+
+    g = torch.Generator().manual_seed(0)
+    x, condition = torch.randn(1, 1, *SHAPE, generator=g), torch.rand(1, 3, *SHAPE, generator=g)
+    x[..., :40, :] = 0  # a slice's air and its head hold other statistics than a window inside the head
+    t, label = torch.tensor([30.0]), torch.tensor([1])
+    # the window starts where the whole slice's UNet blocks start (its canvas is padded by one pixel, and the
+    # UNet's patch and halving divide by 4: (83 + 1) % 4 == 0), and its centre is out of reach of its border
+    window, centre = (slice(None), slice(None), slice(83, 83 + 96), slice(47, 47 + 96)), slice(40, 56)
+    error = {}
+    for norm in ("channel", "group"):
+        torch.manual_seed(0)
+        unet = ConditionalUNet(SHAPE, 5, [8, 16], attention=0, patch=2, condition_channels=3, crop_trained=True,
+                               pad_mode="replicate", norm=norm).eval()
+        torch.nn.init.normal_(unet.head.weight)  # zero at initialisation
+        for block in (*unet.down, *unet.up, unet.mid1, unet.mid2):
+            torch.nn.init.normal_(block.conv2.weight, std=0.1)
+        with torch.no_grad():
+            whole = unet(x, t, label, None, condition)[window][..., centre, centre]
+            part = unet(x[window], t, label, None, condition[window])[..., centre, centre]
+        error[norm] = ((part - whole).abs().max() / whole.abs().max()).item()
+    assert error["channel"] < 1e-3 and error["group"] > 1e-1, error
 
 
 def test_a_missing_coarse_run_is_named(tmp_path: Path) -> None:
@@ -143,10 +171,11 @@ def test_refiner_exports_beside_its_coarse_generator_and_samples_by_latent(refin
     np.testing.assert_array_equal(images, sampler.decode(sampler.latents("Intera", 3, 1), np.full(3, 1))[:, 0])
     monkeypatch.undo()
     assert not np.array_equal(images, sampler.sample("Intera", n=3, seed=2))
-    # the slice is the coarse decoder's low-pass plus the drawn fine band: close to the coarse slice
+    # the slice is the coarse decoder's low-pass plus the drawn fine band: close to the coarse slice (x_T itself
+    # in the band's place, scale x N(0, 1), would stand 0.25 x 0.8 = 0.2 from it)
     z = sampler.latents("Intera", 3, 1)
     base = sampler.diffusion.coarse.decode(z[:, : sampler.diffusion.coarse.latent], np.full(3, 1))[:, 0]
-    assert np.abs(images - base).mean() < 0.1
+    assert np.abs(images - base).mean() < 0.15
     # over the coarse draw or its mean (both with the Rician floor) the final clip at 0 cuts fewer pixels than
     # over the mean slice
     sampler.diffusion.mode = "mean"
@@ -195,7 +224,7 @@ def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_fi
     denoise, base = draw.refine(images[:, None], "ceiling", 0)
     fine = sample(denoise, x_t, labels, draw.settings)
     np.testing.assert_allclose(refined, np.clip(base[0] + draw.scale * fine, 0, 1)[:, 0], atol=2e-3)
-    assert 0 < np.abs(refined - images).mean() < 0.1  # the real slice's low-pass, with a drawn fine band
+    assert 0 < np.abs(refined - images).mean() < 0.15  # the real slice's low-pass, with a drawn band (x_T: 0.2)
 
 
 @pytest.mark.integration

@@ -23,6 +23,12 @@ central row and drew a frame around the slice).
 unfolds the head's output the same way, as "simple diffusion" (Hoogeboom et al. 2023) does at high
 resolution: the transform is invertible, so no pixel and no noise is averaged away (unlike a latent
 autoencoder), while every level works on patch**2 times fewer positions.
+
+`norm`: "group" (GroupNorm, statistics over each group's channels and the whole canvas) or "channel" (each
+pixel's channels normalised alone, as ConvNeXt's LayerNorm). A crop-trained network needs "channel": with
+GroupNorm its training windows and the whole slices it samples have different canvas statistics (air,
+skull, brain in other proportions), so the same pixel's features are scaled otherwise at sampling than in
+training (results/cohorts.md, "The refiner's drawn grain: normalisation and guidance").
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from mrgen_dist.models.parts.level import LEVEL_FEATURES, level_features
 
 #: Channels per attention head (one head when a level is narrower).
 HEAD_CHANNELS = 64
+#: The normalisation layers a UNet can be built with (`norm`).
+NORMS = ("group", "channel")
 
 
 def groups_for(channels: int, most: int = 32) -> int:
@@ -53,13 +61,39 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return F.pad(emb, (0, dim % 2))
 
 
-class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, emb: int) -> None:
+class ChannelNorm(nn.Module):
+    """Each pixel's channels normalised to zero mean and unit variance, then scaled and shifted per channel:
+    LayerNorm over the channel axis of (B, C, H, W), whatever the canvas around the pixel."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups_for(c_in), c_in)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels last for layer_norm, which exports as one LayerNormalization node: onnxruntime computes it
+        # row by row, so an image's output does not depend on the batch it is drawn in
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return h.permute(0, 3, 1, 2)
+
+
+def normalisation(kind: str, channels: int) -> nn.Module:
+    """The UNet's normalisation layer of `kind` (NORMS) over `channels`."""
+    if kind == "group":
+        return nn.GroupNorm(groups_for(channels), channels)
+    if kind == "channel":
+        return ChannelNorm(channels)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb: int, norm: str = "group") -> None:
+        super().__init__()
+        self.norm1 = normalisation(norm, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb, c_out)
-        self.norm2 = nn.GroupNorm(groups_for(c_out), c_out)
+        self.norm2 = normalisation(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (its skip)
         nn.init.zeros_(self.conv2.bias)
@@ -73,10 +107,10 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str = "group") -> None:
         super().__init__()
         self.heads = max(1, channels // HEAD_CHANNELS) if channels % HEAD_CHANNELS == 0 else 1
-        self.norm = nn.GroupNorm(groups_for(channels), channels)
+        self.norm = normalisation(norm, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.out.weight)
@@ -97,7 +131,7 @@ class ConditionalUNet(nn.Module):
     def __init__(self, image_shape: tuple[int, int], n_labels: int, widths: list[int], blocks: int = 1,
                  attention: int = 1, size: tuple[int, int] | None = None, patch: int = 1,
                  level_condition: bool = False, condition_channels: int = 0, crop_trained: bool = False,
-                 pad_mode: str = "constant") -> None:
+                 pad_mode: str = "constant", norm: str = "group") -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.patch = patch
@@ -124,27 +158,27 @@ class ConditionalUNet(nn.Module):
         skips, c = [widths[0]], widths[0]
         for i, width in enumerate(widths):
             for _ in range(blocks):
-                self.down.append(ResBlock(c, width, emb))
+                self.down.append(ResBlock(c, width, emb, norm))
                 c = width
                 skips.append(c)
-            self.down_attn.append(SelfAttention(c) if i >= levels - attention else nn.Identity())
+            self.down_attn.append(SelfAttention(c, norm) if i >= levels - attention else nn.Identity())
             if i < levels - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid1, self.mid_attn, self.mid2 = ResBlock(c, c, emb), (
-            SelfAttention(c) if attention > 0 else nn.Identity()), ResBlock(c, c, emb)
+        self.mid1, self.mid_attn, self.mid2 = ResBlock(c, c, emb, norm), (
+            SelfAttention(c, norm) if attention > 0 else nn.Identity()), ResBlock(c, c, emb, norm)
         self.up = nn.ModuleList()
         self.up_attn = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
             for _ in range(blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), width, emb))
+                self.up.append(ResBlock(c + skips.pop(), width, emb, norm))
                 c = width
-            self.up_attn.append(SelfAttention(c) if i >= levels - attention else nn.Identity())
+            self.up_attn.append(SelfAttention(c, norm) if i >= levels - attention else nn.Identity())
             if i > 0:
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
         self.blocks, self.levels = blocks, levels
-        self.head_norm = nn.GroupNorm(groups_for(c), c)
+        self.head_norm = normalisation(norm, c)
         self.head = nn.Conv2d(c, patch**2, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
