@@ -25,10 +25,10 @@ resolution: the transform is invertible, so no pixel and no noise is averaged aw
 autoencoder), while every level works on patch**2 times fewer positions.
 
 `norm`: "group" (GroupNorm, statistics over each group's channels and the whole canvas) or "channel" (each
-pixel's channels normalised alone, as ConvNeXt's LayerNorm). A crop-trained network needs "channel": with
-GroupNorm its training windows and the whole slices it samples have different canvas statistics (air,
-skull, brain in other proportions), so the same pixel's features are scaled otherwise at sampling than in
-training (results/cohorts.md, "The refiner's drawn grain: normalisation and guidance").
+pixel's channels normalised alone, as ConvNeXt's LayerNorm). With GroupNorm a crop-trained network's
+training windows and the whole slices it samples have different canvas statistics (air, skull, brain in
+other proportions), so the same pixel's features are scaled otherwise at sampling than in training;
+"channel" computes them alike (results/cohorts.md, "The refiner's drawn grain: normalisation and guidance").
 """
 
 from __future__ import annotations
