@@ -23,6 +23,7 @@ import yaml
 from mrgen_dist.atomic import atomic_write
 from mrgen_dist.cli import UserError
 from mrgen_dist.data.residency import RESIDENCIES
+from mrgen_dist.lr_schedule import SCHEDULES
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import ModelConfig
 from mrgen_dist.models.cvae import CVAEConfig
@@ -52,6 +53,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0: no clipping
     fused: bool = True  # fused Adam kernel where torch has one (CPU and CUDA): ~7x faster optimizer step
+    schedule: str = "constant"  # the rate over the run: constant | cosine (to min_lr_ratio x lr; lr_schedule.py)
+    warmup_steps: int = 0  # optimizer steps of a linear warm-up from lr / warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine: the last step's rate, a fraction of lr
 
 
 @dataclass
@@ -92,6 +96,11 @@ class RunConfig:
         }}
         if d["train"]["init_from"]:  # only when set: the checkpoints of runs from before the option still resume
             keep["train"]["init_from"] = d["train"]["init_from"]
+        if self.optim.schedule == "constant" and not self.optim.warmup_steps:
+            for key in ("schedule", "warmup_steps", "min_lr_ratio"):  # as runs from before the option hashed
+                del keep["optim"][key]
+        else:  # the rate at a step depends on the run's length
+            keep["train"].update({k: d["train"][k] for k in ("epochs", "max_steps")})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
@@ -225,5 +234,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.optim.grad_clip < 0 or cfg.optim.weight_decay < 0:
         raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+    if cfg.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1], got "
+                          f"{cfg.optim.warmup_steps} and {cfg.optim.min_lr_ratio}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers b with 0 <= b < 1, got {cfg.optim.betas}")

@@ -54,11 +54,28 @@ def test_overrides_and_saved_copy(tmp_path: Path) -> None:
         ("train.seed=-1", "train.seed must be an integer from 0 to 4294967295, got -1"),
         ("data.seed=-1", "data.seed must be an integer from 0 to 4294967295, got -1"),
         ("train.seed=4294967296", "train.seed must be an integer from 0 to 4294967295, got 4294967296"),
+        ("optim.schedule=linear", "optim.schedule must be one of constant, cosine, got 'linear'"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio in [0, 1], got 0 and 2.0"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
     ],
 )
 def test_bad_keys_and_values(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(CONFIGS / "tiny.yaml", ["data.store=/s", override])
+
+
+def test_a_schedule_enters_the_fingerprint_with_the_runs_length() -> None:
+    def fingerprint(*overrides: str) -> str:
+        return load_config(CONFIGS / "tiny.yaml", ["data.store=/s", *overrides]).fingerprint()
+
+    # the constant rate hashes as runs from before optim.schedule did, so their checkpoints still resume
+    assert fingerprint() == fingerprint("train.epochs=9") == "5bae58461a84cf67"
+    cosine = fingerprint("optim.schedule=cosine")
+    assert cosine != fingerprint()
+    # with a schedule the rate at a step depends on the run's length and on the schedule's settings
+    assert len({cosine, fingerprint("optim.schedule=cosine", "train.epochs=9"),
+                fingerprint("optim.schedule=cosine", "optim.min_lr_ratio=0.5"), fingerprint("optim.warmup_steps=5"),
+                fingerprint("optim.schedule=cosine", "train.max_steps=7")}) == 5
 
 
 def test_store_is_required() -> None:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from mrgen_dist.checkpoint import seal
+from mrgen_dist.config import load_config
 from mrgen_dist.preemption import EXIT_PREEMPTED
 from tests.launch import (
     REPO,
@@ -64,10 +65,12 @@ def test_single_process_run_outputs(store_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config, extra", [
-    (TINY, ()), (TINY, ("data.residency=stream",)), (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
+    (TINY, ()), (TINY, ("data.residency=stream",)), (TINY, ("optim.schedule=cosine", "optim.warmup_steps=10")),
+    (TINY_ATLAS, ()), (TINY_ATLAS, ("model.acquisition=learned",)),
     *((c, ()) for c in TINY_GANS.values()), (TINY_GANS["atlasgan"], ("model.acquisition=learned",)),
     *((c, ()) for c in TINY_TRANSLATORS.values()), (TINY_DISTILLED, ()),
-], ids=["cvae", "cvae-stream", "atlas", "atlas-learned", *TINY_GANS, "atlasgan-learned", *TINY_TRANSLATORS, "distilled"])
+], ids=["cvae", "cvae-stream", "cvae-cosine", "atlas", "atlas-learned", *TINY_GANS, "atlasgan-learned",
+        *TINY_TRANSLATORS, "distilled"])
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, extra: tuple[str, ...], store_dir: Path,
                                                                    tmp_path: Path, request: pytest.FixtureRequest) -> None:
     steps = 120  # 40 steps per epoch with 80 train slices at batch 2: crosses two epoch boundaries
@@ -103,6 +106,10 @@ def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(config: Path, e
     a, b = step_losses(straight), step_losses(interrupted)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert a == b  # bit-identical losses (every reported term) at every step
+    if "optim.schedule=cosine" in extra:  # the logged rates: the warm-up's first tenth, then down to the floor
+        lr = load_config(config, ["data.store=/s"]).optim.lr
+        assert a[1]["lr"] == pytest.approx(lr / 10) and a[10]["lr"] == pytest.approx(lr)
+        assert a[steps]["lr"] == pytest.approx(lr * 0.1) and a[60]["lr"] < a[30]["lr"]
     wa, wb = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -160,13 +167,18 @@ def test_two_process_deepspeed_zero2(store_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "zero2"
     done = launch(store_dir, out, ["--config_file", str(REPO / "hpc/accelerate/deepspeed-zero2.yaml"),
                                     "--num_processes", "2", "--mixed_precision", "bf16"],
-                   "train.mixed_precision=bf16", "train.max_steps=10", "train.world_size=2")
+                   "train.mixed_precision=bf16", "train.max_steps=10", "train.world_size=2", "optim.schedule=cosine")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) [DEEPSPEED, bf16]" in done.stdout + done.stderr
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 10
     zero_files = list(ckpt.rglob("*optim_states.pt"))
     assert len(zero_files) == 2  # one ZeRO-2 optimizer partition per rank
+    # the schedule reached the optimizer DeepSpeed wraps: its last step ran at the cosine's floor
+    lr = load_config(TINY, ["data.store=/s"]).optim.lr
+    for f in zero_files:
+        groups = torch.load(f, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+        assert [g["lr"] for g in groups] == pytest.approx([lr * 0.1] * len(groups))
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
