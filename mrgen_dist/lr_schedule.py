@@ -1,6 +1,6 @@
 """The learning rate over a run (`optim.schedule`): `constant` (the method's), or `cosine`, a cosine decay from
-`optim.lr` to `optim.min_lr_ratio` of it at the run's last optimizer step (nanoGPT's), either after a linear
-warm-up of `optim.warmup_steps`.
+`optim.lr` to `optim.min_lr_ratio` of it at the run's last optimizer step (nanoGPT's). Under either, an
+optional linear warm-up of `optim.warmup_steps` comes first.
 
 Why a decay: a short run at a constant rate ends where the last steps' noise leaves it; decaying the rate
 over the run's own length settles the weights. The rate is a function of the optimizer step alone (and of the
