@@ -57,6 +57,11 @@ class OptimConfig:
     warmup_steps: int = 0  # optimizer steps of a linear warm-up from lr / warmup_steps to lr
     min_lr_ratio: float = 0.1  # cosine: the last step's rate, a fraction of lr
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the rate changes over the run (a schedule or a warm-up): then the run's length matters."""
+        return self.schedule != "constant" or self.warmup_steps > 0
+
 
 @dataclass
 class TrainConfig:
@@ -96,11 +101,11 @@ class RunConfig:
         }}
         if d["train"]["init_from"]:  # only when set: the checkpoints of runs from before the option still resume
             keep["train"]["init_from"] = d["train"]["init_from"]
-        if self.optim.schedule == "constant" and not self.optim.warmup_steps:
+        if self.optim.scheduled:  # the rate at a step depends on the run's length
+            keep["train"].update({k: d["train"][k] for k in ("epochs", "max_steps")})
+        else:
             for key in ("schedule", "warmup_steps", "min_lr_ratio"):  # as runs from before the option hashed
                 del keep["optim"][key]
-        else:  # the rate at a step depends on the run's length
-            keep["train"].update({k: d["train"][k] for k in ("epochs", "max_steps")})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:

@@ -17,7 +17,7 @@ import torch
 SCHEDULES = ("constant", "cosine")
 
 
-def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0, min_ratio: float = 0.1) -> float:
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min_ratio: float) -> float:
     """The multiple of the base rate for optimizer step `step` (0 = the first) of a run of `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps

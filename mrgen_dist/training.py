@@ -318,11 +318,6 @@ def _train(args: TrainRequest) -> int:
         f"[{distributed_type}, {cfg.train.mixed_precision}], {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
-    scheduled = cfg.optim.schedule != "constant" or cfg.optim.warmup_steps > 0
-
-    def lr_at(step: int) -> float:
-        return lr_factor(step, total_steps, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
-
     stop = PreemptionFlag()
     # one line per optimizer step; a resumed run appends (and re-logs the steps after its checkpoint)
     metrics_log = MetricsLog(out / "metrics.jsonl", append=resume_from is not None) if acc.is_main_process else None
@@ -360,8 +355,10 @@ def _train(args: TrainRequest) -> int:
         try:  # the bar is closed on an error too, so that the error's line is the last one on stderr
             for micro, batch in zip(range(first, micro_per_epoch), batches, strict=True):
                 index = epoch * micro_per_epoch + micro
-                if scheduled:  # the rate of the optimizer step this micro-step belongs to
-                    set_learning_rates(optimizers.values(), lr_at(state.step))
+                if cfg.optim.scheduled:  # the rate of the optimizer step this micro-step belongs to
+                    rate = lr_factor(state.step, total_steps, cfg.optim.schedule, cfg.optim.warmup_steps,
+                                     cfg.optim.min_lr_ratio)
+                    set_learning_rates(optimizers.values(), rate)
                 losses = family.train_step(batch_step(batch, noise_for(index, len(batch.images)), optimizers, index))
                 step_losses = torch.stack([losses[k].double() for k in names])
                 sums += step_losses
@@ -379,7 +376,7 @@ def _train(args: TrainRequest) -> int:
                 if acc.is_main_process:
                     bar.set_postfix(loss=f"{mean_losses[names[0]]:.2f}", refresh=False)
                     metrics_log.write({"step": state.step, "epoch": epoch, **mean_losses,
-                                       **({"lr": cfg.optim.lr * lr_at(state.step - 1)} if scheduled else {})})
+                                       **({"lr": cfg.optim.lr * rate} if cfg.optim.scheduled else {})})
                 if totals["nonfinite"] > 0:
                     bar.close()
                     last = ckpt.latest()

@@ -11,24 +11,24 @@ from mrgen_dist.lr_schedule import lr_factor, set_learning_rates
 
 
 def test_constant_is_one_after_its_warm_up() -> None:
-    assert [lr_factor(s, 100, "constant") for s in (0, 50, 99, 500)] == [1.0] * 4
-    assert [lr_factor(s, 100, "constant", warmup_steps=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 100, "constant", 0, 0.1) for s in (0, 50, 99, 500)] == [1.0] * 4
+    assert [lr_factor(s, 100, "constant", 4, 0.1) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
 def test_cosine_falls_from_one_to_the_floor_at_the_last_step() -> None:
-    factors = [lr_factor(s, 101, "cosine", min_ratio=0.1) for s in range(101)]
+    factors = [lr_factor(s, 101, "cosine", 0, 0.1) for s in range(101)]
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1) and factors[50] == pytest.approx(0.55)
     assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
-    assert lr_factor(30, 101, "cosine", min_ratio=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
-    assert lr_factor(150, 101, "cosine", min_ratio=0.1) == pytest.approx(0.1)  # past the end: the floor
+    assert lr_factor(30, 101, "cosine", 0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert lr_factor(150, 101, "cosine", 0, 0.1) == pytest.approx(0.1)  # past the end: the floor
     # after a warm-up the decay spans the remaining steps
-    assert lr_factor(9, 100, "cosine", warmup_steps=10) == 1.0 == lr_factor(10, 100, "cosine", warmup_steps=10)
-    assert lr_factor(99, 100, "cosine", warmup_steps=10, min_ratio=0.2) == pytest.approx(0.2)
+    assert lr_factor(9, 100, "cosine", 10, 0.1) == 1.0 == lr_factor(10, 100, "cosine", 10, 0.1)
+    assert lr_factor(99, 100, "cosine", 10, 0.2) == pytest.approx(0.2)
 
 
 def test_an_unknown_schedule_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
-        lr_factor(5, 10, "step")
+        lr_factor(5, 10, "step", 0, 0.1)
 
 
 def test_rates_scale_each_groups_own_base_and_survive_a_state_dict() -> None:
