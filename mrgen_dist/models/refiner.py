@@ -41,6 +41,7 @@ from mrgen_dist.models.atlas import gaussian_blur
 from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph, Step
 from mrgen_dist.models.diffusion import Diffusion, DiffusionConfig, DiffusionFamily, targets
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.blocks import CoarseGrid
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import NORMS, ConditionalUNet
 from mrgen_dist.models.parts.windows import random_windows
@@ -80,6 +81,11 @@ class RefinerConfig(DiffusionConfig):
     # floor's mean, which the mean slice lacks; a draw also carries the coarse noise's texture into the
     # low-pass (results/cohorts.md, "What the refiner refines"). Training does not read it.
     coarse_slice: str = "mean"
+    # the refiner sees its condition at a grid of condition_block x condition_block block means, cubically
+    # interpolated back (parts/blocks.py), before the low-pass: in training the real slice's, in sampling the
+    # coarse slice's. A cascade's low-resolution stage makes exactly those block means, so that its refiner is
+    # conditioned alike in training and sampling. 1: the slice itself (runs written before the option).
+    condition_block: int = 1
 
     def validate(self) -> None:
         super().validate()
@@ -97,6 +103,8 @@ class RefinerConfig(DiffusionConfig):
         if self.crop < 1 or self.crop % (self.patch * 2 ** (len(self.widths) - 1)):
             raise ValueError(f"model.crop {self.crop} must be divisible by "
                              f"{self.patch * 2 ** (len(self.widths) - 1)} (model.patch and the UNet's halvings)")
+        if self.condition_block < 1:
+            raise ValueError(f"model.condition_block must be >= 1, got {self.condition_block}")
         if self.level_condition:
             raise ValueError("model.level_condition is not supported by the refiner (its coarse slice carries the level)")
 
@@ -141,6 +149,7 @@ class Refiner(Diffusion):
         super().__init__(config, n_scanners, image_shape)
         self.band, self.scale, self.taps = config.band, config.scale, 2 * int(np.ceil(3 * config.band)) + 1
         self.crop, self.coarse_dir, self.coarse_slice = config.crop, config.coarse, config.coarse_slice
+        self.seen = CoarseGrid(self.image_shape, config.condition_block)  # what of a slice the condition sees
         self._coarse: list[SamplingGraph] = []
         self.load_run: Callable[[str], tuple] | None = None  # runs.load_trained, set by RefinerFamily.connect
 
@@ -150,7 +159,8 @@ class Refiner(Diffusion):
                                norm=config.norm)
 
     def lowpass(self, images: torch.Tensor) -> torch.Tensor:
-        """G_band * images (B, 1, H, W), zero-padded at the border (the background is dark)."""
+        """G_band * images (B, 1, H, W), zero-padded at the border (the background is dark): of whole slices
+        or windows with a margin, so of slices already seen at the condition's grid (`seen`)."""
         if self.band == 0:
             return images
         sigma = torch.full((1, 2), self.band, device=images.device)  # one kernel, broadcast over the batch
@@ -201,7 +211,7 @@ class RefinerGraph(DenoiserGraph):
     def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, coarse: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.unet.stem.weight.dtype
-        base = self.model.lowpass(coarse.to(dtype))
+        base = self.model.lowpass(self.model.seen(coarse.to(dtype)))
         return self.unet(x, t, scanner, None, self.model.condition(base)).float(), base.float()
 
     def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
@@ -256,6 +266,7 @@ class RefinerFamily(DiffusionFamily):
         seed = int(uniform_from_normal(step.noise[0, 0].float()).item() * 2**31)
         g = torch.Generator(device=device).manual_seed(seed)
         x = step.images.float()[:, None]
+        seen = model.seen(x)  # of the whole slice: the blocks lie where they lie at sampling
         # windows with a margin of the low-pass's half width, filtered, then the margin cut: the low-pass of a
         # window's inner part is the whole slice's, at a sixth of the cost for 64 x 64 windows. The slice is
         # zero-padded by the margin first, as the low-pass pads it when sampling, so that inner parts reach the
@@ -265,9 +276,9 @@ class RefinerFamily(DiffusionFamily):
         phase = tuple(offset % multiple for offset in model.net.offsets(model.image_shape))
         grid = coordinates(model.image_shape, device).expand(len(x), -1, -1, -1)
         pad = (margin, margin, margin, margin)
-        x, grid = random_windows((F.pad(x, pad), F.pad(grid, pad, mode="replicate")), config.crop + 2 * margin, g,
-                                 multiple, phase)
-        base = model.lowpass(x)
+        x, seen, grid = random_windows((F.pad(x, pad), F.pad(seen, pad), F.pad(grid, pad, mode="replicate")),
+                                       config.crop + 2 * margin, g, multiple, phase)
+        base = model.lowpass(seen)
         inner = (slice(None), slice(None), slice(margin, margin + config.crop), slice(margin, margin + config.crop))
         fine = ((x - base) / config.scale)[inner]
         condition = torch.cat([2 * base - 1, grid], dim=1)[inner]

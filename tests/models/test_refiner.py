@@ -17,6 +17,7 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
+from mrgen_dist.models.parts.blocks import block_grid, block_mean_matrix
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample, sample_timesteps
@@ -136,13 +137,14 @@ def test_a_missing_coarse_run_is_named(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def refiner_file(atlas_run: Path, store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny refiner of the tiny atlas run (over its Rician draws), trained 2 epochs through mrgen-train (the
-    preview drawn over the draws), exported."""
+    """A tiny refiner of the tiny atlas run (over its Rician draws), its condition seen at 4 x 4 block means,
+    trained 2 epochs through mrgen-train (the preview drawn over the draws), exported."""
     from mrgen_dist.export.exporter import export_onnx
     from tests.launch import TINY_REFINER, run, train_cmd
 
     out = tmp_path_factory.mktemp("refiner") / "run"
-    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", "model.coarse_slice=draw", config=TINY_REFINER))
+    done = run(train_cmd(store_dir, out, f"model.coarse={atlas_run}", "model.coarse_slice=draw",
+                          "model.condition_block=4", config=TINY_REFINER))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "samples_002.png").is_file()
     return export_onnx(out, "fp32", out.parent / "refiner.onnx").path
@@ -225,6 +227,15 @@ def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_fi
     fine = sample(denoise, x_t, labels, draw.settings)
     np.testing.assert_allclose(refined, np.clip(base[0] + draw.scale * fine, 0, 1)[:, 0], atol=2e-3)
     assert 0 < np.abs(refined - images).mean() < 0.15  # the real slice's low-pass, with a drawn band (x_T: 0.2)
+    # the condition sees the 4 x 4 block means: a cascade's low-resolution image of them, repeated per block,
+    # is conditioned on exactly as the real slice is
+    rows, columns = (block_mean_matrix(n, 4) for n in SHAPE)
+    low = rows @ images.astype(np.float64) @ columns.T
+    front = [block_grid(n, 4)[1] for n in SHAPE]
+    repeated = low.repeat(4, axis=1).repeat(4, axis=2)[:, front[0] : front[0] + SHAPE[0], front[1] : front[1] + SHAPE[1]]
+    run_repeated, base_of_repeated = draw.refine(repeated[:, None].astype(np.float32), "ceiling", 0)
+    run_repeated(x_t, np.zeros(3, np.float32), labels)  # runs the graph: its base
+    np.testing.assert_allclose(base_of_repeated[0], base[0], atol=1e-5)
 
 
 @pytest.mark.integration
