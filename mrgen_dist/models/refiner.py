@@ -9,8 +9,9 @@ on crops learns it in minutes on a CPU. The cascade is DiffuseVAE's (Pandey et a
 by a diffusion model conditioned on it) and SR3's (Saharia et al. 2021: diffusion of the detail below a
 low-pass).
 
-Training (no coarse model involved): each slice x is split into its Gaussian low-pass c = G_band * x and the
-fine band r = (x - c) / scale; the conditional UNet (parts/unet.py, crop-trained, condition channels: 2 c - 1
+Training (no coarse model involved): each slice x is split into its Gaussian low-pass c = G_band * x (of x seen
+at the grid of `condition_block`'s block means, parts/blocks.py, when a cascade's coarse stage draws those) and
+the fine band r = (x - c) / scale; the conditional UNet (parts/unet.py, crop-trained, condition channels: 2 c - 1
 and the pixel's coordinates on the slice, so that a position-dependent noise level can be learned) is fitted
 to r's diffusion (v or eps, the `diffusion` family's targets and schedule) on random `crop` x `crop` windows,
 with the scanner dropped to the null label with probability `label_dropout` for classifier-free guidance, and
