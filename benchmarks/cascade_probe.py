@@ -47,7 +47,7 @@ from mrgen_dist.eval.conditioning import scanner_classifier, synthetic_trained_a
 from mrgen_dist.eval.features import real_features
 from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import head_masks, memorisation_ratio, ms_ssim_diversity, prdc, signature
-from mrgen_dist.models.parts.blocks import block_grid, cubic_upsampling_matrix
+from mrgen_dist.models.parts.blocks import block_mean_matrix, cubic_upsampling_matrix, repeat_blocks
 from mrgen_dist.models.parts.unet import ConditionalUNet
 from mrgen_dist.runtime.diffusion import SamplerSettings, alphas_cumprod, sample
 from mrgen_dist.runtime.sampler import Sampler
@@ -58,18 +58,15 @@ BASE = {"widths": [32, 64, 128], "blocks": 1, "attention": 1, "patch": 2, "times
 
 def block_means(images: np.ndarray, factor: int = 4) -> np.ndarray:
     """(N, H, W) in [0, 1] -> (N, h, w) factor x factor block means of the edge-padded slices, in [-1, 1]."""
-    (h, top), (w, left) = (block_grid(n, factor) for n in images.shape[1:])
-    pad = ((0, 0), (top, h * factor - images.shape[1] - top), (left, w * factor - images.shape[2] - left))
-    x = np.pad(np.asarray(images, dtype=np.float64), pad, mode="edge")
-    return (x.reshape(len(x), h, factor, w, factor).mean(axis=(2, 4)) * 2 - 1).astype(np.float32)
+    rows, columns = (block_mean_matrix(n, factor) for n in images.shape[1:])
+    return ((rows @ np.asarray(images, dtype=np.float64) @ columns.T) * 2 - 1).astype(np.float32)
 
 
 def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4) -> np.ndarray:
     """Low-resolution images (N, h, w) in [-1, 1] -> (N, 1, H, W) in [0, 1] for the refiner (module doc)."""
     x = (low.astype(np.float64) + 1) / 2
     if how == "repeat":
-        (_, top), (_, left) = (block_grid(n, factor) for n in shape)
-        x = x.repeat(factor, axis=1).repeat(factor, axis=2)[:, top : top + shape[0], left : left + shape[1]]
+        x = repeat_blocks(x, shape, factor)
     else:
         x = cubic_upsampling_matrix(shape[0], factor) @ x @ cubic_upsampling_matrix(shape[1], factor).T
     return x[:, None].astype(np.float32)
@@ -167,14 +164,15 @@ def score(args: argparse.Namespace) -> dict:
         np.save(args.out / f"samples-{sid}.npy", images)
         grid += [(f"{name} (real)", real[:4]), (name, images[:4])]
         features = extractor(images)
+        read = classifier.predict(features)
         real_test = real_features(store, name, "test", extractor, args.cache)[0]
         real_train = real_features(store, name, "train", extractor, args.cache)[0]
         generated.append(features)
         tests.append(real_test)
         g, r = signature(images, brain, background), signature(real, brain, background)
         rows[name] = {
-            "recognised": float((classifier.predict(features) == sid).mean()),
-            "read_as": np.bincount(classifier.predict(features), minlength=len(names)).tolist(),
+            "recognised": float((read == sid).mean()),
+            "read_as": np.bincount(read, minlength=len(names)).tolist(),
             **{k: float(v) for k, v in prdc(real_train if args.real else real_test, features).items()},
             "memorisation_ratio": memorisation_ratio(features, real_test, real_train),
             "noise_ratio": g["noise"] / r["noise"], "sharpness_ratio": g["sharpness"] / r["sharpness"],

@@ -14,6 +14,7 @@ from mrgen_dist.models.parts.blocks import (
     coarse_grid_matrix,
     cubic_upsampling_matrix,
     keys_weight,
+    repeat_blocks,
 )
 
 
@@ -38,9 +39,8 @@ def test_a_low_resolution_image_repeated_per_block_passes_as_its_cubic_upsamplin
     """The cascade's hand-over: the block means of a slice whose blocks are constant are those constants, so a
     low-resolution stage's image repeated `factor` times per side is seen as the real slice of the same block
     means is: the same condition in training and sampling."""
-    blocks, front = block_grid(n, 4)
-    low = np.random.default_rng(n).random(blocks)
-    repeated = np.repeat(low, 4)[front : front + n]
+    low = np.random.default_rng(n).random(block_grid(n, 4)[0])
+    repeated = repeat_blocks(low[None], (1, n), 4)[0]
     np.testing.assert_allclose(block_mean_matrix(n, 4) @ repeated, low, atol=1e-12)
     np.testing.assert_allclose(coarse_grid_matrix(n, 4) @ repeated, cubic_upsampling_matrix(n, 4) @ low, atol=1e-12)
 

@@ -17,7 +17,7 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.parts.blocks import block_grid, block_mean_matrix
+from mrgen_dist.models.parts.blocks import block_mean_matrix, repeat_blocks
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample, sample_timesteps
@@ -230,9 +230,7 @@ def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_fi
     # the condition sees the 4 x 4 block means: a cascade's low-resolution image of them, repeated per block,
     # is conditioned on exactly as the real slice is
     rows, columns = (block_mean_matrix(n, 4) for n in SHAPE)
-    low = rows @ images.astype(np.float64) @ columns.T
-    front = [block_grid(n, 4)[1] for n in SHAPE]
-    repeated = low.repeat(4, axis=1).repeat(4, axis=2)[:, front[0] : front[0] + SHAPE[0], front[1] : front[1] + SHAPE[1]]
+    repeated = repeat_blocks(rows @ images.astype(np.float64) @ columns.T, SHAPE, 4)
     run_repeated, base_of_repeated = draw.refine(repeated[:, None].astype(np.float32), "ceiling", 0)
     run_repeated(x_t, np.zeros(3, np.float32), labels)  # runs the graph: its base
     np.testing.assert_allclose(base_of_repeated[0], base[0], atol=1e-5)

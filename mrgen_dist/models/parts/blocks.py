@@ -38,6 +38,14 @@ def block_mean_matrix(n: int, factor: int) -> np.ndarray:
     return matrix
 
 
+def repeat_blocks(low: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
+    """Block values (..., h, w) -> (..., H, W) of `shape`: each repeated `factor` x `factor`, cropped where the
+    edge padding centred the grid. A cascade's hand-over: its block means are `low` exactly."""
+    (_, top), (_, left) = (block_grid(n, factor) for n in shape)
+    full = low.repeat(factor, axis=-2).repeat(factor, axis=-1)
+    return full[..., top : top + shape[0], left : left + shape[1]]
+
+
 def keys_weight(d: np.ndarray, a: float = KEYS_A) -> np.ndarray:
     """Keys' cubic convolution kernel at distances d (in samples)."""
     d = np.abs(d)
