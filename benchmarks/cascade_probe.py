@@ -7,22 +7,23 @@ too. This probe trains one outside the package and scores the pair with the pack
 is built for it:
 
 * `base`: a conditional UNet (models/parts/unet.py; widths 32/64/128, attention at the lowest level, patch 2)
-  fitted to the v-prediction of the train slices' 4 x 4 block means (the slice edge-padded, centred, as
-  models/parts/blocks.py cuts it: 55 x 46 on 218 x 182), cosine schedule, scanner dropped with probability
-  0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps.
+  fitted to the v-prediction of the train slices' --factor x --factor block means (the slice edge-padded,
+  centred, as runtime/block_grid.py cuts it: 55 x 46 on 218 x 182 at 4, 109 x 91 at 2), cosine schedule,
+  scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps.
 * `score`: per scanner, N low-resolution images by the runtime's guided DDIM (50 trailing steps, guidance
-  --guidance), handed to the refiner file at full size (--handover: `repeat`, each block repeated 4 x 4, exact
-  for a refiner with model.condition_block=4, which takes the block means back itself; `cubic`, Keys' cubic
-  interpolation, what such a refiner sees of them, for a refiner that sees the slice itself), refined by the
-  runtime's sampling loop. With --real the real test slices' own block means are handed over instead of the
-  base's draws: what the refiner makes of a perfect coarse stage at that grid (--factor: its block side).
+  --guidance), handed to the refiner file at full size (--handover: `repeat`, each block repeated, exact for a
+  refiner whose model.condition_block is the base's factor, which takes the block means back itself; `cubic`,
+  Keys' cubic interpolation, what such a refiner sees of them, for a refiner that sees the slice itself),
+  refined by the runtime's sampling loop. With --real the real test slices' own block means are handed over instead of the
+  base's draws: what the refiner makes of a perfect coarse stage at that grid (--factor: its block side; a
+  base's own factor is in its base.pt).
   Scored: recognised as asked (`mrgen-fid`'s conditioning classifier), train-on-synthetic/test-on-real,
   precision/recall/density/coverage (k = 5, against the real test slices, or the train slices with --real,
   whose sources are the test slices), memorisation ratio, background noise and sharpness / real, MS-SSIM
   among generated and among real slices.
   Writes OUT/probe.json, OUT/samples-<scanner id>.npy and OUT/samples.png (real and refined, per scanner).
 
-    python benchmarks/cascade_probe.py base STORE OUT [--steps 4000]
+    python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
         [--n 60] [--guidance 1.5] [--handover repeat|cubic] [--real [--factor 4]] [--cache DIR]
 """
@@ -47,8 +48,8 @@ from mrgen_dist.eval.conditioning import scanner_classifier, synthetic_trained_a
 from mrgen_dist.eval.features import real_features
 from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import head_masks, memorisation_ratio, ms_ssim_diversity, prdc, signature
-from mrgen_dist.models.parts.blocks import block_mean_matrix, cubic_upsampling_matrix, repeat_blocks
 from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.runtime.block_grid import block_mean_matrix, cubic_upsampling_matrix, repeat_blocks
 from mrgen_dist.runtime.diffusion import SamplerSettings, alphas_cumprod, sample
 from mrgen_dist.runtime.sampler import Sampler
 
@@ -77,11 +78,11 @@ def build(n_scanners: int, low_shape: tuple[int, int]) -> ConditionalUNet:
                            patch=BASE["patch"])
 
 
-def train_base(store: SliceStore, out: Path, steps: int) -> None:
+def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     train = store.read_split("train")
-    x_all = torch.from_numpy(block_means(train.images))[:, None]
+    x_all = torch.from_numpy(block_means(train.images, factor))[:, None]
     y_all = torch.as_tensor(np.asarray(train.scanner), dtype=torch.long)
     n_scanners = len(store.vocabulary.names)
     net = build(n_scanners, tuple(x_all.shape[-2:]))
@@ -93,7 +94,7 @@ def train_base(store: SliceStore, out: Path, steps: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0, losses = time.time(), []
     for step in range(1, steps + 1):
-        i = torch.from_numpy(rng.choice(len(x_all), BASE["batch"], replace=False))
+        i = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
         x0, y = x_all[i], y_all[i].clone()
         y[torch.rand(len(y)) < BASE["dropout"]] = n_scanners
         t = torch.randint(0, BASE["timesteps"], (len(x0),))
@@ -113,10 +114,10 @@ def train_base(store: SliceStore, out: Path, steps: int) -> None:
                 e.lerp_(p, 1 - decay)
         if step % 250 == 0 or step == steps:
             elapsed = time.time() - t0
-            print(f"step {step} loss {np.mean(losses[-250:]):.4f} {step * BASE['batch'] / elapsed:.0f} img/s "
+            print(f"step {step} loss {np.mean(losses[-250:]):.4f} {step * batch / elapsed:.0f} img/s "
                   f"{elapsed / 60:.1f} min", flush=True)
-            torch.save({"ema": ema.state_dict(), "config": BASE, "n_scanners": n_scanners, "step": step,
-                        "low_shape": list(x_all.shape[-2:])}, out / "base.pt")
+            torch.save({"ema": ema.state_dict(), "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
+                        "low_shape": list(x_all.shape[-2:]), "factor": factor}, out / "base.pt")
 
 
 def score(args: argparse.Namespace) -> dict:
@@ -131,6 +132,7 @@ def score(args: argparse.Namespace) -> dict:
         net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
         net.load_state_dict(checkpoint["ema"])
         net.eval()
+        args.factor = checkpoint.get("factor", 4)  # bases written before the option were 4 x 4
         settings = SamplerSettings(50, args.guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"], "ddim",
                                    "trailing", True)
 
@@ -198,6 +200,8 @@ def main() -> int:
     b.add_argument("store", type=Path)
     b.add_argument("out", type=Path)
     b.add_argument("--steps", type=positive(int), default=4000)
+    b.add_argument("--factor", type=positive(int), default=4, help="the block side of the base's grid")
+    b.add_argument("--batch", type=positive(int), default=BASE["batch"])
     s = sub.add_parser("score", help="sample the base, refine, score")
     s.add_argument("store", type=Path)
     s.add_argument("--base", type=Path, help="OUT/base.pt of `base` (not with --real)")
@@ -207,15 +211,14 @@ def main() -> int:
     s.add_argument("--guidance", type=float, default=1.5, help="the base's classifier-free guidance")
     s.add_argument("--handover", choices=("repeat", "cubic"), default="repeat")
     s.add_argument("--real", action="store_true", help="hand over the real test slices' block means")
-    s.add_argument("--factor", type=positive(int), default=4, help="the block side of --real (the base's is 4)")
+    s.add_argument("--factor", type=positive(int), default=4, help="the block side of --real (a base's is its own)")
     s.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"), help="Inception feature cache")
     args = ap.parse_args()
-    torch.set_num_threads(2)
     if args.command == "base":
-        train_base(SliceStore(args.store), args.out, args.steps)
+        train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch)
         return 0
-    if not args.real and (args.base is None or args.factor != 4):
-        ap.error("score needs --base (whose blocks are 4 x 4), or --real")
+    if args.real == (args.base is not None):
+        ap.error("score needs --base or --real, not both")
     args.out.mkdir(parents=True, exist_ok=True)
     score(args)
     return 0

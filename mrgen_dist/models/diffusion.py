@@ -22,6 +22,12 @@ model.safetensors carry them. The export and the preview use the EMA weights. Th
 dtype: train with bf16 autocast over float32 weights (DDP); under DeepSpeed bf16 the weights, and so the EMA,
 are bf16, whose resolution (2**-8) is coarser than a 0.999-decay update.
 
+With `block_means` f > 1 the model draws the slices' f x f block means (runtime/block_grid.py: the slice
+edge-padded, centred; 109 x 91 at f = 2 on 218 x 182), the coarse stage of a cascade (Ho et al. 2021) whose
+refiner (models/refiner.py, `condition_block` f) draws the detail: its UNet, x_T and the exported graph work on
+that grid, and the runtime hands each draw over with every block repeated f x f, so that `mrgen-sample` and
+`mrgen-fid` see slices of the store's shape.
+
 With `level_condition` the slice's axial level (parts/level.py) is a condition beside the scanner, added to
 the UNet's embedding; guidance drops the scanner, never the level, so that it steers the scanner at the level
 asked for.
@@ -44,8 +50,10 @@ from torch import nn
 
 from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, Family, ModelConfig, Step
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
+from mrgen_dist.models.parts.blocks import BlockMeans
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import ConditionalUNet
+from mrgen_dist.runtime.block_grid import grid_shape, repeat_blocks
 from mrgen_dist.runtime.diffusion import (
     PREDICTIONS,
     SCHEDULES,
@@ -80,6 +88,9 @@ class DiffusionConfig(ModelConfig):
     spacing: str = "trailing"  # of its timesteps: trailing | quadratic (dense at low noise; runtime/diffusion.py)
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
     level_condition: bool = False  # the slice's axial level is a condition too (parts/level.py); never dropped
+    # the model draws the slices' block_means x block_means block means, a cascade's coarse stage (module doc);
+    # model.size then holds that grid (e.g. [112, 96] for 109 x 91). 1: the slices themselves.
+    block_means: int = 1
 
     def validate(self) -> None:
         if not self.widths or min(self.widths) < 1:
@@ -93,6 +104,8 @@ class DiffusionConfig(ModelConfig):
                              "(model.widths)")
         if self.blocks < 1:
             raise ValueError(f"model.blocks must be >= 1, got {self.blocks}")
+        if self.block_means < 1:
+            raise ValueError(f"model.block_means must be >= 1, got {self.block_means}")
         if not 0 <= self.attention <= len(self.widths):
             raise ValueError(f"model.attention must be in 0 .. {len(self.widths)} (levels), got {self.attention}")
         if self.schedule not in SCHEDULES:
@@ -121,9 +134,12 @@ class DiffusionConfig(ModelConfig):
                              "unconditional model, which only the dropped labels train")
 
     def validate_shape(self, image_shape: tuple[int, int]) -> None:
-        if self.size[0] < image_shape[0] or self.size[1] < image_shape[1]:
-            raise ValueError(f"model.size {self.size} is smaller than the store's slices {list(image_shape)}: "
-                             "the UNet works on slices centre-padded to it, never cropped")
+        drawn = grid_shape(image_shape, self.block_means)
+        if self.size[0] < drawn[0] or self.size[1] < drawn[1]:
+            what = "the store's slices" if self.block_means == 1 else \
+                f"the {self.block_means} x {self.block_means} block means of the store's slices"
+            raise ValueError(f"model.size {self.size} is smaller than {what} {list(drawn)}: the UNet works on "
+                             "them centre-padded to it, never cropped")
 
     def settings(self, n_scanners: int, clip: bool = True) -> SamplerSettings:
         """The exported sampler's settings (`clip`: x0 clipped to the model space [-1, 1] at every step)."""
@@ -138,12 +154,15 @@ def ema_decay(decay: float, updates: int) -> float:
 
 class Diffusion(nn.Module):
     """The UNet that trains (`net`), its EMA copy (`ema`, no gradients) and the schedule (a buffer of the
-    run's weights, float32 alpha_bar); `forward` is the training network's prediction."""
+    run's weights, float32 alpha_bar); `forward` is the training network's prediction. `drawn_shape` is what
+    the UNet draws: the slices' shape, or that of their block means (`block_means`, the operator)."""
 
     def __init__(self, config: DiffusionConfig, n_scanners: int, image_shape: tuple[int, int]) -> None:
         super().__init__()
         self.n_scanners, self.image_shape = n_scanners, tuple(image_shape)
-        self.net = self.build_net(config, n_scanners, image_shape)
+        self.drawn_shape = grid_shape(self.image_shape, config.block_means)
+        self.block_means = BlockMeans(self.image_shape, config.block_means)
+        self.net = self.build_net(config, n_scanners, self.drawn_shape)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.register_buffer("alphas_cumprod", torch.from_numpy(
             alphas_cumprod(config.schedule, config.timesteps)).float())
@@ -176,19 +195,46 @@ class Diffusion(nn.Module):
 
 
 class Denoiser(DenoiserGraph):
-    """The EMA UNet under the `mrgen-denoiser` contract, computed in its own dtype, float32 out."""
+    """The EMA UNet under the `mrgen-denoiser` contract, computed in its own dtype, float32 out; x is of the
+    model's `drawn_shape` (the slices', or their block means'), which the file's `mrgen.sampler` `block_means`
+    says (absent: 1)."""
 
     def __init__(self, model: Diffusion) -> None:
         super().__init__()
         self.unet = model.ema
         self.timesteps = model.settings.timesteps
-        self.settings = model.settings.to_metadata()
-        self.latent = model.image_shape[0] * model.image_shape[1]
+        self.settings, self.sampler_settings = model.settings.to_metadata(), model.settings
+        self.image_shape, self.drawn_shape, self.factor = model.image_shape, model.drawn_shape, model.block_means.factor
+        self.latent = self.drawn_shape[0] * self.drawn_shape[1]
         self.level_condition = model.ema.level_condition
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, scanner: torch.Tensor, level: torch.Tensor | None = None
                 ) -> torch.Tensor:
         return self.unet(x, t, scanner, level).float()
+
+    def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
+                       ) -> dict[str, np.ndarray]:
+        """The contract's inputs (DenoiserGraph) with x of the drawn shape."""
+        return super().example_inputs(batch, rng, n_scanners, self.drawn_shape)
+
+    def sampler_metadata(self) -> dict:
+        return {**self.settings, "block_means": self.factor} if self.factor > 1 else dict(self.settings)
+
+
+def draw_slices(graph: Denoiser, x_t: np.ndarray, scanner: np.ndarray, levels: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Slices (B, H, W) in [0, 1] of the store's shape drawn by the runtime's sampling loop around `graph` from
+    x_T (B, 1, h, w) of its drawn shape, for labels `scanner` (B,): block means handed over with each block
+    repeated, as the runtime hands them over (runtime/diffusion.py DiffusionDraw)."""
+    device = next(graph.parameters()).device
+
+    def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray, *condition: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            inputs = (torch.from_numpy(a).to(device) for a in (x, t, s, *condition))
+            return graph(*inputs).float().cpu().numpy()
+
+    drawn = to_image(sample(denoise, x_t, scanner, graph.sampler_settings, levels))[:, 0]
+    return drawn if graph.factor == 1 else repeat_blocks(drawn, graph.image_shape, graph.factor)
 
 
 def split_noise(noise: torch.Tensor, size: tuple[int, int], image_shape: tuple[int, int], timesteps: int,
@@ -231,9 +277,9 @@ class DiffusionFamily(Family):
     def losses(self, step: Step) -> dict[str, torch.Tensor]:
         config: DiffusionConfig = step.config
         model: Diffusion = step.accelerator.unwrap_model(step.model)
-        eps, t, drop = split_noise(step.noise, tuple(config.size), model.image_shape, config.timesteps,
+        eps, t, drop = split_noise(step.noise, tuple(config.size), model.drawn_shape, config.timesteps,
                                    config.label_dropout)
-        x0 = 2 * step.images.float()[:, None] - 1
+        x0 = 2 * model.block_means(step.images.float()[:, None]) - 1
         x_t, target = targets(x0, eps, model.alphas_cumprod.float()[t], config.prediction)
         scanner = torch.where(drop, torch.full_like(step.scanner, model.null_label), step.scanner)
         with step.autocast():
@@ -253,18 +299,12 @@ class DiffusionFamily(Family):
     def preview(self, model: Diffusion, images: torch.Tensor, scanner: torch.Tensor, vocabulary: Vocabulary,
                 level: torch.Tensor | None = None) -> tuple[list[tuple[str, np.ndarray]], str]:
         """Samples of each scanner from the same x_T in every row (at `level`'s first level, for a
-        level-conditioned model): the EMA UNet in the runtime's sampling loop."""
+        level-conditioned model): the EMA UNet in the runtime's sampling loop (`draw_slices`)."""
         graph = Denoiser(model).eval()
-        device = next(graph.parameters()).device
         settings = model.settings
-        x_t = np.random.default_rng(1234).standard_normal((PREVIEW_COLUMNS, 1, *model.image_shape), dtype=np.float32)
+        x_t = np.random.default_rng(1234).standard_normal((PREVIEW_COLUMNS, 1, *model.drawn_shape), dtype=np.float32)
         levels = np.full(PREVIEW_COLUMNS, int(level[0]), np.int64) if graph.level_condition else None
-
-        def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray, *condition: np.ndarray) -> np.ndarray:
-            inputs = (torch.from_numpy(a).to(device) for a in (x, t, s, *condition))
-            return graph(*inputs).float().cpu().numpy()
-
-        rows = [(name, to_image(sample(denoise, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), settings, levels))[:, 0])
+        rows = [(name, draw_slices(graph, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), levels))
                 for sid, name in enumerate(vocabulary.names)]
         solver = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}[settings.name]
         return rows, f"samples (same x_T in every row; {solver} {settings.steps} steps, guidance {settings.guidance:g})"
@@ -272,8 +312,7 @@ class DiffusionFamily(Family):
     def flops_per_image(self, model: Diffusion) -> int:
         """6 x the UNet's multiply-accumulates of one forward (forward + backward), convolutions and linear
         layers (attention's products not counted)."""
-        h, w = model.image_shape
-        x = torch.zeros(1, 1, h, w)
+        x = torch.zeros(1, 1, *model.drawn_shape)
         label = torch.zeros(1, dtype=torch.long)
         level = (label,) if model.net.level_condition else ()
         return 6 * multiply_accumulates(model.net, x, torch.zeros(1), label, *level)

@@ -18,12 +18,13 @@ with the scanner dropped to the null label with probability `label_dropout` for 
 an EMA copy. All of a step's random numbers come from one generator seeded by the loop's noise, so a resumed
 run makes the same steps.
 
-Sampling: the coarse run's decoder makes its slice for (z, scanner) (`coarse_slice`: its mean slice, a draw of its
-learned noise around it, or that draw's mean; runtime/refine.py), its low-pass is c, and the sampler (models/diffusion.py's
+Sampling: the coarse run makes its slice for (z, scanner): a decoder's (`coarse_slice`: its mean slice, a draw
+of its learned noise around it, or that draw's mean; runtime/refine.py), or, in a cascade, a diffusion run's
+draw of block means from its own x_T, repeated per block. Its low-pass is c, and the sampler (models/diffusion.py's
 settings; the ancestral one by default, runtime/diffusion.py) draws r from x_T; the slice is clip(c + scale r,
 0, 1). Export: the EMA UNet with the low-pass as the `mrgen-refiner` graph (x, t, scanner, coarse) -> (out,
-base = c), and the coarse run's decoder beside it (export/README.md); the sampler's latent is the decoder's z
-followed by x_T.
+base = c), and the coarse run's file beside it (export/README.md); the sampler's latent is the coarse run's
+(z, or its x_T) followed by x_T.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.models.atlas import gaussian_blur
 from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph, Step
-from mrgen_dist.models.diffusion import Diffusion, DiffusionConfig, DiffusionFamily, targets
+from mrgen_dist.models.diffusion import Denoiser, Diffusion, DiffusionConfig, DiffusionFamily, draw_slices, targets
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.blocks import CoarseGrid
 from mrgen_dist.models.parts.networks import multiply_accumulates
@@ -60,7 +61,9 @@ REFINE_BATCH = 16
 @dataclass
 class RefinerConfig(DiffusionConfig):
     family: str = "refiner"
-    coarse: str = ""  # a finished mrgen-train run of a decoder family on the same store: the slices refined
+    # a finished mrgen-train run on the same store, of a decoder family or of the diffusion family (a cascade's
+    # coarse stage, of the slices' block means: model.condition_block is then its model.block_means)
+    coarse: str = ""
     band: float = 3.0  # sigma (pixels) of the Gaussian low-pass kept from the coarse slice; the rest is drawn
     scale: float = 0.25  # the fine band is divided by it, so that the diffusion works at about unit spread
     crop: int = 64  # side of the training windows
@@ -106,6 +109,9 @@ class RefinerConfig(DiffusionConfig):
                              f"{self.patch * 2 ** (len(self.widths) - 1)} (model.patch and the UNet's halvings)")
         if self.condition_block < 1:
             raise ValueError(f"model.condition_block must be >= 1, got {self.condition_block}")
+        if self.block_means != 1:
+            raise ValueError("model.block_means must be 1: the refiner draws whole slices (the grid its condition is "
+                             "seen at is model.condition_block)")
         if self.level_condition:
             raise ValueError("model.level_condition is not supported by the refiner (its coarse slice carries the level)")
 
@@ -126,6 +132,10 @@ class RefinerConfig(DiffusionConfig):
         if list(coarse.vocabulary) != list(vocabulary.names):
             raise ValueError(f"model.coarse {self.coarse} was trained on the scanners {coarse.vocabulary}, the store "
                              f"has {list(vocabulary.names)}")
+        drawn = coarse.model.get("block_means", 1)
+        if drawn != 1 and drawn != self.condition_block:
+            raise ValueError(f"model.coarse {self.coarse} draws {drawn} x {drawn} block means; set "
+                             f"model.condition_block={drawn}, so that the refiner is trained on what it hands over")
 
     def coarse_record(self) -> RunRecord:
         """The coarse run's record; a ValueError naming model.coarse when it is no finished run."""
@@ -134,6 +144,15 @@ class RefinerConfig(DiffusionConfig):
             raise ValueError(f"model.coarse {self.coarse}: no config.json and model.safetensors there (a finished "
                              "mrgen-train run)")
         return RunRecord.read(path)
+
+
+def coarse_slices(graph: SamplingGraph | Denoiser, z: torch.Tensor, scanner: torch.Tensor) -> torch.Tensor:
+    """The coarse generator's slices (B, 1, H, W) of latents `z` (B, latent) and labels: a decoder's mean
+    slices, or a diffusion run's draws from x_T = z, handed over as the runtime hands them (`draw_slices`)."""
+    if isinstance(graph, Denoiser):
+        x_t = z.float().cpu().numpy().reshape(len(z), 1, *graph.drawn_shape)
+        return torch.from_numpy(draw_slices(graph, x_t, scanner.cpu().numpy()))[:, None].to(z.device)
+    return graph(z, scanner)
 
 
 def coordinates(shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
@@ -177,16 +196,20 @@ class Refiner(Diffusion):
                 ) -> torch.Tensor:
         return self.net(x, t, scanner, None, condition)
 
-    def coarse(self, device: torch.device) -> SamplingGraph:
-        """The coarse run's sampling graph (z, scanner) -> slice on `device`, frozen, in eval mode."""
+    def coarse(self, device: torch.device) -> SamplingGraph | Denoiser:
+        """The coarse run's graph on `device`, frozen, in eval mode: a decoder's (z, scanner) -> slice, or a
+        diffusion run's denoiser (`coarse_slices` draws with either)."""
         if not self._coarse:
             if self.load_run is None:
                 raise RuntimeError("the refiner has no run loader: connect it (Family.connect) first")
             family, model, _ = self.load_run(self.coarse_dir)
-            if family.kind != "decoder":
+            if family.kind not in ("decoder", "diffusion"):
                 raise ValueError(f"model.coarse {self.coarse_dir} is a {family.name} run; the refiner refines the "
-                                 "slices of a decoder family's run (z, scanner) -> slice")
+                                 "slices of a decoder family's run (z, scanner) -> slice or of a diffusion run")
             graph = family.export_graph(model).requires_grad_(False).eval()
+            if graph.level_condition:
+                raise ValueError(f"model.coarse {self.coarse_dir} takes the slice level (model.level_condition), "
+                                 "which the refiner's sampling does not give it")
             if self.coarse_slice != "mean" and not graph.has_noise:
                 raise ValueError(f"model.coarse_slice={self.coarse_slice}: the coarse run {self.coarse_dir} has no "
                                  "learned noise; set model.coarse_slice=mean")
@@ -312,7 +335,7 @@ class RefinerFamily(DiffusionFamily):
         rows = []
         for sid, name in enumerate(vocabulary.names):
             s = torch.full((PREVIEW_COLUMNS,), sid, dtype=torch.long, device=device)
-            mean = decoder(z, s).float().cpu().numpy()
+            mean = coarse_slices(decoder, z, s).float().cpu().numpy()
             sigma = None if graph.coarse_slice == "mean" else decoder.noise_sigma(s).float().cpu().numpy()
             coarse = torch.from_numpy(coarse_slice(graph.coarse_slice, mean, sigma, decoder.noise_kind,
                                                    s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrgen_dist.runtime.block_grid import grid_shape, repeat_blocks
 from mrgen_dist.runtime.session import LEVEL_INPUT, check_finite, level_feed
 
 SCHEDULES = ("cosine", "linear")
@@ -257,18 +258,26 @@ def to_image(x0: np.ndarray) -> np.ndarray:
 class DiffusionDraw:
     """What `Sampler` does with a `mrgen-denoiser` file: x_T ~ N(0, I) for all n images from a generator
     seeded by (seed, scanner id) (so that images do not depend on the batch size, as for a decoder), then the
-    guided sampling loop (DDIM or DPM-Solver++(2M)) batch by batch. Its latent is x_T, flattened: H * W numbers
-    (`mrgen.latent`)."""
+    guided sampling loop (DDIM or DPM-Solver++(2M)) batch by batch. Its latent is x_T, flattened: h * w numbers
+    (`mrgen.latent`) of the drawn shape, the slices' (H, W) or, for a model of their `block_means` x
+    `block_means` block means (the file's `mrgen.sampler` `block_means`, a cascade's coarse stage), the blocks';
+    such draws are handed over with each block repeated, cropped to the slices' shape (block_grid.py)."""
 
-    def __init__(self, session, path: Path, image_shape: tuple[int, int], settings: SamplerSettings) -> None:
+    def __init__(self, session, path: Path, image_shape: tuple[int, int], settings: SamplerSettings,
+                 block_means: int = 1) -> None:
         self.session, self.path, self.image_shape, self.settings = session, path, image_shape, settings
+        self.block_means, self.drawn_shape = block_means, grid_shape(image_shape, block_means)
+
+    @property
+    def latent(self) -> int:
+        return self.drawn_shape[0] * self.drawn_shape[1]
 
     def expected_graph(self, level_condition: bool) -> tuple[str, dict[str, tuple[str, list]], tuple[str, ...]]:
         """The contract's description, inputs and output (for `session.check_graph`), with the `level` input of
         a level-conditioned denoiser."""
-        shape = [None, 1, *self.image_shape]
+        shape = [None, 1, *self.drawn_shape]
         level = ", level int64 [batch]" if level_condition else ""
-        text = (f"mrgen-denoiser graph (inputs x float32 [batch, 1, {', '.join(map(str, self.image_shape))}], "
+        text = (f"mrgen-denoiser graph (inputs x float32 [batch, 1, {', '.join(map(str, self.drawn_shape))}], "
                 f"t float32 [batch], scanner int64 [batch]{level}; output out float32 of x's shape)")
         expected = {"x": ("tensor(float)", shape), "t": ("tensor(float)", [None]),
                     "scanner": ("tensor(int64)", [None]), "out": ("tensor(float)", shape)}
@@ -286,7 +295,8 @@ class DiffusionDraw:
 
     def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0,
                level: np.ndarray | None = None) -> np.ndarray:
-        """Slices (B, H, W) in [0, 1] of the latents `z` (B, H * W) (x_T), labels `scanner` (B,) and, for a
+        """Slices (B, H, W) in [0, 1] of the latents `z` (B, h * w) (x_T), labels `scanner` (B,) and, for a
         level-conditioned denoiser, axial indices `level` (B,)."""
-        x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.image_shape)
-        return to_image(sample(self.denoise(what, offset), x, scanner, self.settings, level))[:, 0]
+        x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.drawn_shape)
+        drawn = to_image(sample(self.denoise(what, offset), x, scanner, self.settings, level))[:, 0]
+        return drawn if self.block_means == 1 else repeat_blocks(drawn, self.image_shape, self.block_means)

@@ -1,17 +1,19 @@
 """Sampling an exported refiner (contract `mrgen-refiner`, models/refiner.py) around its coarse generator. No
 torch.
 
-The latent of an image is the coarse generator's z followed by x_T (H * W numbers): the coarse decoder (a
-`Sampler` of the `mrgen-decoder` file beside the refiner's) makes its slice, the refiner's graph its low-pass
-`base` and the prediction for the scaled fine band, the sampling loop of runtime/diffusion.py (the file's
-`mrgen.sampler`) draws the fine band r from x_T, and the slice is clip(base + scale r, 0, 1).
+The latent of an image is the coarse generator's latent followed by x_T (H * W numbers). The coarse generator
+is a `Sampler` of the file beside the refiner's: an `mrgen-decoder`, whose latent is z, or the `mrgen-denoiser`
+of a cascade's coarse stage, whose latent is its own x_T and whose block means it hands over repeated per block.
+It makes its slice; the refiner's graph makes that slice's low-pass `base` and the prediction for the scaled
+fine band; the sampling loop of runtime/diffusion.py (the file's `mrgen.sampler`) draws the fine band r from
+x_T; and the slice is clip(base + scale r, 0, 1).
 
 The coarse slice (`mrgen.sampler` `coarse_slice`, the refiner's `model.coarse_slice`; COARSE_SLICES) is the
-decoder's mean slice ("mean"), a draw of its learned noise around it ("draw"), or that draw's mean, pixel by
-pixel ("expected"). The refiner learnt the fine band under the low-pass of real slices, which carry their noise
-floor: in air that condition is the floor's mean, not the zero of a noise-free mean slice, from which the final
-clip at 0 cuts part of the drawn noise away. A draw gives the floor but also carries the coarse noise's texture
-into the low-pass; its mean gives the floor without it.
+generator's slice, for a decoder its mean slice ("mean"), a draw of its learned noise around it ("draw"), or
+that draw's mean, pixel by pixel ("expected"). The refiner learnt the fine band under the low-pass of real
+slices, which carry their noise floor: in air that condition is the floor's mean, not the zero of a noise-free
+mean slice, from which the final clip at 0 cuts part of the drawn noise away. A draw gives the floor but also
+carries the coarse noise's texture into the low-pass; its mean gives the floor without it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def coarse_slice(mode: str, image: np.ndarray, sigma: np.ndarray | None, kind: s
 
 
 class RefinedDraw(DiffusionDraw):
-    """What `Sampler` does with a `mrgen-refiner` file; `coarse` is the Sampler of its coarse decoder file and
+    """What `Sampler` does with a `mrgen-refiner` file; `coarse` is the Sampler of its coarse generator file and
     `scale` the fine band's scale (the file's `mrgen.sampler` `scale`); `mode` is the coarse slice refined
     (COARSE_SLICES)."""
 

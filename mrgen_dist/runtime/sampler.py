@@ -20,9 +20,10 @@ images cover them as evenly as the store does (what the FID and the comparison s
 
 A `mrgen-denoiser` file (a diffusion model) is served through the same API: its latent is the initial noise
 x_T (H * W numbers per image, drawn the same way), which the guided DDIM run of runtime/diffusion.py, with the
-steps and guidance scale of the file's `mrgen.sampler`, maps to a slice. A `mrgen-refiner` file is served the
-same way around the coarse decoder file it names (runtime/refine.py): its latent is that decoder's z followed
-by x_T.
+steps and guidance scale of the file's `mrgen.sampler`, maps to a slice. A denoiser of block means
+(`mrgen.sampler` `block_means`) draws on their grid and hands its slices over with each block repeated. A
+`mrgen-refiner` file is served the same way around the coarse generator file it names (runtime/refine.py), a
+decoder or such a denoiser: its latent is that generator's latent (z, or its x_T) followed by x_T.
 """
 
 from __future__ import annotations
@@ -111,8 +112,12 @@ class Sampler:
                                              float(self.metadata.sampler["scale"]), mode)
                 self.latent = self.diffusion.latent
             else:
-                self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings)
-                self.latent = self.image_shape[0] * self.image_shape[1]
+                block_means = self.metadata.sampler.get("block_means", 1)  # absent: the slices themselves
+                if not isinstance(block_means, int) or block_means < 1:
+                    raise ArtifactError(f"{path}: metadata mrgen.sampler block_means must be an integer >= 1, got "
+                                        f"{block_means!r}")
+                self.diffusion = DiffusionDraw(self.session, path, self.image_shape, settings, block_means)
+                self.latent = self.diffusion.latent
         self.levels = self._trained_levels(path)
         self._check_graph(path)
         self.parity_error = self._check_parity(path, inaccurate)
@@ -123,9 +128,9 @@ class Sampler:
             self._pick_layout(path)
 
     def _coarse_sampler(self, path: Path, device: str, threads: int, noise: bool) -> Sampler:
-        """The Sampler of a refiner file's coarse decoder (`mrgen.coarse`), checked to be the file exported with
-        it, to make slices of this file's scanners and shape, and to have learned noise where `noise` asks for
-        it."""
+        """The Sampler of a refiner file's coarse generator (`mrgen.coarse`, a decoder or a denoiser), checked to
+        be the file exported with it, to make slices of this file's scanners and shape without a slice level, and
+        to have learned noise where `noise` asks for it."""
         record = self.metadata.coarse
         file = path.parent / str(record.get("file", ""))
         if not record.get("file") or not file.is_file():
@@ -134,9 +139,10 @@ class Sampler:
         if hashlib.sha256(file.read_bytes()).hexdigest() != record.get("sha256"):
             raise ArtifactError(f"{path}: {file} is not the coarse generator exported with it; export it again")
         coarse = Sampler(file, device, threads)
-        if coarse.diffusion is not None or list(coarse.vocabulary.names) != list(self.vocabulary.names) \
-                or coarse.image_shape != self.image_shape:
-            raise ArtifactError(f"{path}: its coarse generator {file} is not a decoder of its scanners and slices")
+        if isinstance(coarse.diffusion, RefinedDraw) or coarse.levels is not None \
+                or list(coarse.vocabulary.names) != list(self.vocabulary.names) or coarse.image_shape != self.image_shape:
+            raise ArtifactError(f"{path}: its coarse generator {file} is not a decoder or denoiser of its scanners and "
+                                "slices without a slice level")
         if noise and not coarse.has_noise:
             raise ArtifactError(f"{path}: it refines its coarse generator's learned noise, but {file} has none; "
                                 "export the refiner again")

@@ -1,5 +1,6 @@
-"""The coarse-grid operator (models/parts/blocks.py): what a refiner with `condition_block` sees of a slice, and
-what a cascade's low-resolution stage hands it."""
+"""The block-grid operators (runtime/block_grid.py, and their torch modules in models/parts/blocks.py): what a
+refiner with `condition_block` sees of a slice, what a diffusion model with `block_means` draws of it, and what
+that cascade's low-resolution stage hands the refiner."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mrgen_dist.models.parts.blocks import (
-    CoarseGrid,
+from mrgen_dist.models.parts.blocks import BlockMeans, CoarseGrid
+from mrgen_dist.runtime.block_grid import (
     block_grid,
     block_mean_matrix,
     coarse_grid_matrix,
     cubic_upsampling_matrix,
+    grid_shape,
     keys_weight,
     repeat_blocks,
 )
@@ -60,3 +62,18 @@ def test_the_torch_module_is_the_two_matrices_on_rows_and_columns() -> None:
     np.testing.assert_allclose(seen.numpy(), want, atol=1e-5)
     assert CoarseGrid((218, 182), 1)(x) is x
     assert not CoarseGrid((218, 182), 4).state_dict()  # constants of the config, not weights
+
+
+def test_block_means_module_draws_what_the_hand_over_gives_back() -> None:
+    """A diffusion model with `block_means` 2 learns BlockMeans of the slices; the runtime repeats its draws per
+    block, and a refiner with condition_block 2 sees that hand-over as it saw the real slice in training."""
+    x = torch.rand(2, 1, 218, 182, generator=torch.Generator().manual_seed(1))
+    means = BlockMeans((218, 182), 2)(x)
+    assert means.shape == (2, 1, *grid_shape((218, 182), 2)) == (2, 1, 109, 91)
+    want = block_mean_matrix(218, 2) @ x.double().numpy() @ block_mean_matrix(182, 2).T
+    np.testing.assert_allclose(means.numpy(), want, atol=1e-6)
+    handed = torch.from_numpy(repeat_blocks(means.numpy(), (218, 182), 2))
+    seen = CoarseGrid((218, 182), 2)
+    np.testing.assert_allclose(seen(handed).numpy(), seen(x).numpy(), atol=1e-5)
+    assert BlockMeans((218, 182), 1)(x) is x and not BlockMeans((218, 182), 2).state_dict()
+    assert grid_shape((218, 182), 4) == (55, 46) and grid_shape((218, 182), 1) == (218, 182)

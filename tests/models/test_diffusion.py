@@ -15,6 +15,7 @@ from mrgen_dist.artifacts import ModelMetadata, RunRecord
 from mrgen_dist.models import FAMILIES
 from mrgen_dist.models.base import KINDS, PlainAccelerator, Step
 from mrgen_dist.models.diffusion import DiffusionConfig, ema_decay
+from mrgen_dist.runtime.block_grid import block_mean_matrix
 from mrgen_dist.runtime.diffusion import (
     SamplerSettings,
     alphas_cumprod,
@@ -33,7 +34,8 @@ FAMILY = FAMILIES["diffusion"]
 
 
 def tiny(**overrides) -> DiffusionConfig:
-    config = DiffusionConfig(widths=[8, 8, 16, 16], size=[224, 192], timesteps=100, sample_steps=4, **overrides)
+    config = DiffusionConfig(**{"widths": [8, 8, 16, 16], "size": [224, 192], "timesteps": 100, "sample_steps": 4,
+                                **overrides})
     config.validate()
     return config
 
@@ -287,6 +289,34 @@ def test_losses_draw_t_and_the_label_drop_from_the_loops_noise() -> None:
         FAMILY.losses(step)
     t, label = seen[0]
     assert t.tolist() == [0.0, 50.0, 99.0, 50.0] and label.tolist() == [4, 1, 4, 3]
+
+
+def test_a_model_of_block_means_draws_and_learns_them_on_their_grid() -> None:
+    """model.block_means 2: the UNet works on the 109 x 91 block means of the slices (x_t near t = 0 is them),
+    its size need only hold that grid, and the exported graph's x has that shape."""
+    config = tiny(block_means=2, size=[112, 96])
+    config.validate_shape(SHAPE)
+    with pytest.raises(ValueError, match=r"smaller than the 2 x 2 block means of the store's slices \[109, 91\]"):
+        tiny(block_means=2, size=[104, 96]).validate_shape(SHAPE)
+    with pytest.raises(ValueError, match=r"smaller than the store's slices \[218, 182\]"):
+        tiny(size=[112, 96]).validate_shape(SHAPE)
+    torch.manual_seed(0)
+    model = FAMILY.build(config, VOCABULARY, SHAPE)
+    assert model.drawn_shape == (109, 91) and FAMILY.noise_dim(config) == 112 * 96 + 2
+    step = make_step(config, model, seed=1)
+    step.noise[:, -2] = -10.0  # u -> 0: t = 0, where x_t is x0 but for sqrt(1 - alpha_bar_0) eps
+    seen = []
+    model.net.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    with torch.no_grad():
+        FAMILY.losses(step)
+    rows, columns = (torch.from_numpy(block_mean_matrix(n, 2)).float() for n in SHAPE)
+    x0 = 2 * (rows @ step.images @ columns.T) - 1
+    assert seen[0].shape == (4, 1, 109, 91)
+    assert (seen[0][:, 0] - x0).abs().max() < 6 * (1 - model.alphas_cumprod[0]).sqrt()
+    graph = FAMILY.export_graph(model)
+    assert graph.latent == 109 * 91 and graph.sampler_metadata()["block_means"] == 2
+    assert graph.example_inputs(2, np.random.default_rng(0), 4, SHAPE)["x"].shape == (2, 1, 109, 91)
+    assert "block_means" not in FAMILY.export_graph(FAMILY.build(tiny(), VOCABULARY, SHAPE)).sampler_metadata()
 
 
 def test_ema_moves_toward_the_weights_and_is_in_the_state_dict() -> None:

@@ -17,9 +17,9 @@ from mrgen_dist.artifacts import ArtifactError, ModelMetadata
 from mrgen_dist.eval.inception import FID_HELPER_FILE, package_file
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import PlainAccelerator, Step
-from mrgen_dist.models.parts.blocks import block_mean_matrix, repeat_blocks
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
+from mrgen_dist.runtime.block_grid import block_mean_matrix, repeat_blocks
 from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample, sample_timesteps
 from mrgen_dist.runtime.refine import coarse_draw, coarse_slice
 from mrgen_dist.scanners import Vocabulary

@@ -1,92 +1,43 @@
-"""A slice seen at a coarser grid: its f x f block means, brought back to the slice's grid by cubic interpolation.
-
-What a cascade's low-resolution stage can give its refiner (models/refiner.py `condition_block`): a generator of
-55 x 46 block means (f = 4 on 218 x 182 slices) hands over exactly what this operator keeps of a real slice, so
-a refiner trained on real slices seen through it is conditioned alike in training and sampling. Any slice of
-the full grid whose f x f blocks are constant (a low-resolution image repeated f times per side) passes through
-as its cubic upsampling.
-
-Both steps are linear and act on rows and columns apart, so the operator is two matrices, A_rows (H x H) and
-A_columns (W x W), with out = A_rows x A_columns^T: two matrix products in an exported graph, the same numbers
-in torch and onnxruntime. The slice is edge-padded (centred) to a multiple of f before the block means; the
-cubic interpolation is Keys' (a = -0.5) at the blocks' centres, edges clamped, so the interpolation of a
-constant slice is that constant.
-"""
+"""The block-grid operators of runtime/block_grid.py as torch modules of constant matrices: `BlockMeans`, what
+a diffusion model with `model.block_means` draws of a slice, and `CoarseGrid`, what a refiner with
+`model.condition_block` sees of it. Both act on rows and columns apart (two matrix products), so they export
+as two MatMuls and give the same numbers in torch and onnxruntime; their matrices are rebuilt from the config,
+so neither checkpointed nor trained."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-#: Keys' cubic convolution parameter (-0.5: third-order accurate; Keys 1981).
-KEYS_A = -0.5
+from mrgen_dist.runtime.block_grid import block_mean_matrix, coarse_grid_matrix
 
 
-def block_grid(n: int, factor: int) -> tuple[int, int]:
-    """(blocks, front padding) of an axis of n pixels cut into blocks of `factor`, centre-padded by edge values."""
-    blocks = -(-n // factor)
-    return blocks, (blocks * factor - n) // 2
+class _Separable(torch.nn.Module):
+    """images (B, C, H, W) -> rows @ images @ columns^T, the identity where `factor` is 1."""
 
-
-def block_mean_matrix(n: int, factor: int) -> np.ndarray:
-    """(blocks, n): the mean of each block of `factor` pixels, the axis edge-padded (centred) to a multiple."""
-    blocks, front = block_grid(n, factor)
-    matrix = np.zeros((blocks, n))
-    for b in range(blocks):
-        for p in range(b * factor - front, (b + 1) * factor - front):
-            matrix[b, min(max(p, 0), n - 1)] += 1.0 / factor
-    return matrix
-
-
-def repeat_blocks(low: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
-    """Block values (..., h, w) -> (..., H, W) of `shape`: each repeated `factor` x `factor`, cropped where the
-    edge padding centred the grid. A cascade's hand-over: its block means are `low` exactly."""
-    (_, top), (_, left) = (block_grid(n, factor) for n in shape)
-    full = low.repeat(factor, axis=-2).repeat(factor, axis=-1)
-    return full[..., top : top + shape[0], left : left + shape[1]]
-
-
-def keys_weight(d: np.ndarray, a: float = KEYS_A) -> np.ndarray:
-    """Keys' cubic convolution kernel at distances d (in samples)."""
-    d = np.abs(d)
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
-
-
-def cubic_upsampling_matrix(n: int, factor: int) -> np.ndarray:
-    """(n, blocks): the cubic interpolation of the block values at each pixel of the axis, the blocks at their
-    centres, the block indices clamped at the edges."""
-    blocks, front = block_grid(n, factor)
-    matrix = np.zeros((n, blocks))
-    for p in range(n):
-        position = (p + front + 0.5) / factor - 0.5  # in block units, block b's centre at b
-        left = int(np.floor(position))
-        for b in range(left - 1, left + 3):
-            matrix[p, min(max(b, 0), blocks - 1)] += keys_weight(np.asarray(position - b))
-    return matrix
-
-
-def coarse_grid_matrix(n: int, factor: int) -> np.ndarray:
-    """(n, n): block means of `factor` then cubic interpolation back, along one axis (identity for factor 1)."""
-    if factor == 1:
-        return np.eye(n)
-    return cubic_upsampling_matrix(n, factor) @ block_mean_matrix(n, factor)
-
-
-class CoarseGrid(torch.nn.Module):
-    """images (B, C, H, W) -> the same seen at the grid of `factor` x `factor` blocks (module doc)."""
-
-    def __init__(self, image_shape: tuple[int, int], factor: int) -> None:
+    def __init__(self, rows: np.ndarray, columns: np.ndarray, factor: int) -> None:
         super().__init__()
         self.factor = factor
-        rows, columns = (torch.from_numpy(coarse_grid_matrix(n, factor)).float() for n in image_shape)
-        # constants of the operator, not weights: rebuilt from the config, so neither checkpointed nor trained
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("columns", columns, persistent=False)
+        self.register_buffer("rows", torch.from_numpy(rows).float(), persistent=False)
+        self.register_buffer("columns", torch.from_numpy(columns).float(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.factor == 1:
             return images
-        rows, columns = self.rows.to(images.dtype), self.columns.to(images.dtype)
-        return rows @ images @ columns.T
+        return self.rows.to(images.dtype) @ images @ self.columns.to(images.dtype).T
+
+
+class CoarseGrid(_Separable):
+    """images (B, C, H, W) -> the same seen at the grid of `factor` x `factor` blocks: their block means,
+    cubically interpolated back (runtime/block_grid.py `coarse_grid_matrix`)."""
+
+    def __init__(self, image_shape: tuple[int, int], factor: int) -> None:
+        super().__init__(*(coarse_grid_matrix(n, factor) for n in image_shape), factor)
+
+
+class BlockMeans(_Separable):
+    """images (B, C, H, W) -> their `factor` x `factor` block means (B, C, h, w), the slices edge-padded
+    (centred) to a multiple of `factor` (runtime/block_grid.py `block_mean_matrix`)."""
+
+    def __init__(self, image_shape: tuple[int, int], factor: int) -> None:
+        super().__init__(*(block_mean_matrix(n, factor) for n in image_shape), factor)
