@@ -25,7 +25,7 @@ is built for it:
 
     python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
-        [--n 60] [--guidance 1.5] [--handover repeat|cubic] [--real [--factor 4]] [--cache DIR]
+        [--n 60] [--guidance 1.5] [--handover repeat|cubic] [--real [--factor 4]] [--threads N] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def score(args: argparse.Namespace) -> dict:
     store = SliceStore(args.store)
     names = list(store.vocabulary.names)
     test, train = store.read_split("test"), store.read_split("train")
-    refiner = Sampler(args.refiner, device="cpu")
+    refiner = Sampler(args.refiner, device="cpu", threads=args.threads)
     draw = refiner.diffusion
     shape = refiner.image_shape
     if not args.real:
@@ -212,6 +212,7 @@ def main() -> int:
     s.add_argument("--handover", choices=("repeat", "cubic"), default="repeat")
     s.add_argument("--real", action="store_true", help="hand over the real test slices' block means")
     s.add_argument("--factor", type=positive(int), default=4, help="the block side of --real (a base's is its own)")
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime's threads (0: its choice; 1 beside a training)")
     s.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"), help="Inception feature cache")
     args = ap.parse_args()
     if args.command == "base":
