@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mrgen_dist.config import ConfigError, load_config
 
@@ -16,6 +17,15 @@ def test_thesis_config_is_the_thesis_protocol() -> None:
     assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs, cfg.model.latent, cfg.model.loss) == (
         3e-4, 8, 100, 256, "logcosh"
     )
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads_and_validates(path: Path) -> None:
+    """The configs users run, the comparison's included: each loads and passes its family's checks, with the
+    paths a command line gives (a refiner's coarse run, a distilled translator's teacher)."""
+    cfg = load_config(path, ["data.store=/s"] + {"refiner": ["model.coarse=/c"], "distilled": ["model.teacher=/t"]}
+                      .get(yaml.safe_load(path.read_text())["model"]["family"], []))
+    assert cfg.model.family and cfg.train.epochs > 0
 
 
 def test_overrides_and_saved_copy(tmp_path: Path) -> None:
