@@ -9,7 +9,9 @@ is built for it:
 * `base`: a conditional UNet (models/parts/unet.py; widths 32/64/128, attention at the lowest level, patch 2)
   fitted to the v-prediction of the train slices' --factor x --factor block means (the slice edge-padded,
   centred, as runtime/block_grid.py cuts it: 55 x 46 on 218 x 182 at 4, 109 x 91 at 2), cosine schedule,
-  scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps.
+  scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps. --init BASE.pt
+  goes on from a base: its weights and Adam state where it holds them, else its EMA weights with a fresh Adam
+  (learning-rate warm-up again), counting steps on from its step.
 * `score`: per scanner, N low-resolution images by the runtime's guided DDIM (50 trailing steps, guidance
   --guidance), handed to the refiner file at full size (--handover: `repeat`, each block repeated, exact for a
   refiner whose model.condition_block is the base's factor, which takes the block means back itself; `cubic`,
@@ -23,7 +25,7 @@ is built for it:
   among generated and among real slices.
   Writes OUT/probe.json, OUT/samples-<scanner id>.npy and OUT/samples.png (real and refined, per scanner).
 
-    python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32]
+    python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32] [--init BASE.pt]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
         [--n 60] [--guidance 1.5] [--handover repeat|cubic] [--real [--factor 4]] [--threads N] [--cache DIR]
 """
@@ -78,9 +80,16 @@ def build(n_scanners: int, low_shape: tuple[int, int]) -> ConditionalUNet:
                            patch=BASE["patch"])
 
 
-def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int) -> None:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None) -> None:
+    start, warmup_from = 0, 0
+    previous = torch.load(init) if init else None
+    if previous:
+        if previous.get("factor", 4) != factor:
+            raise SystemExit(f"{init} is a base at factor {previous.get('factor', 4)}, not {factor}")
+        start = previous["step"]
+    # A continued run draws new batches and noise: the seed is the step it starts from.
+    torch.manual_seed(start)
+    rng = np.random.default_rng(start)
     train = store.read_split("train")
     x_all = torch.from_numpy(block_means(train.images, factor))[:, None]
     y_all = torch.as_tensor(np.asarray(train.scanner), dtype=torch.long)
@@ -88,12 +97,19 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
     net = build(n_scanners, tuple(x_all.shape[-2:]))
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=BASE["lr"])
+    if previous:
+        ema.load_state_dict(previous["ema"])
+        net.load_state_dict(previous.get("net", previous["ema"]))
+        if "optimizer" in previous:
+            opt.load_state_dict(previous["optimizer"])
+        else:
+            warmup_from = start
     a_bar = torch.from_numpy(alphas_cumprod("cosine", BASE["timesteps"])).float()
     print(f"base: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, {len(x_all)} slices at "
           f"{list(x_all.shape[-2:])}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     t0, losses = time.time(), []
-    for step in range(1, steps + 1):
+    for step in range(start + 1, start + steps + 1):
         i = torch.from_numpy(rng.choice(len(x_all), batch, replace=False))
         x0, y = x_all[i], y_all[i].clone()
         y[torch.rand(len(y)) < BASE["dropout"]] = n_scanners
@@ -105,18 +121,19 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         for group in opt.param_groups:
-            group["lr"] = BASE["lr"] * min(1.0, step / BASE["warmup"])
+            group["lr"] = BASE["lr"] * min(1.0, (step - warmup_from) / BASE["warmup"])
         opt.step()
         losses.append(loss.item())
         decay = min(BASE["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), net.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
-        if step % 250 == 0 or step == steps:
+        if step % 250 == 0 or step == start + steps:
             elapsed = time.time() - t0
-            print(f"step {step} loss {np.mean(losses[-250:]):.4f} {step * batch / elapsed:.0f} img/s "
+            print(f"step {step} loss {np.mean(losses[-250:]):.4f} {(step - start) * batch / elapsed:.0f} img/s "
                   f"{elapsed / 60:.1f} min", flush=True)
-            torch.save({"ema": ema.state_dict(), "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
+            torch.save({"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
+                        "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
                         "low_shape": list(x_all.shape[-2:]), "factor": factor}, out / "base.pt")
 
 
@@ -202,6 +219,7 @@ def main() -> int:
     b.add_argument("--steps", type=positive(int), default=4000)
     b.add_argument("--factor", type=positive(int), default=4, help="the block side of the base's grid")
     b.add_argument("--batch", type=positive(int), default=BASE["batch"])
+    b.add_argument("--init", type=Path, help="a base.pt to go on from (module doc)")
     s = sub.add_parser("score", help="sample the base, refine, score")
     s.add_argument("store", type=Path)
     s.add_argument("--base", type=Path, help="OUT/base.pt of `base` (not with --real)")
@@ -216,7 +234,7 @@ def main() -> int:
     s.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"), help="Inception feature cache")
     args = ap.parse_args()
     if args.command == "base":
-        train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch)
+        train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch, args.init)
         return 0
     if args.real == (args.base is not None):
         ap.error("score needs --base or --real, not both")

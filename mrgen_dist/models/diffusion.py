@@ -53,7 +53,7 @@ from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.blocks import BlockMeans
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import ConditionalUNet
-from mrgen_dist.runtime.block_grid import grid_shape, repeat_blocks
+from mrgen_dist.runtime.block_grid import grid_shape
 from mrgen_dist.runtime.diffusion import (
     PREDICTIONS,
     SCHEDULES,
@@ -62,7 +62,7 @@ from mrgen_dist.runtime.diffusion import (
     alphas_cumprod,
     sample,
     sample_timesteps,
-    to_image,
+    to_slices,
 )
 from mrgen_dist.scanners import Vocabulary
 
@@ -233,8 +233,7 @@ def draw_slices(graph: Denoiser, x_t: np.ndarray, scanner: np.ndarray, levels: n
             inputs = (torch.from_numpy(a).to(device) for a in (x, t, s, *condition))
             return graph(*inputs).float().cpu().numpy()
 
-    drawn = to_image(sample(denoise, x_t, scanner, graph.sampler_settings, levels))[:, 0]
-    return drawn if graph.factor == 1 else repeat_blocks(drawn, graph.image_shape, graph.factor)
+    return to_slices(sample(denoise, x_t, scanner, graph.sampler_settings, levels), graph.image_shape, graph.factor)
 
 
 def split_noise(noise: torch.Tensor, size: tuple[int, int], image_shape: tuple[int, int], timesteps: int,

@@ -42,7 +42,10 @@ def block_mean_matrix(n: int, factor: int) -> np.ndarray:
 
 def repeat_blocks(low: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
     """Block values (..., h, w) -> (..., H, W) of `shape`: each repeated `factor` x `factor`, cropped where the
-    edge padding centred the grid. A cascade's hand-over: its block means are `low` exactly."""
+    edge padding centred the grid. A cascade's hand-over: its block means are `low` exactly. At factor 1,
+    `low` itself."""
+    if factor == 1:
+        return low
     (_, top), (_, left) = (block_grid(n, factor) for n in shape)
     full = low.repeat(factor, axis=-2).repeat(factor, axis=-1)
     return full[..., top : top + shape[0], left : left + shape[1]]

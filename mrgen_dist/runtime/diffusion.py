@@ -250,9 +250,11 @@ def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: Sampl
     return x0
 
 
-def to_image(x0: np.ndarray) -> np.ndarray:
-    """The model's space [-1, 1] -> slices in [0, 1], float32."""
-    return np.clip((x0 + 1) / 2, 0, 1).astype(np.float32)
+def to_slices(x0: np.ndarray, shape: tuple[int, int], block_means: int = 1) -> np.ndarray:
+    """Draws (B, 1, h, w) in the model's space [-1, 1] -> slices (B, H, W) of `shape` in [0, 1], float32. A
+    draw of block means (block_means > 1) is handed over with each block repeated."""
+    drawn = np.clip((x0[:, 0] + 1) / 2, 0, 1).astype(np.float32)
+    return repeat_blocks(drawn, shape, block_means)
 
 
 class DiffusionDraw:
@@ -298,5 +300,5 @@ class DiffusionDraw:
         """Slices (B, H, W) in [0, 1] of the latents `z` (B, h * w) (x_T), labels `scanner` (B,) and, for a
         level-conditioned denoiser, axial indices `level` (B,)."""
         x = np.ascontiguousarray(z, dtype=np.float32).reshape(len(z), 1, *self.drawn_shape)
-        drawn = to_image(sample(self.denoise(what, offset), x, scanner, self.settings, level))[:, 0]
-        return drawn if self.block_means == 1 else repeat_blocks(drawn, self.image_shape, self.block_means)
+        return to_slices(sample(self.denoise(what, offset), x, scanner, self.settings, level), self.image_shape,
+                         self.block_means)

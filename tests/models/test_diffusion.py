@@ -24,7 +24,7 @@ from mrgen_dist.runtime.diffusion import (
     dpmpp2m_step,
     guide,
     sample,
-    to_image,
+    to_slices,
 )
 from mrgen_dist.scanners import Vocabulary
 
@@ -432,8 +432,14 @@ def test_denoiser_is_not_a_translator_and_a_broken_sampler_entry_is_refused(deno
         Sampler(broken, device="cpu")
 
 
-def test_to_image_maps_model_space_to_unit_range() -> None:
-    np.testing.assert_allclose(to_image(np.float32([-2, -1, 0, 1, 3])), [0, 0, 0.5, 1, 1])
+def test_to_slices_maps_model_space_to_unit_range_and_hands_block_means_over() -> None:
+    draws = np.float32([-2, -1, 0, 1, 3]).reshape(1, 1, 1, 5)
+    np.testing.assert_allclose(to_slices(draws, (1, 5)), [[[0, 0, 0.5, 1, 1]]])
+    # 2 x 2 blocks on a 3 x 4 slice: the grid is 2 x 2, edge-padded by one row, the padding centred (none above).
+    blocks = np.float32([[-1, 0], [1, 0.5]]).reshape(1, 1, 2, 2)
+    slices = to_slices(blocks, (3, 4), 2)
+    np.testing.assert_allclose(slices, [[[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5], [1, 1, 0.75, 0.75]]])
+    assert slices.dtype == np.float32
 
 
 @pytest.mark.integration
