@@ -12,13 +12,13 @@ is built for it:
   scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps. --init BASE.pt
   goes on from a base: its weights and Adam state where it holds them, else its EMA weights with a fresh Adam
   (learning-rate warm-up again), counting steps on from its step.
-* `score`: per scanner, N low-resolution images by the runtime's guided DDIM (50 trailing steps, guidance
-  --guidance), handed to the refiner file at full size (--handover: `repeat`, each block repeated, exact for a
-  refiner whose model.condition_block is the base's factor, which takes the block means back itself; `cubic`,
-  Keys' cubic interpolation, what such a refiner sees of them, for a refiner that sees the slice itself),
-  refined by the runtime's sampling loop. With --real the real test slices' own block means are handed over instead of the
-  base's draws: what the refiner makes of a perfect coarse stage at that grid (--factor: its block side; a
-  base's own factor is in its base.pt).
+* `score`: per scanner, N low-resolution images by the runtime's guided sampler (--solver, default DDIM, at
+  --steps trailing steps, default 50, guidance --guidance), handed to the refiner file at full size
+  (--handover: `repeat`, each block repeated, exact for a refiner whose model.condition_block is the base's
+  factor, which takes the block means back itself; `cubic`, Keys' cubic interpolation, what such a refiner
+  sees of them, for a refiner that sees the slice itself), refined by the runtime's sampling loop. With --real
+  the real test slices' own block means are handed over instead of the base's draws: what the refiner makes
+  of a perfect coarse stage at that grid (--factor: its block side; a base's own factor is in its base.pt).
   Scored: recognised as asked (`mrgen-fid`'s conditioning classifier), train-on-synthetic/test-on-real,
   precision/recall/density/coverage (k = 5, against the real test slices, or the train slices with --real,
   whose sources are the test slices), memorisation ratio, background noise and sharpness / real, MS-SSIM
@@ -27,7 +27,8 @@ is built for it:
 
     python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32] [--init BASE.pt]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
-        [--n 60] [--guidance 1.5] [--handover repeat|cubic] [--real [--factor 4]] [--threads N] [--cache DIR]
+        [--n 60] [--guidance 1.5] [--steps 50] [--solver ddim] [--handover repeat|cubic] [--real [--factor 4]]
+        [--threads N] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import head_masks, memorisation_ratio, ms_ssim_diversity, prdc, signature
 from mrgen_dist.models.parts.unet import ConditionalUNet
 from mrgen_dist.runtime.block_grid import block_mean_matrix, cubic_upsampling_matrix, repeat_blocks
-from mrgen_dist.runtime.diffusion import SamplerSettings, alphas_cumprod, sample
+from mrgen_dist.runtime.diffusion import SOLVERS, SamplerSettings, alphas_cumprod, sample
 from mrgen_dist.runtime.sampler import Sampler
 
 BASE = {"widths": [32, 64, 128], "blocks": 1, "attention": 1, "patch": 2, "timesteps": 1000, "lr": 5e-4,
@@ -150,8 +151,8 @@ def score(args: argparse.Namespace) -> dict:
         net.load_state_dict(checkpoint["ema"])
         net.eval()
         args.factor = checkpoint.get("factor", 4)  # bases written before the option were 4 x 4
-        settings = SamplerSettings(50, args.guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"], "ddim",
-                                   "trailing", True)
+        settings = SamplerSettings(args.steps, args.guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"],
+                                   args.solver, "trailing", True)
 
         def denoise(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -200,7 +201,8 @@ def score(args: argparse.Namespace) -> dict:
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in rows[name].items()) + f" ({time.time() - t0:.0f} s)", flush=True)
     result = {"store": str(args.store), "refiner": str(args.refiner), "base": None if args.real else str(args.base),
-              "real": args.real, "factor": args.factor, "n": args.n, "guidance": args.guidance, "handover": args.handover,
+              "real": args.real, "factor": args.factor, "n": args.n, "guidance": args.guidance,
+              "steps": args.steps, "solver": args.solver, "handover": args.handover,
               "tstr": synthetic_trained_accuracy(generated, tests, [store.vocabulary.index(n) for n in names]),
               "recognised": float(np.mean([row["recognised"] for row in rows.values()])), "scanners": rows}
     print(f"recognised {result['recognised']:.3f}, TSTR {result['tstr']:.3f}")
@@ -227,6 +229,8 @@ def main() -> int:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--n", type=positive(int), default=60, help="slices per scanner")
     s.add_argument("--guidance", type=float, default=1.5, help="the base's classifier-free guidance")
+    s.add_argument("--steps", type=positive(int), default=50, help="the base's sampling steps")
+    s.add_argument("--solver", choices=SOLVERS, default="ddim", help="the base's sampler")
     s.add_argument("--handover", choices=("repeat", "cubic"), default="repeat")
     s.add_argument("--real", action="store_true", help="hand over the real test slices' block means")
     s.add_argument("--factor", type=positive(int), default=4, help="the block side of --real (a base's is its own)")

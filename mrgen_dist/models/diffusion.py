@@ -33,8 +33,8 @@ the UNet's embedding; guidance drops the scanner, never the level, so that it st
 asked for.
 
 Export: the EMA UNet as the `mrgen-denoiser` graph (x, t, scanner[, level]) -> prediction, with the sampler's settings
-(`sampler`: DDIM or DPM-Solver++(2M), `sample_steps`, `guidance`, the schedule) in the file's `mrgen.sampler`;
-`mrgen-sample` runs the guided loop around it with numpy and onnxruntime (runtime/diffusion.py).
+(`sampler`: DDIM, DPM-Solver++(2M) or ancestral DDIM, `sample_steps`, `guidance`, the schedule) in the file's
+`mrgen.sampler`; `mrgen-sample` runs the guided loop around it with numpy and onnxruntime (runtime/diffusion.py).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class DiffusionConfig(ModelConfig):
     timesteps: int = 1000  # T
     label_dropout: float = 0.15  # probability of the null label in training (classifier-free guidance)
     ema_decay: float = 0.999
-    sampler: str = "ddim"  # the exported sampler: ddim | dpmpp2m (DPM-Solver++(2M), runtime/diffusion.py)
+    sampler: str = "ddim"  # the exported sampler: ddim | dpmpp2m (DPM-Solver++(2M)) | ancestral (runtime/diffusion.py)
     sample_steps: int = 50  # its steps
     spacing: str = "trailing"  # of its timesteps: trailing | quadratic (dense at low noise; runtime/diffusion.py)
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
