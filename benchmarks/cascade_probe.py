@@ -52,8 +52,8 @@ from mrgen_dist.eval.features import real_features
 from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import head_masks, memorisation_ratio, ms_ssim_diversity, prdc, signature
 from mrgen_dist.models.parts.unet import ConditionalUNet
-from mrgen_dist.runtime.block_grid import block_mean_matrix, cubic_upsampling_matrix, repeat_blocks
-from mrgen_dist.runtime.diffusion import SOLVERS, SamplerSettings, alphas_cumprod, sample
+from mrgen_dist.runtime.block_grid import block_mean_matrix, cubic_upsampling_matrix
+from mrgen_dist.runtime.diffusion import SOLVERS, SamplerSettings, alphas_cumprod, sample, to_slices
 from mrgen_dist.runtime.sampler import Sampler
 
 BASE = {"widths": [32, 64, 128], "blocks": 1, "attention": 1, "patch": 2, "timesteps": 1000, "lr": 5e-4,
@@ -68,11 +68,10 @@ def block_means(images: np.ndarray, factor: int = 4) -> np.ndarray:
 
 def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4) -> np.ndarray:
     """Low-resolution images (N, h, w) in [-1, 1] -> (N, 1, H, W) in [0, 1] for the refiner (module doc)."""
+    if how == "repeat":  # what the runtime hands a cascade's refiner
+        return to_slices(low[:, None], shape, factor)[:, None]
     x = (low.astype(np.float64) + 1) / 2
-    if how == "repeat":
-        x = repeat_blocks(x, shape, factor)
-    else:
-        x = cubic_upsampling_matrix(shape[0], factor) @ x @ cubic_upsampling_matrix(shape[1], factor).T
+    x = cubic_upsampling_matrix(shape[0], factor) @ x @ cubic_upsampling_matrix(shape[1], factor).T
     return x[:, None].astype(np.float32)
 
 
