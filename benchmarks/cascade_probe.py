@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from mrgen_dist import plots
+from mrgen_dist.atomic import atomic_path
 from mrgen_dist.commands.options import positive
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import scanner_classifier, synthetic_trained_accuracy
@@ -132,9 +133,10 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
             elapsed = time.time() - t0
             print(f"step {step} loss {np.mean(losses[-250:]):.4f} {(step - start) * batch / elapsed:.0f} img/s "
                   f"{elapsed / 60:.1f} min", flush=True)
-            torch.save({"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
-                        "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
-                        "low_shape": list(x_all.shape[-2:]), "factor": factor}, out / "base.pt")
+            with atomic_path(out / "base.pt", suffix=".pt") as tmp:  # a run stopped mid-write keeps its last base
+                torch.save({"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
+                            "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
+                            "low_shape": list(x_all.shape[-2:]), "factor": factor}, tmp)
 
 
 def score(args: argparse.Namespace) -> dict:
