@@ -1,0 +1,60 @@
+"""Background noise spectrum: generated / real amplitude per spatial frequency, per scanner.
+
+A background noise ratio off the target says the air is too quiet or too loud, not where. This reads the
+four 24 x 24 corner windows of every slice (air on the comparison cohorts' 218 x 182 slices), each less its
+mean, and compares the radially binned power spectra of generated and real test slices: a ratio flat over
+frequency is a level drawn wrongly, a ratio falling with frequency a texture too smooth. The low band of a
+cascade comes from its coarse stage, the high band from its refiner, so the split says which stage to mend.
+
+    python benchmarks/background_spectrum.py STORE DIR [DIR ...]
+
+DIR holds `samples-<scanner id>.npy`, N slices of the store's shape in [0, 1], as benchmarks/cascade_probe.py score writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from mrgen_dist.data.store import SliceStore
+
+WINDOW, MARGIN = 24, 2
+EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.71)  # cycles per pixel; the last bin holds the diagonal corners
+
+
+def corner_windows(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (4N, WINDOW, WINDOW): each slice's four corner windows, each less its mean."""
+    lo, hi = slice(MARGIN, MARGIN + WINDOW), slice(-MARGIN - WINDOW, -MARGIN)
+    windows = np.concatenate([images[:, r, c] for r in (lo, hi) for c in (lo, hi)]).astype(np.float64)
+    return windows - windows.mean(axis=(1, 2), keepdims=True)
+
+
+def radial_power(images: np.ndarray) -> np.ndarray:
+    """Mean power of the corner windows' spectra in the bins between EDGES."""
+    power = (np.abs(np.fft.fft2(corner_windows(images))) ** 2).mean(axis=0)
+    f = np.fft.fftfreq(WINDOW)
+    radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
+    return np.array([power[(radius > a) & (radius <= b)].mean() for a, b in zip(EDGES[:-1], EDGES[1:], strict=True)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store")
+    parser.add_argument("dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    store = SliceStore(args.store)
+    test = store.read_split("test")
+    bins = " ".join(f"{a:.1f}-{b:.1f}" for a, b in zip(EDGES[:-1], EDGES[1:], strict=True))
+    print(f"amplitude generated / real per frequency bin (cycles/pixel: {bins})")
+    for sid, name in enumerate(store.vocabulary.names):
+        real = radial_power(test.images[np.asarray(test.scanner) == sid])
+        for folder in args.dirs:
+            generated = np.load(folder / f"samples-{sid}.npy").reshape(-1, *test.images.shape[1:])
+            ratio = np.sqrt(radial_power(generated) / real)
+            print(f"{name:18s} {str(folder):28s} " + " ".join(f"{r:.2f}" for r in ratio))
+
+
+if __name__ == "__main__":
+    main()
