@@ -6,25 +6,26 @@ low-pass `base` with the refiner file itself, scales the drawn band slice - base
 that the air corners' band above 0.2 cycles/pixel reaches the real train slices' level) and reads both sets
 against the real train slices (precision and recall, k = 5, the probe's Inception features).
 
-    python benchmarks/band_gain_probe.py STORE REFINER.onnx DIR --factor 2 --scanner Intera [--scanner ...]
-        [--cache DIR]
+    python benchmarks/band_gain_probe.py STORE REFINER.onnx DIR --scanner Intera [--scanner ...] [--cache DIR]
+
+The block side and hand-over of the probe's run are read from DIR/probe.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from background_spectrum import radial_power
+from cascade_probe import block_means, hand_over
 
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.features import real_features
 from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import prdc
-from mrgen_dist.runtime.block_grid import block_mean_matrix
-from mrgen_dist.runtime.diffusion import to_slices
 
 HIGH_BANDS = slice(2, None)  # radial_power's bins above 0.2 cycles/pixel: the refiner's band
 
@@ -42,22 +43,23 @@ def main() -> None:
     parser.add_argument("store")
     parser.add_argument("refiner", type=Path)
     parser.add_argument("dir", type=Path, help="a `cascade_probe.py score --real` folder")
-    parser.add_argument("--factor", type=int, required=True, help="that run's --factor")
     parser.add_argument("--scanner", action="append", required=True)
     parser.add_argument("--cache", type=Path, default=Path("fid-cache"))
     args = parser.parse_args()
+    probe = json.loads((args.dir / "probe.json").read_text())
+    if not probe["real"]:
+        raise SystemExit(f"{args.dir} is not a `score --real` run: its slices' coarse stage is not known")
     store = SliceStore(args.store)
     test, train = store.read_split("test"), store.read_split("train")
     shape = test.images.shape[1:]
     session = ort.InferenceSession(str(args.refiner), providers=["CPUExecutionProvider"])
     extractor = load_inception(device="cpu")
-    rows, columns = (block_mean_matrix(n, args.factor) for n in shape)
     for name in args.scanner:
         sid = store.vocabulary.index(name)
         refined = np.load(args.dir / f"samples-{sid}.npy").reshape(-1, *shape)
-        real = test.images[np.asarray(test.scanner) == sid][: len(refined)].astype(np.float64)
-        low = ((rows @ real @ columns.T) * 2 - 1).astype(np.float32)[:, None]
-        base = refiner_base(session, to_slices(low, shape, args.factor)[:, None], sid)
+        real = test.images[np.asarray(test.scanner) == sid][: len(refined)]
+        coarse = hand_over(block_means(real, probe["factor"]), shape, probe["handover"], probe["factor"])
+        base = refiner_base(session, coarse, sid)
         real_train = train.images[np.asarray(train.scanner) == sid]
         reference = radial_power(real_train)[HIGH_BANDS]
         gain = 1 / np.sqrt(radial_power(refined)[HIGH_BANDS] / reference).mean()
