@@ -53,7 +53,8 @@ from mrgen_dist.eval.features import real_features
 from mrgen_dist.eval.inception import load_inception
 from mrgen_dist.eval.quality import head_masks, memorisation_ratio, ms_ssim_diversity, prdc, signature
 from mrgen_dist.models.parts.unet import ConditionalUNet
-from mrgen_dist.runtime.block_grid import block_mean_matrix, cubic_upsampling_matrix
+from mrgen_dist.runtime import block_grid
+from mrgen_dist.runtime.block_grid import cubic_upsampling_matrix
 from mrgen_dist.runtime.diffusion import SOLVERS, SamplerSettings, alphas_cumprod, sample, to_slices
 from mrgen_dist.runtime.sampler import Sampler
 
@@ -63,8 +64,7 @@ BASE = {"widths": [32, 64, 128], "blocks": 1, "attention": 1, "patch": 2, "times
 
 def block_means(images: np.ndarray, factor: int = 4) -> np.ndarray:
     """(N, H, W) in [0, 1] -> (N, h, w) factor x factor block means of the edge-padded slices, in [-1, 1]."""
-    rows, columns = (block_mean_matrix(n, factor) for n in images.shape[1:])
-    return ((rows @ np.asarray(images, dtype=np.float64) @ columns.T) * 2 - 1).astype(np.float32)
+    return 2 * block_grid.block_means(images, factor) - 1
 
 
 def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4) -> np.ndarray:

@@ -3,6 +3,7 @@ Used by export, the diagnostics, fine-tuning (`train.init_from`) and families th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -19,9 +20,15 @@ class RunError(UserError):
     """A run folder that cannot be read; the message names the file."""
 
 
-def load_trained(run_dir: str | Path) -> tuple[Family, nn.Module, RunRecord]:
+#: The keys of a diffusion run's model section that say how it is sampled, not what was trained: the ones
+#: `load_trained` may set (mrgen-export onnx ... model.guidance=1).
+SAMPLER_KEYS = ("sampler", "sample_steps", "spacing", "guidance", "variance")
+
+
+def load_trained(run_dir: str | Path, sampler: dict | None = None) -> tuple[Family, nn.Module, RunRecord]:
     """The family, trained model (eval mode) and record of a run folder (model.safetensors + config.json);
-    a RunError naming the file when either cannot be read or they do not fit together."""
+    a RunError naming the file when either cannot be read or they do not fit together. `sampler` sets
+    SAMPLER_KEYS of a diffusion run's model section (the record returned says so)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -31,6 +38,8 @@ def load_trained(run_dir: str | Path) -> tuple[Family, nn.Module, RunRecord]:
         raise RunError(f"{run_dir} has no config.json and model.safetensors (a finished mrgen-train run)")
     record = RunRecord.read(record_path)
     family = _family_of(record, record_path)
+    if sampler:
+        record = _with_sampler(record, family, sampler, record_path)
     model = family.build(model_config(record.model), Vocabulary.from_names(record.vocabulary), tuple(record.image_shape))
     family.connect(model, load_trained)
     try:
@@ -43,6 +52,22 @@ def load_trained(run_dir: str | Path) -> tuple[Family, nn.Module, RunRecord]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"{weights}: does not hold the model that {record_path} describes ({first})") from None
     return family, model.eval(), record
+
+
+def _with_sampler(record: RunRecord, family: Family, sampler: dict, source: Path) -> RunRecord:
+    """The record with its model section's sampler keys set, validated as a config is."""
+    if family.kind not in ("diffusion", "refiner"):
+        raise RunError(f"{source}: a {family.name} run has no sampler to set ({', '.join(sorted(sampler))})")
+    unknown = sorted(set(sampler) - set(SAMPLER_KEYS))
+    if unknown:
+        raise RunError(f"{source}: model.{unknown[0]} is not a sampler setting; these are: "
+                       + ", ".join(f"model.{k}" for k in SAMPLER_KEYS))
+    model = {**record.model, **sampler}
+    try:
+        model_config(model).validate()
+    except ValueError as e:  # ConfigError is one
+        raise RunError(f"{source} with {', '.join(f'model.{k}={v}' for k, v in sampler.items())}: {e}") from None
+    return dataclasses.replace(record, model=model, config={**record.config, "model": model})
 
 
 def _family_of(record: RunRecord, source: Path) -> Family:

@@ -42,8 +42,9 @@ from mrgen_dist import __version__
 from mrgen_dist.artifacts import ModelMetadata, RunRecord
 from mrgen_dist.atomic import atomic_path, atomic_write
 from mrgen_dist.export import ExportError
+from mrgen_dist.export.calibration import calibrate, calibration_slices
 from mrgen_dist.export.quantize import quantize_int8, signed_weight_layout
-from mrgen_dist.models.base import ExportGraph, SamplingGraph
+from mrgen_dist.models.base import DenoiserGraph, ExportGraph, SamplingGraph
 from mrgen_dist.runs import load_trained
 from mrgen_dist.runtime.parity import encode_draws
 from mrgen_dist.runtime.sampler import Sampler
@@ -203,14 +204,17 @@ def variant_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.u8s8{out.suffix}")
 
 
-def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx") -> ExportReport:
+def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = "export/decoder.onnx",
+                sampler: dict | None = None, store: str | Path | None = None) -> ExportReport:
     """Export, check, then move into place; raises ExportError leaving `out` untouched (int8: the u8s8 file beside
     it is written first, and a failure after that leaves the old `out`, whose record of it no longer matches it,
-    so the sampler does not use it)."""
+    so the sampler does not use it). `sampler` sets how a diffusion run's file samples (runs.SAMPLER_KEYS); a
+    calibrated variance is measured on the training slices of `store` (default: the path the run's config
+    names)."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
-    family, model, record = load_trained(run_dir)
+    family, model, record = load_trained(run_dir, sampler)
     if precision == "int8" and family.kind != "decoder":
         raise ExportError(f"int8 is for the fully connected {ModelMetadata.DECODER} graphs; this {family.contract} "
                           "is convolutional: export it with --precision fp32 or fp16")
@@ -224,14 +228,20 @@ def export_onnx(run_dir: str | Path, precision: str = "fp32", out: str | Path = 
     targets = reference.target_names(record.vocabulary)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    calibrated = None
+    if isinstance(reference, DenoiserGraph) and reference.sampler_settings.variance == "calibrated":
+        images, labels = calibration_slices(record, store)
+        calibrated = calibrate(reference, reference.sampler_settings, images, labels)
     coarse = {}
     if family.kind == "refiner":  # its coarse generator first, beside it, at the same precision
-        coarse_file = export_onnx(model.coarse_dir, precision, coarse_path(out)).path
+        coarse_file = export_onnx(model.coarse_dir, precision, coarse_path(out), store=store).path
         coarse = {"file": coarse_file.name, "sha256": hashlib.sha256(coarse_file.read_bytes()).hexdigest()}
     # intermediate graphs in a scratch folder; the final file through atomic_path, renamed once it passed
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch, atomic_path(out) as final:
         path = Path(scratch) / "model.onnx"
         graph = family.export_graph(model.to(torch.float16 if precision == "fp16" else torch.float32)).eval()
+        if calibrated is not None:
+            graph.use_sampler(calibrated)
         _torch_export(graph, graph.example_inputs(2, np.random.default_rng(0), n_scanners, image_shape), path)
         if precision == "int8":
             plain = onnx.load(str(path))

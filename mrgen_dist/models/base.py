@@ -33,6 +33,7 @@ from torch import nn
 
 from mrgen_dist.artifacts import ModelMetadata
 from mrgen_dist.models.parts.level import AXIAL_LEVELS
+from mrgen_dist.runtime.diffusion import SamplerSettings
 from mrgen_dist.scanners import Vocabulary
 
 
@@ -200,7 +201,12 @@ class DenoiserGraph(ExportGraph):
     numbers; `mrgen-sample` runs the DDIM loop of mrgen_dist/runtime/diffusion.py around it."""
 
     timesteps: int
-    settings: dict
+    settings: dict  # sampler_settings as the file's metadata
+    sampler_settings: SamplerSettings
+
+    def use_sampler(self, settings: SamplerSettings) -> None:
+        """Sample the graph (its file, its previews) with `settings`: the export's calibrated variance."""
+        self.sampler_settings, self.settings = settings, settings.to_metadata()
 
     def example_inputs(self, batch: int, rng: np.random.Generator, n_scanners: int, image_shape: tuple[int, int]
                        ) -> dict[str, np.ndarray]:
@@ -215,6 +221,12 @@ class DenoiserGraph(ExportGraph):
 
     def sampler_metadata(self) -> dict:
         return dict(self.settings)
+
+    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
+        """Slices (B, H, W) in [0, 1] -> (x0 (B, 1, h, w) float32, what the graph draws for them, in the model's
+        space; the graph as the sampler's denoise (x, t, scanner) -> out on those slices): what the sampler's
+        variance is calibrated on (mrgen_dist.export.calibration)."""
+        raise NotImplementedError
 
 
 #: The kinds of family, and the contract of the file each exports (what `mrgen-sample` / `mrgen-translate` run).

@@ -53,11 +53,12 @@ from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.blocks import BlockMeans
 from mrgen_dist.models.parts.networks import multiply_accumulates
 from mrgen_dist.models.parts.unet import ConditionalUNet
-from mrgen_dist.runtime.block_grid import grid_shape
+from mrgen_dist.runtime.block_grid import block_means, grid_shape
 from mrgen_dist.runtime.diffusion import (
     PREDICTIONS,
     SCHEDULES,
     SOLVERS,
+    VARIANCES,
     SamplerSettings,
     alphas_cumprod,
     sample,
@@ -87,6 +88,9 @@ class DiffusionConfig(ModelConfig):
     sample_steps: int = 50  # its steps
     spacing: str = "trailing"  # of its timesteps: trailing | quadratic (dense at low noise; runtime/diffusion.py)
     guidance: float = 3.0  # classifier-free guidance scale w of the exported sampler (1: conditional only)
+    # the ancestral sampler's step variance: posterior | calibrated (plus the network's own error of x0, measured
+    # on training slices at export: runtime/diffusion.py)
+    variance: str = "posterior"
     level_condition: bool = False  # the slice's axial level is a condition too (parts/level.py); never dropped
     # the model draws the slices' block_means x block_means block means, a cascade's coarse stage (module doc);
     # model.size then holds that grid (e.g. [112, 96] for 109 x 91). 1: the slices themselves.
@@ -127,6 +131,14 @@ class DiffusionConfig(ModelConfig):
             sample_timesteps(self.timesteps, self.sample_steps, self.spacing)
         except ValueError as e:
             raise ValueError(f"model.spacing: {e}") from None
+        if self.variance not in VARIANCES:
+            raise ValueError(f"model.variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
+        if self.variance == "calibrated" and self.sampler != "ancestral":
+            raise ValueError(f"model.variance=calibrated is the ancestral sampler's step variance; model.sampler is "
+                             f"{self.sampler!r}: set model.sampler=ancestral or model.variance=posterior")
+        if self.variance == "calibrated" and self.level_condition:
+            raise ValueError("model.variance=calibrated measures the network's error without the slice level: not "
+                             "with model.level_condition")
         if self.guidance < 0:
             raise ValueError(f"model.guidance must be >= 0, got {self.guidance}")
         if self.guidance != 1 and self.label_dropout == 0:
@@ -144,7 +156,16 @@ class DiffusionConfig(ModelConfig):
     def settings(self, n_scanners: int, clip: bool = True) -> SamplerSettings:
         """The exported sampler's settings (`clip`: x0 clipped to the model space [-1, 1] at every step)."""
         return SamplerSettings(self.sample_steps, float(self.guidance), self.prediction, self.schedule,
-                               self.timesteps, n_scanners, self.sampler, self.spacing, clip)
+                               self.timesteps, n_scanners, self.sampler, self.spacing, clip, self.variance)
+
+
+def sampler_title(settings: SamplerSettings) -> str:
+    """How a preview was sampled, for its title; a calibrated variance not measured yet (the export measures
+    it) is drawn as the posterior one, and the title says so."""
+    solver = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "ancestral": "ancestral"}[settings.name]
+    variance = ", posterior variance until export calibrates it" if settings.variance == "calibrated" \
+        and not settings.x0_error else ""
+    return f"{solver} {settings.steps} steps, guidance {settings.guidance:g}{variance}"
 
 
 def ema_decay(decay: float, updates: int) -> float:
@@ -203,7 +224,7 @@ class Denoiser(DenoiserGraph):
         super().__init__()
         self.unet = model.ema
         self.timesteps = model.settings.timesteps
-        self.settings, self.sampler_settings = model.settings.to_metadata(), model.settings
+        self.use_sampler(model.settings)
         self.image_shape, self.drawn_shape, self.factor = model.image_shape, model.drawn_shape, model.block_means.factor
         self.latent = self.drawn_shape[0] * self.drawn_shape[1]
         self.level_condition = model.ema.level_condition
@@ -220,12 +241,13 @@ class Denoiser(DenoiserGraph):
     def sampler_metadata(self) -> dict:
         return {**self.settings, "block_means": self.factor} if self.factor > 1 else dict(self.settings)
 
+    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
+        """The slices' block means (the slices at factor 1) mapped to [-1, 1], and the graph as the denoise."""
+        return (2 * block_means(images, self.factor) - 1)[:, None], graph_denoise(self)
 
-def draw_slices(graph: Denoiser, x_t: np.ndarray, scanner: np.ndarray, levels: np.ndarray | None = None
-                ) -> np.ndarray:
-    """Slices (B, H, W) in [0, 1] of the store's shape drawn by the runtime's sampling loop around `graph` from
-    x_T (B, 1, h, w) of its drawn shape, for labels `scanner` (B,): block means handed over with each block
-    repeated, as the runtime hands them over (runtime/diffusion.py DiffusionDraw)."""
+
+def graph_denoise(graph: nn.Module) -> Callable[..., np.ndarray]:
+    """A denoiser graph as the runtime's `Denoise`: numpy in, float32 numpy out, on the graph's device."""
     device = next(graph.parameters()).device
 
     def denoise(x: np.ndarray, t: np.ndarray, s: np.ndarray, *condition: np.ndarray) -> np.ndarray:
@@ -233,7 +255,16 @@ def draw_slices(graph: Denoiser, x_t: np.ndarray, scanner: np.ndarray, levels: n
             inputs = (torch.from_numpy(a).to(device) for a in (x, t, s, *condition))
             return graph(*inputs).float().cpu().numpy()
 
-    return to_slices(sample(denoise, x_t, scanner, graph.sampler_settings, levels), graph.image_shape, graph.factor)
+    return denoise
+
+
+def draw_slices(graph: Denoiser, x_t: np.ndarray, scanner: np.ndarray, levels: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Slices (B, H, W) in [0, 1] of the store's shape drawn by the runtime's sampling loop around `graph` from
+    x_T (B, 1, h, w) of its drawn shape, for labels `scanner` (B,): block means handed over with each block
+    repeated, as the runtime hands them over (runtime/diffusion.py DiffusionDraw)."""
+    return to_slices(sample(graph_denoise(graph), x_t, scanner, graph.sampler_settings, levels), graph.image_shape,
+                     graph.factor)
 
 
 def split_noise(noise: torch.Tensor, size: tuple[int, int], image_shape: tuple[int, int], timesteps: int,
@@ -305,8 +336,7 @@ class DiffusionFamily(Family):
         levels = np.full(PREVIEW_COLUMNS, int(level[0]), np.int64) if graph.level_condition else None
         rows = [(name, draw_slices(graph, x_t, np.full(PREVIEW_COLUMNS, sid, np.int64), levels))
                 for sid, name in enumerate(vocabulary.names)]
-        solver = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}[settings.name]
-        return rows, f"samples (same x_T in every row; {solver} {settings.steps} steps, guidance {settings.guidance:g})"
+        return rows, f"samples (same x_T in every row; {sampler_title(settings)})"
 
     def flops_per_image(self, model: Diffusion) -> int:
         """6 x the UNet's multiply-accumulates of one forward (forward + backward), convolutions and linear

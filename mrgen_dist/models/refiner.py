@@ -41,7 +41,15 @@ import torch.nn.functional as F
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.models.atlas import gaussian_blur
 from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph, Step
-from mrgen_dist.models.diffusion import Denoiser, Diffusion, DiffusionConfig, DiffusionFamily, draw_slices, targets
+from mrgen_dist.models.diffusion import (
+    Denoiser,
+    Diffusion,
+    DiffusionConfig,
+    DiffusionFamily,
+    draw_slices,
+    sampler_title,
+    targets,
+)
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.blocks import CoarseGrid
 from mrgen_dist.models.parts.networks import multiply_accumulates
@@ -226,7 +234,7 @@ class RefinerGraph(DenoiserGraph):
         super().__init__()
         self.unet, self.model = model.ema, model
         self.timesteps = model.settings.timesteps
-        self.settings = model.settings.to_metadata()
+        self.use_sampler(model.settings)
         coarse = model.coarse(model.alphas_cumprod.device)
         # the sampler's latent: the coarse generator's z, then x_T
         self.latent = coarse.latent + model.image_shape[0] * model.image_shape[1]
@@ -250,19 +258,37 @@ class RefinerGraph(DenoiserGraph):
     def sampler_metadata(self) -> dict:
         return {**self.settings, "scale": self.scale, "coarse_slice": self.coarse_slice}
 
+    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
+        """The slices' scaled fine band over their own low-pass (as at training: the slice is its own coarse
+        slice), and the graph over them as the denoise."""
+        device = next(self.parameters()).device
+        coarse = torch.from_numpy(np.asarray(images, dtype=np.float32)[:, None]).to(device)
+        denoise, base = over_coarse(self, coarse)
+        return (coarse.cpu().numpy() - base) / np.float32(self.scale), denoise
+
+
+def over_coarse(graph: RefinerGraph, coarse: torch.Tensor) -> tuple[Callable[..., np.ndarray], np.ndarray]:
+    """The graph over coarse slices (B, 1, H, W) as the runtime's `Denoise` (the slices repeated for a guided
+    2B batch), and their low-pass (B, 1, H, W) float32."""
+    with torch.no_grad():
+        base = graph(torch.zeros_like(coarse), torch.zeros(len(coarse), device=coarse.device),
+                     torch.zeros(len(coarse), dtype=torch.long, device=coarse.device), coarse)[1]
+
+    def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        inputs = (torch.from_numpy(a).to(coarse.device) for a in (x, t, labels))
+        with torch.no_grad():
+            return graph(*inputs, coarse.repeat(len(x) // len(coarse), 1, 1, 1))[0].cpu().numpy()
+
+    return denoise, base.cpu().numpy()
+
 
 def refined(graph: RefinerGraph, settings: SamplerSettings, scale: float, coarse: torch.Tensor,
             scanner: torch.Tensor, x_t: np.ndarray) -> np.ndarray:
     """Slices (B, H, W) refined from coarse slices (B, 1, H, W): their low-pass plus `scale` x the fine band
     that the runtime's sampling loop (`settings`) draws from x_T with the graph's UNet, clipped to [0, 1]."""
-    base = graph(torch.zeros_like(coarse), torch.zeros(len(coarse), device=coarse.device), scanner, coarse)[1]
-
-    def denoise(x: np.ndarray, t: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        inputs = (torch.from_numpy(a).to(coarse.device) for a in (x, t, labels))
-        return graph(*inputs, coarse.repeat(len(x) // len(coarse), 1, 1, 1))[0].cpu().numpy()
-
+    denoise, base = over_coarse(graph, coarse)
     fine = sample(denoise, x_t, scanner.cpu().numpy(), settings)
-    return np.clip(base.cpu().numpy() + scale * fine, 0, 1)[:, 0]
+    return np.clip(base + scale * fine, 0, 1)[:, 0]
 
 
 class RefinerFamily(DiffusionFamily):
@@ -341,7 +367,7 @@ class RefinerFamily(DiffusionFamily):
                                                    s.cpu().numpy(), texture, z.float().cpu().numpy())).to(device)
             rows.append((f"{name} (coarse)", coarse[:, 0].cpu().numpy()))
             rows.append((name, refined(graph, model.settings, model.scale, coarse, s, x_t)))
-        return rows, f"the coarse run's samples and their refinement ({model.settings.name} {model.settings.steps} steps)"
+        return rows, f"the coarse run's samples and their refinement ({sampler_title(model.settings)})"
 
     @torch.no_grad()
     def refine_real(self, model: Refiner, images: torch.Tensor, scanner: torch.Tensor, seed: int = 0) -> np.ndarray:

@@ -40,6 +40,13 @@ def block_mean_matrix(n: int, factor: int) -> np.ndarray:
     return matrix
 
 
+def block_means(images: np.ndarray, factor: int) -> np.ndarray:
+    """Slices (..., H, W) -> their `factor` x `factor` block means (..., h, w), float32, the slices edge-padded
+    (centred) to a multiple of `factor`: what a cascade's coarse stage draws, in the slices' own scale."""
+    rows, columns = (block_mean_matrix(n, factor) for n in images.shape[-2:])
+    return (rows @ np.asarray(images, dtype=np.float64) @ columns.T).astype(np.float32)
+
+
 def repeat_blocks(low: np.ndarray, shape: tuple[int, int], factor: int) -> np.ndarray:
     """Block values (..., h, w) -> (..., H, W) of `shape`: each repeated `factor` x `factor`, cropped where the
     edge padding centred the grid. A cascade's hand-over: its block means are `low` exactly. At factor 1,

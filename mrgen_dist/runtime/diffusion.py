@@ -34,6 +34,15 @@ so that training and sampling cannot disagree on alpha_bar(t).
   network predicts, which for texture the network cannot place (acquisition noise) is smoother than any real
   slice; the ancestral step draws it. Its n comes from one stream per image seeded by that image's x_T (a hash
   of its bytes), so an image is still a function of its latent, whatever the batch.
+* `variance: calibrated` (ancestral only): the step's variance is s^2 + c^2 e_t, where c = sqrt(a_prev) -
+  sqrt(1 - a_prev - s^2) sqrt(a / (1 - a)) is how an error of x0 carries into x_prev and e_t the network's own
+  mean squared error of x0 at that step, per scanner, measured on training slices when the file is exported
+  (`x0_errors`; the table is the file's `x0_error`). The posterior variance s^2 alone is exact only where x0 is
+  known from x_t; where it is not (acquisition noise, which no network can place), each step loses c^2 e_t of
+  variance and the drawn grain comes out fainter than the real one, for every scanner alike. With the error
+  added, the step's kernel is the one that keeps the marginal of x_t (exactly so for Gaussian data): Bao et al.
+  2022, "Analytic-DPM" (Theorem 1, there with the optimal network's error 1 - E||eps_hat||^2 / d) and
+  "Estimating the optimal covariance with imperfect mean" (the network's measured error).
 * `spacing: quadratic` (Song et al. 2021, Appendix D.2) puts the steps at t_k = (T - 1) ((N - k) / N)^2, dense
   at low noise: the last step starts from a near-clean slice, so the mean it returns keeps the fine texture
   (with trailing spacing and 20 steps the last step starts at t = 49, where a noise of 0.1 hides it).
@@ -61,6 +70,7 @@ SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("v", "eps")
 SOLVERS = ("ddim", "dpmpp2m", "ancestral")
 SPACINGS = ("trailing", "quadratic")
+VARIANCES = ("posterior", "calibrated")
 #: The cosine schedule's offset s (Nichol & Dhariwal) and the largest beta it allows.
 COSINE_OFFSET, MAX_BETA = 0.008, 0.999
 
@@ -127,15 +137,25 @@ def ddim_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, predictio
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
+def x0_carry(a: float, a_prev: float) -> float:
+    """c of the module doc: how much of an error of x0 the ancestral step from `a` to `a_prev` carries into
+    x_prev (through x0 and through the eps derived from it)."""
+    s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    return math.sqrt(a_prev) - math.sqrt(max(1 - a_prev - s2, 0.0)) * math.sqrt(a / (1 - a))
+
+
 def ancestral_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, prediction: str, noise: np.ndarray,
-                   clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   clip: bool = True, x0_error: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One ancestral DDIM step (eta = 1) from x_t (alpha_bar `a`) to x_prev (alpha_bar `a_prev`) with the fresh
-    N(0, I) draw `noise` of x's shape: (x_prev, x0)."""
+    N(0, I) draw `noise` of x's shape: (x_prev, x0). `x0_error`, the network's mean squared error of x0 here
+    (a number, or one per image shaped to broadcast over x), adds its carried share to the variance (module
+    doc, `variance: calibrated`); 0 is the posterior variance."""
     x0, eps = predicted_x0_eps(x.astype(np.float64), out.astype(np.float64), a, prediction)
     if clip:
         x0 = np.clip(x0, -1, 1)
     s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s2, 0.0)) * eps + math.sqrt(s2) * noise
+    spread = np.sqrt(s2 + x0_carry(a, a_prev) ** 2 * np.asarray(x0_error, dtype=np.float64))
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s2, 0.0)) * eps + spread * noise
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
@@ -164,6 +184,10 @@ class SamplerSettings:
     name: str = "ddim"
     spacing: str = "trailing"  # of the timesteps (sample_timesteps)
     clip: bool = True  # x0 clipped to [-1, 1] at every step
+    variance: str = "posterior"  # of the ancestral step: posterior | calibrated (module doc)
+    #: the network's mean squared error of x0, one row per scanner, one column per step (`x0_errors`): what
+    #: `variance: calibrated` adds; empty until the file's export measures it
+    x0_error: tuple[tuple[float, ...], ...] = ()
 
     @classmethod
     def from_metadata(cls, values: dict, source: str = "the model") -> SamplerSettings:
@@ -175,7 +199,18 @@ class SamplerSettings:
         settings = cls(int(values["steps"]), float(values["guidance"]), str(values["prediction"]),
                        str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
                        str(values.get("name", "ddim")), str(values.get("spacing", "trailing")),
-                       bool(values.get("clip", True)))
+                       bool(values.get("clip", True)), str(values.get("variance", "posterior")),
+                       tuple(tuple(float(e) for e in row) for row in values.get("x0_error", ())))
+        if settings.variance not in VARIANCES:
+            raise ValueError(f"{source}: mrgen.sampler variance {settings.variance!r} is not one this mrgen-dist runs "
+                             f"({', '.join(VARIANCES)})")
+        if settings.variance == "calibrated":
+            table = np.asarray(settings.x0_error, dtype=np.float64)
+            if settings.name != "ancestral" or table.shape != (settings.null_label, settings.steps) \
+                    or not np.all(np.isfinite(table)) or np.any(table < 0):
+                raise ValueError(f"{source}: mrgen.sampler variance 'calibrated' needs the ancestral sampler and "
+                                 f"x0_error, {settings.null_label} rows (scanners) of {settings.steps} errors >= 0 "
+                                 f"(steps); got {settings.name!r} and a table of shape {table.shape}")
         if settings.spacing not in SPACINGS:
             raise ValueError(f"{source}: mrgen.sampler spacing {settings.spacing!r} is not one this mrgen-dist runs "
                              f"({', '.join(SPACINGS)})")
@@ -192,7 +227,8 @@ class SamplerSettings:
     def to_metadata(self) -> dict:
         return {"name": self.name, "steps": self.steps, "guidance": self.guidance, "prediction": self.prediction,
                 "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label,
-                "spacing": self.spacing, "clip": self.clip}
+                "spacing": self.spacing, "clip": self.clip, "variance": self.variance,
+                **({"x0_error": [list(row) for row in self.x0_error]} if self.x0_error else {})}
 
 
 def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, prediction: str,
@@ -223,31 +259,75 @@ def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: Sampl
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     ts = sample_timesteps(settings.timesteps, settings.steps, settings.spacing)
     streams = noise_streams(x) if settings.name == "ancestral" else []
-    b = len(x)
-    w = settings.guidance
-    labels = scanner.astype(np.int64)
-    levels = () if level is None else (np.asarray(level, dtype=np.int64),)
-    if w != 1:  # [unconditional; conditional] in one call
-        labels = np.concatenate([np.full(b, settings.null_label, dtype=np.int64), labels])
-        levels = tuple(np.concatenate([k, k]) for k in levels)
+    guided = guided_denoise(denoise, scanner, settings, level)
+    # the calibrated variance's error per image and step; empty (the posterior variance) until export measured it
+    errors = np.asarray(settings.x0_error, dtype=np.float64)[scanner] if settings.variance == "calibrated" \
+        and settings.x0_error else np.zeros((len(x), len(ts)))
     x0, previous = x, None
     for i, t in enumerate(ts):
         a = float(a_bar[t])
         a_next = float(a_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        if w != 1:
-            out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels, *levels)
-            out = guide(out[:b], out[b:], w)
-        else:
-            out = denoise(x, np.full(b, t, dtype=np.float32), labels, *levels)
+        out = guided(x, t)
         if settings.name == "dpmpp2m":
             x, x0, h = dpmpp2m_step(x, out, a, a_next, settings.prediction, previous, settings.clip)
             previous = (x0.astype(np.float64), h)
         elif settings.name == "ancestral":
             noise = np.stack([g.standard_normal(x.shape[1:], dtype=np.float32) for g in streams])
-            x, x0 = ancestral_step(x, out, a, a_next, settings.prediction, noise, settings.clip)
+            x, x0 = ancestral_step(x, out, a, a_next, settings.prediction, noise, settings.clip,
+                                   errors[:, i, None, None, None])
         else:
             x, x0 = ddim_step(x, out, a, a_next, settings.prediction, settings.clip)
     return x0
+
+
+def guided_denoise(denoise: Denoise, scanner: np.ndarray, settings: SamplerSettings,
+                   level: np.ndarray | None = None) -> Callable[[np.ndarray, int], np.ndarray]:
+    """(x, t) -> the guided output for the labels `scanner` (B,): one call on [unconditional; conditional] (2B)
+    where the guidance scale is not 1, one conditional call on B where it is."""
+    b, w = len(scanner), settings.guidance
+    labels = scanner.astype(np.int64)
+    levels = () if level is None else (np.asarray(level, dtype=np.int64),)
+    if w != 1:
+        labels = np.concatenate([np.full(b, settings.null_label, dtype=np.int64), labels])
+        levels = tuple(np.concatenate([k, k]) for k in levels)
+
+    def run(x: np.ndarray, t: int) -> np.ndarray:
+        if w == 1:
+            return denoise(x, np.full(b, t, dtype=np.float32), labels, *levels)
+        out = denoise(np.concatenate([x, x]), np.full(2 * b, t, dtype=np.float32), labels, *levels)
+        return guide(out[:b], out[b:], w)
+
+    return run
+
+
+def x0_errors(denoise: Denoise, x0: np.ndarray, scanner: np.ndarray, settings: SamplerSettings,
+              rng: np.random.Generator) -> np.ndarray:
+    """The network's squared error of x0 at each of the sampler's steps: (B, steps) float64, per image, of
+    training slices x0 (B, 1, H, W) in the model's space with their labels `scanner` (B,). Each step noises
+    them to x_t with a fresh draw of `rng` and reads x0 back as the sampler does (guided, clipped as `settings`
+    say). `error_table` averages them into the `x0_error` of `variance: calibrated`."""
+    a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
+    guided = guided_denoise(denoise, scanner, settings)
+    errors = np.zeros((len(x0), settings.steps))
+    for i, t in enumerate(sample_timesteps(settings.timesteps, settings.steps, settings.spacing)):
+        a = float(a_bar[t])
+        x = (math.sqrt(a) * x0 + math.sqrt(1 - a) * rng.standard_normal(x0.shape)).astype(np.float32)
+        predicted = predicted_x0_eps(x.astype(np.float64), guided(x, int(t)).astype(np.float64), a,
+                                     settings.prediction)[0]
+        if settings.clip:
+            predicted = np.clip(predicted, -1, 1)
+        errors[:, i] = ((predicted - x0) ** 2).mean(axis=tuple(range(1, x0.ndim)))
+    return errors
+
+
+def error_table(errors: np.ndarray, scanner: np.ndarray, n_scanners: int) -> tuple[tuple[float, ...], ...]:
+    """Per-image errors (B, steps) of `x0_errors` -> their mean per scanner, one row each (every scanner must
+    have slices: the sampler draws each with its own row)."""
+    missing = np.flatnonzero(np.bincount(scanner, minlength=n_scanners) == 0).tolist()
+    if missing:
+        raise ValueError(f"calibrating the sampler's variance needs slices of every scanner; none of {missing}")
+    table = np.stack([errors[scanner == k].mean(axis=0) for k in range(n_scanners)])
+    return tuple(tuple(float(e) for e in row) for row in table)
 
 
 def to_slices(x0: np.ndarray, shape: tuple[int, int], block_means: int = 1) -> np.ndarray:

@@ -378,7 +378,8 @@ def test_export_matches_torch_and_carries_the_sampler(denoiser_file: Path) -> No
     meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map, "f", ModelMetadata.DENOISER)
     assert meta.contract == ModelMetadata.DENOISER and meta.latent == 218 * 182
     assert meta.sampler == {"name": "ddim", "steps": 4, "guidance": 3.0, "prediction": "v", "schedule": "cosine",
-                            "timesteps": 100, "null_label": 4, "spacing": "trailing", "clip": True}
+                            "timesteps": 100, "null_label": 4, "spacing": "trailing", "clip": True,
+                            "variance": "posterior"}
     assert meta.parity["max_error"] <= 1e-4
     _, model, _ = load_trained(denoiser_file.parent)
     graph = FAMILY.export_graph(model).eval()
@@ -473,3 +474,47 @@ def test_resumed_run_equals_the_uninterrupted_one_ema_included(store_dir: Path, 
     a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["ema_updates"].item() == 3 and any(k.startswith("ema.") for k in a)
+
+
+@pytest.mark.integration
+def test_export_sets_the_sampler_and_calibrates_its_variance_on_the_runs_store(store_dir: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with DDIM, exported with the ancestral sampler at guidance 1 and the calibrated variance:
+    the file carries a table of the network's error of x0 (4 scanners x 4 steps, large at the noisiest step,
+    small at the last), which the runtime reads and samples with; a store that cannot be read, a setting that
+    is not the sampler's and a calibrated DDIM are refused, naming the fix."""
+    import json
+
+    import onnx
+
+    from mrgen_dist.commands.train import main as train_main
+    from mrgen_dist.export import ExportError
+    from mrgen_dist.export.exporter import export_onnx
+    from mrgen_dist.runs import RunError
+    from mrgen_dist.runtime.sampler import Sampler
+    from tests.launch import REPO, TINY_DIFFUSION
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "run"
+    assert train_main(["--config", str(TINY_DIFFUSION), f"data.store={store_dir}", "train.epochs=1",
+                       "train.sample_every=100", "train.max_steps=2", f"train.out={run}"]) == 0
+    ancestral = {"sampler": "ancestral", "guidance": 1.0}
+    calibrated = export_onnx(run, "fp32", tmp_path / "calibrated.onnx", {**ancestral, "variance": "calibrated"}).path
+    props = {p.key: p.value for p in onnx.load(str(calibrated)).metadata_props}
+    sampler = json.loads(props["mrgen.sampler"])
+    table = np.array(sampler["x0_error"])
+    assert sampler["variance"] == "calibrated" and sampler["name"] == "ancestral" and table.shape == (4, 4)
+    assert np.all(table > 0) and np.all(table[:, -1] < table[:, 0])
+    assert json.loads(props["mrgen.config"])["model"]["variance"] == "calibrated"
+    file = Sampler(calibrated, device="cpu", threads=1)
+    assert file.diffusion.settings.x0_error == tuple(map(tuple, table.tolist()))
+    drawn = file.sample("Intera", n=2, seed=1)
+    assert drawn.shape == (2, *SHAPE) and np.isfinite(drawn).all()
+
+    with pytest.raises(ExportError, match="cannot be read .*pass the store with --store"):
+        export_onnx(run, "fp32", tmp_path / "x.onnx", {**ancestral, "variance": "calibrated"}, tmp_path / "nowhere")
+    with pytest.raises(RunError, match="model.widths is not a sampler setting; these are: model.sampler"):
+        export_onnx(run, "fp32", tmp_path / "x.onnx", {"widths": [8]})
+    with pytest.raises(RunError, match="model.variance=calibrated is the ancestral sampler's step variance"):
+        export_onnx(run, "fp32", tmp_path / "x.onnx", {"variance": "calibrated"})
+    assert not (tmp_path / "x.onnx").exists()

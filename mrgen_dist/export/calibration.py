@@ -1,0 +1,63 @@
+"""The ancestral sampler's calibrated variance, measured when a diffusion run is exported.
+
+`variance: calibrated` (runtime/diffusion.py) adds to each ancestral step the share of the network's own error
+of x0 that the step carries. That error is a property of the trained network, per scanner and per step of the
+file's sampler, so the exporter measures it once, on `CALIBRATION_SLICES` training slices of each scanner of
+the store the run was trained on, and writes the table into the file (`mrgen.sampler` `x0_error`). The slices
+are mapped to the model's space by the graph (`DenoiserGraph.model_space`) and read back through the same
+guided prediction the sampler makes, so that the table describes the file as it is sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mrgen_dist.artifacts import RunRecord
+from mrgen_dist.data.store import SliceStore, StoreError
+from mrgen_dist.export import ExportError
+from mrgen_dist.models.base import DenoiserGraph
+from mrgen_dist.runtime.diffusion import SamplerSettings, error_table, x0_errors
+
+#: Training slices per scanner the error is measured on, and how many go through the network at once.
+CALIBRATION_SLICES, CALIBRATION_BATCH = 32, 16
+
+
+def calibration_slices(record: RunRecord, store: str | Path | None = None, per_scanner: int = CALIBRATION_SLICES,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `per_scanner` training slices (n, H, W) float32 of each scanner with their labels (n,), drawn with
+    `seed` from the store the run was trained on (`store`, or the path its config names); an ExportError when
+    that store is not there or is not the run's."""
+    path = Path(store or record.config.get("data", {}).get("store", ""))
+    try:
+        slices = SliceStore(path)
+    except (StoreError, OSError) as e:
+        raise ExportError(f"model.variance=calibrated measures the network on its training slices, and the run's "
+                          f"store {path} cannot be read ({e}); pass the store with --store") from None
+    if slices.sha256 != record.store_sha256 or list(slices.vocabulary.names) != list(record.vocabulary):
+        raise ExportError(f"{path} is not the store the run was trained on (store_sha256 {slices.sha256}, the "
+                          f"run's {record.store_sha256}); pass that store with --store")
+    train = slices.read_split("train")
+    labels = np.asarray(train.scanner, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:per_scanner]
+                             for k in range(len(record.vocabulary))])
+    return train.images[chosen].astype(np.float32), labels[chosen]
+
+
+def calibrate(graph: DenoiserGraph, settings: SamplerSettings, images: np.ndarray, scanner: np.ndarray,
+              seed: int = 0) -> SamplerSettings:
+    """`settings` with `x0_error` measured on the slices `images` (n, H, W) in [0, 1] of labels `scanner` (n,):
+    the graph's mean squared error of x0 at each step, per scanner (runtime/diffusion.py `x0_errors`)."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    errors = []
+    for start in tqdm(range(0, len(images), CALIBRATION_BATCH), desc="calibrate the sampler's variance",
+                      unit="batch", file=sys.stderr):
+        x0, denoise = graph.model_space(images[start : start + CALIBRATION_BATCH])
+        errors.append(x0_errors(denoise, x0, scanner[start : start + CALIBRATION_BATCH], settings, rng))
+    return dataclasses.replace(settings, x0_error=error_table(np.concatenate(errors), scanner, settings.null_label))
