@@ -9,7 +9,9 @@ Beside it, the grain inside the brain (the std of x less its 3 x 3 mean in the s
 window, generated / real): a band too quiet in air but right in the brain is drawn wrongly by region, and
 no gain of the whole band mends it.
 
-    python benchmarks/background_spectrum.py STORE DIR [DIR ...]
+    python benchmarks/background_spectrum.py STORE DIR [DIR ...] [--plot FILE.png [--names NAME ...]]
+
+--plot draws the air's ratio per frequency band, one panel per scanner, one line per DIR (named by --names).
 
 DIR holds `samples-<scanner id>.npy`, N slices of the store's shape in [0, 1], as benchmarks/cascade_probe.py score writes.
 """
@@ -54,11 +56,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("store")
     parser.add_argument("dirs", nargs="+", type=Path)
+    parser.add_argument("--plot", type=Path, default=None, help="a figure of the air's ratios (PNG)")
+    parser.add_argument("--names", nargs="+", default=None, help="the figure's name of each DIR, in order")
     args = parser.parse_args()
+    if args.names is not None and len(args.names) != len(args.dirs):
+        parser.error(f"--names: {len(args.names)} names for {len(args.dirs)} folders")
     store = SliceStore(args.store)
     test = store.read_split("test")
     bins = " ".join(f"{a:.1f}-{b:.1f}" for a, b in zip(EDGES[:-1], EDGES[1:], strict=True))
     print(f"amplitude generated / real per frequency bin (cycles/pixel: {bins}), then the brain's grain")
+    ratios: dict[str, list[np.ndarray]] = {}
     for sid, name in enumerate(store.vocabulary.names):
         images = test.images[np.asarray(test.scanner) == sid]
         real, real_grain = radial_power(images), brain_grain(images)
@@ -66,8 +73,37 @@ def main() -> None:
         for folder in args.dirs:
             generated = np.load(folder / f"samples-{sid}.npy").reshape(-1, *test.images.shape[1:])
             ratio = np.sqrt(radial_power(generated) / real)
+            ratios.setdefault(name, []).append(ratio)
             print(f"{name:18s} {str(folder):28s} " + " ".join(f"{r:.2f}" for r in ratio)
                   + f"  brain {brain_grain(generated) / real_grain:.2f}")
+    if args.plot:
+        print(f"wrote {plot(ratios, args.names or [str(d) for d in args.dirs], args.plot)}")
+
+
+def plot(ratios: dict[str, list[np.ndarray]], labels: list[str], path: Path) -> Path:
+    """One panel per scanner: the air's amplitude ratio per band, one line per folder, the target's 25 %
+    shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = [(a + b) / 2 for a, b in zip(EDGES[:-1], EDGES[1:], strict=True)]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(3.2 * len(ratios), 3.2), sharey=True)
+    for ax, (name, lines) in zip(np.atleast_1d(axes), ratios.items(), strict=True):
+        ax.axhspan(0.75, 1.25, color="0.9")
+        ax.axhline(1.0, color="0.5", lw=0.8)
+        for i, (label, ratio) in enumerate(zip(labels, lines, strict=True)):
+            ax.plot(centres, ratio, "o-", color=f"C{i}", label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("cycles / pixel")
+    np.atleast_1d(axes)[0].set_ylabel("air amplitude, generated / real")
+    np.atleast_1d(axes)[0].legend(fontsize=6)
+    fig.suptitle("SYNTHETIC cohort: the air corners' spectrum, generated against real test slices", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
