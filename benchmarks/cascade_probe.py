@@ -178,9 +178,7 @@ def score(args: argparse.Namespace) -> dict:
         for start in range(0, len(low), 16):
             c = coarse[start : start + 16]
             x = np.ascontiguousarray(z[start : start + 16, draw.coarse.latent :]).reshape(len(c), 1, *shape)
-            run, base = draw.refine(c, "cascade probe", start)
-            fine = sample(run, x, np.full(len(c), sid, dtype=np.int64), draw.settings)
-            refined.append(np.clip(base[0] + np.float32(draw.scale) * fine, 0, 1)[:, 0])
+            refined.append(draw.refined(c, x, np.full(len(c), sid, dtype=np.int64), "cascade probe", start))
         images = np.concatenate(refined)
         np.save(args.out / f"samples-{sid}.npy", images)
         grid += [(f"{name} (real)", real[:4]), (name, images[:4])]

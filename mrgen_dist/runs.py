@@ -11,6 +11,7 @@ from torch import nn
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.cli import UserError
 from mrgen_dist.config import model_config
+from mrgen_dist.data.store import SliceStore
 from mrgen_dist.models import get_family
 from mrgen_dist.models.base import Family
 from mrgen_dist.scanners import Vocabulary
@@ -23,6 +24,16 @@ class RunError(UserError):
 #: The keys of a diffusion run's model section that say how it is sampled, not what was trained: the ones
 #: `load_trained` may set (mrgen-export onnx ... model.guidance=1).
 SAMPLER_KEYS = ("sampler", "sample_steps", "spacing", "guidance", "variance")
+
+
+def store_mismatch(store: SliceStore, record: RunRecord) -> str | None:
+    """Where the run of `record` was trained instead of on `store` ("trained on the store with ..., not on ...":
+    its store_sha256 or scanners, names and order, differ), or None where it was trained on it."""
+    names, trained = list(store.vocabulary.names), list(record.vocabulary)
+    if record.store_sha256 == store.sha256 and trained == names:
+        return None
+    return (f"trained on the store with store_sha256 {record.store_sha256} and scanners {trained}, "
+            f"not on {store.root} (store_sha256 {store.sha256}, scanners {names})")
 
 
 def load_trained(run_dir: str | Path, sampler: dict | None = None) -> tuple[Family, nn.Module, RunRecord]:

@@ -58,15 +58,6 @@ Z_CLASSIFIER = ("multinomial logistic regression (as the conditioning check's) o
                 "of real train slices")
 
 
-def check_run_fits_store(store: SliceStore, record, run: Path) -> None:
-    """The run must have been trained on this store: same store_sha256 and scanners (names and order)."""
-    names, trained = list(store.vocabulary.names), list(record.vocabulary)
-    if record.store_sha256 != store.sha256 or trained != names:
-        raise FidError(f"the run {run} was trained on the store with store_sha256 {record.store_sha256} and scanners "
-                       f"{trained}, not on {store.root} (store_sha256 {store.sha256}, scanners {names}); diagnose a "
-                       "run with the store it was trained on")
-
-
 def torch_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,11 +114,13 @@ def diagnose(store: SliceStore, run: str | Path, out: Path, inception_weights: s
     """The z probe and the reconstruction check of a trained run on its store, and with `swaps` the
     component-swap probe (eval/swaps.py); writes and returns OUT/diagnostics.json."""
     from mrgen_dist.eval.inception import load_inception
-    from mrgen_dist.runs import load_trained
+    from mrgen_dist.runs import load_trained, store_mismatch
 
     run = Path(run)
     family, model, record = load_trained(run)
-    check_run_fits_store(store, record, run)
+    mismatch = store_mismatch(store, record)
+    if mismatch:
+        raise FidError(f"the run {run} was {mismatch}; diagnose a run with the store it was trained on")
     names = list(store.vocabulary.names)
     missing = [f"{name} ({side})" for side in ("train", "test") for name in names
                if store.expected_count(side, name) == 0]

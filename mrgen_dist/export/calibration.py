@@ -5,7 +5,8 @@ of x0 that the step carries. That error is a property of the trained network, pe
 file's sampler, so the exporter measures it once, on `CALIBRATION_SLICES` training slices of each scanner of
 the store the run was trained on, and writes the table into the file (`mrgen.sampler` `x0_error`). The slices
 are mapped to the model's space by the graph (`DenoiserGraph.model_space`) and read back through the same
-guided prediction the sampler makes, so that the table describes the file as it is sampled.
+guided prediction the sampler makes, so that the table describes the file as it is sampled. A refiner's error
+is tabled per bin of its low-pass level as well, which its sampler knows before the loop.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.data.store import SliceStore, StoreError
 from mrgen_dist.export import ExportError
 from mrgen_dist.models.base import DenoiserGraph
-from mrgen_dist.runtime.diffusion import SamplerSettings, error_table, x0_errors
+from mrgen_dist.runs import store_mismatch
+from mrgen_dist.runtime.diffusion import SamplerSettings, error_table, level_bins, x0_errors
 
 #: Training slices per scanner the error is measured on, and how many go through the network at once.
 CALIBRATION_SLICES, CALIBRATION_BATCH = 32, 16
+#: Bins of the low-pass level the error is tabled by, for a graph that has one (at quantiles: equally filled).
+LEVEL_BINS = 8
 
 
 def calibration_slices(record: RunRecord, store: str | Path | None = None, per_scanner: int = CALIBRATION_SLICES,
@@ -37,9 +41,10 @@ def calibration_slices(record: RunRecord, store: str | Path | None = None, per_s
     except (StoreError, OSError) as e:
         raise ExportError(f"model.variance=calibrated measures the network on its training slices, and the run's "
                           f"store {path} cannot be read ({e}); pass the store with --store") from None
-    if slices.sha256 != record.store_sha256 or list(slices.vocabulary.names) != list(record.vocabulary):
-        raise ExportError(f"{path} is not the store the run was trained on (store_sha256 {slices.sha256}, the "
-                          f"run's {record.store_sha256}); pass that store with --store")
+    mismatch = store_mismatch(slices, record)
+    if mismatch:
+        raise ExportError(f"model.variance=calibrated measures the network on its training slices, and the run "
+                          f"was {mismatch}; pass that store with --store")
     train = slices.read_split("train")
     labels = np.asarray(train.scanner, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -51,13 +56,29 @@ def calibration_slices(record: RunRecord, store: str | Path | None = None, per_s
 def calibrate(graph: DenoiserGraph, settings: SamplerSettings, images: np.ndarray, scanner: np.ndarray,
               seed: int = 0) -> SamplerSettings:
     """`settings` with `x0_error` measured on the slices `images` (n, H, W) in [0, 1] of labels `scanner` (n,):
-    the graph's mean squared error of x0 at each step, per scanner (runtime/diffusion.py `x0_errors`)."""
+    the graph's mean squared error of x0 at each step, per scanner (runtime/diffusion.py `x0_errors`), and for a
+    graph whose sampler knows the low-pass level (a refiner), per bin of it: `LEVEL_BINS` bins at the pooled
+    quantiles of the slices' low-pass, their edges the `x0_error_levels`."""
     from tqdm import tqdm
 
+    spaces = [graph.model_space(images[start : start + CALIBRATION_BATCH])
+              for start in range(0, len(images), CALIBRATION_BATCH)]
+    levels = () if spaces[0].low_pass is None else level_edges(np.concatenate([s.low_pass for s in spaces]))
     rng = np.random.default_rng(seed)
-    errors = []
-    for start in tqdm(range(0, len(images), CALIBRATION_BATCH), desc="calibrate the sampler's variance",
-                      unit="batch", file=sys.stderr):
-        x0, denoise = graph.model_space(images[start : start + CALIBRATION_BATCH])
-        errors.append(x0_errors(denoise, x0, scanner[start : start + CALIBRATION_BATCH], settings, rng))
-    return dataclasses.replace(settings, x0_error=error_table(np.concatenate(errors), scanner, settings.null_label))
+    sums, pixels = [], []
+    for start, space in zip(tqdm(range(0, len(images), CALIBRATION_BATCH), desc="calibrate the sampler's variance",
+                                 unit="batch", file=sys.stderr), spaces, strict=True):
+        bins = None if space.low_pass is None else level_bins(space.low_pass, levels)
+        batch = x0_errors(space.denoise, space.x0, scanner[start : start + CALIBRATION_BATCH], settings, rng, bins,
+                          len(levels) + 1)
+        sums.append(batch[0])
+        pixels.append(batch[1])
+    table = error_table(np.concatenate(sums), np.concatenate(pixels), scanner, settings.null_label)
+    return dataclasses.replace(settings, x0_error=table, x0_error_levels=levels)
+
+
+def level_edges(low_pass: np.ndarray, bins: int = LEVEL_BINS) -> tuple[float, ...]:
+    """The inner edges of `bins` bins at the quantiles of the levels `low_pass` (any shape), pooled; fewer where
+    quantiles coincide (a slice mostly of one level)."""
+    edges = np.unique(np.quantile(low_pass, np.arange(1, bins) / bins))
+    return tuple(float(e) for e in edges)

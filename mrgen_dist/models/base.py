@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -193,6 +193,14 @@ class TranslationGraph(ExportGraph):
         return [vocabulary[i] for i in self.targets]
 
 
+class ModelSpace(NamedTuple):
+    """Slices as a denoiser graph draws them, for measuring its error (mrgen_dist.export.calibration)."""
+
+    x0: np.ndarray  # (B, 1, h, w) float32: what the graph draws for the slices, in the model's space
+    denoise: Callable[..., np.ndarray]  # the graph on those slices as the sampler's denoise (x, t, scanner) -> out
+    low_pass: np.ndarray | None  # (B, 1, h, w): the level the sampler knows before its loop (a refiner's), or None
+
+
 class DenoiserGraph(ExportGraph):
     """The `mrgen-denoiser` contract: (x float32 [B, 1, H, W], the noisy slice in the model's space, t float32
     [B], the timestep in [0, T), scanner int64 [B], a scanner id or the null label `n_scanners`) -> out float32
@@ -222,10 +230,8 @@ class DenoiserGraph(ExportGraph):
     def sampler_metadata(self) -> dict:
         return dict(self.settings)
 
-    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
-        """Slices (B, H, W) in [0, 1] -> (x0 (B, 1, h, w) float32, what the graph draws for them, in the model's
-        space; the graph as the sampler's denoise (x, t, scanner) -> out on those slices): what the sampler's
-        variance is calibrated on (mrgen_dist.export.calibration)."""
+    def model_space(self, images: np.ndarray) -> ModelSpace:
+        """Slices (B, H, W) in [0, 1] as the graph draws them: what the sampler's variance is calibrated on."""
         raise NotImplementedError
 
 

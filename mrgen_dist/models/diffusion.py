@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, Family, ModelConfig, Step
+from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, Family, ModelConfig, ModelSpace, Step
 from mrgen_dist.models.parts.adversarial import uniform_from_normal
 from mrgen_dist.models.parts.blocks import BlockMeans
 from mrgen_dist.models.parts.networks import multiply_accumulates
@@ -241,9 +241,10 @@ class Denoiser(DenoiserGraph):
     def sampler_metadata(self) -> dict:
         return {**self.settings, "block_means": self.factor} if self.factor > 1 else dict(self.settings)
 
-    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
-        """The slices' block means (the slices at factor 1) mapped to [-1, 1], and the graph as the denoise."""
-        return (2 * block_means(images, self.factor) - 1)[:, None], graph_denoise(self)
+    def model_space(self, images: np.ndarray) -> ModelSpace:
+        """The slices' block means (the slices at factor 1) mapped to [-1, 1], and the graph as the denoise; no
+        low-pass level (the loop draws the whole image)."""
+        return ModelSpace((2 * block_means(images, self.factor) - 1)[:, None], graph_denoise(self), None)
 
 
 def graph_denoise(graph: nn.Module) -> Callable[..., np.ndarray]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.models.atlas import gaussian_blur
-from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, SamplingGraph, Step
+from mrgen_dist.models.base import PREVIEW_COLUMNS, DenoiserGraph, ModelSpace, SamplingGraph, Step
 from mrgen_dist.models.diffusion import (
     Denoiser,
     Diffusion,
@@ -258,13 +258,13 @@ class RefinerGraph(DenoiserGraph):
     def sampler_metadata(self) -> dict:
         return {**self.settings, "scale": self.scale, "coarse_slice": self.coarse_slice}
 
-    def model_space(self, images: np.ndarray) -> tuple[np.ndarray, Callable[..., np.ndarray]]:
+    def model_space(self, images: np.ndarray) -> ModelSpace:
         """The slices' scaled fine band over their own low-pass (as at training: the slice is its own coarse
-        slice), and the graph over them as the denoise."""
+        slice), the graph over them as the denoise, and that low-pass as the level."""
         device = next(self.parameters()).device
         coarse = torch.from_numpy(np.asarray(images, dtype=np.float32)[:, None]).to(device)
         denoise, base = over_coarse(self, coarse)
-        return (coarse.cpu().numpy() - base) / np.float32(self.scale), denoise
+        return ModelSpace((coarse.cpu().numpy() - base) / np.float32(self.scale), denoise, base)
 
 
 def over_coarse(graph: RefinerGraph, coarse: torch.Tensor) -> tuple[Callable[..., np.ndarray], np.ndarray]:
@@ -287,7 +287,7 @@ def refined(graph: RefinerGraph, settings: SamplerSettings, scale: float, coarse
     """Slices (B, H, W) refined from coarse slices (B, 1, H, W): their low-pass plus `scale` x the fine band
     that the runtime's sampling loop (`settings`) draws from x_T with the graph's UNet, clipped to [0, 1]."""
     denoise, base = over_coarse(graph, coarse)
-    fine = sample(denoise, x_t, scanner.cpu().numpy(), settings)
+    fine = sample(denoise, x_t, scanner.cpu().numpy(), settings, low_pass=base)
     return np.clip(base + scale * fine, 0, 1)[:, 0]
 
 

@@ -43,6 +43,10 @@ so that training and sampling cannot disagree on alpha_bar(t).
   added, the step's kernel is the one that keeps the marginal of x_t (exactly so for Gaussian data): Bao et al.
   2022, "Analytic-DPM" (Theorem 1, there with the optimal network's error 1 - E||eps_hat||^2 / d) and
   "Estimating the optimal covariance with imperfect mean" (the network's measured error).
+  Where the sampler knows each pixel's low-pass level before the loop (a refiner: the coarse slice's low-pass),
+  e_t is tabled per bin of that level too (`x0_error_levels`, the bins' edges): the network's error of x0 is
+  several times larger on the brain's fine anatomy than on air, and a mean over the whole slice adds to the air
+  of a site with a quiet floor variance that its floor never had.
 * `spacing: quadratic` (Song et al. 2021, Appendix D.2) puts the steps at t_k = (T - 1) ((N - k) / N)^2, dense
   at low noise: the last step starts from a near-clean slice, so the mean it returns keeps the fine texture
   (with trailing spacing and 20 steps the last step starts at t = 49, where a noise of 0.1 hides it).
@@ -137,10 +141,14 @@ def ddim_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, predictio
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
-def x0_carry(a: float, a_prev: float) -> float:
-    """c of the module doc: how much of an error of x0 the ancestral step from `a` to `a_prev` carries into
-    x_prev (through x0 and through the eps derived from it)."""
-    s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+def posterior_variance(a: float, a_prev: float) -> float:
+    """s^2 of the module doc: the variance of x_prev given x_t and x0, from alpha_bar `a` to `a_prev`."""
+    return (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+
+
+def x0_carry(a: float, a_prev: float, s2: float) -> float:
+    """c of the module doc: how much of an error of x0 the ancestral step from `a` to `a_prev` (posterior
+    variance `s2`) carries into x_prev (through x0 and through the eps derived from it)."""
     return math.sqrt(a_prev) - math.sqrt(max(1 - a_prev - s2, 0.0)) * math.sqrt(a / (1 - a))
 
 
@@ -148,13 +156,13 @@ def ancestral_step(x: np.ndarray, out: np.ndarray, a: float, a_prev: float, pred
                    clip: bool = True, x0_error: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One ancestral DDIM step (eta = 1) from x_t (alpha_bar `a`) to x_prev (alpha_bar `a_prev`) with the fresh
     N(0, I) draw `noise` of x's shape: (x_prev, x0). `x0_error`, the network's mean squared error of x0 here
-    (a number, or one per image shaped to broadcast over x), adds its carried share to the variance (module
-    doc, `variance: calibrated`); 0 is the posterior variance."""
+    (a number, or one per image or pixel shaped to broadcast over x), adds its carried share to the variance
+    (module doc, `variance: calibrated`); 0 is the posterior variance."""
     x0, eps = predicted_x0_eps(x.astype(np.float64), out.astype(np.float64), a, prediction)
     if clip:
         x0 = np.clip(x0, -1, 1)
-    s2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    spread = np.sqrt(s2 + x0_carry(a, a_prev) ** 2 * np.asarray(x0_error, dtype=np.float64))
+    s2 = posterior_variance(a, a_prev)
+    spread = np.sqrt(s2 + x0_carry(a, a_prev, s2) ** 2 * np.asarray(x0_error, dtype=np.float64))
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s2, 0.0)) * eps + spread * noise
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
@@ -185,9 +193,12 @@ class SamplerSettings:
     spacing: str = "trailing"  # of the timesteps (sample_timesteps)
     clip: bool = True  # x0 clipped to [-1, 1] at every step
     variance: str = "posterior"  # of the ancestral step: posterior | calibrated (module doc)
-    #: the network's mean squared error of x0, one row per scanner, one column per step (`x0_errors`): what
-    #: `variance: calibrated` adds; empty until the file's export measures it
-    x0_error: tuple[tuple[float, ...], ...] = ()
+    #: the network's mean squared error of x0 (`x0_errors`), one row per scanner, one column per step, one entry
+    #: per bin of the low-pass level (`x0_error_levels`): what `variance: calibrated` adds; empty until the
+    #: file's export measures it
+    x0_error: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    #: the increasing inner edges of the low-pass level's bins (`level_bins`); () is one bin, the whole slice
+    x0_error_levels: tuple[float, ...] = ()
 
     @classmethod
     def from_metadata(cls, values: dict, source: str = "the model") -> SamplerSettings:
@@ -200,17 +211,20 @@ class SamplerSettings:
                        str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
                        str(values.get("name", "ddim")), str(values.get("spacing", "trailing")),
                        bool(values.get("clip", True)), str(values.get("variance", "posterior")),
-                       tuple(tuple(float(e) for e in row) for row in values.get("x0_error", ())))
+                       tuple(tuple(tuple(float(e) for e in step) for step in row) for row in values.get("x0_error", ())),
+                       tuple(float(e) for e in values.get("x0_error_levels", ())))
         if settings.variance not in VARIANCES:
             raise ValueError(f"{source}: mrgen.sampler variance {settings.variance!r} is not one this mrgen-dist runs "
                              f"({', '.join(VARIANCES)})")
         if settings.variance == "calibrated":
-            table = np.asarray(settings.x0_error, dtype=np.float64)
-            if settings.name != "ancestral" or table.shape != (settings.null_label, settings.steps) \
-                    or not np.all(np.isfinite(table)) or np.any(table < 0):
+            table, levels = (np.asarray(v, dtype=np.float64) for v in (settings.x0_error, settings.x0_error_levels))
+            bins = len(levels) + 1
+            if settings.name != "ancestral" or table.shape != (settings.null_label, settings.steps, bins) \
+                    or not np.all(np.isfinite(table)) or np.any(table < 0) or np.any(np.diff(levels) <= 0):
                 raise ValueError(f"{source}: mrgen.sampler variance 'calibrated' needs the ancestral sampler and "
-                                 f"x0_error, {settings.null_label} rows (scanners) of {settings.steps} errors >= 0 "
-                                 f"(steps); got {settings.name!r} and a table of shape {table.shape}")
+                                 f"x0_error, {settings.null_label} rows (scanners) of {settings.steps} steps of "
+                                 f"{bins} errors >= 0 (bins of the increasing x0_error_levels); got "
+                                 f"{settings.name!r}, a table of shape {table.shape} and levels {levels.tolist()}")
         if settings.spacing not in SPACINGS:
             raise ValueError(f"{source}: mrgen.sampler spacing {settings.spacing!r} is not one this mrgen-dist runs "
                              f"({', '.join(SPACINGS)})")
@@ -228,7 +242,8 @@ class SamplerSettings:
         return {"name": self.name, "steps": self.steps, "guidance": self.guidance, "prediction": self.prediction,
                 "schedule": self.schedule, "timesteps": self.timesteps, "null_label": self.null_label,
                 "spacing": self.spacing, "clip": self.clip, "variance": self.variance,
-                **({"x0_error": [list(row) for row in self.x0_error]} if self.x0_error else {})}
+                **({"x0_error": [[list(step) for step in row] for row in self.x0_error]} if self.x0_error else {}),
+                **({"x0_error_levels": list(self.x0_error_levels)} if self.x0_error_levels else {})}
 
 
 def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, prediction: str,
@@ -252,17 +267,16 @@ def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, predic
 
 
 def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings,
-           level: np.ndarray | None = None) -> np.ndarray:
-    """The sampling loop (`settings.name`: DDIM or DPM-Solver++(2M)) with guidance from x_T = `x` (B, 1, H, W)
-    float32 ~ N(0, I) for the labels `scanner` (B,) (and axial `level` (B,), for a level-conditioned denoiser:
-    guidance drops the scanner, never the level): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
+           level: np.ndarray | None = None, low_pass: np.ndarray | None = None) -> np.ndarray:
+    """The sampling loop (`settings.name`: DDIM, DPM-Solver++(2M) or ancestral) with guidance from x_T = `x`
+    (B, 1, H, W) float32 ~ N(0, I) for the labels `scanner` (B,) (and axial `level` (B,), for a level-conditioned
+    denoiser: guidance drops the scanner, never the level; `low_pass` (B, 1, H, W), the level a calibrated
+    variance's table is binned by, for one that is): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     ts = sample_timesteps(settings.timesteps, settings.steps, settings.spacing)
     streams = noise_streams(x) if settings.name == "ancestral" else []
     guided = guided_denoise(denoise, scanner, settings, level)
-    # the calibrated variance's error per image and step; empty (the posterior variance) until export measured it
-    errors = np.asarray(settings.x0_error, dtype=np.float64)[scanner] if settings.variance == "calibrated" \
-        and settings.x0_error else np.zeros((len(x), len(ts)))
+    x0_error = x0_error_lookup(settings, scanner, low_pass)
     x0, previous = x, None
     for i, t in enumerate(ts):
         a = float(a_bar[t])
@@ -273,11 +287,35 @@ def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: Sampl
             previous = (x0.astype(np.float64), h)
         elif settings.name == "ancestral":
             noise = np.stack([g.standard_normal(x.shape[1:], dtype=np.float32) for g in streams])
-            x, x0 = ancestral_step(x, out, a, a_next, settings.prediction, noise, settings.clip,
-                                   errors[:, i, None, None, None])
+            x, x0 = ancestral_step(x, out, a, a_next, settings.prediction, noise, settings.clip, x0_error(i))
         else:
             x, x0 = ddim_step(x, out, a, a_next, settings.prediction, settings.clip)
     return x0
+
+
+def level_bins(low_pass: np.ndarray, levels: tuple[float, ...]) -> np.ndarray:
+    """The bin of the calibrated variance's table (`x0_error_levels`, their inner edges) that each pixel of
+    `low_pass` falls in: int of its shape, 0 below the first edge."""
+    return np.digitize(low_pass, np.asarray(levels, dtype=np.float64))
+
+
+def x0_error_lookup(settings: SamplerSettings, scanner: np.ndarray, low_pass: np.ndarray | None = None
+                    ) -> Callable[[int], np.ndarray]:
+    """step -> the error of x0 the calibrated variance adds there, per image (B, 1, 1, 1) of labels `scanner`,
+    or per pixel (B, 1, H, W) of a table binned by the low-pass level (`low_pass` (B, 1, H, W) is then needed);
+    zeros, the posterior variance, for any other setting or before the export measured the table."""
+    if settings.variance != "calibrated" or not settings.x0_error:
+        zeros = np.zeros((len(scanner), 1, 1, 1))
+        return lambda i: zeros
+    rows = np.asarray(settings.x0_error, dtype=np.float64)[scanner]  # (B, steps, bins)
+    if not settings.x0_error_levels:
+        return lambda i: rows[:, i, 0, None, None, None]
+    if low_pass is None:
+        raise ValueError("this calibrated variance is tabled by the low-pass level (x0_error_levels): the sampler "
+                         "needs the images' low_pass")
+    bins = level_bins(low_pass, settings.x0_error_levels)
+    flat = bins.reshape(len(bins), -1)
+    return lambda i: np.take_along_axis(rows[:, i], flat, axis=1).reshape(bins.shape)
 
 
 def guided_denoise(denoise: Denoise, scanner: np.ndarray, settings: SamplerSettings,
@@ -301,14 +339,20 @@ def guided_denoise(denoise: Denoise, scanner: np.ndarray, settings: SamplerSetti
 
 
 def x0_errors(denoise: Denoise, x0: np.ndarray, scanner: np.ndarray, settings: SamplerSettings,
-              rng: np.random.Generator) -> np.ndarray:
-    """The network's squared error of x0 at each of the sampler's steps: (B, steps) float64, per image, of
-    training slices x0 (B, 1, H, W) in the model's space with their labels `scanner` (B,). Each step noises
-    them to x_t with a fresh draw of `rng` and reads x0 back as the sampler does (guided, clipped as `settings`
-    say). `error_table` averages them into the `x0_error` of `variance: calibrated`."""
+              rng: np.random.Generator, bins: np.ndarray | None = None, n_bins: int = 1
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The network's squared error of x0 at each of the sampler's steps on training slices x0 (B, 1, H, W) in
+    the model's space with their labels `scanner` (B,), summed per image over the pixels of each bin of the
+    low-pass level (`bins`, of x0's shape, from `level_bins`; None: one bin): (sums (B, steps, n_bins),
+    pixels (B, n_bins)), float64. Each step noises the slices to x_t with a fresh draw of `rng` and reads x0
+    back as the sampler does (guided, clipped as `settings` say). `error_table` turns them into the `x0_error`
+    of `variance: calibrated`."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     guided = guided_denoise(denoise, scanner, settings)
-    errors = np.zeros((len(x0), settings.steps))
+    flat = np.zeros(x0.shape, dtype=np.int64) if bins is None else np.broadcast_to(bins, x0.shape)
+    flat = flat.reshape(len(x0), -1)
+    pixels = np.stack([np.bincount(row, minlength=n_bins) for row in flat]).astype(np.float64)
+    sums = np.zeros((len(x0), settings.steps, n_bins))
     for i, t in enumerate(sample_timesteps(settings.timesteps, settings.steps, settings.spacing)):
         a = float(a_bar[t])
         x = (math.sqrt(a) * x0 + math.sqrt(1 - a) * rng.standard_normal(x0.shape)).astype(np.float32)
@@ -316,18 +360,25 @@ def x0_errors(denoise: Denoise, x0: np.ndarray, scanner: np.ndarray, settings: S
                                      settings.prediction)[0]
         if settings.clip:
             predicted = np.clip(predicted, -1, 1)
-        errors[:, i] = ((predicted - x0) ** 2).mean(axis=tuple(range(1, x0.ndim)))
-    return errors
+        squared = ((predicted - x0) ** 2).reshape(len(x0), -1)
+        sums[:, i] = [np.bincount(row, weights=err, minlength=n_bins) for row, err in zip(flat, squared, strict=True)]
+    return sums, pixels
 
 
-def error_table(errors: np.ndarray, scanner: np.ndarray, n_scanners: int) -> tuple[tuple[float, ...], ...]:
-    """Per-image errors (B, steps) of `x0_errors` -> their mean per scanner, one row each (every scanner must
-    have slices: the sampler draws each with its own row)."""
+def error_table(sums: np.ndarray, pixels: np.ndarray, scanner: np.ndarray, n_scanners: int
+                ) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    """The sums and pixel counts of `x0_errors` -> the mean squared error per scanner, step and bin: the
+    `x0_error` table (every scanner must have slices: the sampler draws each with its own row). A bin a
+    scanner's slices do not reach takes that scanner's mean over the whole slice."""
     missing = np.flatnonzero(np.bincount(scanner, minlength=n_scanners) == 0).tolist()
     if missing:
         raise ValueError(f"calibrating the sampler's variance needs slices of every scanner; none of {missing}")
-    table = np.stack([errors[scanner == k].mean(axis=0) for k in range(n_scanners)])
-    return tuple(tuple(float(e) for e in row) for row in table)
+    rows = []
+    for k in range(n_scanners):
+        total, count = sums[scanner == k].sum(axis=0), pixels[scanner == k].sum(axis=0)  # (steps, bins), (bins,)
+        whole = total.sum(axis=1, keepdims=True) / count.sum()
+        rows.append(np.where(count > 0, total / np.maximum(count, 1), whole))
+    return tuple(tuple(tuple(float(e) for e in step) for step in row) for row in rows)
 
 
 def to_slices(x0: np.ndarray, shape: tuple[int, int], block_means: int = 1) -> np.ndarray:

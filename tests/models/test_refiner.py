@@ -20,7 +20,7 @@ from mrgen_dist.models.base import PlainAccelerator, Step
 from mrgen_dist.models.parts.windows import random_windows
 from mrgen_dist.models.refiner import RefinerConfig, coordinates
 from mrgen_dist.runtime.block_grid import block_mean_matrix, repeat_blocks
-from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample, sample_timesteps
+from mrgen_dist.runtime.diffusion import ancestral_step, noise_streams, sample_timesteps
 from mrgen_dist.runtime.refine import coarse_draw, coarse_slice
 from mrgen_dist.scanners import Vocabulary
 
@@ -223,17 +223,41 @@ def test_the_ceiling_refines_real_slices_as_the_exported_sampler_does(refiner_fi
                                                           seed=6))
     draw = Sampler(refiner_file, device="cpu", threads=1).diffusion
     x_t = np.random.default_rng(5).standard_normal((3, 1, *SHAPE), dtype=np.float32)
-    denoise, base = draw.refine(images[:, None], "ceiling", 0)
-    fine = sample(denoise, x_t, labels, draw.settings)
-    np.testing.assert_allclose(refined, np.clip(base[0] + draw.scale * fine, 0, 1)[:, 0], atol=2e-3)
+    np.testing.assert_allclose(refined, draw.refined(images[:, None], x_t, labels, "ceiling"), atol=2e-3)
     assert 0 < np.abs(refined - images).mean() < 0.15  # the real slice's low-pass, with a drawn band (x_T: 0.2)
     # the condition sees the 4 x 4 block means: a cascade's low-resolution image of them, repeated per block,
     # is conditioned on exactly as the real slice is
     rows, columns = (block_mean_matrix(n, 4) for n in SHAPE)
     repeated = repeat_blocks(rows @ images.astype(np.float64) @ columns.T, SHAPE, 4)
-    run_repeated, base_of_repeated = draw.refine(repeated[:, None].astype(np.float32), "ceiling", 0)
-    run_repeated(x_t, np.zeros(3, np.float32), labels)  # runs the graph: its base
-    np.testing.assert_allclose(base_of_repeated[0], base[0], atol=1e-5)
+    base = draw.refine(images[:, None], "ceiling", 0)[1]
+    np.testing.assert_allclose(draw.refine(repeated[:, None].astype(np.float32), "ceiling", 0)[1], base, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_calibrated_refiner_tables_its_error_by_the_low_pass_level(refiner_file: Path, store_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """Exported with the calibrated variance, the refiner's table has a bin per quantile of its low-pass level
+    (the edges increasing, in the slices' range); the file and the torch graph sample alike with it."""
+    from mrgen_dist.data.store import SliceStore
+    from mrgen_dist.export.exporter import export_onnx
+    from mrgen_dist.models.refiner import RefinerGraph, refined
+    from mrgen_dist.runs import load_trained
+    from mrgen_dist.runtime.sampler import Sampler
+
+    keys = {"guidance": 1.0, "variance": "calibrated"}
+    path = export_onnx(refiner_file.parent / "run", "fp32", tmp_path / "refiner.onnx", keys, store_dir).path
+    draw = Sampler(path, device="cpu", threads=1).diffusion
+    settings, table = draw.settings, np.asarray(draw.settings.x0_error)
+    levels = np.asarray(settings.x0_error_levels)
+    assert len(levels) >= 3 and np.all(np.diff(levels) > 0) and 0 <= levels[0] and levels[-1] <= 1
+    assert table.shape == (4, settings.steps, len(levels) + 1) and np.all(table >= 0)
+    _, model, _ = load_trained(refiner_file.parent / "run", keys)
+    test = SliceStore(store_dir).read_split("test")
+    images, labels = test.images[:3].astype(np.float32)[:, None], np.asarray(test.scanner[:3], dtype=np.int64)
+    x_t = np.random.default_rng(7).standard_normal(images.shape, dtype=np.float32)
+    in_torch = refined(RefinerGraph(model).eval(), settings, draw.scale, torch.from_numpy(images),
+                       torch.from_numpy(labels), x_t)
+    np.testing.assert_allclose(draw.refined(images, x_t, labels), in_torch, atol=2e-3)
 
 
 @pytest.mark.integration
