@@ -211,7 +211,7 @@ class SamplerSettings:
                        str(values["schedule"]), int(values["timesteps"]), int(values["null_label"]),
                        str(values.get("name", "ddim")), str(values.get("spacing", "trailing")),
                        bool(values.get("clip", True)), str(values.get("variance", "posterior")),
-                       tuple(tuple(tuple(float(e) for e in step) for step in row) for row in values.get("x0_error", ())),
+                       x0_error_table(values.get("x0_error", ())),
                        tuple(float(e) for e in values.get("x0_error_levels", ())))
         if settings.variance not in VARIANCES:
             raise ValueError(f"{source}: mrgen.sampler variance {settings.variance!r} is not one this mrgen-dist runs "
@@ -244,6 +244,13 @@ class SamplerSettings:
                 "spacing": self.spacing, "clip": self.clip, "variance": self.variance,
                 **({"x0_error": [[list(step) for step in row] for row in self.x0_error]} if self.x0_error else {}),
                 **({"x0_error_levels": list(self.x0_error_levels)} if self.x0_error_levels else {})}
+
+
+def x0_error_table(values: list) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    """The metadata's `x0_error` as nested tuples (scanners, steps, bins); a table of one number per step (files
+    exported before the bins) is one bin. Its shape is checked by `SamplerSettings.from_metadata`."""
+    rows = [[step if isinstance(step, list) else [step] for step in row] for row in values]
+    return tuple(tuple(tuple(float(e) for e in step) for step in row) for row in rows)
 
 
 def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, prediction: str,

@@ -132,6 +132,8 @@ def test_the_files_table_is_read_and_checked() -> None:
                                    x0_error_levels=(0.1,))
     assert SamplerSettings.from_metadata(settings.to_metadata()) == settings
     assert "x0_error" not in SETTINGS.to_metadata() and SETTINGS.to_metadata()["variance"] == "posterior"
+    one_bin = {**settings.to_metadata(), "x0_error": [[0.01] * 20] * 4, "x0_error_levels": []}  # before the bins
+    assert SamplerSettings.from_metadata(one_bin).x0_error == tuple(((0.01,),) * 20 for _ in range(4))
     short = {**settings.to_metadata(), "x0_error": [[[0.01, 0.02]] * 19] * 4}
     with pytest.raises(ValueError, match=r"4 rows \(scanners\) of 20 steps of 2 errors >= 0 \(bins of the increasing "
                                          r"x0_error_levels\); got 'ancestral', a table of shape \(4, 19, 2\) and "
