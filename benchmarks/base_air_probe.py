@@ -1,0 +1,120 @@
+"""Base air probe: is a cascade base's loud air its sampler's or its network's?
+
+The background noise of a cascade's samples comes in its low band from the base (background_spectrum.py). This
+probe samples a base of `cascade_probe.py base` alone, for one scanner, under each sampler asked for: guidance
+scale x step variance (`posterior`, or `calibrated` on 16 train slices per scanner, one bin: the runtime's
+`x0_errors`) x spacing and steps. It compares the background noise of the drawn block means, each block
+repeated to the slice, with that of the real test slices' block means (eval/quality.py `signature`, the
+project's noise measure, on the masks of the train slices), and draws the air of the first 4 of each beside
+the real ones, windowed to [0, --window]. A ratio that no sampler moves is the network's: its mean in air
+carries structure the real air has not, and only training mends it.
+
+    python benchmarks/base_air_probe.py STORE BASE.pt --scanner NAME --out DIR [--n 24] [--guidance 1.5 1.0]
+        [--variance posterior calibrated] [--spacing trailing:100 quadratic:30] [--window 0.03]
+
+Writes DIR/base_air.json (one row per sampler) and DIR/base_air.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from cascade_probe import BASE, block_means, build
+
+from mrgen_dist import plots
+from mrgen_dist.commands.options import positive
+from mrgen_dist.data.store import SliceStore
+from mrgen_dist.eval.quality import head_masks, signature
+from mrgen_dist.runtime.diffusion import VARIANCES, SamplerSettings, error_table, sample, to_slices, x0_errors
+
+#: Train slices per scanner the calibrated variance is measured on.
+CALIBRATION_SLICES = 16
+
+
+def load_base(path: Path) -> tuple[dict, torch.nn.Module]:
+    checkpoint = torch.load(path)
+    net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
+    net.load_state_dict(checkpoint["ema"])
+    return checkpoint, net.eval()
+
+
+def calibrated(settings: SamplerSettings, denoise, images: np.ndarray, labels: np.ndarray, factor: int
+               ) -> SamplerSettings:
+    """`settings` with the base's error of x0 measured on train slices `images` (n, H, W) of `labels`."""
+    rng = np.random.default_rng(0)
+    x0 = block_means(images, factor)[:, None].astype(np.float32)
+    parts = [x0_errors(denoise, x0[i : i + 16], labels[i : i + 16], settings, rng) for i in range(0, len(x0), 16)]
+    sums, pixels = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return dataclasses.replace(settings, variance="calibrated",
+                               x0_error=error_table(sums, pixels, labels, settings.null_label))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store", type=Path)
+    parser.add_argument("base", type=Path, help="BASE.pt of cascade_probe.py base")
+    parser.add_argument("--scanner", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n", type=positive(int), default=24, help="slices drawn per sampler")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5])
+    parser.add_argument("--variance", choices=VARIANCES, nargs="+", default=["posterior"])
+    parser.add_argument("--spacing", nargs="+", default=["trailing:100"], help="SPACING:STEPS of the ancestral sampler")
+    parser.add_argument("--window", type=float, default=0.03, help="the figure's intensity window's top")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    store = SliceStore(args.store)
+    sid = store.vocabulary.index(args.scanner)
+    train, test = store.read_split("train"), store.read_split("test")
+    checkpoint, net = load_base(args.base)
+    factor, shape = checkpoint.get("factor", 4), train.images.shape[1:]
+
+    def denoise(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+
+    brain, background = head_masks(train.images)
+    real = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)
+    real_blocks = to_slices(block_means(real, factor)[:, None], shape, factor)
+    reference = signature(real_blocks, brain, background)
+    labels = np.asarray(train.scanner, dtype=np.int64)
+    chosen = np.concatenate([np.random.default_rng(0).permutation(np.flatnonzero(labels == k))[:CALIBRATION_SLICES]
+                             for k in range(checkpoint["n_scanners"])])
+    x_t = np.random.default_rng(sid).standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
+    rows, grid = [], [(f"{args.scanner}, real block means", real_blocks[:4])]
+    for spacing_steps in args.spacing:
+        spacing, steps = spacing_steps.split(":")
+        for guidance in args.guidance:
+            settings = SamplerSettings(int(steps), guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"],
+                                       "ancestral", spacing, True)
+            for variance in args.variance:
+                t0 = time.time()
+                chosen_settings = settings if variance == "posterior" else \
+                    calibrated(settings, denoise, train.images[chosen].astype(np.float32), labels[chosen], factor)
+                drawn = to_slices(sample(denoise, x_t, np.full(args.n, sid, np.int64), chosen_settings), shape, factor)
+                measured = signature(drawn, brain, background)
+                row = {"spacing": spacing, "steps": int(steps), "guidance": guidance, "variance": variance,
+                       "noise_ratio": measured["noise"] / reference["noise"],
+                       "sharpness_ratio": measured["sharpness"] / reference["sharpness"],
+                       "mean_brain_ratio": measured["mean_brain"] / reference["mean_brain"]}
+                rows.append(row)
+                grid.append((f"{spacing} {steps}, w {guidance:g}, {variance}", drawn[:4]))
+                print(f"{spacing} {steps} steps, guidance {guidance:g}, {variance}: noise {row['noise_ratio']:.3f}, "
+                      f"sharpness {row['sharpness_ratio']:.3f}, brain mean {row['mean_brain_ratio']:.3f} of the real "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "base_air.json").write_text(json.dumps({"store": str(args.store), "base": str(args.base),
+                                                         "scanner": args.scanner, "n": args.n,
+                                                         "real_noise": reference["noise"], "rows": rows}, indent=1))
+    plots.scanner_grid([(name, np.clip(images / args.window, 0, 1)) for name, images in grid],
+                       args.out / "base_air.png", f"{args.scanner}: the base's air, intensity 0 to {args.window:g}")
+
+
+if __name__ == "__main__":
+    main()
