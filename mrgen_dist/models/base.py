@@ -198,7 +198,7 @@ class ModelSpace(NamedTuple):
 
     x0: np.ndarray  # (B, 1, h, w) float32: what the graph draws for the slices, in the model's space
     denoise: Callable[..., np.ndarray]  # the graph on those slices as the sampler's denoise (x, t, scanner) -> out
-    low_pass: np.ndarray | None  # (B, 1, h, w): the level the sampler knows before its loop (a refiner's), or None
+    low_pass: np.ndarray | None  # (B, 1, h, w): the level the sampler is given, not drawn (a refiner's), or None
 
 
 class DenoiserGraph(ExportGraph):

@@ -287,7 +287,7 @@ def refined(graph: RefinerGraph, settings: SamplerSettings, scale: float, coarse
     """Slices (B, H, W) refined from coarse slices (B, 1, H, W): their low-pass plus `scale` x the fine band
     that the runtime's sampling loop (`settings`) draws from x_T with the graph's UNet, clipped to [0, 1]."""
     denoise, base = over_coarse(graph, coarse)
-    fine = sample(denoise, x_t, scanner.cpu().numpy(), settings, low_pass=base)
+    fine = sample(denoise, x_t, scanner.cpu().numpy(), settings, low_pass=lambda: base)
     return np.clip(base + scale * fine, 0, 1)[:, 0]
 
 

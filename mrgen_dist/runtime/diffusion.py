@@ -43,7 +43,7 @@ so that training and sampling cannot disagree on alpha_bar(t).
   added, the step's kernel is the one that keeps the marginal of x_t (exactly so for Gaussian data): Bao et al.
   2022, "Analytic-DPM" (Theorem 1, there with the optimal network's error 1 - E||eps_hat||^2 / d) and
   "Estimating the optimal covariance with imperfect mean" (the network's measured error).
-  Where the sampler knows each pixel's low-pass level before the loop (a refiner: the coarse slice's low-pass),
+  Where each pixel's low-pass level is given, not drawn (a refiner: the coarse slice's low-pass, its graph's `base`),
   e_t is tabled per bin of that level too (`x0_error_levels`, the bins' edges): the network's error of x0 is
   several times larger on the brain's fine anatomy than on air, and a mean over the whole slice adds to the air
   of a site with a quiet floor variance that its floor never had.
@@ -59,6 +59,7 @@ so that training and sampling cannot disagree on alpha_bar(t).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -274,11 +275,12 @@ def dpmpp2m_step(x: np.ndarray, out: np.ndarray, a: float, a_next: float, predic
 
 
 def sample(denoise: Denoise, x: np.ndarray, scanner: np.ndarray, settings: SamplerSettings,
-           level: np.ndarray | None = None, low_pass: np.ndarray | None = None) -> np.ndarray:
+           level: np.ndarray | None = None, low_pass: Callable[[], np.ndarray] | None = None) -> np.ndarray:
     """The sampling loop (`settings.name`: DDIM, DPM-Solver++(2M) or ancestral) with guidance from x_T = `x`
     (B, 1, H, W) float32 ~ N(0, I) for the labels `scanner` (B,) (and axial `level` (B,), for a level-conditioned
-    denoiser: guidance drops the scanner, never the level; `low_pass` (B, 1, H, W), the level a calibrated
-    variance's table is binned by, for one that is): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
+    denoiser: guidance drops the scanner, never the level; `low_pass`, for a calibrated variance tabled by the
+    low-pass level: () -> that level (B, 1, H, W), read once, after the loop's first network call, which may be
+    what makes it): x0 in the model's space [-1, 1], float32 (B, 1, H, W)."""
     a_bar = alphas_cumprod(settings.schedule, settings.timesteps)
     ts = sample_timesteps(settings.timesteps, settings.steps, settings.spacing)
     streams = noise_streams(x) if settings.name == "ancestral" else []
@@ -306,10 +308,11 @@ def level_bins(low_pass: np.ndarray, levels: tuple[float, ...]) -> np.ndarray:
     return np.digitize(low_pass, np.asarray(levels, dtype=np.float64))
 
 
-def x0_error_lookup(settings: SamplerSettings, scanner: np.ndarray, low_pass: np.ndarray | None = None
+def x0_error_lookup(settings: SamplerSettings, scanner: np.ndarray, low_pass: Callable[[], np.ndarray] | None = None
                     ) -> Callable[[int], np.ndarray]:
     """step -> the error of x0 the calibrated variance adds there, per image (B, 1, 1, 1) of labels `scanner`,
-    or per pixel (B, 1, H, W) of a table binned by the low-pass level (`low_pass` (B, 1, H, W) is then needed);
+    or per pixel (B, 1, H, W) of a table binned by the low-pass level (`low_pass`, () -> the level (B, 1, H, W),
+    is then needed; it is read at the first step looked up);
     zeros, the posterior variance, for any other setting or before the export measured the table."""
     if settings.variance != "calibrated" or not settings.x0_error:
         zeros = np.zeros((len(scanner), 1, 1, 1))
@@ -320,9 +323,13 @@ def x0_error_lookup(settings: SamplerSettings, scanner: np.ndarray, low_pass: np
     if low_pass is None:
         raise ValueError("this calibrated variance is tabled by the low-pass level (x0_error_levels): the sampler "
                          "needs the images' low_pass")
-    bins = level_bins(low_pass, settings.x0_error_levels)
-    flat = bins.reshape(len(bins), -1)
-    return lambda i: np.take_along_axis(rows[:, i], flat, axis=1).reshape(bins.shape)
+    bins = functools.cache(lambda: level_bins(low_pass(), settings.x0_error_levels))
+
+    def at(i: int) -> np.ndarray:
+        pixel_bins = bins()
+        return np.take_along_axis(rows[:, i], pixel_bins.reshape(len(pixel_bins), -1), axis=1).reshape(pixel_bins.shape)
+
+    return at
 
 
 def guided_denoise(denoise: Denoise, scanner: np.ndarray, settings: SamplerSettings,

@@ -73,19 +73,18 @@ class RefinedDraw(DiffusionDraw):
                     "coarse": ("tensor(float)", shape), "out": ("tensor(float)", shape), "base": ("tensor(float)", shape)}
         return text, expected, ("x", "t", "scanner", "coarse")
 
-    def refine(self, coarse: np.ndarray, what: str, offset: int) -> tuple[Denoise, np.ndarray]:
+    def refine(self, coarse: np.ndarray, what: str, offset: int) -> tuple[Denoise, list[np.ndarray]]:
         """The denoiser of the fine band over the coarse slices (B, 1, H, W) (repeated for a guided 2B batch),
-        and their low-pass (B, 1, H, W), read by one run of the graph before the loop (a calibrated variance
-        is looked up by its level)."""
+        and a list that holds their low-pass (B, 1, H, W) once it has run (every run of the graph makes it)."""
+        base: list[np.ndarray] = []
 
-        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray, outputs: tuple[str, ...] = ("out",)) -> np.ndarray:
+        def run(x: np.ndarray, t: np.ndarray, scanner: np.ndarray) -> np.ndarray:
             feed = np.concatenate([coarse] * (len(x) // len(coarse)))
-            results = self.session.run(list(outputs), {"x": x, "t": t, "scanner": scanner, "coarse": feed})
-            check_finite(results, list(outputs), self.path, what, offset)
-            return results[0]
+            out, low = self.session.run(["out", "base"], {"x": x, "t": t, "scanner": scanner, "coarse": feed})
+            check_finite([out, low], ["out", "base"], self.path, what, offset)
+            base[:] = [low[: len(coarse)]]
+            return out
 
-        b = len(coarse)
-        base = run(np.zeros_like(coarse), np.zeros(b, np.float32), np.zeros(b, np.int64), ("base",))
         return run, base
 
     def images(self, z: np.ndarray, scanner: np.ndarray, what: str = "draw", offset: int = 0,
@@ -106,5 +105,5 @@ class RefinedDraw(DiffusionDraw):
         """Slices (B, H, W) in [0, 1]: the coarse slices' (B, 1, H, W) low-pass plus the fine band drawn from x_T
         `x` (B, 1, H, W) for the labels `scanner` (B,)."""
         denoise, base = self.refine(coarse, what, offset)
-        fine = sample(denoise, x, scanner, self.settings, low_pass=base)
-        return np.clip(base + np.float32(self.scale) * fine, 0, 1)[:, 0]
+        fine = sample(denoise, x, scanner, self.settings, low_pass=lambda: base[0])
+        return np.clip(base[0] + np.float32(self.scale) * fine, 0, 1)[:, 0]

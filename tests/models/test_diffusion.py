@@ -482,7 +482,7 @@ def test_export_sets_the_sampler_and_calibrates_its_variance_on_the_runs_store(s
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A run trained with DDIM, exported with the ancestral sampler at guidance 1 and the calibrated variance:
     the file carries a table of the network's error of x0 (4 scanners x 4 steps x one bin, the whole image: a
-    denoiser knows no low-pass level before its loop; large at the noisiest step, small at the last), which the
+    denoiser is given no low-pass level; large at the noisiest step, small at the last), which the
     runtime reads and samples with; a store that cannot be read, a setting that is not the sampler's and a
     calibrated DDIM are refused, naming the fix."""
     import json

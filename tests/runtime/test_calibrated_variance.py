@@ -115,7 +115,7 @@ def test_a_table_binned_by_the_low_pass_draws_each_regions_own_spread() -> None:
     def spreads(table, levels: tuple[float, ...]) -> np.ndarray:
         """The drawn spread of air and of tissue, each over its own."""
         settings = dataclasses.replace(SETTINGS, variance="calibrated", x0_error=table, x0_error_levels=levels)
-        drawn = sample(denoise, x_t, labels, settings, low_pass=low_pass)
+        drawn = sample(denoise, x_t, labels, settings, low_pass=lambda: low_pass)
         return np.array([drawn[..., :8].std() / 0.05, drawn[..., 8:].std() / 0.3])
 
     air, tissue = spreads(whole, ())
