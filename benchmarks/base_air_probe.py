@@ -2,8 +2,8 @@
 
 The background noise of a cascade's samples comes in its low band from the base (background_spectrum.py). This
 probe samples a base of `cascade_probe.py base` alone, for one scanner, under each sampler asked for: guidance
-scale x step variance (`posterior`, or `calibrated` on 16 train slices per scanner, one bin: the runtime's
-`x0_errors`) x spacing and steps. It compares the background noise of the drawn block means, each block
+scale x step variance (`posterior`, or `calibrated` on 16 train slices per scanner, one bin: the export's
+`calibrate_on`) x spacing and steps. It compares the background noise of the drawn block means, each block
 repeated to the slice, with that of the real test slices' block means (eval/quality.py `signature`, the
 project's noise measure, on the masks of the train slices), and draws the air of the first 4 of each beside
 the real ones, windowed to [0, --window]. A ratio that no sampler moves is the network's: its mean in air
@@ -18,41 +18,32 @@ Writes DIR/base_air.json (one row per sampler) and DIR/base_air.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from cascade_probe import BASE, block_means, build
+from cascade_probe import BASE, block_means, load_base
 
 from mrgen_dist import plots
 from mrgen_dist.commands.options import positive
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.quality import head_masks, signature
-from mrgen_dist.runtime.diffusion import VARIANCES, SamplerSettings, error_table, sample, to_slices, x0_errors
+from mrgen_dist.export.calibration import CALIBRATION_BATCH, calibrate_on
+from mrgen_dist.models.base import ModelSpace
+from mrgen_dist.runtime.diffusion import VARIANCES, SamplerSettings, sample, to_slices
 
 #: Train slices per scanner the calibrated variance is measured on.
 CALIBRATION_SLICES = 16
 
 
-def load_base(path: Path) -> tuple[dict, torch.nn.Module]:
-    checkpoint = torch.load(path)
-    net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
-    net.load_state_dict(checkpoint["ema"])
-    return checkpoint, net.eval()
-
-
 def calibrated(settings: SamplerSettings, denoise, images: np.ndarray, labels: np.ndarray, factor: int
                ) -> SamplerSettings:
-    """`settings` with the base's error of x0 measured on train slices `images` (n, H, W) of `labels`."""
-    rng = np.random.default_rng(0)
+    """`settings` with the base's error of x0 measured (one bin) on train slices `images` (n, H, W) of `labels`."""
     x0 = block_means(images, factor)[:, None].astype(np.float32)
-    parts = [x0_errors(denoise, x0[i : i + 16], labels[i : i + 16], settings, rng) for i in range(0, len(x0), 16)]
-    sums, pixels = (np.concatenate(p) for p in zip(*parts, strict=True))
-    return dataclasses.replace(settings, variance="calibrated",
-                               x0_error=error_table(sums, pixels, labels, settings.null_label))
+    spaces = [ModelSpace(x0[i : i + CALIBRATION_BATCH], denoise, None) for i in range(0, len(x0), CALIBRATION_BATCH)]
+    return calibrate_on(spaces, settings, labels)
 
 
 def main() -> None:
@@ -72,12 +63,8 @@ def main() -> None:
     store = SliceStore(args.store)
     sid = store.vocabulary.index(args.scanner)
     train, test = store.read_split("train"), store.read_split("test")
-    checkpoint, net = load_base(args.base)
+    checkpoint, denoise = load_base(args.base)
     factor, shape = checkpoint.get("factor", 4), train.images.shape[1:]
-
-    def denoise(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
 
     brain, background = head_masks(train.images)
     real = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)

@@ -38,6 +38,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,20 @@ def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4
 def build(n_scanners: int, low_shape: tuple[int, int]) -> ConditionalUNet:
     return ConditionalUNet(low_shape, n_scanners + 1, BASE["widths"], BASE["blocks"], BASE["attention"],
                            patch=BASE["patch"])
+
+
+def load_base(path: Path) -> tuple[dict, Callable[..., np.ndarray]]:
+    """A base.pt of `base`: its checkpoint and its EMA network as the runtime's denoise (x, t, scanner) -> out."""
+    checkpoint = torch.load(path)
+    net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
+    net.load_state_dict(checkpoint["ema"])
+    net.eval()
+
+    def denoise(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+
+    return checkpoint, denoise
 
 
 def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None) -> None:
@@ -147,17 +162,10 @@ def score(args: argparse.Namespace) -> dict:
     draw = refiner.diffusion
     shape = refiner.image_shape
     if not args.real:
-        checkpoint = torch.load(args.base)
-        net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
-        net.load_state_dict(checkpoint["ema"])
-        net.eval()
+        checkpoint, denoise = load_base(args.base)
         args.factor = checkpoint.get("factor", 4)  # bases written before the option were 4 x 4
         settings = SamplerSettings(args.steps, args.guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"],
                                    args.solver, "trailing", True)
-
-        def denoise(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
 
     extractor = load_inception(device="cpu")
     classifier = scanner_classifier(store, extractor, args.cache)

@@ -6,7 +6,7 @@ file's sampler, so the exporter measures it once, on `CALIBRATION_SLICES` traini
 the store the run was trained on, and writes the table into the file (`mrgen.sampler` `x0_error`). The slices
 are mapped to the model's space by the graph (`DenoiserGraph.model_space`) and read back through the same
 guided prediction the sampler makes, so that the table describes the file as it is sampled. A refiner's error
-is tabled per bin of its low-pass level as well, which its sampler knows before the loop.
+is tabled per bin of its low-pass level as well, which its coarse slice gives, not the draw.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from mrgen_dist.artifacts import RunRecord
 from mrgen_dist.data.store import SliceStore, StoreError
 from mrgen_dist.export import ExportError
-from mrgen_dist.models.base import DenoiserGraph
+from mrgen_dist.models.base import DenoiserGraph, ModelSpace
 from mrgen_dist.runs import store_mismatch
 from mrgen_dist.runtime.diffusion import SamplerSettings, error_table, level_bins, x0_errors
 
@@ -59,22 +59,29 @@ def calibrate(graph: DenoiserGraph, settings: SamplerSettings, images: np.ndarra
     the graph's mean squared error of x0 at each step, per scanner (runtime/diffusion.py `x0_errors`), and for a
     graph whose sampler knows the low-pass level (a refiner), per bin of it: `LEVEL_BINS` bins at the pooled
     quantiles of the slices' low-pass, their edges the `x0_error_levels`."""
-    from tqdm import tqdm
-
     spaces = [graph.model_space(images[start : start + CALIBRATION_BATCH])
               for start in range(0, len(images), CALIBRATION_BATCH)]
+    return calibrate_on(spaces, settings, scanner, seed)
+
+
+def calibrate_on(spaces: list[ModelSpace], settings: SamplerSettings, scanner: np.ndarray, seed: int = 0
+                 ) -> SamplerSettings:
+    """`settings` calibrated (`calibrate`) on slices already in the model's space, batch after batch, with their
+    labels `scanner` (all batches' in order)."""
+    from tqdm import tqdm
+
     levels = () if spaces[0].low_pass is None else level_edges(np.concatenate([s.low_pass for s in spaces]))
     rng = np.random.default_rng(seed)
-    sums, pixels = [], []
-    for start, space in zip(tqdm(range(0, len(images), CALIBRATION_BATCH), desc="calibrate the sampler's variance",
-                                 unit="batch", file=sys.stderr), spaces, strict=True):
+    sums, pixels, start = [], [], 0
+    for space in tqdm(spaces, desc="calibrate the sampler's variance", unit="batch", file=sys.stderr):
         bins = None if space.low_pass is None else level_bins(space.low_pass, levels)
-        batch = x0_errors(space.denoise, space.x0, scanner[start : start + CALIBRATION_BATCH], settings, rng, bins,
+        batch = x0_errors(space.denoise, space.x0, scanner[start : start + len(space.x0)], settings, rng, bins,
                           len(levels) + 1)
         sums.append(batch[0])
         pixels.append(batch[1])
+        start += len(space.x0)
     table = error_table(np.concatenate(sums), np.concatenate(pixels), scanner, settings.null_label)
-    return dataclasses.replace(settings, x0_error=table, x0_error_levels=levels)
+    return dataclasses.replace(settings, variance="calibrated", x0_error=table, x0_error_levels=levels)
 
 
 def level_edges(low_pass: np.ndarray, bins: int = LEVEL_BINS) -> tuple[float, ...]:
