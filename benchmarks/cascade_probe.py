@@ -28,7 +28,7 @@ is built for it:
     python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32] [--init BASE.pt]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
         [--n 60] [--guidance 1.5] [--steps 50] [--solver ddim] [--handover repeat|cubic] [--real [--factor 4]]
-        [--threads N] [--cache DIR]
+        [--seed 0] [--threads N] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -178,10 +178,12 @@ def score(args: argparse.Namespace) -> dict:
         if args.real:
             low = block_means(real[: args.n], args.factor)
         else:
-            x_t = np.random.default_rng(sid).standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
+            # seed 0 keeps the streams every recorded result was drawn from
+            stream = np.random.default_rng([args.seed, sid] if args.seed else sid)
+            x_t = stream.standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
             low = sample(denoise, x_t, np.full(args.n, sid, dtype=np.int64), settings)[:, 0]
         coarse = hand_over(low, shape, args.handover, args.factor)
-        z = refiner.latents(name, len(low), 0)
+        z = refiner.latents(name, len(low), args.seed)
         refined = []
         for start in range(0, len(low), 16):
             c = coarse[start : start + 16]
@@ -209,7 +211,7 @@ def score(args: argparse.Namespace) -> dict:
                                       for k, v in rows[name].items()) + f" ({time.time() - t0:.0f} s)", flush=True)
     result = {"store": str(args.store), "refiner": str(args.refiner), "base": None if args.real else str(args.base),
               "real": args.real, "factor": args.factor, "n": args.n, "guidance": args.guidance,
-              "steps": args.steps, "solver": args.solver, "handover": args.handover,
+              "steps": args.steps, "solver": args.solver, "handover": args.handover, "seed": args.seed,
               "tstr": synthetic_trained_accuracy(generated, tests, [store.vocabulary.index(n) for n in names]),
               "recognised": float(np.mean([row["recognised"] for row in rows.values()])), "scanners": rows}
     print(f"recognised {result['recognised']:.3f}, TSTR {result['tstr']:.3f}")
@@ -239,6 +241,7 @@ def main() -> int:
     s.add_argument("--steps", type=positive(int), default=50, help="the base's sampling steps")
     s.add_argument("--solver", choices=SOLVERS, default="ddim", help="the base's sampler")
     s.add_argument("--handover", choices=("repeat", "cubic"), default="repeat")
+    s.add_argument("--seed", type=int, default=0, help="the draws' seed (the base's noise and the refiner's)")
     s.add_argument("--real", action="store_true", help="hand over the real test slices' block means")
     s.add_argument("--factor", type=positive(int), default=4, help="the block side of --real (a base's is its own)")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime's threads (0: its choice; 1 beside a training)")
