@@ -7,7 +7,9 @@ scale x step variance (`posterior`, or `calibrated` on 16 train slices per scann
 repeated to the slice, with that of the real test slices' block means (eval/quality.py `signature`, the
 project's noise measure, on the masks of the train slices), and draws the air of the first 4 of each beside
 the real ones, windowed to [0, --window]. A ratio that no sampler moves is the network's: its mean in air
-carries structure the real air has not, and only training mends it.
+carries structure the real air has not, and only training mends it. Beside it, the air's Nyquist share
+(`nyquist_share`): how much of the air's fine band sits at the period of the UNet's 2 x 2 patch, a grid that
+the real block means have not.
 
     python benchmarks/base_air_probe.py STORE BASE.pt --scanner NAME --out DIR [--n 24] [--guidance 1.5 1.0]
         [--variance posterior calibrated] [--spacing trailing:100 quadratic:30] [--window 0.03]
@@ -36,6 +38,24 @@ from mrgen_dist.runtime.diffusion import VARIANCES, SamplerSettings, sample, to_
 
 #: Train slices per scanner the calibrated variance is measured on.
 CALIBRATION_SLICES = 16
+#: Side, in blocks, of the four corner windows of air the grid measure reads (after a margin of one block): at
+#: factor 2 the 26 x 26 pixels of background_spectrum.py's corner windows.
+AIR_WINDOW = 12
+
+
+def nyquist_share(blocks: np.ndarray) -> float:
+    """The air's power on the Nyquist lines of the base's grid (period 2 along either axis, a 2-block patch's
+    period) over its mean power at the other frequencies above 0.3 cycles/block, in the four corner windows of
+    block means (N, h, w), each less its mean: near 1 for white noise, above it for a pattern at the patch's
+    period, below it for noise smoothed before the block means were taken."""
+    lo, hi = slice(1, 1 + AIR_WINDOW), slice(-1 - AIR_WINDOW, -1)
+    windows = np.concatenate([blocks[:, r, c] for r in (lo, hi) for c in (lo, hi)]).astype(np.float64)
+    windows -= windows.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(windows)) ** 2).mean(axis=0)
+    f = np.abs(np.fft.fftfreq(AIR_WINDOW))
+    nyquist = (f[:, None] == 0.5) | (f[None, :] == 0.5)
+    high = np.hypot(f[:, None], f[None, :]) > 0.3
+    return float(power[nyquist].mean() / power[high & ~nyquist].mean())
 
 
 def calibrated(settings: SamplerSettings, denoise, images: np.ndarray, labels: np.ndarray, factor: int
@@ -70,6 +90,8 @@ def main() -> None:
     real = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)
     real_blocks = to_slices(block_means(real, factor)[:, None], shape, factor)
     reference = signature(real_blocks, brain, background)
+    real_share = nyquist_share(block_means(real, factor))
+    print(f"real block means: the air's Nyquist share {real_share:.2f}", flush=True)
     labels = np.asarray(train.scanner, dtype=np.int64)
     chosen = np.concatenate([np.random.default_rng(0).permutation(np.flatnonzero(labels == k))[:CALIBRATION_SLICES]
                              for k in range(checkpoint["n_scanners"])])
@@ -84,21 +106,24 @@ def main() -> None:
                 t0 = time.time()
                 chosen_settings = settings if variance == "posterior" else \
                     calibrated(settings, denoise, train.images[chosen].astype(np.float32), labels[chosen], factor)
-                drawn = to_slices(sample(denoise, x_t, np.full(args.n, sid, np.int64), chosen_settings), shape, factor)
+                blocks = sample(denoise, x_t, np.full(args.n, sid, np.int64), chosen_settings)
+                drawn = to_slices(blocks, shape, factor)
                 measured = signature(drawn, brain, background)
                 row = {"spacing": spacing, "steps": int(steps), "guidance": guidance, "variance": variance,
                        "noise_ratio": measured["noise"] / reference["noise"],
                        "sharpness_ratio": measured["sharpness"] / reference["sharpness"],
-                       "mean_brain_ratio": measured["mean_brain"] / reference["mean_brain"]}
+                       "mean_brain_ratio": measured["mean_brain"] / reference["mean_brain"],
+                       "nyquist_share": nyquist_share(np.clip((blocks[:, 0] + 1) / 2, 0, 1))}
                 rows.append(row)
                 grid.append((f"{spacing} {steps}, w {guidance:g}, {variance}", drawn[:4]))
                 print(f"{spacing} {steps} steps, guidance {guidance:g}, {variance}: noise {row['noise_ratio']:.3f}, "
-                      f"sharpness {row['sharpness_ratio']:.3f}, brain mean {row['mean_brain_ratio']:.3f} of the real "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                      f"sharpness {row['sharpness_ratio']:.3f}, brain mean {row['mean_brain_ratio']:.3f} of the real, "
+                      f"the air's Nyquist share {row['nyquist_share']:.2f} ({time.time() - t0:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "base_air.json").write_text(json.dumps({"store": str(args.store), "base": str(args.base),
                                                          "scanner": args.scanner, "n": args.n,
-                                                         "real_noise": reference["noise"], "rows": rows}, indent=1))
+                                                         "real_noise": reference["noise"],
+                                                         "real_nyquist_share": real_share, "rows": rows}, indent=1))
     plots.scanner_grid([(name, np.clip(images / args.window, 0, 1)) for name, images in grid],
                        args.out / "base_air.png", f"{args.scanner}: the base's air, intensity 0 to {args.window:g}")
 
