@@ -7,7 +7,8 @@ frequency is a level drawn wrongly, a ratio falling with frequency a texture too
 cascade comes from its coarse stage, the high band from its refiner, so the split says which stage to mend.
 Beside it, the grain inside the brain (the std of x less its 3 x 3 mean in the slice's central 64 x 64
 window, generated / real): a band too quiet in air but right in the brain is drawn wrongly by region, and
-no gain of the whole band mends it.
+no gain of the whole band mends it. And the air's Nyquist share (`nyquist_share`): its power at the period of
+2 pixels over the rest of its fine band, high where a UNet's 2 x 2 patch has left a grid.
 
     python benchmarks/background_spectrum.py STORE DIR [DIR ...] [--plot FILE.png [--names NAME ...]]
 
@@ -30,9 +31,9 @@ WINDOW, MARGIN = 24, 2
 EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.71)  # cycles per pixel; the last bin holds the diagonal corners
 
 
-def corner_windows(images: np.ndarray) -> np.ndarray:
-    """(N, H, W) -> (4N, WINDOW, WINDOW): each slice's four corner windows, each less its mean."""
-    lo, hi = slice(MARGIN, MARGIN + WINDOW), slice(-MARGIN - WINDOW, -MARGIN)
+def corner_windows(images: np.ndarray, window: int = WINDOW, margin: int = MARGIN) -> np.ndarray:
+    """(N, H, W) -> (4N, window, window): each slice's four corner windows, each less its mean."""
+    lo, hi = slice(margin, margin + window), slice(-margin - window, -margin)
     windows = np.concatenate([images[:, r, c] for r in (lo, hi) for c in (lo, hi)]).astype(np.float64)
     return windows - windows.mean(axis=(1, 2), keepdims=True)
 
@@ -43,6 +44,17 @@ def radial_power(images: np.ndarray) -> np.ndarray:
     f = np.fft.fftfreq(WINDOW)
     radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
     return np.array([power[(radius > a) & (radius <= b)].mean() for a, b in zip(EDGES[:-1], EDGES[1:], strict=True)])
+
+
+def nyquist_share(images: np.ndarray, window: int = WINDOW, margin: int = MARGIN) -> float:
+    """The corner windows' power on the Nyquist lines (period 2 pixels along either axis, the period of a 2 x 2
+    patch) over their mean power at the other frequencies above 0.3 cycles/pixel: near 1 for white noise, above
+    it for a grid at that period, below it for noise smoothed (by block means or resampling) before."""
+    power = (np.abs(np.fft.fft2(corner_windows(images, window, margin))) ** 2).mean(axis=0)
+    f = np.abs(np.fft.fftfreq(window))
+    nyquist = (f[:, None] == 0.5) | (f[None, :] == 0.5)
+    high = np.hypot(f[:, None], f[None, :]) > 0.3
+    return float(power[nyquist].mean() / power[high & ~nyquist].mean())
 
 
 def brain_grain(images: np.ndarray) -> float:
@@ -64,18 +76,20 @@ def main() -> None:
     store = SliceStore(args.store)
     test = store.read_split("test")
     bins = " ".join(f"{a:.1f}-{b:.1f}" for a, b in zip(EDGES[:-1], EDGES[1:], strict=True))
-    print(f"amplitude generated / real per frequency bin (cycles/pixel: {bins}), then the brain's grain")
+    print(f"amplitude generated / real per frequency bin (cycles/pixel: {bins}), then the brain's grain and "
+          "the air's Nyquist share")
     ratios: dict[str, list[np.ndarray]] = {}
     for sid, name in enumerate(store.vocabulary.names):
         images = test.images[np.asarray(test.scanner) == sid]
         real, real_grain = radial_power(images), brain_grain(images)
-        print(f"{name:18s} real: air std {corner_windows(images).std():.3f}, brain grain {real_grain:.4f}")
+        print(f"{name:18s} real: air std {corner_windows(images).std():.3f}, brain grain {real_grain:.4f}, "
+              f"Nyquist share {nyquist_share(images):.2f}")
         for folder in args.dirs:
             generated = np.load(folder / f"samples-{sid}.npy").reshape(-1, *test.images.shape[1:])
             ratio = np.sqrt(radial_power(generated) / real)
             ratios.setdefault(name, []).append(ratio)
             print(f"{name:18s} {str(folder):28s} " + " ".join(f"{r:.2f}" for r in ratio)
-                  + f"  brain {brain_grain(generated) / real_grain:.2f}")
+                  + f"  brain {brain_grain(generated) / real_grain:.2f}  Nyquist share {nyquist_share(generated):.2f}")
     if args.plot:
         print(f"wrote {plot(ratios, args.names or [str(d) for d in args.dirs], args.plot)}")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from background_spectrum import nyquist_share
 from cascade_probe import BASE, block_means, load_base
 
 from mrgen_dist import plots
@@ -38,24 +39,9 @@ from mrgen_dist.runtime.diffusion import VARIANCES, SamplerSettings, sample, to_
 
 #: Train slices per scanner the calibrated variance is measured on.
 CALIBRATION_SLICES = 16
-#: Side, in blocks, of the four corner windows of air the grid measure reads (after a margin of one block): at
+#: Side, in blocks, of the four corner windows of air the Nyquist share reads (after a margin of one block): at
 #: factor 2 the 26 x 26 pixels of background_spectrum.py's corner windows.
 AIR_WINDOW = 12
-
-
-def nyquist_share(blocks: np.ndarray) -> float:
-    """The air's power on the Nyquist lines of the base's grid (period 2 along either axis, a 2-block patch's
-    period) over its mean power at the other frequencies above 0.3 cycles/block, in the four corner windows of
-    block means (N, h, w), each less its mean: near 1 for white noise, above it for a pattern at the patch's
-    period, below it for noise smoothed before the block means were taken."""
-    lo, hi = slice(1, 1 + AIR_WINDOW), slice(-1 - AIR_WINDOW, -1)
-    windows = np.concatenate([blocks[:, r, c] for r in (lo, hi) for c in (lo, hi)]).astype(np.float64)
-    windows -= windows.mean(axis=(1, 2), keepdims=True)
-    power = (np.abs(np.fft.fft2(windows)) ** 2).mean(axis=0)
-    f = np.abs(np.fft.fftfreq(AIR_WINDOW))
-    nyquist = (f[:, None] == 0.5) | (f[None, :] == 0.5)
-    high = np.hypot(f[:, None], f[None, :]) > 0.3
-    return float(power[nyquist].mean() / power[high & ~nyquist].mean())
 
 
 def calibrated(settings: SamplerSettings, denoise, images: np.ndarray, labels: np.ndarray, factor: int
@@ -90,7 +76,7 @@ def main() -> None:
     real = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)
     real_blocks = to_slices(block_means(real, factor)[:, None], shape, factor)
     reference = signature(real_blocks, brain, background)
-    real_share = nyquist_share(block_means(real, factor))
+    real_share = nyquist_share(block_means(real, factor), AIR_WINDOW, 1)
     print(f"real block means: the air's Nyquist share {real_share:.2f}", flush=True)
     labels = np.asarray(train.scanner, dtype=np.int64)
     chosen = np.concatenate([np.random.default_rng(0).permutation(np.flatnonzero(labels == k))[:CALIBRATION_SLICES]
@@ -113,7 +99,7 @@ def main() -> None:
                        "noise_ratio": measured["noise"] / reference["noise"],
                        "sharpness_ratio": measured["sharpness"] / reference["sharpness"],
                        "mean_brain_ratio": measured["mean_brain"] / reference["mean_brain"],
-                       "nyquist_share": nyquist_share(np.clip((blocks[:, 0] + 1) / 2, 0, 1))}
+                       "nyquist_share": nyquist_share(np.clip((blocks[:, 0] + 1) / 2, 0, 1), AIR_WINDOW, 1)}
                 rows.append(row)
                 grid.append((f"{spacing} {steps}, w {guidance:g}, {variance}", drawn[:4]))
                 print(f"{spacing} {steps} steps, guidance {guidance:g}, {variance}: noise {row['noise_ratio']:.3f}, "
