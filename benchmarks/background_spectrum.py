@@ -38,9 +38,14 @@ def corner_windows(images: np.ndarray, window: int = WINDOW, margin: int = MARGI
     return windows - windows.mean(axis=(1, 2), keepdims=True)
 
 
+def corner_power(images: np.ndarray, window: int = WINDOW, margin: int = MARGIN) -> np.ndarray:
+    """(window, window): the corner windows' power spectrum, their mean."""
+    return (np.abs(np.fft.fft2(corner_windows(images, window, margin))) ** 2).mean(axis=0)
+
+
 def radial_power(images: np.ndarray) -> np.ndarray:
     """Mean power of the corner windows' spectra in the bins between EDGES."""
-    power = (np.abs(np.fft.fft2(corner_windows(images))) ** 2).mean(axis=0)
+    power = corner_power(images)
     f = np.fft.fftfreq(WINDOW)
     radius = np.hypot(*np.meshgrid(f, f, indexing="ij"))
     return np.array([power[(radius > a) & (radius <= b)].mean() for a, b in zip(EDGES[:-1], EDGES[1:], strict=True)])
@@ -50,7 +55,7 @@ def nyquist_share(images: np.ndarray, window: int = WINDOW, margin: int = MARGIN
     """The corner windows' power on the Nyquist lines (period 2 pixels along either axis, the period of a 2 x 2
     patch) over their mean power at the other frequencies above 0.3 cycles/pixel: near 1 for white noise, above
     it for a grid at that period, below it for noise smoothed (by block means or resampling) before."""
-    power = (np.abs(np.fft.fft2(corner_windows(images, window, margin))) ** 2).mean(axis=0)
+    power = corner_power(images, window, margin)
     f = np.abs(np.fft.fftfreq(window))
     nyquist = (f[:, None] == 0.5) | (f[None, :] == 0.5)
     high = np.hypot(f[:, None], f[None, :]) > 0.3

@@ -74,9 +74,10 @@ def main() -> None:
 
     brain, background = head_masks(train.images)
     real = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)
-    real_blocks = to_slices(block_means(real, factor)[:, None], shape, factor)
+    real_low = block_means(real, factor)
+    real_blocks = to_slices(real_low[:, None], shape, factor)
     reference = signature(real_blocks, brain, background)
-    real_share = nyquist_share(block_means(real, factor), AIR_WINDOW, 1)
+    real_share = nyquist_share(real_low, AIR_WINDOW, 1)
     print(f"real block means: the air's Nyquist share {real_share:.2f}", flush=True)
     labels = np.asarray(train.scanner, dtype=np.int64)
     chosen = np.concatenate([np.random.default_rng(0).permutation(np.flatnonzero(labels == k))[:CALIBRATION_SLICES]
@@ -99,7 +100,7 @@ def main() -> None:
                        "noise_ratio": measured["noise"] / reference["noise"],
                        "sharpness_ratio": measured["sharpness"] / reference["sharpness"],
                        "mean_brain_ratio": measured["mean_brain"] / reference["mean_brain"],
-                       "nyquist_share": nyquist_share(np.clip((blocks[:, 0] + 1) / 2, 0, 1), AIR_WINDOW, 1)}
+                       "nyquist_share": nyquist_share(to_slices(blocks, blocks.shape[-2:]), AIR_WINDOW, 1)}
                 rows.append(row)
                 grid.append((f"{spacing} {steps}, w {guidance:g}, {variance}", drawn[:4]))
                 print(f"{spacing} {steps} steps, guidance {guidance:g}, {variance}: noise {row['noise_ratio']:.3f}, "
