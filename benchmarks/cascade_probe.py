@@ -9,7 +9,10 @@ is built for it:
 * `base`: a conditional UNet (models/parts/unet.py; widths 32/64/128, attention at the lowest level, patch 2)
   fitted to the v-prediction of the train slices' --factor x --factor block means (the slice edge-padded,
   centred, as runtime/block_grid.py cuts it: 55 x 46 on 218 x 182 at 4, 109 x 91 at 2), cosine schedule,
-  scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps. --init BASE.pt
+  scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps (and
+  OUT/base-<step>.pt every --keep steps, for the probes of training length). --precision bf16
+  runs the forward pass under CPU bf16 autocast (the loss and the weights stay fp32): faster only on a CPU with
+  native bf16 (avx512_bf16 or AMX; docs/benchmarks.md), slower than fp32 elsewhere. --init BASE.pt
   goes on from a base: its weights and Adam state where it holds them, else its EMA weights with a fresh Adam
   (learning-rate warm-up again), counting steps on from its step.
 * `score`: per scanner, N low-resolution images by the runtime's guided sampler (--solver, default DDIM, at
@@ -26,6 +29,7 @@ is built for it:
   Writes OUT/probe.json, OUT/samples-<scanner id>.npy and OUT/samples.png (real and refined, per scanner).
 
     python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32] [--init BASE.pt]
+        [--precision fp32|bf16] [--keep 2500]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
         [--n 60] [--guidance 1.5] [--steps 50] [--solver ddim] [--handover repeat|cubic] [--real [--factor 4]]
         [--seed 0] [--threads N] [--cache DIR]
@@ -96,7 +100,8 @@ def load_base(path: Path) -> tuple[dict, Callable[..., np.ndarray]]:
     return checkpoint, denoise
 
 
-def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None) -> None:
+def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None,
+               precision: str = "fp32", keep: int = 0) -> None:
     start, warmup_from = 0, 0
     previous = torch.load(init) if init else None
     if previous:
@@ -132,7 +137,9 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
         t = torch.randint(0, BASE["timesteps"], (len(x0),))
         a = a_bar[t].view(-1, 1, 1, 1)
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), y), a.sqrt() * eps - (1 - a).sqrt() * x0)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            v = net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t.float(), y)
+        loss = F.mse_loss(v.float(), a.sqrt() * eps - (1 - a).sqrt() * x0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -148,10 +155,12 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
             elapsed = time.time() - t0
             print(f"step {step} loss {np.mean(losses[-250:]):.4f} {(step - start) * batch / elapsed:.0f} img/s "
                   f"{elapsed / 60:.1f} min", flush=True)
-            with atomic_path(out / "base.pt", suffix=".pt") as tmp:  # a run stopped mid-write keeps its last base
-                torch.save({"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
-                            "config": {**BASE, "batch": batch}, "n_scanners": n_scanners, "step": step,
-                            "low_shape": list(x_all.shape[-2:]), "factor": factor}, tmp)
+            state = {"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
+                     "config": {**BASE, "batch": batch, "precision": precision}, "n_scanners": n_scanners,
+                     "step": step, "low_shape": list(x_all.shape[-2:]), "factor": factor}
+            for name in ("base.pt", f"base-{step}.pt") if keep and step % keep == 0 else ("base.pt",):
+                with atomic_path(out / name, suffix=".pt") as tmp:  # a run stopped mid-write keeps its last base
+                    torch.save(state, tmp)
 
 
 def score(args: argparse.Namespace) -> dict:
@@ -231,6 +240,9 @@ def main() -> int:
     b.add_argument("--factor", type=positive(int), default=4, help="the block side of the base's grid")
     b.add_argument("--batch", type=positive(int), default=BASE["batch"])
     b.add_argument("--init", type=Path, help="a base.pt to go on from (module doc)")
+    b.add_argument("--keep", type=int, default=0, help="also keep OUT/base-<step>.pt every KEEP steps (0: never)")
+    b.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the forward pass under CPU bf16 autocast (fast only where the CPU has native bf16)")
     s = sub.add_parser("score", help="sample the base, refine, score")
     s.add_argument("store", type=Path)
     s.add_argument("--base", type=Path, help="OUT/base.pt of `base` (not with --real)")
@@ -248,7 +260,8 @@ def main() -> int:
     s.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"), help="Inception feature cache")
     args = ap.parse_args()
     if args.command == "base":
-        train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch, args.init)
+        train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch, args.init,
+                   args.precision, args.keep)
         return 0
     if args.real == (args.base is not None):
         ap.error("score needs --base or --real, not both")
