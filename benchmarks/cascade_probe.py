@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from mrgen_dist import plots
 from mrgen_dist.atomic import atomic_path
-from mrgen_dist.commands.options import positive
+from mrgen_dist.commands.options import non_negative_int, positive
 from mrgen_dist.data.store import SliceStore
 from mrgen_dist.eval.conditioning import scanner_classifier, synthetic_trained_accuracy
 from mrgen_dist.eval.features import real_features
@@ -240,7 +240,8 @@ def main() -> int:
     b.add_argument("--factor", type=positive(int), default=4, help="the block side of the base's grid")
     b.add_argument("--batch", type=positive(int), default=BASE["batch"])
     b.add_argument("--init", type=Path, help="a base.pt to go on from (module doc)")
-    b.add_argument("--keep", type=int, default=0, help="also keep OUT/base-<step>.pt every KEEP steps (0: never)")
+    b.add_argument("--keep", type=non_negative_int, default=0,
+                   help="also keep OUT/base-<step>.pt every KEEP steps (0: never)")
     b.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the forward pass under CPU bf16 autocast (fast only where the CPU has native bf16)")
     s = sub.add_parser("score", help="sample the base, refine, score")
