@@ -96,7 +96,7 @@ def main() -> None:
             test_features = real_block_features(store, "test", sid, factor, extractor, args.cache / "blocks")
             rows[name] = {k: float(v) for k, v in prdc(test_features, extractor(drawn)).items()}
         result["bases"][str(path)] = {"step": checkpoint["step"], "factor": factor, "scanners": rows,
-                                      "precision": checkpoint["config"].get("precision", "fp32")}
+                                      "training_precision": checkpoint["config"].get("precision", "fp32")}
         print(f"{path} (step {checkpoint['step']}): " + "; ".join(
             f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items())
             + f" ({time.time() - t0:.0f} s)", flush=True)
