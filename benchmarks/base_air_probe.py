@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from background_spectrum import nyquist_share
-from cascade_probe import BASE, block_means, load_base
+from cascade_probe import base_noise, base_settings, block_means, load_base
 
 from mrgen_dist import plots
 from mrgen_dist.commands.options import positive
@@ -82,13 +82,12 @@ def main() -> None:
     labels = np.asarray(train.scanner, dtype=np.int64)
     chosen = np.concatenate([np.random.default_rng(0).permutation(np.flatnonzero(labels == k))[:CALIBRATION_SLICES]
                              for k in range(checkpoint["n_scanners"])])
-    x_t = np.random.default_rng(sid).standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
+    x_t = base_noise(checkpoint, args.n, sid)
     rows, grid = [], [(f"{args.scanner}, real block means", real_blocks[:4])]
     for spacing_steps in args.spacing:
         spacing, steps = spacing_steps.split(":")
         for guidance in args.guidance:
-            settings = SamplerSettings(int(steps), guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"],
-                                       "ancestral", spacing, True)
+            settings = base_settings(checkpoint, int(steps), guidance, spacing=spacing)
             for variance in args.variance:
                 t0 = time.time()
                 chosen_settings = settings if variance == "posterior" else \

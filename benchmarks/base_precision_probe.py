@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cascade_probe import BASE, block_means, load_base
+from cascade_probe import base_noise, base_settings, block_means, load_base
 
 from mrgen_dist.commands.options import positive
-from mrgen_dist.data.store import SliceStore
+from mrgen_dist.data.store import SliceStore, SplitArrays
 from mrgen_dist.eval.inception import InceptionFeatures, load_inception
 from mrgen_dist.eval.quality import prdc
-from mrgen_dist.runtime.diffusion import SamplerSettings, sample, to_slices
+from mrgen_dist.runtime.diffusion import sample, to_slices
 
 
 def repeated(images: np.ndarray, factor: int) -> np.ndarray:
@@ -37,14 +37,13 @@ def repeated(images: np.ndarray, factor: int) -> np.ndarray:
     return to_slices(block_means(images, factor)[:, None], images.shape[1:], factor)
 
 
-def real_block_features(store: SliceStore, side: str, sid: int, factor: int, extractor: InceptionFeatures,
-                        cache: Path) -> np.ndarray:
-    """Inception features of scanner `sid`'s `side` slices as repeated block means, cached under their own key
-    (eval/features.py's cache holds the full slices' features)."""
+def real_block_features(store: SliceStore, side: str, split: SplitArrays, sid: int, factor: int,
+                        extractor: InceptionFeatures, cache: Path) -> np.ndarray:
+    """Inception features of scanner `sid`'s slices of `split` (the store's `side`, read) as repeated block means,
+    in the split's order, cached under their own key (eval/features.py's cache holds the full slices' features)."""
     path = cache / f"blocks{factor}-{store.sha256[:16]}-{extractor.identity}-{side}-{sid}.npy"
     if path.is_file():
         return np.load(path)
-    split = store.read_split(side)
     features = extractor(repeated(split.images[np.asarray(split.scanner) == sid].astype(np.float32), factor))
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, features)
@@ -65,36 +64,36 @@ def main() -> None:
 
     store = SliceStore(args.store)
     names = list(store.vocabulary.names)
-    test = store.read_split("test")
+    splits = {side: store.read_split(side) for side in ("train", "test")}
+    cache = args.cache / "blocks"
     extractor = load_inception(device="cpu")
     bases = {path: load_base(path) for path in args.bases}
     factors = {path: checkpoint.get("factor", 4) for path, (checkpoint, _) in bases.items()}
     result: dict = {"store": str(args.store), "n": args.n, "guidance": args.guidance, "steps": args.steps,
                     "seed": args.seed, "ceiling": {}, "bases": {}}
+    def features(side: str, sid: int, factor: int) -> np.ndarray:
+        return real_block_features(store, side, splits[side], sid, factor, extractor, cache)
+
     for factor in sorted(set(factors.values())):
         rows = {}
         for name in names:
             sid = store.vocabulary.index(name)
-            real_test = test.images[np.asarray(test.scanner) == sid][: args.n].astype(np.float32)
-            train_features = real_block_features(store, "train", sid, factor, extractor, args.cache / "blocks")
-            rows[name] = {k: float(v) for k, v in prdc(train_features, extractor(repeated(real_test, factor))).items()}
+            # the first N test slices' features are the first N rows of the test side's
+            ceiling = prdc(features("train", sid, factor), features("test", sid, factor)[: args.n])
+            rows[name] = {k: float(v) for k, v in ceiling.items()}
         result["ceiling"][factor] = rows
         print(f"ceiling at {factor} x {factor}: " + "; ".join(
             f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
     for path, (checkpoint, denoise) in bases.items():
         t0 = time.time()
         factor = factors[path]
-        settings = SamplerSettings(args.steps, args.guidance, "v", "cosine", BASE["timesteps"],
-                                   checkpoint["n_scanners"], "ancestral", "trailing", True)
+        settings = base_settings(checkpoint, args.steps, args.guidance)
         rows = {}
         for name in names:
             sid = store.vocabulary.index(name)
-            stream = np.random.default_rng([args.seed, sid] if args.seed else sid)
-            x_t = stream.standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
-            low = sample(denoise, x_t, np.full(args.n, sid, dtype=np.int64), settings)
-            drawn = to_slices(low, test.images.shape[1:], factor)
-            test_features = real_block_features(store, "test", sid, factor, extractor, args.cache / "blocks")
-            rows[name] = {k: float(v) for k, v in prdc(test_features, extractor(drawn)).items()}
+            low = sample(denoise, base_noise(checkpoint, args.n, sid, args.seed), np.full(args.n, sid, np.int64), settings)
+            drawn = to_slices(low, splits["test"].images.shape[1:], factor)
+            rows[name] = {k: float(v) for k, v in prdc(features("test", sid, factor), extractor(drawn)).items()}
         result["bases"][str(path)] = {"step": checkpoint["step"], "factor": factor, "scanners": rows,
                                       "training_precision": checkpoint["config"].get("precision", "fp32")}
         print(f"{path} (step {checkpoint['step']}): " + "; ".join(

@@ -100,6 +100,20 @@ def load_base(path: Path) -> tuple[dict, Callable[..., np.ndarray]]:
     return checkpoint, denoise
 
 
+def base_settings(checkpoint: dict, steps: int, guidance: float, solver: str = "ancestral",
+                  spacing: str = "trailing") -> SamplerSettings:
+    """The runtime's sampler settings for a base.pt of `base` (v-prediction, cosine schedule, x0 clipped)."""
+    return SamplerSettings(steps, guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"], solver,
+                           spacing, True)
+
+
+def base_noise(checkpoint: dict, n: int, sid: int, seed: int = 0) -> np.ndarray:
+    """x_T (n, 1, h, w) of scanner `sid`'s draws from a base; seed 0 keeps the streams every recorded result
+    was drawn from."""
+    stream = np.random.default_rng([seed, sid] if seed else sid)
+    return stream.standard_normal((n, 1, *checkpoint["low_shape"]), dtype=np.float32)
+
+
 def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None,
                precision: str = "fp32", keep: int = 0) -> None:
     start, warmup_from = 0, 0
@@ -173,8 +187,7 @@ def score(args: argparse.Namespace) -> dict:
     if not args.real:
         checkpoint, denoise = load_base(args.base)
         args.factor = checkpoint.get("factor", 4)  # bases written before the option were 4 x 4
-        settings = SamplerSettings(args.steps, args.guidance, "v", "cosine", BASE["timesteps"], checkpoint["n_scanners"],
-                                   args.solver, "trailing", True)
+        settings = base_settings(checkpoint, args.steps, args.guidance, args.solver)
 
     extractor = load_inception(device="cpu")
     classifier = scanner_classifier(store, extractor, args.cache)
@@ -187,9 +200,7 @@ def score(args: argparse.Namespace) -> dict:
         if args.real:
             low = block_means(real[: args.n], args.factor)
         else:
-            # seed 0 keeps the streams every recorded result was drawn from
-            stream = np.random.default_rng([args.seed, sid] if args.seed else sid)
-            x_t = stream.standard_normal((args.n, 1, *checkpoint["low_shape"]), dtype=np.float32)
+            x_t = base_noise(checkpoint, args.n, sid, args.seed)
             low = sample(denoise, x_t, np.full(args.n, sid, dtype=np.int64), settings)[:, 0]
         coarse = hand_over(low, shape, args.handover, args.factor)
         z = refiner.latents(name, len(low), args.seed)
