@@ -9,10 +9,16 @@ the real side against itself, as `score --real` reads it: the first N test slice
 train slices'. A base is judged without training a refiner (an hour or more on 2 CPU cores), so base variants
 (training length, precision, architecture) can be told apart in minutes.
 
-    python benchmarks/base_precision_probe.py STORE BASE.pt [BASE.pt ...] --out DIR [--n 60] [--guidance 1.5]
-        [--steps 100] [--seed 0] [--cache DIR]
+--smooth S [S ...] reads both sides again with their block means Gaussian-smoothed by S blocks (0: as drawn)
+before they are repeated: which band of the block-mean grid holds a scanner's shortfall. A shortfall that
+smoothing both sides takes away lies in the finest band (the grain, the patch's grid); one that stays lies in
+coarser structure (shape, contrast, shading). The draws are kept as DIR/draws/<base>-<settings>-<scanner id>.npy
+and read back by a later run with the same settings, so the bands cost Inception only.
 
-Writes DIR/base_precision.json (the ceiling and one entry per base).
+    python benchmarks/base_precision_probe.py STORE BASE.pt [BASE.pt ...] --out DIR [--n 60] [--guidance 1.5]
+        [--steps 100] [--seed 0] [--smooth 0 1 2] [--cache DIR]
+
+Writes DIR/base_precision.json (the ceiling and one entry per base, per smoothing).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from cascade_probe import base_noise, base_settings, block_means, load_base
+from scipy.ndimage import gaussian_filter
 
 from mrgen_dist.commands.options import positive
 from mrgen_dist.data.store import SliceStore, SplitArrays
@@ -32,22 +39,42 @@ from mrgen_dist.eval.quality import prdc
 from mrgen_dist.runtime.diffusion import sample, to_slices
 
 
-def repeated(images: np.ndarray, factor: int) -> np.ndarray:
-    """(N, H, W) real slices in [0, 1] -> their factor x factor block means, each block repeated to (N, H, W)."""
-    return to_slices(block_means(images, factor)[:, None], images.shape[1:], factor)
+def smoothed(low: np.ndarray, sigma: float) -> np.ndarray:
+    """Block-mean images (N, 1, h, w) Gaussian-smoothed by `sigma` blocks within each image (edges: nearest)."""
+    return gaussian_filter(low, (0, 0, sigma, sigma), mode="nearest") if sigma else low
+
+
+def repeated(images: np.ndarray, factor: int, sigma: float = 0.0) -> np.ndarray:
+    """(N, H, W) real slices in [0, 1] -> their factor x factor block means (smoothed by `sigma` blocks), each
+    block repeated to (N, H, W)."""
+    return to_slices(smoothed(block_means(images, factor)[:, None], sigma), images.shape[1:], factor)
 
 
 def real_block_features(store: SliceStore, side: str, split: SplitArrays, sid: int, factor: int,
-                        extractor: InceptionFeatures, cache: Path) -> np.ndarray:
+                        extractor: InceptionFeatures, cache: Path, sigma: float = 0.0) -> np.ndarray:
     """Inception features of scanner `sid`'s slices of `split` (the store's `side`, read) as repeated block means,
     in the split's order, cached under their own key (eval/features.py's cache holds the full slices' features)."""
-    path = cache / f"blocks{factor}-{store.sha256[:16]}-{extractor.identity}-{side}-{sid}.npy"
+    band = f"-s{sigma:g}" if sigma else ""
+    path = cache / f"blocks{factor}{band}-{store.sha256[:16]}-{extractor.identity}-{side}-{sid}.npy"
     if path.is_file():
         return np.load(path)
-    features = extractor(repeated(split.images[np.asarray(split.scanner) == sid].astype(np.float32), factor))
+    features = extractor(repeated(split.images[np.asarray(split.scanner) == sid].astype(np.float32), factor, sigma))
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, features)
     return features
+
+
+def drawn_blocks(path: Path, checkpoint: dict, denoise, sid: int, args: argparse.Namespace) -> np.ndarray:
+    """Scanner `sid`'s N draws (N, 1, h, w) from the base at `path`, in [-1, 1], read back from DIR/draws when
+    a run with the same settings drew them."""
+    kept = args.out / "draws" / f"{path.stem}-g{args.guidance:g}-a{args.steps}-seed{args.seed}-{sid}.npy"
+    if kept.is_file() and len(low := np.load(kept)) >= args.n:
+        return low[: args.n]
+    settings = base_settings(checkpoint, args.steps, args.guidance)
+    low = sample(denoise, base_noise(checkpoint, args.n, sid, args.seed), np.full(args.n, sid, np.int64), settings)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    np.save(kept, low)
+    return low
 
 
 def main() -> None:
@@ -59,8 +86,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--steps", type=positive(int), default=100, help="ancestral steps, trailing spacing")
     parser.add_argument("--seed", type=int, default=0, help="the draws' seed (0: cascade_probe.py score's streams)")
+    parser.add_argument("--smooth", type=float, nargs="+", default=[0.0],
+                        help="Gaussian sigmas, in blocks, both sides are read at (module doc)")
     parser.add_argument("--cache", type=Path, default=Path("bench-output/fid-cache"))
     args = parser.parse_args()
+    if any(sigma < 0 for sigma in args.smooth):
+        parser.error("--smooth takes sigmas >= 0")
 
     store = SliceStore(args.store)
     names = list(store.vocabulary.names)
@@ -71,34 +102,44 @@ def main() -> None:
     factors = {path: checkpoint.get("factor", 4) for path, (checkpoint, _) in bases.items()}
     result: dict = {"store": str(args.store), "n": args.n, "guidance": args.guidance, "steps": args.steps,
                     "seed": args.seed, "ceiling": {}, "bases": {}}
-    def features(side: str, sid: int, factor: int) -> np.ndarray:
-        return real_block_features(store, side, splits[side], sid, factor, extractor, cache)
+
+    def features(side: str, sid: int, factor: int, sigma: float) -> np.ndarray:
+        return real_block_features(store, side, splits[side], sid, factor, extractor, cache, sigma)
+
+    def band(sigma: float) -> str:
+        return f"smoothed {sigma:g}" if sigma else "as drawn"
 
     for factor in sorted(set(factors.values())):
-        rows = {}
-        for name in names:
-            sid = store.vocabulary.index(name)
-            # the first N test slices' features are the first N rows of the test side's
-            ceiling = prdc(features("train", sid, factor), features("test", sid, factor)[: args.n])
-            rows[name] = {k: float(v) for k, v in ceiling.items()}
-        result["ceiling"][factor] = rows
-        print(f"ceiling at {factor} x {factor}: " + "; ".join(
-            f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
+        for sigma in args.smooth:
+            rows = {}
+            for name in names:
+                sid = store.vocabulary.index(name)
+                # the first N test slices' features are the first N rows of the test side's
+                ceiling = prdc(features("train", sid, factor, sigma), features("test", sid, factor, sigma)[: args.n])
+                rows[name] = {k: float(v) for k, v in ceiling.items()}
+            result["ceiling"].setdefault(factor, {})[f"{sigma:g}"] = rows
+            print(f"ceiling at {factor} x {factor}, {band(sigma)}: " + "; ".join(
+                f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
     for path, (checkpoint, denoise) in bases.items():
-        t0 = time.time()
         factor = factors[path]
-        settings = base_settings(checkpoint, args.steps, args.guidance)
-        rows = {}
+        entry = {"step": checkpoint["step"], "factor": factor, "bands": {},
+                 "training_precision": checkpoint["config"].get("precision", "fp32")}
+        draws = {}
         for name in names:
+            t0 = time.time()
             sid = store.vocabulary.index(name)
-            low = sample(denoise, base_noise(checkpoint, args.n, sid, args.seed), np.full(args.n, sid, np.int64), settings)
-            drawn = to_slices(low, splits["test"].images.shape[1:], factor)
-            rows[name] = {k: float(v) for k, v in prdc(features("test", sid, factor), extractor(drawn)).items()}
-        result["bases"][str(path)] = {"step": checkpoint["step"], "factor": factor, "scanners": rows,
-                                      "training_precision": checkpoint["config"].get("precision", "fp32")}
-        print(f"{path} (step {checkpoint['step']}): " + "; ".join(
-            f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items())
-            + f" ({time.time() - t0:.0f} s)", flush=True)
+            draws[name] = drawn_blocks(path, checkpoint, denoise, sid, args)
+            print(f"{path} {name}: {args.n} draws in {time.time() - t0:.0f} s", flush=True)
+        for sigma in args.smooth:
+            rows = {}
+            for name in names:
+                sid = store.vocabulary.index(name)
+                drawn = to_slices(smoothed(draws[name], sigma), splits["test"].images.shape[1:], factor)
+                rows[name] = {k: float(v) for k, v in prdc(features("test", sid, factor, sigma), extractor(drawn)).items()}
+            entry["bands"][f"{sigma:g}"] = rows
+            print(f"{path} (step {checkpoint['step']}), {band(sigma)}: " + "; ".join(
+                f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
+        result["bases"][str(path)] = entry
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "base_precision.json").write_text(json.dumps(result, indent=1))
 
