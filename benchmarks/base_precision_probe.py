@@ -1,11 +1,11 @@
 """Base precision probe: precision and recall of a cascade base's own draws, without a refiner.
 
 A cascade's precision can be held by its base or by its refiner; `cascade_probe.py score --real` measures the
-refiner's part (its ceiling on the real block means), and this probe the base's, at the base's grid. Per
-scanner it draws N block-mean images with the base's sampler (ancestral, trailing steps, guidance), repeats
-each block to the slice (what the runtime hands a refiner), and reads them with the FID Inception against the
-real test slices' block means repeated alike (precision, recall, density, coverage, k = 5). Its ceiling row is
-the real side against itself, as `score --real` reads it: the first N test slices' block means against the
+refiner's part (its ceiling on the real block means), and this probe the base's, at the base's grid. Per scanner it
+draws N block-mean images with the base's sampler (default ancestral; solver, steps, their spacing and guidance as
+asked), repeats each block to the slice (what the runtime hands a refiner), and reads them with the FID Inception
+against the real test slices' block means repeated alike (precision, recall, density, coverage, k = 5). Its ceiling
+row is the real side against itself, as `score --real` reads it: the first N test slices' block means against the
 train slices'. A base is judged without training a refiner (an hour or more on 2 CPU cores), so base variants
 (training length, precision, architecture) can be told apart in minutes.
 
@@ -16,7 +16,8 @@ coarser structure (shape, contrast, shading). The draws are kept as DIR/draws/<b
 and read back by a later run with the same settings, so the bands cost Inception only.
 
     python benchmarks/base_precision_probe.py STORE BASE.pt [BASE.pt ...] --out DIR [--n 60] [--guidance 1.5]
-        [--steps 100] [--seed 0] [--smooth 0 1 2] [--cache DIR]
+        [--solver ancestral] [--steps 100] [--spacing trailing|quadratic] [--seed 0] [--smooth 0 1 2]
+        [--cache DIR]
 
 Writes DIR/base_precision.json (the ceiling and one entry per base, per smoothing).
 """
@@ -36,7 +37,7 @@ from mrgen_dist.commands.options import positive
 from mrgen_dist.data.store import SliceStore, SplitArrays
 from mrgen_dist.eval.inception import InceptionFeatures, load_inception
 from mrgen_dist.eval.quality import prdc
-from mrgen_dist.runtime.diffusion import sample, to_slices
+from mrgen_dist.runtime.diffusion import SOLVERS, SPACINGS, sample, to_slices
 
 
 def smoothed(low: np.ndarray, sigma: float) -> np.ndarray:
@@ -67,10 +68,12 @@ def real_block_features(store: SliceStore, side: str, split: SplitArrays, sid: i
 def drawn_blocks(path: Path, checkpoint: dict, denoise, sid: int, args: argparse.Namespace) -> np.ndarray:
     """Scanner `sid`'s N draws (N, 1, h, w) from the base at `path`, in [-1, 1], read back from DIR/draws when
     a run with the same settings drew them."""
-    kept = args.out / "draws" / f"{path.stem}-g{args.guidance:g}-a{args.steps}-seed{args.seed}-{sid}.npy"
+    spacing = "" if args.spacing == "trailing" else f"-{args.spacing}"
+    solver = "a" if args.solver == "ancestral" else f"{args.solver}-"
+    kept = args.out / "draws" / f"{path.stem}-g{args.guidance:g}-{solver}{args.steps}{spacing}-seed{args.seed}-{sid}.npy"
     if kept.is_file() and len(low := np.load(kept)) >= args.n:
         return low[: args.n]
-    settings = base_settings(checkpoint, args.steps, args.guidance)
+    settings = base_settings(checkpoint, args.steps, args.guidance, args.solver, args.spacing)
     low = sample(denoise, base_noise(checkpoint, args.n, sid, args.seed), np.full(args.n, sid, np.int64), settings)
     kept.parent.mkdir(parents=True, exist_ok=True)
     np.save(kept, low)
@@ -84,7 +87,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=positive(int), default=60, help="draws per scanner")
     parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--steps", type=positive(int), default=100, help="ancestral steps, trailing spacing")
+    parser.add_argument("--solver", choices=SOLVERS, default="ancestral", help="the base's sampler")
+    parser.add_argument("--steps", type=positive(int), default=100, help="the sampler's steps")
+    parser.add_argument("--spacing", choices=SPACINGS, default="trailing", help="of the steps' timesteps")
     parser.add_argument("--seed", type=int, default=0, help="the draws' seed (0: cascade_probe.py score's streams)")
     parser.add_argument("--smooth", type=float, nargs="+", default=[0.0],
                         help="Gaussian sigmas, in blocks, both sides are read at (module doc)")
@@ -101,7 +106,7 @@ def main() -> None:
     bases = {path: load_base(path) for path in args.bases}
     factors = {path: checkpoint.get("factor", 4) for path, (checkpoint, _) in bases.items()}
     result: dict = {"store": str(args.store), "n": args.n, "guidance": args.guidance, "steps": args.steps,
-                    "seed": args.seed, "ceiling": {}, "bases": {}}
+                    "solver": args.solver, "spacing": args.spacing, "seed": args.seed, "ceiling": {}, "bases": {}}
 
     def features(side: str, sid: int, factor: int, sigma: float) -> np.ndarray:
         return real_block_features(store, side, splits[side], sid, factor, extractor, cache, sigma)
