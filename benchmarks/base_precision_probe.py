@@ -67,10 +67,12 @@ def real_block_features(store: SliceStore, side: str, split: SplitArrays, sid: i
 
 def drawn_blocks(path: Path, checkpoint: dict, denoise, sid: int, args: argparse.Namespace) -> np.ndarray:
     """Scanner `sid`'s N draws (N, 1, h, w) from the base at `path`, in [-1, 1], read back from DIR/draws when
-    a run with the same settings drew them."""
+    a run with the same base (its folder and name) and settings drew them, N or more (each draw's noise is its
+    own stream: base_noise, runtime/diffusion.py noise_streams)."""
     spacing = "" if args.spacing == "trailing" else f"-{args.spacing}"
     solver = "a" if args.solver == "ancestral" else f"{args.solver}-"
-    kept = args.out / "draws" / f"{path.stem}-g{args.guidance:g}-{solver}{args.steps}{spacing}-seed{args.seed}-{sid}.npy"
+    kept = args.out / "draws" / (f"{path.parent.name}-{path.stem}-g{args.guidance:g}-{solver}{args.steps}{spacing}"
+                                 f"-seed{args.seed}-{sid}.npy")
     if kept.is_file() and len(low := np.load(kept)) >= args.n:
         return low[: args.n]
     settings = base_settings(checkpoint, args.steps, args.guidance, args.solver, args.spacing)
