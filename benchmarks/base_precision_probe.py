@@ -45,10 +45,24 @@ def smoothed(low: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(low, (0, 0, sigma, sigma), mode="nearest") if sigma else low
 
 
+def as_slices(low: np.ndarray, shape: tuple[int, int], factor: int, sigma: float) -> np.ndarray:
+    """Block-mean images (N, 1, h, w) in [-1, 1], real or drawn, as Inception reads both: smoothed by `sigma`
+    blocks, each block repeated to slices (N, H, W) of `shape` in [0, 1]."""
+    return to_slices(smoothed(low, sigma), shape, factor)
+
+
 def repeated(images: np.ndarray, factor: int, sigma: float = 0.0) -> np.ndarray:
-    """(N, H, W) real slices in [0, 1] -> their factor x factor block means (smoothed by `sigma` blocks), each
-    block repeated to (N, H, W)."""
-    return to_slices(smoothed(block_means(images, factor)[:, None], sigma), images.shape[1:], factor)
+    """(N, H, W) real slices in [0, 1] -> their factor x factor block means as_slices reads them."""
+    return as_slices(block_means(images, factor)[:, None], images.shape[1:], factor, sigma)
+
+
+def scores(real: np.ndarray, fake: np.ndarray) -> dict[str, float]:
+    """Precision, recall, density and coverage (k = 5) of Inception features `fake` against `real`."""
+    return {k: float(v) for k, v in prdc(real, fake).items()}
+
+
+def summary(rows: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items())
 
 
 def real_block_features(store: SliceStore, side: str, split: SplitArrays, sid: int, factor: int,
@@ -122,11 +136,9 @@ def main() -> None:
             for name in names:
                 sid = store.vocabulary.index(name)
                 # the first N test slices' features are the first N rows of the test side's
-                ceiling = prdc(features("train", sid, factor, sigma), features("test", sid, factor, sigma)[: args.n])
-                rows[name] = {k: float(v) for k, v in ceiling.items()}
+                rows[name] = scores(features("train", sid, factor, sigma), features("test", sid, factor, sigma)[: args.n])
             result["ceiling"].setdefault(factor, {})[f"{sigma:g}"] = rows
-            print(f"ceiling at {factor} x {factor}, {band(sigma)}: " + "; ".join(
-                f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
+            print(f"ceiling at {factor} x {factor}, {band(sigma)}: {summary(rows)}", flush=True)
     for path, (checkpoint, denoise) in bases.items():
         factor = factors[path]
         entry = {"step": checkpoint["step"], "factor": factor, "bands": {},
@@ -141,11 +153,10 @@ def main() -> None:
             rows = {}
             for name in names:
                 sid = store.vocabulary.index(name)
-                drawn = to_slices(smoothed(draws[name], sigma), splits["test"].images.shape[1:], factor)
-                rows[name] = {k: float(v) for k, v in prdc(features("test", sid, factor, sigma), extractor(drawn)).items()}
+                drawn = as_slices(draws[name], splits["test"].images.shape[1:], factor, sigma)
+                rows[name] = scores(features("test", sid, factor, sigma), extractor(drawn))
             entry["bands"][f"{sigma:g}"] = rows
-            print(f"{path} (step {checkpoint['step']}), {band(sigma)}: " + "; ".join(
-                f"{name} P {r['precision']:.2f} R {r['recall']:.2f}" for name, r in rows.items()), flush=True)
+            print(f"{path} (step {checkpoint['step']}), {band(sigma)}: {summary(rows)}", flush=True)
         result["bases"][str(path)] = entry
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "base_precision.json").write_text(json.dumps(result, indent=1))
