@@ -6,9 +6,10 @@ are too alike (docs/results/cohorts.md). A cascade (Ho et al. 2021) draws the co
 too. This probe trains one outside the package and scores the pair with the package's measures, before a family
 is built for it:
 
-* `base`: a conditional UNet (models/parts/unet.py; widths 32/64/128, attention at the lowest level, patch 2)
-  fitted to the v-prediction of the train slices' --factor x --factor block means (the slice edge-padded,
-  centred, as runtime/block_grid.py cuts it: 55 x 46 on 218 x 182 at 4, 109 x 91 at 2), cosine schedule,
+* `base`: a conditional UNet (models/parts/unet.py; widths 32/64/128, attention at the lowest level, patch 2:
+  each 2 x 2 block of the grid folded into channels, or --patch 1, the grid itself at the top level) fitted
+  to the v-prediction of the train slices' --factor x --factor block means (the slice edge-padded, centred,
+  as runtime/block_grid.py cuts it: 55 x 46 on 218 x 182 at 4, 109 x 91 at 2), cosine schedule,
   scanner dropped with probability 0.15, EMA 0.999 with warm-up; OUT/base.pt every 250 steps (and
   OUT/base-<step>.pt every --keep steps, for the probes of training length). --precision bf16
   runs the forward pass under CPU bf16 autocast (the loss and the weights stay fp32): faster only on a CPU with
@@ -29,7 +30,7 @@ is built for it:
   Writes OUT/probe.json, OUT/samples-<scanner id>.npy and OUT/samples.png (real and refined, per scanner).
 
     python benchmarks/cascade_probe.py base STORE OUT [--steps 4000] [--factor 4] [--batch 32] [--init BASE.pt]
-        [--precision fp32|bf16] [--keep 2500]
+        [--precision fp32|bf16] [--keep 2500] [--patch 2]
     python benchmarks/cascade_probe.py score STORE --base OUT/base.pt --refiner refiner.onnx --out DIR \\
         [--n 60] [--guidance 1.5] [--steps 50] [--solver ddim] [--handover repeat|cubic] [--real [--factor 4]]
         [--seed 0] [--threads N] [--cache DIR]
@@ -81,15 +82,15 @@ def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4
     return x[:, None].astype(np.float32)
 
 
-def build(n_scanners: int, low_shape: tuple[int, int]) -> ConditionalUNet:
+def build(n_scanners: int, low_shape: tuple[int, int], patch: int = BASE["patch"]) -> ConditionalUNet:
     return ConditionalUNet(low_shape, n_scanners + 1, BASE["widths"], BASE["blocks"], BASE["attention"],
-                           patch=BASE["patch"])
+                           patch=patch)
 
 
 def load_base(path: Path) -> tuple[dict, Callable[..., np.ndarray]]:
     """A base.pt of `base`: its checkpoint and its EMA network as the runtime's denoise (x, t, scanner) -> out."""
     checkpoint = torch.load(path)
-    net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]))
+    net = build(checkpoint["n_scanners"], tuple(checkpoint["low_shape"]), checkpoint["config"]["patch"])
     net.load_state_dict(checkpoint["ema"])
     net.eval()
 
@@ -115,12 +116,14 @@ def base_noise(checkpoint: dict, n: int, sid: int, seed: int = 0) -> np.ndarray:
 
 
 def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int, init: Path | None = None,
-               precision: str = "fp32", keep: int = 0) -> None:
+               precision: str = "fp32", keep: int = 0, patch: int = BASE["patch"]) -> None:
     start, warmup_from = 0, 0
     previous = torch.load(init) if init else None
     if previous:
         if previous.get("factor", 4) != factor:
             raise SystemExit(f"{init} is a base at factor {previous.get('factor', 4)}, not {factor}")
+        if previous["config"]["patch"] != patch:
+            raise SystemExit(f"{init} is a base of patch {previous['config']['patch']}, not {patch}")
         start = previous["step"]
     # A continued run draws new batches and noise: the seed is the step it starts from.
     torch.manual_seed(start)
@@ -129,7 +132,7 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
     x_all = torch.from_numpy(block_means(train.images, factor))[:, None]
     y_all = torch.as_tensor(np.asarray(train.scanner), dtype=torch.long)
     n_scanners = len(store.vocabulary.names)
-    net = build(n_scanners, tuple(x_all.shape[-2:]))
+    net = build(n_scanners, tuple(x_all.shape[-2:]), patch)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=BASE["lr"])
     if previous:
@@ -170,7 +173,7 @@ def train_base(store: SliceStore, out: Path, steps: int, factor: int, batch: int
             print(f"step {step} loss {np.mean(losses[-250:]):.4f} {(step - start) * batch / elapsed:.0f} img/s "
                   f"{elapsed / 60:.1f} min", flush=True)
             state = {"ema": ema.state_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
-                     "config": {**BASE, "batch": batch, "precision": precision}, "n_scanners": n_scanners,
+                     "config": {**BASE, "batch": batch, "precision": precision, "patch": patch}, "n_scanners": n_scanners,
                      "step": step, "low_shape": list(x_all.shape[-2:]), "factor": factor}
             for name in ("base.pt", f"base-{step}.pt") if keep and step % keep == 0 else ("base.pt",):
                 with atomic_path(out / name, suffix=".pt") as tmp:  # a run stopped mid-write keeps its last base
@@ -255,6 +258,8 @@ def main() -> int:
                    help="also keep OUT/base-<step>.pt every KEEP steps (0: never)")
     b.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the forward pass under CPU bf16 autocast (fast only where the CPU has native bf16)")
+    b.add_argument("--patch", type=positive(int), default=BASE["patch"],
+                   help="pixels folded per side before the UNet's first level (1: none, no patch grid)")
     s = sub.add_parser("score", help="sample the base, refine, score")
     s.add_argument("store", type=Path)
     s.add_argument("--base", type=Path, help="OUT/base.pt of `base` (not with --real)")
@@ -273,7 +278,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.command == "base":
         train_base(SliceStore(args.store), args.out, args.steps, args.factor, args.batch, args.init,
-                   args.precision, args.keep)
+                   args.precision, args.keep, args.patch)
         return 0
     if args.real == (args.base is not None):
         ap.error("score needs --base or --real, not both")
