@@ -82,7 +82,7 @@ def hand_over(low: np.ndarray, shape: tuple[int, int], how: str, factor: int = 4
     return x[:, None].astype(np.float32)
 
 
-def build(n_scanners: int, low_shape: tuple[int, int], patch: int = BASE["patch"]) -> ConditionalUNet:
+def build(n_scanners: int, low_shape: tuple[int, int], patch: int) -> ConditionalUNet:
     return ConditionalUNet(low_shape, n_scanners + 1, BASE["widths"], BASE["blocks"], BASE["attention"],
                            patch=patch)
 
